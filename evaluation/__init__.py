@@ -1,0 +1,1 @@
+"""Zero-shot evaluation of zeroseg checkpoints: datasets, text embeddings, segmenter, mIoU."""

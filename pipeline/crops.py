@@ -1,0 +1,79 @@
+"""Crop geometry shared by stage one and stage two: the centre crop and the grid views of it.
+
+The trainer must see exactly the pixels the teacher saw, so both stages call `centre_crop` (on the
+CPU, per image) and `grid_views` (on the teacher's device, per batch) from here.
+
+Geometry, for a crop size S:
+- centre crop: the centred square of side min(W, H) (left = (W - side) // 2, top = (H - side) // 2)
+  resized to S x S with Pillow's antialiased bicubic filter. This equals "resize the short side to S,
+  then centre-crop S x S" up to sub-pixel rounding, and costs the same for any aspect ratio.
+- grid g: cell boundaries b_k = floor(k * S / g), k = 0..g, so cells differ by at most one pixel when
+  g does not divide S (S=224, g=3: 0, 74, 149, 224 -> cells of 74, 75 and 75 pixels).
+- view order: grid by grid in the order given, cells row-major; each cell is resized (bicubic,
+  antialiased, clamped to 0..255) to the teacher's input size and normalised with its mean/std.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.images import decode_image
+
+
+def centre_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The centre square of an RGB image resized to size x size: uint8 array (size, size, 3)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    box = (left, top, left + side, top + side)
+    crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(crop, dtype=np.uint8)
+
+
+def crop_from_bytes(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode image bytes and centre-crop them: (crop (size, size, 3) uint8, (width, height))."""
+    image = decode_image(data)
+    return centre_crop(image, size), image.size
+
+
+def cell_boundaries(size: int, grid: int) -> list[int]:
+    """Integer cell edges of a grid x grid split of `size` pixels: floor(k * size / grid)."""
+    return [k * size // grid for k in range(grid + 1)]
+
+
+def view_layout(grids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(grid, row, col) of every view, in stored order."""
+    return [(g, r, c) for g in grids for r in range(g) for c in range(g)]
+
+
+def grid_views(
+    crops: torch.Tensor,
+    grids: Sequence[int],
+    view_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """All grid views of a batch of crops, normalised for the teacher.
+
+    crops: (B, S, S, 3) uint8, on the device where the views should be built.
+    returns: (B, V, 3, view_size, view_size) float32, V = sum(g * g for g in grids).
+    """
+    batch, size = crops.shape[0], crops.shape[1]
+    images = crops.permute(0, 3, 1, 2).float()  # (B, 3, S, S), 0..255
+    mean_t = torch.tensor(mean, device=crops.device).view(1, 3, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=crops.device).view(1, 3, 1, 1) * 255.0
+    views = []
+    for grid in grids:
+        edges = cell_boundaries(size, grid)
+        for r in range(grid):
+            for c in range(grid):
+                cell = images[:, :, edges[r] : edges[r + 1], edges[c] : edges[c + 1]]
+                if cell.shape[-2:] != (view_size, view_size):
+                    cell = F.interpolate(
+                        cell, size=(view_size, view_size), mode="bicubic", antialias=True, align_corners=False
+                    ).clamp_(0.0, 255.0)
+                views.append((cell - mean_t) / std_t)
+    return torch.stack(views, dim=1).reshape(batch, len(views), 3, view_size, view_size)

@@ -1,0 +1,166 @@
+"""The CLIP teacher: loading an open_clip model (name or config JSON; tag, weights file or none) and
+turning batches of centre crops into the (B, V, D) grid-view features of the store."""
+
+import hashlib
+import logging
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.pretrained import get_pretrained_cfg
+
+from pipeline.crops import grid_views
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """What a store records about its teacher; two builds must agree on it to share a store."""
+
+    model: str
+    pretrained: str | None  # open_clip tag, absolute weights path, or None for random weights
+    weights_sha256: str | None
+    quick_gelu: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def same_teacher(self, other: "TeacherIdentity") -> bool:
+        """Weights files are compared by content, so a moved file is still the same teacher."""
+        if self.weights_sha256 or other.weights_sha256:
+            same_weights = self.weights_sha256 == other.weights_sha256
+        else:
+            same_weights = self.pretrained == other.pretrained
+        return self.model == other.model and same_weights and self.quick_gelu == other.quick_gelu
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks cuda:0 when there is a GPU; 'cpu' and 'cuda:K' are checked to exist."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}' (use auto, cpu or cuda:K)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{device}' asked for, but no CUDA GPU is visible")
+        if (resolved.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return resolved
+
+
+def resolve_model_name(teacher: str) -> str:
+    """An open_clip model name, or the path of a model-config JSON (registered under its file stem)."""
+    if teacher.endswith(".json") or os.sep in teacher:
+        path = Path(teacher)
+        if not path.is_file():
+            raise UserError(f"teacher config '{teacher}' does not exist")
+        open_clip.add_model_config(path)
+        teacher = path.stem
+    if teacher not in open_clip.list_models():
+        raise UserError(f"unknown teacher '{teacher}': not an open_clip model name nor a config JSON path")
+    return teacher
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_openai_archive(path: str | Path) -> bool:
+    """OpenAI's original CLIP checkpoints are TorchScript archives (their code under */code/)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def resolve_identity(teacher: str, pretrained: str, quick_gelu: bool | None = None) -> TeacherIdentity:
+    """Work out which weights and activation the teacher will use, before loading anything.
+
+    pretrained: 'none' (random weights, real architecture), a weights file, or an open_clip tag.
+    quick_gelu: None = automatic (the model name ends in -quickgelu, the tag was trained with
+    QuickGELU as OpenAI's were, or the file is an OpenAI TorchScript archive).
+    """
+    model = resolve_model_name(teacher)
+    auto_quick_gelu = model.endswith("-quickgelu")
+    if pretrained.lower() in ("none", ""):
+        tag, sha = None, None
+    elif Path(pretrained).is_file():
+        tag, sha = str(Path(pretrained).resolve()), sha256_file(pretrained)
+        auto_quick_gelu = auto_quick_gelu or is_openai_archive(pretrained)
+    elif get_pretrained_cfg(model, pretrained):
+        tag, sha = pretrained, None
+        auto_quick_gelu = auto_quick_gelu or bool(get_pretrained_cfg(model, pretrained).get("quick_gelu"))
+    else:
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none known"
+        raise UserError(
+            f"--pretrained '{pretrained}' is neither a weights file nor an open_clip tag of {model} ({known})"
+        )
+    return TeacherIdentity(model, tag, sha, auto_quick_gelu if quick_gelu is None else quick_gelu)
+
+
+def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Module:
+    """The whole open_clip model (image and text towers) in eval mode, fp32, on `device`."""
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip's info chatter
+    try:
+        model = open_clip.create_model(
+            identity.model,
+            pretrained=identity.pretrained,
+            force_quick_gelu=identity.quick_gelu,
+            device=device,
+        )
+    except RuntimeError as exc:
+        raise UserError(f"could not load teacher weights '{identity.pretrained}': {exc}".splitlines()[0]) from None
+    return model.eval().requires_grad_(False)
+
+
+class Teacher:
+    """The image tower of a CLIP model, turning centre crops into grid-view embeddings.
+
+    On CUDA the tower runs in bfloat16 (weights cast, as measured fastest); on CPU in float32.
+    Features are the raw projected embeddings (not L2-normalised), returned as float16.
+    """
+
+    def __init__(self, identity: TeacherIdentity, device: torch.device, compile: bool = False):
+        clip = create_clip(identity, device)
+        self.identity = identity
+        self.device = device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.tower = clip.visual.to(self.dtype)
+        cfg = clip.visual.preprocess_cfg
+        self.view_size = int(cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"])
+        self.mean = tuple(float(m) for m in cfg["mean"])
+        self.std = tuple(float(s) for s in cfg["std"])
+        self.embed_dim = int(clip.visual.output_dim)
+        self.forward = torch.compile(self.tower) if compile and device.type == "cuda" else self.tower
+
+    def preprocessing(self) -> dict:
+        return {"view_size": self.view_size, "mean": list(self.mean), "std": list(self.std)}
+
+    @torch.inference_mode()
+    def encode_views(self, views: torch.Tensor) -> torch.Tensor:
+        """views: (N, 3, T, T) normalised float on the device -> (N, D) float16 on the device."""
+        return self.forward(views.to(self.dtype)).to(torch.float16)
+
+    @torch.inference_mode()
+    def encode_crops(self, crops: torch.Tensor, grids: Sequence[int], views_per_step: int = 0) -> torch.Tensor:
+        """crops: (B, S, S, 3) uint8 (any device) -> (B, V, D) float16 on the CPU.
+
+        views_per_step bounds how many views go through the tower at once (0: all B * V together).
+        """
+        crops = crops.to(self.device, non_blocking=True)
+        views = grid_views(crops, grids, self.view_size, self.mean, self.std)  # (B, V, 3, T, T)
+        batch, num_views = views.shape[:2]
+        flat = views.flatten(0, 1)  # (B * V, 3, T, T)
+        step = views_per_step or flat.shape[0]
+        embeddings = torch.cat([self.encode_views(flat[i : i + step]) for i in range(0, flat.shape[0], step)])
+        return embeddings.view(batch, num_views, -1).cpu()

@@ -1,0 +1,1 @@
+"""Stage two of zeroseg: the ZeroSeg student, its losses, data loading and the training loop."""
