@@ -30,7 +30,7 @@ def centre_crop(image: Image.Image, size: int) -> np.ndarray:
     left, top = (width - side) // 2, (height - side) // 2
     box = (left, top, left + side, top + side)
     crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    return np.asarray(crop, dtype=np.uint8)
+    return np.array(crop, dtype=np.uint8)
 
 
 def crop_from_bytes(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:

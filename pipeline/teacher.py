@@ -16,6 +16,8 @@ from open_clip.pretrained import get_pretrained_cfg
 from pipeline.crops import grid_views
 from pipeline.errors import UserError
 
+RANDOM_TEACHER_SEED = 0
+
 
 @dataclass(frozen=True)
 class TeacherIdentity:
@@ -109,15 +111,21 @@ def resolve_identity(teacher: str, pretrained: str, quick_gelu: bool | None = No
 
 
 def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Module:
-    """The whole open_clip model (image and text towers) in eval mode, fp32, on `device`."""
+    """The whole open_clip model (image and text towers) in eval mode, fp32, on `device`.
+
+    Random weights (pretrained None) are drawn from a fixed seed, so every process that asks for
+    the same random teacher (a resumed build, a Dask worker, a test) gets the same one.
+    """
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip's info chatter
     try:
-        model = open_clip.create_model(
-            identity.model,
-            pretrained=identity.pretrained,
-            force_quick_gelu=identity.quick_gelu,
-            device=device,
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_TEACHER_SEED)
+            model = open_clip.create_model(
+                identity.model,
+                pretrained=identity.pretrained,
+                force_quick_gelu=identity.quick_gelu,
+                device=device,
+            )
     except RuntimeError as exc:
         raise UserError(f"could not load teacher weights '{identity.pretrained}': {exc}".splitlines()[0]) from None
     return model.eval().requires_grad_(False)

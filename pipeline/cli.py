@@ -1,0 +1,150 @@
+"""`zs-cache`: stage one of zeroseg, the teacher feature store."""
+
+import os
+import sys
+
+import typer
+
+from pipeline.errors import UserError
+
+app = typer.Typer(
+    help="Stage one of zeroseg: run a CLIP teacher over grid views of centre-cropped images and keep the "
+    "features in a chunked Zarr store with a Parquet manifest.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def parse_grids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--grids takes comma-separated integers like 1,2,3,4, got '{text}'") from None
+
+
+@app.command()
+def build(
+    source: str = typer.Argument(
+        ..., help="Folder of images (recursive; key = relative path), an HDF5 file made by pack-h5, "
+        "or a list file (one path per line, or a Parquet file with --column)."
+    ),
+    store: str = typer.Option(..., "--store", help="Store directory; created, resumed or appended to."),
+    grids: str = typer.Option("1,2,3,4", help="Grids of views per crop: g gives g x g cells (1,2,3,4 = 30 views)."),
+    teacher: str = typer.Option("ViT-L-14", help="open_clip model name, or the path of a model-config JSON."),
+    pretrained: str = typer.Option(
+        "openai", help="open_clip tag (downloads), a local weights file, or 'none' for random weights."
+    ),
+    quick_gelu: bool | None = typer.Option(
+        None, "--quick-gelu/--no-quick-gelu",
+        help="Force the activation; default: QuickGELU for OpenAI weights and *-quickgelu models.",
+    ),
+    batch_size: int = typer.Option(64, help="Images per teacher step (each gives one view per grid cell)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda:K."),
+    shard_size: int | None = typer.Option(
+        None, help="Images per shard, the unit of atomic commit and resume (default 1024; fixed per store)."
+    ),
+    chunk_size: int = typer.Option(64, help="Images per Zarr chunk of a new store; divides the shard size."),
+    image_size: int = typer.Option(224, help="Side of the centre crop in pixels."),
+    max_error_fraction: float = typer.Option(
+        0.01, help="Exit non-zero when more than this fraction of the new images cannot be read."
+    ),
+    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Threads decoding and cropping images."),
+    source_name: str | None = typer.Option(None, help="Name of the source inside the store (default: its stem)."),
+    column: str | None = typer.Option(None, help="Column of paths in a Parquet list file (default 'path')."),
+    compile: bool = typer.Option(False, help="torch.compile the teacher (CUDA only; ~20 s to compile)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Cache teacher features of every image in SOURCE not yet in the store (resumable, incremental)."""
+    from pipeline.build import BuildOptions, run_build
+
+    opts = BuildOptions(
+        source=source, store=store, grids=parse_grids(grids), teacher=teacher, pretrained=pretrained,
+        quick_gelu=quick_gelu, batch_size=batch_size, device=device, shard_size=shard_size,
+        chunk_size=chunk_size, image_size=image_size, max_error_fraction=max_error_fraction,
+        decode_workers=workers, source_name=source_name, column=column, compile=compile, progress=progress,
+    )
+    summary = run_build(opts, log=lambda line: typer.echo(line, err=True))
+    typer.echo(summary.line())
+    if summary.processed and summary.ok == 0:
+        typer.echo("error: no image could be read", err=True)
+        raise typer.Exit(1)
+    if summary.error_fraction > max_error_fraction:
+        reasons = ", ".join(f"{n} x {r}" for r, n in summary.error_reasons.most_common(3))
+        typer.echo(
+            f"error: {100 * summary.error_fraction:.1f}% of images failed ({reasons}), more than "
+            f"--max-error-fraction {max_error_fraction}; see the manifest's error column",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+@app.command("pack-h5")
+def pack_h5_command(
+    folder: str = typer.Argument(..., help="Folder of images to pack (recursive)."),
+    out: str = typer.Argument(..., help="HDF5 file to write: datasets /keys (strings) and /images (bytes)."),
+) -> None:
+    """Pack a folder of images into one HDF5 file, a source for zs-cache build."""
+    from pipeline.sources import pack_h5
+
+    count = pack_h5(folder, out)
+    typer.echo(f"packed {count} images into {out}")
+
+
+@app.command()
+def inspect(store: str = typer.Argument(..., help="Store directory.")) -> None:
+    """Counts, teacher, grids, size on disk and an error summary of a store."""
+    from pipeline.check import describe
+    from pipeline.store import FeatureStore
+
+    for line in describe(FeatureStore.open(store)):
+        typer.echo(line)
+
+
+@app.command()
+def verify(
+    store: str = typer.Argument(..., help="Store directory."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Check that manifest and features agree: every ok row exactly once, written, no NaN/Inf."""
+    from pipeline.check import verify as verify_store
+    from pipeline.store import FeatureStore
+
+    problems, counts = verify_store(FeatureStore.open(store), progress=progress)
+    for line in problems[:50]:
+        typer.echo(f"problem: {line}", err=True)
+    if problems:
+        typer.echo(f"store {store} is NOT consistent: {len(problems)} problems", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"store {store} verified: {counts['ok']} ok rows, {counts['error']} errors, {counts['shards']} shards")
+
+
+def run_cli(typer_app: typer.Typer) -> None:
+    """Run a Typer app, turning UserError into one line on stderr and exit code 2."""
+    try:
+        result = typer_app(standalone_mode=False)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def main() -> None:
+    os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Where images come from: a folder tree, an HDF5 file of encoded images, or a list of paths.
+
+Every source lists its images as string keys in a deterministic order and reads a key's encoded
+bytes; decoding happens later (pipeline.images), so a broken file is a per-image error, never a
+failed listing. A source is described by a small dict (its spec) that the store records, so the
+trainer can reopen it by name.
+
+HDF5 layout (what `zs-cache pack-h5` writes): two one-dimensional datasets of equal length,
+  /keys    variable-length UTF-8 strings, unique (the image keys, e.g. relative paths)
+  /images  variable-length uint8, the encoded file bytes (JPEG, PNG, ...) of each key.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+H5_EXTENSIONS = frozenset({".h5", ".hdf5", ".hdf"})
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str  # "folder", "hdf5" or "list"
+    path: str  # absolute path of the folder, HDF5 file or list file
+    column: str | None = None  # Parquet list files: the column holding the paths
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "column": self.column}
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> "SourceSpec":
+        return cls(spec["kind"], spec["path"], spec.get("column"))
+
+
+class FolderSource:
+    """Every file with an image extension under a root, recursively; key = POSIX path relative to root."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.root = Path(spec.path)
+
+    def keys(self) -> list[str]:
+        found = []
+        for directory, subdirs, files in os.walk(self.root, followlinks=True):
+            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+            relative = Path(directory).relative_to(self.root)
+            for name in files:
+                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append((relative / name).as_posix())
+        return sorted(found)
+
+    def read(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+
+class H5Source:
+    """Encoded images in an HDF5 file (layout in the module docstring), opened lazily per process."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+        self._index: dict[str, int] | None = None
+
+    def _open(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.spec.path, "r"), os.getpid()
+        return self._file
+
+    def keys(self) -> list[str]:
+        handle = self._open()
+        if "keys" not in handle or "images" not in handle:
+            raise UserError(f"{self.spec.path}: HDF5 source needs datasets /keys and /images (see zs-cache pack-h5)")
+        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in handle["keys"][:]]
+        if len(keys) != len(handle["images"]):
+            raise UserError(f"{self.spec.path}: /keys and /images have different lengths")
+        if len(set(keys)) != len(keys):
+            raise UserError(f"{self.spec.path}: /keys holds duplicate keys")
+        self._index = {key: i for i, key in enumerate(keys)}
+        return keys
+
+    def read(self, key: str) -> bytes:
+        if self._index is None:
+            self.keys()
+        return self._open()["images"][self._index[key]].tobytes()
+
+
+class ListSource:
+    """Paths listed one per line in a text file (blank lines and #-comments skipped), or in a column of
+    a Parquet file; relative paths are relative to the list file's folder; key = the path as listed."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.base = Path(spec.path).parent
+
+    def keys(self) -> list[str]:
+        path = Path(self.spec.path)
+        if path.suffix.lower() == ".parquet":
+            column = self.spec.column or "path"
+            schema = pq.read_schema(path)
+            if column not in schema.names:
+                raise UserError(f"{path}: no column '{column}' (columns: {', '.join(schema.names)}); use --column")
+            keys = [str(k) for k in pq.read_table(path, columns=[column]).column(column).to_pylist() if k]
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return list(dict.fromkeys(keys))
+
+    def read(self, key: str) -> bytes:
+        return (self.base / key).read_bytes()
+
+
+Source = FolderSource | H5Source | ListSource
+_SOURCE_TYPES = {"folder": FolderSource, "hdf5": H5Source, "list": ListSource}
+
+
+def open_source(path: str | Path, column: str | None = None) -> Source:
+    """A source from a path given on the command line: folder, HDF5 file, or list file."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved.is_dir():
+        return FolderSource(SourceSpec("folder", str(resolved)))
+    if not resolved.is_file():
+        raise UserError(f"source '{path}' does not exist (expected a folder, an HDF5 file or a list file)")
+    if resolved.suffix.lower() in H5_EXTENSIONS:
+        if not h5py.is_hdf5(resolved):
+            raise UserError(f"source '{path}' is not an HDF5 file")
+        return H5Source(SourceSpec("hdf5", str(resolved)))
+    return ListSource(SourceSpec("list", str(resolved), column))
+
+
+def source_from_spec(spec: dict) -> Source:
+    """Reopen a source recorded in a store."""
+    parsed = SourceSpec.from_dict(spec)
+    if not Path(parsed.path).exists():
+        raise UserError(f"image source '{parsed.path}' recorded in the store is not reachable from here")
+    return _SOURCE_TYPES[parsed.kind](parsed)
+
+
+def pack_h5(folder: str | Path, out: str | Path, progress: bool = True) -> int:
+    """Write every image under `folder` into an HDF5 file in the layout above; returns the count.
+
+    The file is written under a temporary name and renamed when complete.
+    """
+    from tqdm import tqdm
+
+    source = open_source(folder)
+    if not isinstance(source, FolderSource):
+        raise UserError(f"pack-h5 needs a folder of images, got '{folder}'")
+    keys = source.keys()
+    out = Path(out)
+    partial = out.with_name(f".{out.name}.partial")
+    with h5py.File(partial, "w") as handle:
+        handle.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        images = handle.create_dataset("images", shape=(len(keys),), dtype=h5py.vlen_dtype(np.uint8))
+        for i, key in enumerate(tqdm(keys, desc="packing", unit="img", disable=not progress)):
+            images[i] = np.frombuffer(source.read(key), dtype=np.uint8)
+    os.replace(partial, out)
+    return len(keys)

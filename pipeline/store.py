@@ -1,0 +1,195 @@
+"""The feature store: a Zarr array of grid-view features plus a Parquet manifest, shard by shard.
+
+Layout of a store directory (readable with plain zarr and pyarrow):
+  zarr.json              Zarr group; attribute "zeroseg" holds the metadata (see `StoreMeta`)
+  features/              Zarr array (N, V, D) float16, chunks of `chunk_size` whole images, zstd
+  manifest/shard-*.parquet  one part per committed shard; their union is the manifest
+  .lock                  held by the one builder allowed at a time
+
+Shards. Shard k owns rows [k * shard_size, (k + 1) * shard_size): a whole number of chunks that no
+other shard touches. Its features are written first, then its manifest part under a dot-prefixed
+temporary name (ignored by Parquet readers) which is renamed last: a shard without a part does not
+exist, so a build killed at any instant is resumed by redoing the shards that have no part. Rows
+that no manifest row points to (failed images, the tail of a short shard) are never read; Zarr does
+not store chunks that were never written, so those gaps cost no disk.
+"""
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from filelock import FileLock, Timeout
+from zarr.codecs import ZstdCodec
+
+from pipeline import __version__
+from pipeline.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST_DIR = "manifest"
+FEATURES = "features"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),  # index into features; null for failed images
+        ("key", pa.string()),  # stable image id within its source
+        ("source", pa.string()),  # source name (a key of StoreMeta.sources)
+        ("sha256", pa.string()),  # hash of the encoded image bytes; null when unreadable
+        ("width", pa.int32()),  # original size after EXIF rotation; null for failed images
+        ("height", pa.int32()),
+        ("status", pa.string()),  # "ok" or "error"
+        ("error", pa.string()),  # reason, for status == "error"
+        ("shard", pa.int32()),
+        ("time", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+@dataclass
+class StoreMeta:
+    """Everything a reader needs to interpret the features; stored as the group attribute "zeroseg"."""
+
+    teacher: dict  # pipeline.teacher.TeacherIdentity as a dict
+    preprocessing: dict  # crop rule, crop_size, view_size, interpolation, mean, std
+    grids: list[int]
+    views: list[list[int]]  # (grid, row, col) per stored view, in order
+    embed_dim: int
+    shard_size: int
+    chunk_size: int
+    normalized: bool = False  # raw projected embeddings; the trainer normalises
+    sources: dict[str, dict] = field(default_factory=dict)  # name -> pipeline.sources.SourceSpec dict
+    format_version: int = FORMAT_VERSION
+    package_version: str = __version__
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+
+class FeatureStore:
+    def __init__(self, path: str | Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.meta = StoreMeta(**group.attrs["zeroseg"])
+
+    @classmethod
+    def exists(cls, path: str | Path) -> bool:
+        return (Path(path) / "zarr.json").is_file()
+
+    @classmethod
+    def open(cls, path: str | Path, writable: bool = False) -> "FeatureStore":
+        if not cls.exists(path):
+            raise UserError(f"'{path}' is not a feature store (no zarr.json); build one with zs-cache build")
+        group = zarr.open_group(str(path), mode="r+" if writable else "r", use_consolidated=False)
+        if "zeroseg" not in group.attrs:
+            raise UserError(f"'{path}' is a Zarr group but not a zeroseg feature store")
+        version = group.attrs["zeroseg"].get("format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(f"'{path}' has store format {version}; this zeroseg reads format {FORMAT_VERSION}")
+        return cls(path, group)
+
+    @classmethod
+    def create(cls, path: str | Path, meta: StoreMeta) -> "FeatureStore":
+        if meta.shard_size % meta.chunk_size:
+            raise UserError(f"--shard-size {meta.shard_size} must be a multiple of the chunk size {meta.chunk_size}")
+        group = zarr.open_group(str(path), mode="w", use_consolidated=False)
+        group.create_array(
+            FEATURES,
+            shape=(0, meta.num_views, meta.embed_dim),
+            chunks=(meta.chunk_size, meta.num_views, meta.embed_dim),
+            dtype="float16",
+            compressors=ZstdCodec(level=3),
+            fill_value=0,
+        )
+        group.attrs["zeroseg"] = asdict(meta)
+        (Path(path) / MANIFEST_DIR).mkdir(exist_ok=True)
+        return cls(path, group)
+
+    @property
+    def features(self) -> zarr.Array:
+        return self.group[FEATURES]
+
+    def save_meta(self) -> None:
+        self.group.attrs["zeroseg"] = asdict(self.meta)
+
+    # --- manifest -------------------------------------------------------------------------------
+
+    def part_path(self, shard: int) -> Path:
+        return self.path / MANIFEST_DIR / f"shard-{shard:06d}.parquet"
+
+    def committed_shards(self) -> set[int]:
+        names = (p.name for p in (self.path / MANIFEST_DIR).glob("shard-*.parquet"))
+        return {int(name[len("shard-") : -len(".parquet")]) for name in names}
+
+    def manifest(self, columns: list[str] | None = None) -> pa.Table:
+        """The union of all committed parts (an empty table with the schema when there are none)."""
+        parts = sorted((self.path / MANIFEST_DIR).glob("shard-*.parquet"))
+        if not parts:
+            return MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
+        return pa.concat_tables([pq.read_table(p, columns=columns, schema=MANIFEST_SCHEMA) for p in parts])
+
+    # --- writing shards -------------------------------------------------------------------------
+
+    def shard_rows(self, shard: int) -> int:
+        return shard * self.meta.shard_size
+
+    def reserve(self, shard: int, count: int) -> None:
+        """Grow the features array so that shard `shard` can hold `count` images."""
+        needed = self.shard_rows(shard) + count
+        array = self.features
+        if array.shape[0] < needed:
+            array.resize((needed, *array.shape[1:]))
+
+    def write_features(self, shard: int, features: np.ndarray) -> None:
+        start = self.shard_rows(shard)
+        self.features[start : start + len(features)] = features
+
+    def commit(self, shard: int, rows: pa.Table) -> None:
+        """Publish a shard: its manifest part appears atomically, after its features."""
+        final = self.part_path(shard)
+        partial = final.with_name(f".{final.name}.partial")
+        pq.write_table(rows.cast(MANIFEST_SCHEMA), partial)
+        os.replace(partial, final)
+
+
+def manifest_rows(shard: int, first_row: int, records: list[dict]) -> pa.Table:
+    """A shard's manifest part from per-image records (key, source, sha256, width, height, error)."""
+    now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
+    columns = {name: [] for name in MANIFEST_SCHEMA.names}
+    for i, record in enumerate(records):
+        failed = record.get("error") is not None
+        columns["row"].append(None if failed else first_row + i)
+        columns["key"].append(record["key"])
+        columns["source"].append(record["source"])
+        columns["sha256"].append(record.get("sha256"))
+        columns["width"].append(record.get("width"))
+        columns["height"].append(record.get("height"))
+        columns["status"].append("error" if failed else "ok")
+        columns["error"].append(record.get("error"))
+        columns["shard"].append(shard)
+        columns["time"].append(now)
+    return pa.table(columns, schema=MANIFEST_SCHEMA)
+
+
+@contextmanager
+def builder_lock(path: str | Path):
+    """Exclusive right to write a store; a second builder is refused at once with a clear message.
+
+    The lock is an OS file lock, released by the kernel when its process dies, so a killed build
+    never leaves the store locked.
+    """
+    Path(path).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(path) / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"store '{path}' is being written by another zs-cache build; wait for it to finish") from None
+    try:
+        yield
+    finally:
+        lock.release()

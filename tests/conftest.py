@@ -1,0 +1,63 @@
+"""Shared test fixtures: the tiny random-weight teacher and the real sample photos."""
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_TEACHER = FIXTURES / "zs-tiny-clip.json"
+VOC_ROOT = FIXTURES / "VOCdevkit" / "VOC2012"
+COCO_ROOT = FIXTURES / "coco"
+PHOTOS = sorted(VOC_ROOT.glob("JPEGImages/*.jpg")) + sorted(COCO_ROOT.glob("*2017/*.jpg"))
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """The 10 real fixture photos in an ImageNet-like layout: photos/<class>/<name>.jpg."""
+    root = tmp_path / "photos"
+    for path in PHOTOS:
+        target = root / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return root
+
+
+def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the console scripts as a real subprocess (exit code and output as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def invoke(main, *args: str) -> CliResult:
+    """Run a console-script entry point in this process (fast; same exit code and output as a subprocess)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["zs", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return CliResult(code, stdout.getvalue(), stderr.getvalue())

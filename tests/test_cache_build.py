@@ -1,0 +1,328 @@
+"""zs-cache build end to end on the real fixture photos with the tiny random-weight teacher."""
+
+import io
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline.build import BuildOptions, plan_shards, run_build
+from pipeline.cli import main as zs_cache
+from pipeline.reader import CropReader
+from pipeline.sources import pack_h5
+from pipeline.store import FeatureStore, builder_lock
+from pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
+from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+
+TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,
+            batch_size=3, image_size=64, progress=False)
+
+
+def build(source, store, **overrides):
+    return run_build(BuildOptions(source=str(source), store=str(store), **{**TINY, **overrides}), log=lambda s: None)
+
+
+def by_key(store_path) -> dict[str, np.ndarray]:
+    store = FeatureStore.open(store_path)
+    table = store.manifest().to_pydict()
+    features = store.features[:]
+    return {k: features[r] for k, r, s in zip(table["key"], table["row"], table["status"]) if s == "ok"}
+
+
+def test_store_layout_and_metadata(photos, tmp_path):
+    summary = build(photos, tmp_path / "store")
+    assert (summary.processed, summary.ok, summary.errors, summary.shards) == (10, 10, 0, 3)
+    store = FeatureStore.open(tmp_path / "store")
+    meta = store.meta
+    assert store.features.dtype == np.float16 and store.features.shape[1:] == (30, 32)
+    assert store.features.chunks == (2, 30, 32)
+    assert meta.grids == [1, 2, 3, 4] and meta.views[1] == [2, 0, 0] and meta.normalized is False
+    assert meta.teacher == {"model": "zs-tiny-clip", "pretrained": None, "weights_sha256": None, "quick_gelu": False}
+    assert meta.preprocessing["crop_size"] == 64 and meta.preprocessing["view_size"] == 32
+    assert len(meta.preprocessing["mean"]) == 3 and meta.sources["photos"]["kind"] == "folder"
+    table = store.manifest()
+    assert sorted(table.column("key").to_pylist()) == sorted(f"{p.parent.name}/{p.name}" for p in PHOTOS)
+    rows = table.column("row").to_pylist()
+    assert len(set(rows)) == 10 and all(r // 4 == s for r, s in zip(rows, table.column("shard").to_pylist()))
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert all(len(h) == 64 for h in table.column("sha256").to_pylist())
+    first = Image.open(PHOTOS[0])
+    row0 = table.to_pylist()[table.column("key").to_pylist().index(f"{PHOTOS[0].parent.name}/{PHOTOS[0].name}")]
+    assert (row0["width"], row0["height"]) == first.size
+
+
+def test_store_opens_with_plain_zarr_and_pyarrow(photos, tmp_path):
+    build(photos, tmp_path / "store")
+    code = (
+        "import sys, zarr, pyarrow.parquet as pq\n"
+        "g = zarr.open_group(sys.argv[1], mode='r')\n"
+        "m = pq.read_table(sys.argv[1] + '/manifest')\n"
+        "f = g['features']\n"
+        "rows = [r for r in m.column('row').to_pylist() if r is not None]\n"
+        "print(f.shape, f.dtype, m.num_rows, float(abs(f[rows[0]]).sum()) > 0, g.attrs['zeroseg']['grids'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(10, 30, 32) float16 10 True [1, 2, 3, 4]"
+
+
+def test_crop_invariant_every_view(photos, tmp_path):
+    """The crop the trainer-side reader returns, sent through the teacher, gives features[row] back."""
+    build(photos, tmp_path / "store")
+    store = FeatureStore.open(tmp_path / "store")
+    reader = CropReader(store.meta)
+    teacher = Teacher(TeacherIdentity(**store.meta.teacher), torch.device("cpu"))
+    for record in store.manifest().to_pylist()[:4]:
+        crop = reader.crop(record["source"], record["key"])
+        assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
+        again = teacher.encode_crops(torch.from_numpy(crop[None]), store.meta.grids)[0].float()
+        stored = torch.from_numpy(store.features[record["row"]]).float()
+        torch.testing.assert_close(again, stored, atol=2e-3, rtol=2e-3)
+
+
+def test_rerun_does_nothing_and_new_images_are_appended(photos, tmp_path):
+    store_path = tmp_path / "store"
+    (tmp_path / "held").mkdir()
+    moved = [shutil.move(str(p), tmp_path / "held" / p.name) for p in sorted(photos.glob("val2017/*.jpg"))[:2]]
+    first = build(photos, store_path)
+    assert first.processed == 8
+    assert build(photos, store_path).processed == 0
+    before = by_key(store_path)
+    for path in moved:
+        shutil.move(path, photos / "val2017" / path.name)
+    (photos / "new").mkdir()
+    shutil.copy(PHOTOS[0], photos / "new" / "copy.jpg")
+    appended = build(photos, store_path)
+    assert appended.processed == 3 and appended.ok == 3
+    store = FeatureStore.open(store_path)
+    assert store.committed_shards() == {0, 1, 2}
+    after = by_key(store_path)
+    assert len(after) == 11 and all(np.array_equal(before[k], after[k]) for k in before if k in after)
+    np.testing.assert_array_equal(after["new/copy.jpg"], after[f"{PHOTOS[0].parent.name}/{PHOTOS[0].name}"])
+
+
+def test_plan_reuses_free_shard_ids_in_order():
+    keys = [f"k{i}" for i in range(10)]
+    assert [(s.id, s.keys) for s in plan_shards(keys[4:8] + keys[9:], {1, 3}, 4)] == [
+        (0, keys[4:8]), (2, keys[9:])
+    ]
+    assert [s.id for s in plan_shards(keys, set(), 4)] == [0, 1, 2]
+
+
+def test_sigkill_mid_build_then_resume_equals_uninterrupted(photos, tmp_path):
+    for i in range(4):  # 50 images: the build takes a few seconds, long enough to be killed mid-way
+        shutil.copytree(photos / "JPEGImages", photos / f"copy{i}", dirs_exist_ok=True)
+        shutil.copytree(photos / "val2017", photos / f"copy{i}", dirs_exist_ok=True)
+    args = ["build", photos, "--store", tmp_path / "killed", "--teacher", TINY_TEACHER, "--pretrained", "none",
+            "--device", "cpu", "--shard-size", "4", "--chunk-size", "2", "--batch-size", "2",
+            "--image-size", "64", "--no-progress", "--workers", "1"]
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "killed" / "manifest"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(manifest.glob("shard-*.parquet"))) < 2:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = len(list(manifest.glob("shard-*.parquet")))
+    assert 2 <= committed < 13, "the kill should land mid-build"
+    resumed = run_cli("pipeline.cli", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"cached {50 - 0} images" not in resumed.stdout  # only the missing shards were redone
+    build(photos, tmp_path / "clean", batch_size=2)
+    killed, clean = FeatureStore.open(tmp_path / "killed"), FeatureStore.open(tmp_path / "clean")
+    columns = ["key", "row", "status", "shard", "sha256"]
+    assert killed.manifest(columns).sort_by("key").equals(clean.manifest(columns).sort_by("key"))
+    np.testing.assert_allclose(killed.features[:].astype(np.float32), clean.features[:].astype(np.float32),
+                               atol=1e-3)
+    assert run_cli("pipeline.cli", "verify", tmp_path / "killed").returncode == 0
+
+
+def test_second_builder_is_refused(photos, tmp_path):
+    with builder_lock(tmp_path / "store"):
+        refused = run_cli("pipeline.cli", "build", photos, "--store", tmp_path / "store", "--teacher",
+                          TINY_TEACHER, "--pretrained", "none", "--device", "cpu")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f"error: store '{tmp_path / 'store'}' is being written by another zs-cache build; wait for it to finish"
+    )
+    assert not (tmp_path / "store" / "zarr.json").exists()
+
+
+def test_hdf5_and_list_sources_match_the_folder(photos, tmp_path):
+    build(photos, tmp_path / "folder")
+    pack_h5(photos, tmp_path / "photos.h5", progress=False)
+    build(tmp_path / "photos.h5", tmp_path / "h5")
+    listing = tmp_path / "lists" / "images.txt"
+    listing.parent.mkdir()
+    keys = sorted(str(p.relative_to(photos)) for p in photos.rglob("*.jpg"))
+    listing.write_text("# photos\n" + "\n".join(f"../photos/{k}" for k in keys) + "\n\n")
+    build(listing, tmp_path / "list")
+    pq.write_table(pa.table({"file": [str(photos / k) for k in keys]}), tmp_path / "paths.parquet")
+    build(tmp_path / "paths.parquet", tmp_path / "parquet", column="file")
+    folder = by_key(tmp_path / "folder")
+    h5 = by_key(tmp_path / "h5")
+    listed = {k.removeprefix("../photos/"): v for k, v in by_key(tmp_path / "list").items()}
+    parquet = {k.removeprefix(f"{photos}/"): v for k, v in by_key(tmp_path / "parquet").items()}
+    assert set(folder) == set(h5) == set(listed) == set(parquet) and len(folder) == 10
+    for key, features in folder.items():
+        for other in (h5, listed, parquet):
+            np.testing.assert_array_equal(features, other[key])
+
+
+def write_bad_inputs(root):
+    """One file per kind of awkward input; returns {relative key: expected status}."""
+    root.mkdir(parents=True, exist_ok=True)
+    photo = PHOTOS[0].read_bytes()
+
+    def save(name, image, fmt, **params):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **params)
+        (root / name).write_bytes(buffer.getvalue())
+
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes(photo[: len(photo) // 3])
+    (root / "notes.jpg").write_text("not an image at all\n" * 20)
+    save("cmyk.jpg", Image.new("CMYK", (50, 40), (10, 200, 30, 5)), "JPEG")
+    save("grey.png", Image.new("L", (60, 30), 90), "PNG")
+    save("rgba.png", Image.new("RGBA", (30, 60), (10, 20, 30, 100)), "PNG")
+    save("palette.gif", Image.new("P", (33, 33), 3), "GIF")
+    save("deep.png", Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)), "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    save("rotated.jpg", Image.open(PHOTOS[1]), "JPEG", exif=exif.tobytes())
+    save("tiny.png", Image.new("RGB", (3, 2), (1, 2, 3)), "PNG")
+    save("wide.png", Image.new("RGB", (3000, 4), (200, 0, 0)), "PNG")
+    save("tall.jpg", Image.new("RGB", (5, 2500), (0, 0, 200)), "JPEG")
+    broken = {"empty.jpg", "truncated.jpg", "notes.jpg"}
+    return {p.name: "error" if p.name in broken else "ok" for p in root.iterdir()}
+
+
+def test_bad_inputs_become_error_rows_and_odd_images_are_converted(tmp_path):
+    expected = write_bad_inputs(tmp_path / "bad")
+    summary = build(tmp_path / "bad", tmp_path / "store", max_error_fraction=0.5)
+    assert (summary.ok, summary.errors) == (9, 3)
+    table = {r["key"]: r for r in FeatureStore.open(tmp_path / "store").manifest().to_pylist()}
+    assert {k: r["status"] for k, r in table.items()} == expected
+    assert table["empty.jpg"]["error"].startswith("empty file") and table["empty.jpg"]["row"] is None
+    assert table["truncated.jpg"]["error"].startswith("truncated image")
+    assert table["notes.jpg"]["error"].startswith("not an image")
+    rotated = Image.open(PHOTOS[1]).size
+    assert (table["rotated.jpg"]["width"], table["rotated.jpg"]["height"]) == rotated[::-1]
+    assert (table["wide.png"]["width"], table["wide.png"]["height"]) == (3000, 4)
+    reader = CropReader(FeatureStore.open(tmp_path / "store").meta)
+    assert np.abs(reader.crop("bad", "deep.png").astype(int) - 156).max() <= 1  # 40000 / 257
+    assert reader.crop("bad", "rgba.png")[0, 0].tolist() == [159, 163, 167]  # c * 100/255 + 255 * 155/255
+    assert invoke(zs_cache, "verify", tmp_path / "store").returncode == 0
+
+
+def test_error_fraction_and_exit_codes(tmp_path):
+    write_bad_inputs(tmp_path / "bad")
+    common = ["--teacher", TINY_TEACHER, "--pretrained", "none", "--device", "cpu", "--image-size", "64",
+              "--no-progress"]
+    failed = invoke(zs_cache, "build", tmp_path / "bad", "--store", tmp_path / "s1", *common)
+    assert failed.returncode == 1
+    assert "cached 9 images, 3 errors (25.0%)" in failed.stdout
+    assert "more than --max-error-fraction 0.01" in failed.stderr and "Traceback" not in failed.stderr
+    allowed = invoke(zs_cache, "build", tmp_path / "bad", "--store", tmp_path / "s2", *common,
+                      "--max-error-fraction", "0.3")
+    assert allowed.returncode == 0, allowed.stderr
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"")
+    (junk / "b.png").write_text("nope")
+    nothing = invoke(zs_cache, "build", junk, "--store", tmp_path / "s3", *common)
+    assert nothing.returncode == 1 and "no image could be read" in nothing.stderr
+
+
+def test_wrong_arguments_are_one_line_and_exit_2(photos, tmp_path):
+    common = ["--pretrained", "none", "--device", "cpu", "--image-size", "64", "--no-progress"]
+    cases = [
+        (["build", tmp_path / "missing", "--store", tmp_path / "s", "--teacher", TINY_TEACHER, *common],
+         "does not exist"),
+        (["build", photos, "--store", tmp_path / "s", "--teacher", "no-such-model", *common], "unknown teacher"),
+        (["build", photos, "--store", tmp_path / "s", "--teacher", TINY_TEACHER, "--grids", "1,x", *common],
+         "--grids"),
+        (["build", photos, "--store", tmp_path / "s", "--teacher", TINY_TEACHER, "--pretrained", "openai",
+          "--device", "cpu"], "neither a weights file nor an open_clip tag"),
+        (["inspect", tmp_path], "is not a feature store"),
+    ]
+    for args, message in cases:
+        result = invoke(zs_cache, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_store_made_with_other_teacher_or_grids_is_refused(photos, tmp_path):
+    build(photos, tmp_path / "store")
+    checkpoint = tmp_path / "tiny.pt"
+    identity = resolve_identity(str(TINY_TEACHER), "none")
+    torch.manual_seed(1)
+    from pipeline.teacher import create_clip
+
+    torch.save(create_clip(identity, torch.device("cpu")).state_dict(), checkpoint)
+    common = ["--store", tmp_path / "store", "--teacher", TINY_TEACHER, "--device", "cpu", "--image-size", "64"]
+    other_teacher = invoke(zs_cache, "build", photos, *common, "--pretrained", checkpoint)
+    assert other_teacher.returncode == 2 and "was built with teacher zs-tiny-clip" in other_teacher.stderr
+    other_grids = invoke(zs_cache, "build", photos, *common, "--pretrained", "none", "--grids", "1,3")
+    assert other_grids.returncode == 2 and "holds grids [1, 2, 3, 4]" in other_grids.stderr
+
+
+def test_local_weights_file_is_loaded_and_recorded(photos, tmp_path):
+    """The offline path for real weights: a checkpoint file saved here, loaded by path, hashed."""
+    from pipeline.teacher import create_clip, sha256_file
+
+    identity = resolve_identity(str(TINY_TEACHER), "none")
+    torch.manual_seed(7)
+    model = create_clip(identity, torch.device("cpu"))
+    torch.save(model.state_dict(), tmp_path / "tiny-weights.pt")
+    build(photos, tmp_path / "store", pretrained=str(tmp_path / "tiny-weights.pt"))
+    store = FeatureStore.open(tmp_path / "store")
+    assert store.meta.teacher["weights_sha256"] == sha256_file(tmp_path / "tiny-weights.pt")
+    assert store.meta.teacher["pretrained"] == str(tmp_path / "tiny-weights.pt")
+    record = store.manifest().to_pylist()[0]
+    crop = CropReader(store.meta).crop(record["source"], record["key"])
+    with torch.inference_mode():
+        from pipeline.crops import grid_views
+
+        views = grid_views(torch.from_numpy(crop[None]), [1], 32, model.visual.preprocess_cfg["mean"],
+                           model.visual.preprocess_cfg["std"])
+        expected = model.encode_image(views[:, 0])[0]
+    torch.testing.assert_close(torch.from_numpy(store.features[record["row"], 0]).float(), expected,
+                               atol=2e-3, rtol=2e-3)
+
+
+def test_quick_gelu_follows_openai_weights():
+    assert resolve_identity("ViT-B-32", "openai").quick_gelu is True
+    assert resolve_identity("ViT-B-32", "laion2b_s34b_b79k").quick_gelu is False
+    assert resolve_identity("ViT-B-32-quickgelu", "none").quick_gelu is True
+    assert resolve_identity("ViT-B-32", "openai", quick_gelu=False).quick_gelu is False
+
+
+def test_inspect_and_verify_output(tmp_path):
+    write_bad_inputs(tmp_path / "bad")
+    build(tmp_path / "bad", tmp_path / "store", max_error_fraction=1.0)
+    shown = invoke(zs_cache, "inspect", tmp_path / "store")
+    assert shown.returncode == 0
+    assert "images     9 ok, 3 errors, 3 shards (shard size 4)" in shown.stdout
+    assert "teacher    zs-tiny-clip pretrained=none (random weights) quick_gelu=False" in shown.stdout
+    assert "grids 1,2,3,4 -> 30 views of 32px from 64px centre crops" in shown.stdout
+    assert "errors     1 x empty file (0 bytes)" in shown.stdout and "MiB" in shown.stdout
+    verified = invoke(zs_cache, "verify", tmp_path / "store", "--no-progress")
+    assert verified.returncode == 0
+    assert verified.stdout.strip() == f"store {tmp_path / 'store'} verified: 9 ok rows, 3 errors, 3 shards"
+    store = FeatureStore.open(tmp_path / "store", writable=True)
+    ok_row = next(r["row"] for r in store.manifest().to_pylist() if r["status"] == "ok")
+    corrupted = store.features[ok_row]
+    corrupted[3, 5] = np.nan
+    store.features[ok_row] = corrupted
+    broken = invoke(zs_cache, "verify", tmp_path / "store", "--no-progress")
+    assert broken.returncode == 1 and f"row {ok_row}: NaN or Inf in features" in broken.stderr

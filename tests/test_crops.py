@@ -1,0 +1,46 @@
+"""Crop geometry: the centre square, exact grid cell boundaries and view order."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.crops import cell_boundaries, centre_crop, grid_views, view_layout
+
+
+def test_cell_boundaries_are_exact_integers():
+    assert cell_boundaries(224, 1) == [0, 224]
+    assert cell_boundaries(224, 2) == [0, 112, 224]
+    assert cell_boundaries(224, 3) == [0, 74, 149, 224]
+    assert cell_boundaries(224, 4) == [0, 56, 112, 168, 224]
+
+
+def test_view_layout_is_grid_by_grid_row_major():
+    layout = view_layout([1, 2, 3, 4])
+    assert len(layout) == 30
+    assert layout[:6] == [(1, 0, 0), (2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1), (3, 0, 0)]
+    assert view_layout([3, 1])[-1] == (1, 0, 0)
+
+
+def test_centre_crop_takes_the_centre_square():
+    wide = np.zeros((10, 30, 3), dtype=np.uint8)
+    wide[:, 10:20] = 255  # the centre 10x10 square is white, the sides black
+    crop = centre_crop(Image.fromarray(wide), 10)
+    assert crop.shape == (10, 10, 3) and crop.min() == 255
+
+
+def test_small_and_extreme_images_give_full_size_crops():
+    for size in [(3, 5), (4000, 7), (7, 4000)]:
+        crop = centre_crop(Image.new("RGB", size, (9, 99, 199)), 224)
+        assert crop.shape == (224, 224, 3)
+        assert np.abs(crop.astype(int) - [9, 99, 199]).max() <= 1
+
+
+def test_grid_views_cut_cells_in_order_and_normalise():
+    crop = np.zeros((1, 6, 6, 3), dtype=np.uint8)
+    crop[0, :3, 3:] = 255  # top-right quadrant white
+    views = grid_views(torch.from_numpy(crop), [1, 2], 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert views.shape == (1, 5, 3, 3, 3)
+    quadrant_means = views[0, 1:].mean(dim=(1, 2, 3))
+    assert torch.allclose(quadrant_means, torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    mean_std = grid_views(torch.full((1, 4, 4, 3), 255, dtype=torch.uint8), [1], 4, (0.5,) * 3, (0.25,) * 3)
+    assert torch.allclose(mean_std, torch.full_like(mean_std, 2.0))
