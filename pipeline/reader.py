@@ -10,7 +10,7 @@ from pipeline.store import StoreMeta
 
 
 class CropReader:
-    """The centre crop of a manifest row's image: same decode and crop functions as the build.
+    """The centre crops of manifest rows: same decode and crop functions as the build.
 
     Sources are reopened from the store's metadata lazily, once per process (safe to pickle into
     DataLoader workers before first use).
@@ -28,3 +28,7 @@ class CropReader:
         """(S, S, 3) uint8 centre crop of one image."""
         crop, _ = crop_from_bytes(self.sources[source].read(key), self.crop_size)
         return crop
+
+    def crops(self, records: list[dict]) -> np.ndarray:
+        """(n, S, S, 3) uint8 crops of manifest records (dicts with at least source, key and row)."""
+        return np.stack([self.crop(r["source"], r["key"]) for r in records])

@@ -1,0 +1,101 @@
+"""ZeroSeg's three training losses: masked-patch reconstruction, multi-scale distillation into z and
+segment matching of g against the local views.
+
+L1 distances follow the paper's |a - b|: the L1 norm, a sum over the feature dim. The official
+implementation was not available to check against; `LossConfig.l1_reduction="mean"` divides by the
+feature dim instead.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import LossConfig, ModelConfig
+from trainer.model import ZeroSegOutput, patchify
+
+
+def l1_distances(a: torch.Tensor, b: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Pairwise L1 distances (B, M, D) x (B, N, D) -> (B, M, N); "mean" divides by D."""
+    distances = torch.cdist(a.float(), b.float(), p=1)
+    return distances / a.shape[-1] if reduction == "mean" else distances
+
+
+def reconstruction_loss(
+    pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool
+) -> torch.Tensor:
+    """MSE per patch, averaged over the masked patches only.
+
+    pred, target_patches: (B, L, P); mask: (B, L), 1 = masked. norm_pix: targets normalised per
+    patch, (t - mean) / sqrt(var + 1e-6), with the unbiased variance (torch's default, as MAE).
+    """
+    target = target_patches.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def distillation_loss(z: torch.Tensor, v: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """sum_j |z - v_j|_1 over the views, averaged over the batch. z: (B, D), v: (B, V, D)."""
+    distances = l1_distances(z[:, None], v, reduction)  # (B, 1, V)
+    return distances.sum(dim=(1, 2)).mean()
+
+
+def segment_matching_loss(g: torch.Tensor, v_local: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """sum_i min_j |g_i - v_j|_1: every segment token to its nearest local view, averaged over the batch.
+    g: (B, G, D), v_local: (B, V_local, D)."""
+    distances = l1_distances(g, v_local, reduction)  # (B, G, V_local)
+    return distances.min(dim=2).values.sum(dim=1).mean()
+
+
+def view_indices(layout: Sequence[tuple[int, int, int]], grids: Sequence[int]) -> list[int]:
+    """Positions in the stored view layout of every view of the given grids."""
+    stored = {grid for grid, _, _ in layout}
+    missing = [grid for grid in grids if grid not in stored]
+    if missing:
+        raise ValueError(f"grids {missing} are not in the stored views (grids {sorted(stored)})")
+    return [index for index, (grid, _, _) in enumerate(layout) if grid in grids]
+
+
+def total_loss(
+    output: ZeroSegOutput,
+    images: torch.Tensor,
+    teacher_features: torch.Tensor,
+    layout: Sequence[tuple[int, int, int]],
+    loss_cfg: LossConfig,
+    model_cfg: ModelConfig,
+) -> dict[str, torch.Tensor]:
+    """The weighted sum of the three losses for one batch.
+
+    images: (B, C, H, W), the model's input. teacher_features: (B, V, D) raw teacher embeddings of the
+    V stored views; layout: (grid, row, col) of each stored view (`pipeline.crops.view_layout`).
+    Returns {"recon", "distill", "match", "total"}; a term with nothing to compute (no masked patch,
+    no local grid) is 0.
+    """
+    if teacher_features.shape[1] != len(layout):
+        raise ValueError(f"teacher features hold {teacher_features.shape[1]} views, the layout {len(layout)}")
+    views = teacher_features.float()
+    if loss_cfg.normalize_targets:
+        views = F.normalize(views, dim=-1)
+    zero = output.z.new_zeros(())
+
+    if output.pred is None:
+        recon = zero
+    else:
+        target = patchify(images, model_cfg.patch_size)
+        recon = reconstruction_loss(output.pred, target, output.mask, model_cfg.norm_pix_loss)
+
+    distill_views = views[:, view_indices(layout, loss_cfg.distillation_grids)]
+    distill = distillation_loss(output.z, distill_views, loss_cfg.l1_reduction)
+
+    if loss_cfg.matching_grids:
+        local_views = views[:, view_indices(layout, loss_cfg.matching_grids)]
+        match = segment_matching_loss(output.g, local_views, loss_cfg.l1_reduction)
+    else:
+        match = zero
+
+    total = loss_cfg.w_recon * recon + loss_cfg.w_distill * distill + loss_cfg.w_match * match
+    return {"recon": recon, "distill": distill, "match": match, "total": total}
