@@ -1,0 +1,197 @@
+"""Readers for the three benchmarks, each a list of (image id, image file, label file) triples.
+
+Layout expected under --data-root (DATA_ROOT):
+
+  voc      DATA_ROOT/VOCdevkit/VOC2012/  JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette PNGs,
+           0 background, 1..20, 255 ignored), ImageSets/Segmentation/<split>.txt (one id a line).
+  context  DATA_ROOT/VOCdevkit/VOC2010/  as mmsegmentation's PASCAL Context converter writes it:
+           JPEGImages/<id>.jpg, SegmentationClassContext/<id>.png (0 background, 1..59, 255 ignored),
+           ImageSets/SegmentationContext/<split>.txt.
+  coco     DATA_ROOT/coco/  <split>/<id>.jpg (COCO's val2017 folder) and label maps, the first of
+             coco_object/<split>/<id>.png   written by `prepare_coco_object` (0 background, 1..80), or
+             stuffthingmaps_trainval2017/<split>/<id>.png   COCO-Stuff-164k maps, converted on reading:
+               value v <= 90 is COCO category v + 1 -> its class index 1..80; every other value
+               (the 11 unused thing ids, stuff 91..181, unlabelled 255) -> background 0.
+           The split's ids are the .jpg stems in the image folder; each needs a label map.
+           prepare_coco_object(instances_val2017.json, prepared_coco_dir(DATA_ROOT)) makes the former.
+
+Labels are returned as [H, W] uint8 arrays of class indices, images as RGB PIL images of the same size.
+EXIF orientation is not applied: the benchmarks' label maps are drawn on the stored pixels.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from evaluation.classnames import (
+    COCO_CATEGORY_TO_INDEX,
+    COCO_OBJECT_CLASS_NAMES,
+    CONTEXT_CLASS_NAMES,
+    VOC_CLASS_NAMES,
+)
+from pipeline.errors import UserError
+
+DATASET_NAMES = ("voc", "context", "coco")
+DEFAULT_SPLITS = {"voc": "val", "context": "val", "coco": "val2017"}
+# Background thresholds of the ZeroSeg paper (section 4.2).
+DEFAULT_BG_THRESHOLDS = {"voc": 0.95, "context": 0.05, "coco": 0.35}
+IGNORE_INDEX = 255
+_LABEL_MODES = ("P", "L", "I;16", "I")
+
+
+@dataclass(frozen=True)
+class Sample:
+    image_id: str
+    image_path: Path
+    label_path: Path
+
+
+@dataclass
+class SegmentationDataset:
+    """Indexing gives (image id, RGB PIL image, [H, W] uint8 labels)."""
+
+    name: str
+    samples: list[Sample]
+    class_names: tuple[str, ...]
+    bg_threshold: float
+    ignore_index: int = IGNORE_INDEX
+    label_lookup: np.ndarray | None = None  # [256] uint8: stored label value -> class index
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[tuple[str, Image.Image, np.ndarray]]:
+        return (self[index] for index in range(len(self)))
+
+    def __getitem__(self, index: int) -> tuple[str, Image.Image, np.ndarray]:
+        sample = self.samples[index]
+        image = self.load_image(index)
+        labels = self.load_label(index)
+        if labels.shape != (image.height, image.width):
+            raise UserError(
+                f"label map {sample.label_path} is {labels.shape[1]}x{labels.shape[0]} "
+                f"but its image is {image.width}x{image.height}"
+            )
+        return sample.image_id, image, labels
+
+    def load_image(self, index: int) -> Image.Image:
+        path = self.samples[index].image_path
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"cannot read image {path}: {exc}".splitlines()[0]) from None
+
+    def load_label(self, index: int) -> np.ndarray:
+        path = self.samples[index].label_path
+        labels = read_label_png(path)
+        if self.label_lookup is not None:
+            if labels.dtype != np.uint8:
+                raise UserError(f"label map {path} is not 8-bit; COCO-Stuff maps hold values 0..255")
+            return self.label_lookup[labels]
+        invalid = (labels >= self.num_classes) & (labels != self.ignore_index)
+        if invalid.any():
+            raise UserError(
+                f"label map {path} holds value {int(labels[invalid][0])}: "
+                f"{self.name} has classes 0..{self.num_classes - 1} and ignore {self.ignore_index}"
+            )
+        return labels.astype(np.uint8)
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """A PNG of class indices (palette or greyscale, 8 or 16 bit) -> [H, W] integer array."""
+    try:
+        with Image.open(path) as opened:
+            if opened.mode not in _LABEL_MODES:
+                raise UserError(f"{path} is a {opened.mode} image, not palette or greyscale class indices")
+            return np.asarray(opened)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read label map {path}: {exc}".splitlines()[0]) from None
+
+
+def coco_stuff_lookup() -> np.ndarray:
+    """[256] uint8 table: COCO-Stuff-164k stuffthingmaps value -> COCO-Object class index."""
+    lookup = np.zeros(256, dtype=np.uint8)
+    for category_id, index in COCO_CATEGORY_TO_INDEX.items():
+        lookup[category_id - 1] = index
+    return lookup
+
+
+def open_dataset(name: str, data_root: str | Path, split: str | None = None) -> SegmentationDataset:
+    """The split (default: val / val2017) of dataset `name` under data_root; UserError if incomplete."""
+    if name not in DATASET_NAMES:
+        raise UserError(f"unknown dataset '{name}' (choose from {', '.join(DATASET_NAMES)})")
+    split = split or DEFAULT_SPLITS[name]
+    root = Path(data_root)
+    if name == "voc":
+        base = root / "VOCdevkit" / "VOC2012"
+        ids = _read_id_list(base / "ImageSets" / "Segmentation" / f"{split}.txt")
+        samples = _pascal_samples(base, "SegmentationClass", ids)
+        return SegmentationDataset(name, samples, VOC_CLASS_NAMES, DEFAULT_BG_THRESHOLDS[name])
+    if name == "context":
+        base = root / "VOCdevkit" / "VOC2010"
+        ids = _read_id_list(base / "ImageSets" / "SegmentationContext" / f"{split}.txt")
+        samples = _pascal_samples(base, "SegmentationClassContext", ids)
+        return SegmentationDataset(name, samples, CONTEXT_CLASS_NAMES, DEFAULT_BG_THRESHOLDS[name])
+    return _coco_object(root, split)
+
+
+def prepared_coco_dir(data_root: str | Path, split: str = "val2017") -> Path:
+    """Where COCO-Object label maps made by `prepare_coco_object` are looked for first."""
+    return Path(data_root) / "coco" / "coco_object" / split
+
+
+def _read_id_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"split list {path} not found (see evaluation/datasets.py for the expected layout)")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    malformed = next((line for line in ids if len(line.split()) != 1), None)
+    if malformed is not None:
+        raise UserError(f"split list {path} has line '{malformed}'; expected one image id per line")
+    if not ids:
+        raise UserError(f"split list {path} is empty")
+    return ids
+
+
+def _pascal_samples(base: Path, label_folder: str, ids: list[str]) -> list[Sample]:
+    samples = [
+        Sample(image_id, base / "JPEGImages" / f"{image_id}.jpg", base / label_folder / f"{image_id}.png")
+        for image_id in ids
+    ]
+    _require_files(samples)
+    return samples
+
+
+def _coco_object(root: Path, split: str) -> SegmentationDataset:
+    image_dir = root / "coco" / split
+    if not image_dir.is_dir():
+        raise UserError(f"COCO image folder {image_dir} not found (expected DATA_ROOT/coco/{split}/*.jpg)")
+    ids = sorted(path.stem for path in image_dir.glob("*.jpg"))
+    if not ids:
+        raise UserError(f"COCO image folder {image_dir} holds no .jpg images")
+    prepared = prepared_coco_dir(root, split)
+    stuff = root / "coco" / "stuffthingmaps_trainval2017" / split
+    if prepared.is_dir():
+        label_dir, lookup = prepared, None
+    elif stuff.is_dir():
+        label_dir, lookup = stuff, coco_stuff_lookup()
+    else:
+        raise UserError(f"COCO-Object label maps not found: expected {prepared} or {stuff}")
+    samples = [Sample(i, image_dir / f"{i}.jpg", label_dir / f"{i}.png") for i in ids]
+    _require_files(samples)
+    threshold = DEFAULT_BG_THRESHOLDS["coco"]
+    return SegmentationDataset("coco", samples, COCO_OBJECT_CLASS_NAMES, threshold, label_lookup=lookup)
+
+
+def _require_files(samples: list[Sample]) -> None:
+    for sample in samples:
+        for path in (sample.image_path, sample.label_path):
+            if not path.is_file():
+                raise UserError(f"dataset file {path} not found (listed image id '{sample.image_id}')")

@@ -1,0 +1,132 @@
+"""From segment tokens to pixel labels, and label maps to pictures: pure tensor functions, no model.
+
+Label convention everywhere: 0 is background, k >= 1 is foreground class k, whose text embedding is
+row k - 1 of the [C_fg, D] text matrix (the vocabulary without its background entry).
+"""
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+
+def compose_assignments(
+    soft_maps: Sequence[torch.Tensor], grid_hw: tuple[int, int], out_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Chain the soft assignment maps of the grouping stages into per-pixel group scores.
+
+    soft_maps: [B, h*w, G1] (tokens -> first-stage groups, row-major token grid), then [B, G1, G2],
+    ... [B, G_{k-1}, Gk]. Their product [B, h*w, Gk] is reshaped to [B, Gk, h, w] and resized
+    bilinearly (align_corners=False) to out_hw -> [B, Gk, H, W].
+    """
+    composed = soft_maps[0]  # [B, h*w, G1]
+    for stage_map in soft_maps[1:]:
+        composed = composed @ stage_map  # [B, h*w, G_next]
+    height, width = grid_hw
+    batch, tokens, groups = composed.shape
+    if tokens != height * width:
+        raise ValueError(f"assignment map has {tokens} tokens, grid {height}x{width} has {height * width}")
+    grid = composed.transpose(1, 2).reshape(batch, groups, height, width)  # [B, G, h, w]
+    return F.interpolate(grid, size=tuple(out_hw), mode="bilinear", align_corners=False)
+
+
+def label_groups(
+    group_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    bg_threshold: float,
+    logit_scale: float | torch.Tensor | None = None,
+    keep_best_group: bool = False,
+) -> torch.Tensor:
+    """Label each segment with its nearest foreground class, or background when its score is too low.
+
+    group_emb: [G, D]; text_emb: [C_fg, D]; both are L2-normalised here. -> [G] int64 in 0..C_fg.
+    Rule: cosine[g, c] = <group g, class c>. Each group takes class argmax_c cosine[g, c] + 1, and its
+    score is
+      - logit_scale None: that best cosine;
+      - logit_scale given (CLIP's log-temperature, open_clip `model.logit_scale`): the softmax over the
+        foreground classes of cosine * min(exp(logit_scale), 100), at the best class (GroupViT's score).
+    A group whose score is strictly below the threshold becomes background (0). The threshold is
+    bg_threshold, or with keep_best_group min(bg_threshold, best score of any group in the image), so
+    the image's best-scoring group is never background (GroupViT's rule).
+    """
+    cosine = F.normalize(group_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # [G, C_fg]
+    if logit_scale is None:
+        scores = cosine
+    else:
+        scale = min(math.exp(float(logit_scale)), 100.0)
+        scores = (cosine * scale).softmax(dim=-1)
+    best_score, best_class = scores.max(dim=-1)  # [G], [G]
+    threshold = min(bg_threshold, best_score.max().item()) if keep_best_group else bg_threshold
+    return torch.where(best_score < threshold, 0, best_class + 1)
+
+
+def pixel_labels(group_scores: torch.Tensor, group_labels: torch.Tensor) -> torch.Tensor:
+    """group_scores [G, H, W], group_labels [G] -> [H, W]: each pixel takes its argmax group's label."""
+    return group_labels[group_scores.argmax(dim=0)]
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """The PASCAL VOC colormap: [num_classes, 3] uint8, class bits spread over the colour bits."""
+    index = np.arange(num_classes)
+    colours = np.zeros((num_classes, 3), dtype=np.int64)
+    for shift in range(8):
+        for channel in range(3):
+            colours[:, channel] |= ((index >> (3 * shift + channel)) & 1) << (7 - shift)
+    return colours.astype(np.uint8)
+
+
+def label_image(labels: np.ndarray) -> Image.Image:
+    """[H, W] class indices -> a PNG-ready image: palette mode with VOC colours when all fit in a byte
+    (255 stays the ignore colour), else 16-bit greyscale."""
+    labels = np.asarray(labels)
+    if labels.size and labels.max() > 255:
+        return Image.fromarray(labels.astype(np.uint16))  # mode I;16
+    image = Image.fromarray(labels.astype(np.uint8))  # mode L; the palette makes it P
+    image.putpalette(palette(256).tobytes())
+    return image
+
+
+def overlay(
+    image: Image.Image,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.5,
+    ignore_index: int = 255,
+) -> Image.Image:
+    """The image with label colours blended in (alpha) and, to its right, a legend of present classes.
+
+    labels: [H, W] class indices, the image's size; ignore pixels keep the image's own colour.
+    """
+    labels = np.asarray(labels)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H, W, 3]
+    if labels.shape != rgb.shape[:2]:
+        raise ValueError(f"labels {labels.shape} do not match image {rgb.shape[:2]}")
+    colours = palette(len(class_names)).astype(np.float32)
+    labelled = labels != ignore_index
+    blended = rgb.copy()
+    blended[labelled] = (1 - alpha) * rgb[labelled] + alpha * colours[labels[labelled]]
+    present = [int(c) for c in np.unique(labels[labelled])]
+    return _with_legend(Image.fromarray(blended.round().astype(np.uint8)), present, class_names)
+
+
+def _with_legend(picture: Image.Image, present: list[int], class_names: Sequence[str]) -> Image.Image:
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(picture)
+    line, pad = 16, 6
+    text_width = max([measure.textbbox((0, 0), class_names[c], font=font)[2] for c in present], default=0)
+    legend_width = pad * 3 + line + text_width
+    height = max(picture.height, pad + line * len(present))
+    canvas = Image.new("RGB", (picture.width + legend_width, height), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    colours = palette(len(class_names))
+    for row, class_index in enumerate(present):
+        top = pad + row * line
+        left = picture.width + pad
+        swatch = tuple(int(v) for v in colours[class_index])
+        draw.rectangle((left, top, left + line - 4, top + line - 4), fill=swatch)
+        draw.text((left + line + pad, top), class_names[class_index], fill="black", font=font)
+    return canvas
