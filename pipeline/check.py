@@ -32,6 +32,8 @@ def describe(store: FeatureStore) -> list[str]:
         f"features   {tuple(store.features.shape)} float16, dim {meta.embed_dim}, chunks of {meta.chunk_size} images",
         f"disk       {disk_size(store.path) / 2**20:.1f} MiB",
     ]
+    if meta.stored_crops:
+        lines.insert(-1, f"crops      {tuple(store.crops.shape)} uint8, the centre crops the teacher saw")
     per_source = Counter(manifest.column("source").to_pylist())
     for name, spec in meta.sources.items():
         lines.append(f"source     {name}: {spec['kind']} {spec['path']} ({per_source.get(name, 0)} images)")

@@ -26,8 +26,8 @@ def parse_grids(text: str) -> list[int]:
 @app.command()
 def build(
     source: str = typer.Argument(
-        ..., help="Folder of images (recursive; key = relative path), an HDF5 file made by pack-h5, "
-        "or a list file (one path per line, or a Parquet file with --column)."
+        ..., help="Folder of images (recursive; key = relative path), folder of webdataset .tar shards "
+        "(img2dataset), an HDF5 file made by pack-h5, or a list file (one path per line, or Parquet with --column)."
     ),
     store: str = typer.Option(..., "--store", help="Store directory; created, resumed or appended to."),
     grids: str = typer.Option("1,2,3,4", help="Grids of views per crop: g gives g x g cells (1,2,3,4 = 30 views)."),
@@ -49,11 +49,24 @@ def build(
     max_error_fraction: float = typer.Option(
         0.01, help="Exit non-zero when more than this fraction of the new images cannot be read."
     ),
-    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Threads decoding and cropping images."),
+    decode_threads: int = typer.Option(
+        min(8, os.cpu_count() or 1), help="Threads decoding and cropping images (per Dask worker: at most its cores)."
+    ),
     source_name: str | None = typer.Option(None, help="Name of the source inside the store (default: its stem)."),
     column: str | None = typer.Option(None, help="Column of paths in a Parquet list file (default 'path')."),
     compile: bool = typer.Option(False, help="torch.compile the teacher (CUDA only; ~20 s to compile)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    store_crops: bool = typer.Option(
+        False, help="Also keep the centre crops (uint8) for the trainer; fixed when the store is created, "
+        "implied for tar shards."
+    ),
+    scheduler: str | None = typer.Option(
+        None, help="Build on a running Dask cluster, e.g. tcp://HOST:8786 (inputs and store on a shared filesystem)."
+    ),
+    workers: int = typer.Option(
+        0, help="Build on a local Dask cluster of N worker processes (one per GPU, or splitting the CPU cores); "
+        "0: in this process."
+    ),
 ) -> None:
     """Cache teacher features of every image in SOURCE not yet in the store (resumable, incremental)."""
     from pipeline.build import BuildOptions, run_build
@@ -62,7 +75,8 @@ def build(
         source=source, store=store, grids=parse_grids(grids), teacher=teacher, pretrained=pretrained,
         quick_gelu=quick_gelu, batch_size=batch_size, device=device, shard_size=shard_size,
         chunk_size=chunk_size, image_size=image_size, max_error_fraction=max_error_fraction,
-        decode_workers=workers, source_name=source_name, column=column, compile=compile, progress=progress,
+        decode_threads=decode_threads, source_name=source_name, column=column, compile=compile, progress=progress,
+        store_crops=store_crops, scheduler=scheduler, workers=workers,
     )
     summary = run_build(opts, log=lambda line: typer.echo(line, err=True))
     typer.echo(summary.line())

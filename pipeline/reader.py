@@ -1,34 +1,51 @@
 """Reading the images behind a store's rows, exactly as the teacher saw them (for stage two)."""
 
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
+import zarr
 
 from pipeline.crops import crop_from_bytes
 from pipeline.sources import Source, source_from_spec
-from pipeline.store import StoreMeta
+from pipeline.store import CROPS, StoreMeta
 
 
 class CropReader:
-    """The centre crops of manifest rows: same decode and crop functions as the build.
+    """The centre crops of manifest rows: read from the store's `crops` array when the store keeps
+    them and its path is given, otherwise decoded from the sources with the build's own functions.
 
-    Sources are reopened from the store's metadata lazily, once per process (safe to pickle into
-    DataLoader workers before first use).
+    Stored crops are chunked like the features (chunk_size images per chunk): read rows chunk by
+    chunk (shuffle chunks, then rows within a few buffered chunks) rather than one row per chunk.
+    Sources and the array are opened lazily, once per process (safe to pickle into DataLoader
+    workers before first use).
     """
 
-    def __init__(self, meta: StoreMeta):
+    def __init__(self, meta: StoreMeta, store: str | Path | None = None):
         self.source_specs = dict(meta.sources)
         self.crop_size = int(meta.preprocessing["crop_size"])
+        self.store = str(store) if store is not None and meta.stored_crops else None
+
+    @property
+    def reads_stored_crops(self) -> bool:
+        return self.store is not None
 
     @cached_property
     def sources(self) -> dict[str, Source]:
         return {name: source_from_spec(spec) for name, spec in self.source_specs.items()}
 
+    @cached_property
+    def stored(self) -> zarr.Array:
+        return zarr.open_array(f"{self.store}/{CROPS}", mode="r")
+
     def crop(self, source: str, key: str) -> np.ndarray:
-        """(S, S, 3) uint8 centre crop of one image."""
+        """(S, S, 3) uint8 centre crop of one image, decoded from its source."""
         crop, _ = crop_from_bytes(self.sources[source].read(key), self.crop_size)
         return crop
 
     def crops(self, records: list[dict]) -> np.ndarray:
         """(n, S, S, 3) uint8 crops of manifest records (dicts with at least source, key and row)."""
+        if self.reads_stored_crops:
+            rows, order = np.unique([r["row"] for r in records], return_inverse=True)
+            return self.stored.oindex[rows][order]  # each chunk is read and decompressed once
         return np.stack([self.crop(r["source"], r["key"]) for r in records])

@@ -1,4 +1,5 @@
-"""Where images come from: a folder tree, an HDF5 file of encoded images, or a list of paths.
+"""Where images come from: a folder tree, webdataset tar shards, an HDF5 file of encoded images, or a
+list of paths.
 
 Every source lists its images as string keys in a deterministic order and reads a key's encoded
 bytes; decoding happens later (pipeline.images), so a broken file is a per-image error, never a
@@ -8,10 +9,20 @@ trainer can reopen it by name.
 HDF5 layout (what `zs-cache pack-h5` writes): two one-dimensional datasets of equal length,
   /keys    variable-length UTF-8 strings, unique (the image keys, e.g. relative paths)
   /images  variable-length uint8, the encoded file bytes (JPEG, PNG, ...) of each key.
+
+Tar shards (what img2dataset writes with --output_format webdataset, e.g. CC3M, CC12M): a folder
+holding `00000.tar`, `00001.tar`, ... (and .parquet / _stats.json files, ignored); in each tar the
+members of one sample share a key: `000000042.jpg`, `000000042.json`, `000000042.txt`. Image key =
+`<tar file name>/<member key>` (`00000.tar/000000042`). A folder that directly holds `*.tar` files is
+a tar-shard source. The trainer cannot read tars at random, so a store caches such images only
+together with their crops (`--store-crops`).
 """
 
 import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -28,8 +39,8 @@ H5_EXTENSIONS = frozenset({".h5", ".hdf5", ".hdf"})
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # "folder", "hdf5" or "list"
-    path: str  # absolute path of the folder, HDF5 file or list file
+    kind: str  # "folder", "tar", "hdf5" or "list"
+    path: str  # absolute path of the folder, folder of tar shards, HDF5 file or list file
     column: str | None = None  # Parquet list files: the column holding the paths
 
     def to_dict(self) -> dict:
@@ -59,6 +70,56 @@ class FolderSource:
 
     def read(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
+
+
+@lru_cache(maxsize=32)
+def tar_members(path: str) -> dict[str, tuple[int, int]]:
+    """Image members of one tar: member key -> (offset of its data, size); one header scan per process.
+
+    A truncated tar (an interrupted download) keeps the members listed before the break.
+    """
+    members: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for info in archive:
+                folder, _, name = info.name.rpartition("/")
+                stem, _, extension = name.partition(".")  # webdataset: the key ends at the first dot
+                if info.isfile() and f".{extension.lower()}" in IMAGE_EXTENSIONS:
+                    key = f"{folder}/{stem}" if folder else stem
+                    members.setdefault(key, (info.offset_data, info.size))
+    except tarfile.ReadError as exc:
+        if not members:
+            raise UserError(f"{path}: not a readable tar file ({exc}); remove it or fix the download") from None
+    return members
+
+
+class TarShardSource:
+    """A folder of webdataset tar shards (layout in the module docstring); key = '<tar name>/<member key>'."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.root = Path(spec.path)
+
+    def tars(self) -> list[str]:
+        return sorted(p.name for p in self.root.glob("*.tar") if p.is_file())
+
+    def keys(self) -> list[str]:
+        names = self.tars()
+        with ThreadPoolExecutor(8) as pool:  # header scans are I/O bound: overlap them on network filesystems
+            listed = list(pool.map(lambda name: tar_members(str(self.root / name)), names))
+        return [f"{name}/{member}" for name, members in zip(names, listed) for member in members]
+
+    def read(self, key: str) -> bytes:
+        name, member = key.split("/", 1)
+        offset, size = tar_members(str(self.root / name))[member]
+        with open(self.root / name, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+
+
+def tar_of(key: str) -> str:
+    """The tar shard holding a TarShardSource key: images of one tar go to the same build tasks."""
+    return key.split("/", 1)[0]
 
 
 class H5Source:
@@ -118,15 +179,16 @@ class ListSource:
         return (self.base / key).read_bytes()
 
 
-Source = FolderSource | H5Source | ListSource
-_SOURCE_TYPES = {"folder": FolderSource, "hdf5": H5Source, "list": ListSource}
+Source = FolderSource | TarShardSource | H5Source | ListSource
+_SOURCE_TYPES = {"folder": FolderSource, "tar": TarShardSource, "hdf5": H5Source, "list": ListSource}
 
 
 def open_source(path: str | Path, column: str | None = None) -> Source:
-    """A source from a path given on the command line: folder, HDF5 file, or list file."""
+    """A source from a path given on the command line: folder, folder of tar shards, HDF5 file, or list file."""
     resolved = Path(path).expanduser().resolve()
     if resolved.is_dir():
-        return FolderSource(SourceSpec("folder", str(resolved)))
+        kind = "tar" if any(p.is_file() for p in resolved.glob("*.tar")) else "folder"
+        return _SOURCE_TYPES[kind](SourceSpec(kind, str(resolved)))
     if not resolved.is_file():
         raise UserError(f"source '{path}' does not exist (expected a folder, an HDF5 file or a list file)")
     if resolved.suffix.lower() in H5_EXTENSIONS:

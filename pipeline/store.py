@@ -3,11 +3,14 @@
 Layout of a store directory (readable with plain zarr and pyarrow):
   zarr.json              Zarr group; attribute "zeroseg" holds the metadata (see `StoreMeta`)
   features/              Zarr array (N, V, D) float16, chunks of `chunk_size` whole images, zstd
+  crops/                 only in stores made with --store-crops: Zarr array (N, S, S, 3) uint8, the centre
+                         crops the teacher saw, chunked and compressed like features
   manifest/shard-*.parquet  one part per committed shard; their union is the manifest
   .lock                  held by the one builder allowed at a time
 
 Shards. Shard k owns rows [k * shard_size, (k + 1) * shard_size): a whole number of chunks that no
-other shard touches. Its features are written first, then its manifest part under a dot-prefixed
+other shard touches, so shards can be written by different processes at once. Its features (and
+crops) are written first, then its manifest part under a dot-prefixed
 temporary name (ignored by Parquet readers) which is renamed last: a shard without a part does not
 exist, so a build killed at any instant is resumed by redoing the shards that have no part. Rows
 that no manifest row points to (failed images, the tail of a short shard) are never read; Zarr does
@@ -33,6 +36,7 @@ from pipeline.errors import UserError
 FORMAT_VERSION = 1
 MANIFEST_DIR = "manifest"
 FEATURES = "features"
+CROPS = "crops"
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -63,6 +67,7 @@ class StoreMeta:
     chunk_size: int
     normalized: bool = False  # raw projected embeddings; the trainer normalises
     sources: dict[str, dict] = field(default_factory=dict)  # name -> pipeline.sources.SourceSpec dict
+    stored_crops: bool = False  # the store keeps the (S, S, 3) uint8 crops in array "crops"; fixed at creation
     format_version: int = FORMAT_VERSION
     package_version: str = __version__
 
@@ -106,6 +111,16 @@ class FeatureStore:
             compressors=ZstdCodec(level=3),
             fill_value=0,
         )
+        if meta.stored_crops:
+            size = meta.preprocessing["crop_size"]
+            group.create_array(
+                CROPS,
+                shape=(0, size, size, 3),
+                chunks=(meta.chunk_size, size, size, 3),
+                dtype="uint8",
+                compressors=ZstdCodec(level=3),
+                fill_value=0,
+            )
         group.attrs["zeroseg"] = asdict(meta)
         (Path(path) / MANIFEST_DIR).mkdir(exist_ok=True)
         return cls(path, group)
@@ -113,6 +128,10 @@ class FeatureStore:
     @property
     def features(self) -> zarr.Array:
         return self.group[FEATURES]
+
+    @property
+    def crops(self) -> zarr.Array:
+        return self.group[CROPS]
 
     def save_meta(self) -> None:
         self.group.attrs["zeroseg"] = asdict(self.meta)
@@ -139,15 +158,18 @@ class FeatureStore:
         return shard * self.meta.shard_size
 
     def reserve(self, shard: int, count: int) -> None:
-        """Grow the features array so that shard `shard` can hold `count` images."""
+        """Grow the arrays so that shard `shard` can hold `count` images (before any process writes it)."""
         needed = self.shard_rows(shard) + count
-        array = self.features
-        if array.shape[0] < needed:
-            array.resize((needed, *array.shape[1:]))
+        for array in (self.features, self.crops) if self.meta.stored_crops else (self.features,):
+            if array.shape[0] < needed:
+                array.resize((needed, *array.shape[1:]))
 
-    def write_features(self, shard: int, features: np.ndarray) -> None:
+    def write_shard(self, shard: int, features: np.ndarray, crops: np.ndarray | None) -> None:
+        """A shard's features (n, V, D) and, in stores that keep them, its crops (n, S, S, 3)."""
         start = self.shard_rows(shard)
         self.features[start : start + len(features)] = features
+        if self.meta.stored_crops:
+            self.crops[start : start + len(crops)] = crops
 
     def commit(self, shard: int, rows: pa.Table) -> None:
         """Publish a shard: its manifest part appears atomically, after its features."""

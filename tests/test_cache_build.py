@@ -122,7 +122,7 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(photos, tmp_path):
         shutil.copytree(photos / "val2017", photos / f"copy{i}", dirs_exist_ok=True)
     args = ["build", photos, "--store", tmp_path / "killed", "--teacher", TINY_TEACHER, "--pretrained", "none",
             "--device", "cpu", "--shard-size", "4", "--chunk-size", "2", "--batch-size", "2",
-            "--image-size", "64", "--no-progress", "--workers", "1"]
+            "--image-size", "64", "--no-progress", "--decode-threads", "1"]
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = tmp_path / "killed" / "manifest"

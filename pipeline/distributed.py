@@ -1,0 +1,358 @@
+"""`zs-cache build` on a Dask cluster: shards are the tasks, each worker keeps one teacher, the client commits.
+
+The client (pipeline.build.run_build, holding the store's builder lock) plans the shards and reserves
+their rows before submitting anything. A task decodes, crops and encodes one shard on a worker, writes
+that shard's chunks (no other shard touches them) and returns its manifest records; the client commits
+the shard's manifest part when the task completes, so the store's rules hold as in a one-process build.
+
+Faults: a worker killed mid-shard leaves chunks but no manifest part, so the half shard stays
+invisible; the scheduler reruns the task on a live worker (worker deaths count against Dask's
+`distributed.scheduler.allowed-failures`, exceptions inside a task against RETRIES). A shard that
+still fails is reported once the others are committed; if the whole cluster goes away the committed
+shards stay, and running the same command again resumes.
+
+Worker state: a worker process builds one Teacher per (teacher, device) at its first task and keeps
+it for all later ones (the module-level cache below, counted in `worker_counts`).
+
+Sources and the store must be on a filesystem that every worker mounts at the same path; a worker
+that cannot see them stops the build with a one-line error naming the worker.
+"""
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from distributed import Client, LocalCluster, Nanny, as_completed, get_worker
+from distributed.comm import CommClosedError
+from distributed.system import MEMORY_LIMIT
+from tqdm import tqdm
+
+from pipeline.build import (
+    BuildOptions,
+    BuildSummary,
+    EncodeSettings,
+    Shard,
+    decode_item,
+    describe_teacher,
+    encode_shard,
+    plan_and_reserve,
+    prefetch_map,
+    prepare_store,
+)
+from pipeline.errors import UserError
+from pipeline.sources import Source, source_from_spec
+from pipeline.store import FeatureStore, manifest_rows
+from pipeline.teacher import Teacher, TeacherIdentity, resolve_device, resolve_model_name
+
+RETRIES = 2
+WORKERS_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher a worker builds (and the key of its cache)."""
+
+    identity: TeacherIdentity
+    model: str  # --teacher as given (a config JSON path made absolute): registers the config on the worker
+    device: str  # resolved on the worker: auto, cpu or cuda:K
+    torch_threads: int | None = None  # None: torch's default in the worker process
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One task: everything a worker needs to encode and write one shard."""
+
+    shard: Shard
+    store: str  # absolute path, the same on every worker
+    source: dict  # pipeline.sources.SourceSpec dict
+    teacher: TeacherSpec
+    settings: EncodeSettings
+    decode_threads: int
+    progress_topic: str
+
+
+@dataclass(frozen=True)
+class WorkerUserError:
+    """A task's UserError, returned rather than raised: no retries, no traceback in the worker log."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """How the workers of this build run their teacher."""
+
+    device: str
+    torch_threads: int | None
+    decode_threads: int
+    description: str
+
+
+# --- on the workers ------------------------------------------------------------------------------
+
+_teachers: dict[TeacherSpec, Teacher] = {}
+_sources: dict[tuple, Source] = {}
+_cache_lock = threading.Lock()
+_counts: Counter = Counter()  # teachers_built, shards_encoded: in this worker process
+
+
+def worker_counts() -> dict[str, int]:
+    """Teachers built and shards encoded by this worker process (read with client.run)."""
+    return dict(_counts)
+
+
+def worker_teacher(spec: TeacherSpec) -> Teacher:
+    with _cache_lock:
+        if spec not in _teachers:
+            if spec.torch_threads:
+                torch.set_num_threads(spec.torch_threads)
+            resolve_model_name(spec.model)
+            _teachers[spec] = Teacher(spec.identity, resolve_device(spec.device), compile=spec.compile)
+            _counts["teachers_built"] += 1
+        return _teachers[spec]
+
+
+def worker_source(spec: dict) -> Source:
+    """The source, opened once per worker process (an HDF5 or tar index is read once, not per shard)."""
+    key = (spec["kind"], spec["path"], spec.get("column"))
+    with _cache_lock:
+        if key not in _sources:
+            _require_path(spec["path"], "source")
+            _sources[key] = source_from_spec(spec)
+        return _sources[key]
+
+
+def _not_visible(worker: str, what: str, path: str) -> str:
+    return (
+        f"worker {worker} cannot see the {what} '{path}': sources and the store must be on a filesystem "
+        "that every worker mounts at the same path"
+    )
+
+
+def _require_path(path: str, what: str) -> None:
+    if not Path(path).exists():
+        raise UserError(_not_visible(get_worker().address, what, path))
+
+
+def _missing_paths(paths: dict[str, str]) -> list[str]:
+    return [what for what, path in paths.items() if not Path(path).exists()]
+
+
+def describe_teacher_on_worker(spec: TeacherSpec) -> dict | WorkerUserError:
+    try:
+        return describe_teacher(worker_teacher(spec))
+    except UserError as exc:
+        return WorkerUserError(str(exc))
+
+
+def encode_shard_on_worker(job: ShardJob) -> list[dict] | WorkerUserError:
+    """Encode one shard, write its chunks, return its manifest records (the client commits them)."""
+    try:
+        return _encode_shard_on_worker(job)
+    except UserError as exc:
+        return WorkerUserError(str(exc))
+
+
+def _encode_shard_on_worker(job: ShardJob) -> list[dict]:
+    _require_path(job.store, "store")
+    source = worker_source(job.source)
+    teacher = worker_teacher(job.teacher)
+    store = FeatureStore.open(job.store, writable=True)
+    worker, done = get_worker(), [0]
+
+    def report(images: int) -> None:
+        done[0] += images
+        worker.log_event(job.progress_topic, (job.shard.id, done[0]))
+
+    decode = partial(decode_item, source, crop_size=job.settings.image_size)
+    ahead = 4 * job.settings.batch_size
+    with closing(prefetch_map(decode, job.shard.keys, job.decode_threads, ahead)) as decoded:
+        features, crops, records = encode_shard(job.shard, decoded, teacher, job.settings, report)
+    store.write_shard(job.shard.id, features, crops)
+    _counts["shards_encoded"] += 1
+    return records
+
+
+# --- on the client -------------------------------------------------------------------------------
+
+
+def local_cluster(workers: int, device: str, decode_threads: int) -> tuple[LocalCluster, WorkerSetup]:
+    """`workers` processes with one Dask thread each: on a GPU node worker i sees only GPU i (mod the
+    count); on the CPU the cores are split between the workers so that they do not oversubscribe them."""
+    if device not in ("auto", "cpu"):
+        raise UserError(f"--device {device} picks one device; with --workers each worker takes its own GPU: "
+                        "use --device auto (or cpu)")
+    gpus = torch.cuda.device_count() if device == "auto" else 0
+    cores = max(1, len(os.sched_getaffinity(0)) // workers)
+    if gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
+        envs = [{"CUDA_VISIBLE_DEVICES": visible[i % gpus]} for i in range(workers)]
+        setup = WorkerSetup("cuda:0", None, min(decode_threads, cores), f"one of {gpus} GPUs each")
+    else:
+        envs = [{"OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores)}] * workers
+        setup = WorkerSetup("cpu", cores, min(decode_threads, cores), f"cpu, {cores} torch thread(s) each")
+    cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, memory_limit=MEMORY_LIMIT // workers,
+                           silence_logs=logging.ERROR)
+    for index, env in enumerate(envs):
+        cluster.worker_spec[index] = {"cls": Nanny, "options": {**cluster.new_spec["options"], "env": env}}
+    cluster.scale(workers)
+    return cluster, setup
+
+
+@contextmanager
+def dask_client(opts: BuildOptions, log: Callable[[str], None]) -> Iterator[tuple[Client, WorkerSetup]]:
+    """A client of the cluster at --scheduler, or of a local cluster of --workers processes."""
+    if opts.scheduler:
+        try:
+            client = Client(opts.scheduler)  # gives up after Dask's distributed.comm.timeouts.connect
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise UserError(f"cannot reach the Dask scheduler at {opts.scheduler}: {first_line(exc)}") from None
+        setup = WorkerSetup(opts.device, None, opts.decode_threads, f"device {opts.device}")
+        with client:
+            _wait_for_workers(client, 1, opts.scheduler)
+            log(f"Dask dashboard: {client.dashboard_link} ({len(client.nthreads())} workers at {opts.scheduler})")
+            yield client, setup
+        return
+    cluster, setup = local_cluster(opts.workers, opts.device, opts.decode_threads)
+    with cluster, Client(cluster) as client:
+        _wait_for_workers(client, opts.workers, "the local cluster")
+        log(f"Dask dashboard: {client.dashboard_link} ({opts.workers} local workers, {setup.description})")
+        yield client, setup
+
+
+def raise_user_error(result):
+    if isinstance(result, WorkerUserError):
+        raise UserError(result.message)
+    return result
+
+
+def first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _wait_for_workers(client: Client, count: int, where: str) -> None:
+    try:
+        client.wait_for_workers(count, timeout=WORKERS_TIMEOUT_S)
+    except TimeoutError:
+        raise UserError(f"no Dask worker joined {where} within {WORKERS_TIMEOUT_S} s") from None
+
+
+def require_visible(client: Client, paths: dict[str, str]) -> None:
+    """Every worker must see each path (what -> path) where the client sees it."""
+    for worker, missing in sorted(client.run(_missing_paths, paths).items()):
+        if missing:
+            raise UserError(_not_visible(worker, missing[0], paths[missing[0]]))
+
+
+class ClusterProgress:
+    """One bar over all workers: tasks report (shard, images done so far); a retried shard restarts at 0."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+        self.done: dict[int, int] = {}
+        self.committed: set[int] = set()
+        self.lock = threading.Lock()
+
+    def on_event(self, event: tuple) -> None:
+        _, (shard, count) = event
+        self.update(shard, count)
+
+    def update(self, shard: int, count: int, committed: bool = False) -> None:
+        with self.lock:
+            if shard in self.committed:
+                return
+            self.bar.update(count - self.done.get(shard, 0))
+            self.done[shard] = count
+            if committed:
+                self.committed.add(shard)
+
+
+def build_on_cluster(
+    store: FeatureStore | None,
+    source: Source,
+    pending: list[str],
+    identity: TeacherIdentity,
+    settings: EncodeSettings,
+    opts: BuildOptions,
+    summary: BuildSummary,
+    log: Callable[[str], None],
+) -> None:
+    """pipeline.build.run_build's encoding step on Dask (called with the builder lock held)."""
+    store_path = str(Path(opts.store).resolve())
+    is_path = opts.teacher.endswith(".json") or os.sep in opts.teacher  # as in resolve_model_name
+    model = str(Path(opts.teacher).resolve()) if is_path else opts.teacher
+    try:
+        with dask_client(opts, log) as (client, setup):
+            require_visible(client, {"source": source.spec.path, "store": store_path})
+            teacher = TeacherSpec(identity, model, setup.device, setup.torch_threads, opts.compile)
+            description = raise_user_error(client.submit(describe_teacher_on_worker, teacher, pure=False).result())
+            store = prepare_store(store, source, identity, description, settings, opts)
+            shards = plan_and_reserve(store, source, pending)
+            log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards "
+                f"on {len(client.nthreads())} Dask workers")
+            job = partial(ShardJob, store=store_path, source=source.spec.to_dict(), teacher=teacher,
+                          settings=settings, decode_threads=setup.decode_threads)
+            _run_shards(client, store, shards, job, opts.progress, summary)
+    except (CancelledError, CommClosedError) as exc:
+        raise UserError(
+            f"lost the Dask cluster ({type(exc).__name__}) after committing {summary.shards} shards; "
+            "run the same command again to resume"
+        ) from None
+
+
+def _run_shards(
+    client: Client,
+    store: FeatureStore,
+    shards: list[Shard],
+    job: Callable[..., ShardJob],
+    show_progress: bool,
+    summary: BuildSummary,
+) -> None:
+    """Submit one task per shard and commit each shard as its task completes."""
+    topic = f"zs-cache-progress-{uuid.uuid4().hex}"
+    bar = tqdm(total=sum(len(s.keys) for s in shards), unit="img", desc="zs-cache", disable=not show_progress,
+               smoothing=0.1)
+    progress = ClusterProgress(bar)
+    client.subscribe_topic(topic, progress.on_event)
+    started = time.perf_counter()
+    futures = {
+        client.submit(encode_shard_on_worker, job(shard=shard, progress_topic=topic),
+                      key=f"zs-cache-shard-{shard.id}-{topic[-8:]}", retries=RETRIES): shard
+        for shard in shards
+    }
+    failures: list[str] = []
+    try:
+        for future in as_completed(futures):
+            shard = futures.pop(future)  # released below: a lost worker must not recompute committed shards
+            try:
+                records = raise_user_error(future.result())  # inputs not visible, teacher not loadable: stop
+            except (CancelledError, CommClosedError):
+                raise  # the cluster went away: build_on_cluster says so
+            except Exception as exc:  # the shard killed too many workers, or a bug: let the other shards finish
+                failures.append(f"shard {shard.id}: {type(exc).__name__}: {first_line(exc)}")
+                continue
+            store.commit(shard.id, manifest_rows(shard.id, store.shard_rows(shard.id), records))
+            progress.update(shard.id, len(records), committed=True)
+            summary.add_shard(records)
+            future.release()
+    finally:
+        client.cancel(list(futures))
+        client.unsubscribe_topic(topic)
+        bar.close()
+    summary.seconds = time.perf_counter() - started
+    if failures:
+        raise UserError(
+            f"{len(failures)} of {len(shards)} shards failed ({failures[0]}); the other {summary.shards} are "
+            "committed: run the same command again to retry the failed ones"
+        )
