@@ -83,7 +83,9 @@ def _images() -> torch.Tensor:
 
 def test_total_loss_weights_the_three_terms():
     model_cfg = dataclasses.replace(model_preset("tiny"), norm_pix_loss=False)
-    cfg = LossConfig(w_recon=1.0, w_distill=0.5, w_match=2.0, grids=(1, 2), normalize_targets=False)
+    cfg = LossConfig(
+        w_recon=1.0, w_distill=0.5, w_match=2.0, grids=(1, 2), normalize_targets=False, l1_reduction="sum"
+    )
     losses = total_loss(_output(_images()), _images(), _features(), view_layout((1, 2)), cfg, model_cfg)
     # recon: masked patch 0, zeros vs ones -> 1
     # distill: z = (1, 1) vs the 5 views -> 0 + 1 + 1 + 3 + 3 = 8
@@ -102,7 +104,7 @@ def test_total_loss_selects_views_by_grid():
     global_only = LossConfig(grids=(1,), normalize_targets=False)
     losses = total_loss(_output(_images()), _images(), _features(), layout, global_only, model_cfg)
     assert (losses["distill"].item(), losses["match"].item()) == (0.0, 0.0)
-    local_distill = LossConfig(grids=(1, 2), distill_grids=(2,), normalize_targets=False)
+    local_distill = LossConfig(grids=(1, 2), distill_grids=(2,), normalize_targets=False, l1_reduction="sum")
     losses = total_loss(_output(_images()), _images(), _features(), layout, local_distill, model_cfg)
     assert (losses["distill"].item(), losses["match"].item()) == (8.0, 1.0)
     with pytest.raises(ValueError, match=r"grids \[3\] are not in the stored views"):

@@ -110,9 +110,11 @@ class LossConfig:
         raw projected embeddings). The student's g and z are left as they are: they regress the
         unit-norm targets, and evaluation compares them to text embeddings by cosine similarity, so
         their norm never reaches a prediction.
-    l1_reduction: how |a - b|_1 reduces the feature dim. "sum" is the L1 norm the paper writes;
-        "mean" divides it by the feature dim (torch's l1_loss convention), scaling the distillation
-        and matching terms by 1/D against the reconstruction term.
+    l1_reduction: how |a - b|_1 reduces the feature dim. "mean" (the default) divides the L1 norm by
+        the feature dim D: the paper's |.|_1 with a constant 1/D folded into w_distill and w_match.
+        With "sum" (the L1 norm as the paper writes it) and D = 768, the distillation and matching
+        terms start about 3000x larger than the per-pixel reconstruction MSE, which then has no say
+        in the gradient; "sum" stays selectable for runs that set the weights themselves.
     """
 
     w_recon: float = 1.0
@@ -121,7 +123,7 @@ class LossConfig:
     grids: tuple[int, ...] = (1, 2, 3, 4)
     distill_grids: tuple[int, ...] | None = None
     normalize_targets: bool = True
-    l1_reduction: Literal["sum", "mean"] = "sum"
+    l1_reduction: Literal["sum", "mean"] = "mean"
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -1,9 +1,9 @@
 """ZeroSeg's three training losses: masked-patch reconstruction, multi-scale distillation into z and
 segment matching of g against the local views.
 
-L1 distances follow the paper's |a - b|: the L1 norm, a sum over the feature dim. The official
-implementation was not available to check against; `LossConfig.l1_reduction="mean"` divides by the
-feature dim instead.
+L1 distances follow the paper's |a - b|: the L1 norm, a sum over the feature dim ("sum"), or that norm
+divided by the feature dim ("mean", `LossConfig`'s default; see `LossConfig.l1_reduction` for why). The
+official implementation was not available to check against.
 """
 
 from collections.abc import Sequence

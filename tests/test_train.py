@@ -1,0 +1,181 @@
+"""zs-train end to end on a tiny store of the real fixture photos: learning, exact resume, DDP, failures."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import invoke
+from tests.test_train_data import make_store
+from trainer.checkpoint import list_checkpoints, load_model
+from trainer.cli import main
+from trainer.metrics import METRIC_KEYS
+from trainer.train_config import build_config
+
+REPO = Path(__file__).parent.parent
+TINY_RUN = (
+    "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--workers", "0", "--no-progress",
+    "--set", "optim.lr=1e-3", "--set", "schedule.warmup_steps=1", "--set", "run.log_every=1",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model runs fastest on one thread (and two threads on two busy cores can be 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(store, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = train(store, run_dir, "--steps", "4", "--set", "run.checkpoint_every=1", "--set", "run.keep_last=2")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def train(store, run_dir, *args):
+    return invoke(main, "run", "--store", store, "--run-dir", run_dir, *TINY_RUN, *args)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overfits_eight_images(tmp_path):
+    store = make_store(tmp_path, count=8)
+    result = train(
+        store, tmp_path / "run", "--steps", "80", "--batch-size", "8", "--workers", "1",
+        "--set", "optim.lr=2e-3", "--set", "schedule.warmup_steps=10",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = metrics(tmp_path / "run")
+    assert len(lines) == 80 and lines[0]["epoch"] == 1.0
+    for term in ("loss", "match"):
+        last = sum(line[term] for line in lines[-10:]) / 10
+        assert last < 0.5 * lines[0][term], (term, lines[0][term], last)
+
+
+def test_resume_continues_exactly(store, tmp_path):
+    straight = train(store, tmp_path / "straight", "--steps", "6")
+    assert straight.returncode == 0, straight.stderr
+    first = train(store, tmp_path / "resumed", "--steps", "6", "--stop-at", "3")
+    assert first.returncode == 0, first.stderr
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-00000003.pt"]
+    second = invoke(main, "run", "--run-dir", tmp_path / "resumed", "--resume", "--workers", "1", "--no-progress")
+    assert second.returncode == 0, second.stderr
+    assert "trained steps 3..6 of 6" in second.stdout
+    a = weights(tmp_path / "straight/checkpoints/step-00000006.pt")
+    b = weights(tmp_path / "resumed/checkpoints/step-00000006.pt")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    timing = {"images_per_s", "data_wait", "elapsed_s"}
+    strip = [{k: v for k, v in line.items() if k not in timing} for line in metrics(tmp_path / "straight")]
+    assert strip == [{k: v for k, v in line.items() if k not in timing} for line in metrics(tmp_path / "resumed")]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process(store, tmp_path):
+    steps = ("--steps", "3", "--batch-size", "2")
+    one = train(store, tmp_path / "one", *steps, "--set", "optim.accum_steps=2")
+    assert one.returncode == 0, one.stderr
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "trainer.cli", "run", "--store", str(store), "--run-dir", str(tmp_path / "two"), *TINY_RUN, *steps,
+        "--workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    two = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "effective batch 4 (2 x 1 passes x 2 processes)" in two.stderr
+    a = weights(tmp_path / "one/checkpoints/step-00000003.pt")
+    b = weights(tmp_path / "two/checkpoints/step-00000003.pt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+    assert [line["loss"] for line in metrics(tmp_path / "one")] == pytest.approx(
+        [line["loss"] for line in metrics(tmp_path / "two")], abs=1e-5
+    )
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_bad_arguments_are_one_line_errors(store, finished_run, tmp_path):
+    _one_line_error(
+        train(store, tmp_path / "r", "--steps", "2", "--set", "model.teacher_dim=16"),
+        "holds 32-dim features", "teacher_dim is 16",
+    )
+    _one_line_error(train(tmp_path / "missing", tmp_path / "r", "--steps", "2"), "is not a feature store")
+    _one_line_error(train(store, tmp_path / "r", "--set", "optim.lrr=1"), "unknown config key 'optim.lrr'")
+    _one_line_error(train(store, tmp_path / "r", "--steps", "2", "--epochs", "1"), "--steps or --epochs")
+    _one_line_error(train(store, tmp_path / "r", "--steps", "2", "--resume"), "nothing to resume")
+    _one_line_error(train(store, finished_run, "--steps", "2"), "already holds checkpoints", "--resume")
+    _one_line_error(
+        invoke(main, "run", "--run-dir", finished_run, "--resume", "--set", "model.mask_ratio=0.5"),
+        "was trained with model.mask_ratio=0.6",
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(store, tmp_path):
+    result = train(
+        store, tmp_path / "run", "--steps", "8", "--set", "optim.lr=1e30", "--set", "schedule.warmup_steps=4",
+        "--set", "run.checkpoint_every=1",
+    )  # fmt: skip
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: non-finite loss or gradient in step "), result.stderr
+    last = list_checkpoints(tmp_path / "run")[-1]
+    assert line.endswith(f"the last checkpoint is {last}")
+    model, meta = load_model(tmp_path / "run", "cpu")
+    assert f"after {meta['step']} good steps" in line and meta["step"] < 8
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_run_directory_metrics_plot_and_model_for_evaluation(store, finished_run):
+    assert [p.name for p in list_checkpoints(finished_run)] == ["step-00000003.pt", "step-00000004.pt"]
+    lines = metrics(finished_run)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert all(tuple(line) == METRIC_KEYS and all(math.isfinite(v) for v in line.values()) for line in lines)
+    assert lines[0]["lr"] == 0.0 and lines[1]["lr"] == pytest.approx(1e-3)
+    saved = build_config(yaml.safe_load((finished_run / "config.yaml").read_text()), [])
+    assert (saved.preset, saved.schedule.steps, saved.data.store) == ("tiny", 4, str(store))
+
+    plotted = invoke(main, "plot", finished_run)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    model, meta = load_model(finished_run, "cpu")
+    assert not model.training and meta["step"] == 4 and meta["model_config"]["embed_dim"] == 32
+    assert meta["store"]["rows"] == 10 and meta["store"]["teacher"]["model"] == "zs-tiny-clip"
+    assert meta["loss_config"]["l1_reduction"] == "mean" and meta["effective_batch"] == 2
+    with torch.no_grad():
+        output = model(torch.randn(1, 3, 32, 32))
+    assert output.g.shape == (1, 4, 32) and output.pred is None

@@ -1,0 +1,99 @@
+"""zs-train's configuration, lr schedule and optimizer groups (no store, no training)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.errors import UserError
+from trainer.config import LossConfig, model_preset
+from trainer.model import ZeroSeg
+from trainer.optim import make_optimizer
+from trainer.schedule import Schedule, make_schedule, peak_lr
+from trainer.train_config import TrainConfig, build_config, config_yaml, read_config_file
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def test_defaults_are_the_papers():
+    cfg = build_config({}, [])
+    assert cfg == TrainConfig()
+    assert (cfg.preset, cfg.model) == ("base", model_preset("base"))
+    assert (cfg.optim.base_lr, cfg.optim.betas, cfg.optim.weight_decay) == (1.5e-4, (0.9, 0.95), 0.05)
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (80, 20)
+    assert LossConfig().l1_reduction == "mean"
+
+
+def test_file_then_set_then_explicit_options(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  preset: tiny\n  mask_ratio: 0.5\noptim:\n  lr: 1e-3\n")
+    (tmp_path / "a.toml").write_text('[model]\npreset = "tiny"\nmask_ratio = 0.5\n[optim]\nlr = 1e-3\n')
+    for name in ("a.yaml", "a.toml"):
+        cfg = build_config(
+            read_config_file(tmp_path / name),
+            ["optim.lr=2e-3", "loss.grids=[1, 3]", "optim.clip_grad=1", "schedule.steps=5"],
+            {"schedule.steps": 7, "data.store": "s"},
+        )
+        assert cfg.preset == "tiny" and cfg.model.embed_dim == 32 and cfg.model.mask_ratio == 0.5
+        assert (cfg.optim.lr, cfg.optim.clip_grad, cfg.loss.grids) == (2e-3, 1.0, (1, 3))
+        assert (cfg.schedule.steps, cfg.data.store) == (7, "s")
+    assert build_config(yaml.safe_load(config_yaml(cfg)), []) == cfg  # the saved config.yaml round-trips
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lrr=1"], r"unknown config key 'optim.lrr' \(optim keys: base_lr, lr,"),
+        (["training.lr=1"], r"unknown config section in 'training.lr'"),
+        (["data.batch_size=eight"], r"config key 'data.batch_size' expects int, got 'eight'"),
+        (["data.batch_size=0"], r"bad data config: batch_size must be positive"),
+        (["model.preset=huge"], r"model.preset 'huge' is not one of base, tiny"),
+        (["model.patch_size=5"], r"bad model config: image_size 224 is not a multiple of patch_size 5"),
+        (["loss.l1_reduction=max"], r"config key 'loss.l1_reduction' expects"),
+        (["optim.betas=[0.9]"], r"config key 'optim.betas' expects"),
+        (["lr=1"], r"--set takes section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_are_one_line_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_config({}, overrides)
+
+
+def test_example_configs_are_valid():
+    files = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("*.toml"))
+    assert files
+    for path in files:
+        build_config(read_config_file(path), [])
+
+
+def test_lr_warms_up_linearly_then_follows_a_half_cosine():
+    schedule = Schedule(total_steps=110, warmup_steps=10, peak_lr=1.0, min_lr=0.1)
+    assert [schedule.lr(s) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
+    assert schedule.lr(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert schedule.lr(110) == pytest.approx(0.1)
+    assert all(schedule.lr(s) >= schedule.lr(s + 1) for s in range(10, 110))
+
+
+def test_schedule_length_from_epochs_and_the_lr_scaling_rule():
+    cfg = build_config({}, ["optim.accum_steps=2"])
+    schedule = make_schedule(cfg.schedule, cfg.optim, num_samples=1_281_167, effective_batch=4096)
+    assert schedule.total_steps == math.ceil(80 * 1_281_167 / 4096)
+    assert schedule.warmup_steps == round(20 * 1_281_167 / 4096)
+    assert schedule.peak_lr == pytest.approx(1.5e-4 * 16)
+    assert peak_lr(build_config({}, ["optim.lr=0.01"]).optim, 4096) == 0.01
+    with pytest.raises(UserError, match=r"the warm-up \(25 steps\) does not end before the run \(10 steps\)"):
+        make_schedule(build_config({}, ["schedule.steps=10"]).schedule, cfg.optim, 10, 8)
+
+
+def test_weight_decay_skips_biases_norms_and_learned_tokens():
+    model = ZeroSeg(model_preset("tiny"))
+    optimizer = make_optimizer(model, build_config({}, []).optim, torch.device("cpu"))
+    decayed, plain = optimizer.param_groups
+    assert (decayed["weight_decay"], plain["weight_decay"], optimizer.defaults["betas"]) == (0.05, 0.0, (0.9, 0.95))
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert {"mask_token", "grouping_stages.0.group_tokens", "grouping_stages.1.group_tokens"} <= plain_names
+    assert "norm.weight" in plain_names and "blocks.0.attn.qkv.bias" in plain_names
+    assert all(p.ndim >= 2 for p in decayed["params"])  # linear weights and the patch projection
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))

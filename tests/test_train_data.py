@@ -1,0 +1,171 @@
+"""Stage two's data: the chunk-window sample order and the batches read from a real tiny store."""
+
+import dataclasses
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.build import BuildOptions, run_build
+from pipeline.errors import UserError
+from pipeline.reader import CropReader
+from pipeline.store import FeatureStore
+from tests.conftest import PHOTOS, TINY_TEACHER
+from trainer.config import LossConfig, model_preset
+from trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
+from trainer.sampling import BatchPlan, SampleOrder
+
+CHUNK = 2
+
+
+def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops: bool = False):
+    """A store of the first `count` fixture photos with the tiny teacher: chunks of 2, shards of 4."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    for path in PHOTOS[:count]:
+        shutil.copy(path, photos / path.name)
+    opts = BuildOptions(
+        source=str(photos), store=str(root / "store"), teacher=str(TINY_TEACHER), pretrained="none", device="cpu",
+        shard_size=4, chunk_size=CHUNK, batch_size=10, image_size=image_size, progress=False, store_crops=store_crops,
+    )  # fmt: skip
+    run_build(opts, log=lambda line: None)
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("data"))
+
+
+def test_epoch_order_shuffles_chunks_then_samples_within_windows():
+    chunk_of = np.repeat([0, 1, 2, 5, 6, 7, 9], [4, 4, 4, 3, 4, 4, 2])  # 25 samples, uneven chunks
+    order = SampleOrder(chunk_of, window=2, seed=7)
+    first = order.epoch(0)
+    assert sorted(first) == list(range(25))
+    assert np.array_equal(first, SampleOrder(chunk_of, window=2, seed=7).epoch(0))  # a function of (seed, epoch)
+    assert not np.array_equal(first, order.epoch(1))
+    assert not np.array_equal(first, SampleOrder(chunk_of, window=2, seed=8).epoch(0))
+    # the order walks through windows of 2 whole chunks, each window's samples contiguous
+    for epoch in range(4):
+        windows = _windows(order.epoch(epoch), chunk_of, 2)
+        assert [len(w) for w in windows] == [2, 2, 2, 1]
+        assert set().union(*windows) == {0, 1, 2, 5, 6, 7, 9}
+    # the stream concatenates epochs: positions straddle the boundary without dropping a sample
+    assert np.array_equal(order.positions(20, 10), np.concatenate([first[20:], order.epoch(1)[:5]]))
+
+
+def _windows(order: np.ndarray, chunk_of: np.ndarray, window: int) -> list[set]:
+    """The chunk sets of the order's windows: the shortest contiguous blocks holding all samples of their
+    chunks, grouped greedily into `window` chunks (a window's chunks may happen to come out one by one)."""
+    blocks, start = [], 0
+    while start < len(order):
+        chunks = {chunk_of[order[start]]}
+        while True:
+            end = start + int(np.isin(chunk_of, list(chunks)).sum())
+            found = set(chunk_of[order[start:end]])
+            if found <= chunks:
+                break
+            chunks |= found
+        assert found == chunks
+        blocks.append(chunks)
+        start = end
+    windows = [set()]
+    for block in blocks:
+        if len(windows[-1]) == window:
+            windows.append(set())
+        windows[-1] |= block
+        assert len(windows[-1]) <= window
+    return windows
+
+
+def test_device_batches_do_not_depend_on_the_number_of_processes():
+    one = BatchPlan(batch=3, accum=4, world=1, rank=0)
+    two = [BatchPlan(batch=3, accum=2, world=2, rank=r) for r in range(2)]
+    four = [BatchPlan(batch=3, accum=1, world=4, rank=r) for r in range(4)]
+    assert one.effective_batch == two[0].effective_batch == four[0].effective_batch == 12
+    for step in range(3):
+        expected = [one.start(step * 4 + a) for a in range(4)]  # device batch m of the step, m = 0..3
+        assert expected == [step * 12 + 3 * m for m in range(4)]
+        for plans in (two, four):
+            found = {}
+            for plan in plans:
+                for a in range(plan.accum):
+                    j = step * plan.accum + a
+                    found[plan.step_and_index(j)] = plan.start(j)
+            assert found == {(step, m): start for m, start in enumerate(expected)}
+
+
+def test_batches_hold_the_store_rows_and_the_crops_the_teacher_saw(store):
+    samples = StoreSamples.open(store)
+    features = FeatureStore.open(store).features[:]
+    reader = CropReader(samples.meta)
+    plan = BatchPlan(batch=4, accum=1, world=1, rank=0)
+    dataset = StoreBatches(samples, plan, window=2, seed=0)
+    seen = []
+    for batch in make_loader(dataset, 0, 5, workers=1, prefetch=2, pin=False):  # 20 samples = 2 epochs
+        rows = batch.rows.numpy()
+        assert batch.crops.dtype == torch.uint8 and batch.crops.shape == (4, 32, 32, 3)
+        assert batch.features.dtype == torch.float16 and batch.features.shape == (4, 30, 32)
+        np.testing.assert_array_equal(batch.features.numpy(), features[rows])
+        records = [{"source": "photos", "key": key, "row": row} for key, row in zip(_keys(samples, rows), rows)]
+        np.testing.assert_array_equal(batch.crops.numpy(), reader.crops(records))
+        seen += rows.tolist()
+    assert sorted(seen[:10]) == sorted(seen[10:]) == list(range(10))  # every row once per epoch
+    assert seen[:10] != seen[10:]
+
+
+def test_batches_from_a_store_that_keeps_its_crops(store, tmp_path):
+    kept = make_store(tmp_path, store_crops=True)
+    plan = BatchPlan(batch=5, accum=1, world=1, rank=0)
+    decoded = StoreBatches(StoreSamples.open(store), plan, window=2, seed=0)
+    stored = StoreBatches(StoreSamples.open(kept), plan, window=2, seed=0)
+    assert stored.reader.reads_stored_crops and not decoded.reader.reads_stored_crops
+    for j in range(2):
+        a, b = decoded[j], stored[j]
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.features, b.features) and torch.equal(a.crops, b.crops)
+
+
+def _keys(samples: StoreSamples, rows: np.ndarray) -> list[str]:
+    by_row = dict(zip(samples.rows.tolist(), samples.keys.to_pylist()))
+    return [by_row[int(row)] for row in rows]
+
+
+def test_a_worker_reads_each_chunk_once_per_epoch(store, monkeypatch):
+    reads = Counter()
+    original = StoreBatches.read_chunk
+
+    def counting(self, index):
+        reads[index] += 1
+        return original(self, index)
+
+    monkeypatch.setattr(StoreBatches, "read_chunk", counting)
+    samples = StoreSamples.open(store)
+    dataset = StoreBatches(samples, BatchPlan(batch=5, accum=1, world=1, rank=0), window=2, seed=3)
+    dataset[0], dataset[1]  # one epoch: 10 samples in 5 chunks, windows of 2 chunks
+    assert reads == dict.fromkeys(range(5), 1)
+
+
+def test_model_input_normalises_and_resizes_on_the_device(store):
+    meta = StoreSamples.open(store).meta
+    crops = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
+    images = ModelInput(meta, 32, torch.device("cpu"))(crops)
+    expected = (1.0 - torch.tensor(meta.preprocessing["mean"])) / torch.tensor(meta.preprocessing["std"])
+    assert images.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(images[0, :, 5, 7], expected)
+    assert ModelInput(meta, 16, torch.device("cpu"))(crops).shape == (2, 3, 16, 16)
+
+
+def test_stores_that_do_not_fit_the_model_are_refused(store):
+    samples = StoreSamples.open(store)
+    tiny = model_preset("tiny")
+    check_store(samples, tiny, LossConfig(), resize=False)
+    with pytest.raises(UserError, match=r"holds 32-dim features .* teacher_dim is 768"):
+        check_store(samples, model_preset("base"), LossConfig(), resize=False)
+    wide = dataclasses.replace(tiny, image_size=64)
+    with pytest.raises(UserError, match=r"holds 32px crops but the model's image_size is 64"):
+        check_store(samples, wide, LossConfig(), resize=False)
+    check_store(samples, wide, LossConfig(), resize=True)
+    with pytest.raises(UserError, match=r"the loss asks for grids \[5\]"):
+        check_store(samples, tiny, LossConfig(grids=(1, 5)), resize=False)

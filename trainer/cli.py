@@ -1,0 +1,126 @@
+"""`zs-train`: stage two of zeroseg, training the ZeroSeg student on a feature store.
+
+    zs-train run --store STORE --run-dir RUN [--config FILE] [--preset tiny|base] [--steps N | --epochs E]
+                 [--set section.key=value ...] [--resume] [--stop-at N]
+    torchrun --nproc_per_node 8 -m trainer.cli run ...      (one process per GPU; gloo on the CPU)
+    zs-train config [--config FILE] [--set ...]              (print the effective configuration)
+    zs-train plot RUN                                        (RUN/curves.png from RUN/metrics.jsonl)
+"""
+
+import os
+from pathlib import Path
+
+import typer
+
+from pipeline.cli import run_cli
+from pipeline.errors import UserError
+
+app = typer.Typer(
+    help="Stage two of zeroseg: distill the CLIP teacher's cached grid features into the ZeroSeg student "
+    "(masked ViT encoder, MAE decoder, grouping head). Configuration: a YAML/TOML file with sections model, "
+    "loss, data, optim, schedule, run, overridden by --set section.key=value; see `zs-train config`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+CONFIG_OPTION = typer.Option(None, "--config", help="YAML (.yaml/.yml) or TOML (.toml) configuration file.")
+SET_OPTION = typer.Option(
+    [], "--set", help="Override one key, e.g. --set optim.lr=1e-3 --set model.mask_ratio=0.75 (repeatable; "
+    "values are read as YAML).",
+)
+PRESET_OPTION = typer.Option(None, help="Model preset (model.preset): base = the paper's sizes, tiny = tests/demos.")
+
+
+@app.command()
+def run(
+    store: str | None = typer.Option(None, "--store", help="Feature store directory made by zs-cache (data.store)."),
+    run_dir: str | None = typer.Option(
+        None, "--run-dir", help="Run directory for config.yaml, metrics.jsonl and checkpoints/ (run.dir)."
+    ),
+    config: str | None = CONFIG_OPTION,
+    preset: str | None = PRESET_OPTION,
+    steps: int | None = typer.Option(None, help="Total optimizer steps (schedule.steps); excludes --epochs."),
+    epochs: float | None = typer.Option(None, help="Total passes over the store (schedule.epochs); excludes --steps."),
+    batch_size: int | None = typer.Option(None, help="Images per process per pass (data.batch_size)."),
+    workers: int | None = typer.Option(None, help="DataLoader worker processes per process (data.workers)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:K (run.device)."),
+    overrides: list[str] = SET_OPTION,
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run directory's latest checkpoint with its config.yaml (plus --set)."
+    ),
+    stop_at: int | None = typer.Option(
+        None, help="Stop once this many steps are done, with a checkpoint, as a preempted job; --resume continues."
+    ),
+    progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
+) -> None:
+    """Train ZeroSeg on a feature store (single process, or one process per GPU under torchrun)."""
+    from trainer import distributed
+    from trainer.train import CONFIG_FILE, TrainingDiverged, run_training
+    from trainer.train_config import build_config, read_config_file
+
+    if steps is not None and epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    if stop_at is not None and stop_at < 1:
+        raise UserError(f"--stop-at must be >= 1, got {stop_at}")
+    given = {
+        "data.store": store, "run.dir": run_dir, "model.preset": preset, "schedule.steps": steps,
+        "schedule.epochs": epochs, "data.batch_size": batch_size, "data.workers": workers, "run.device": device,
+    }  # fmt: skip
+    explicit = {key: value for key, value in given.items() if value is not None}
+    if epochs is not None:
+        explicit["schedule.steps"] = None
+    if resume:
+        if config is not None:
+            raise UserError("--resume continues with the run directory's config.yaml; change keys with --set")
+        if run_dir is None:
+            raise UserError("--resume needs --run-dir")
+        saved = Path(run_dir) / CONFIG_FILE
+        if not saved.is_file():
+            raise UserError(f"nothing to resume: '{saved}' does not exist")
+        cfg = build_config(read_config_file(saved), overrides, explicit)
+    else:
+        cfg = build_config(read_config_file(config) if config else {}, overrides, explicit)
+    log = (lambda line: typer.echo(line, err=True)) if distributed.env_rank() == 0 else (lambda line: None)
+    try:
+        result = run_training(cfg, resume=resume, stop_at=stop_at, log=log, progress=progress)
+    except TrainingDiverged as exc:
+        if distributed.env_rank() == 0:
+            typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if distributed.env_rank() == 0:
+        typer.echo(result.line())
+
+
+@app.command("config")
+def show_config(
+    config: str | None = CONFIG_OPTION,
+    preset: str | None = PRESET_OPTION,
+    overrides: list[str] = SET_OPTION,
+) -> None:
+    """Print the effective configuration (defaults < --config < --set) as YAML: every key zs-train run reads."""
+    from trainer.train_config import build_config, config_yaml, read_config_file
+
+    explicit = {"model.preset": preset} if preset is not None else {}
+    cfg = build_config(read_config_file(config) if config else {}, overrides, explicit)
+    typer.echo(config_yaml(cfg), nl=False)
+
+
+@app.command()
+def plot(
+    run_dir: str = typer.Argument(..., help="Run directory holding metrics.jsonl."),
+    out: str | None = typer.Option(None, help="PNG to write (default RUN_DIR/curves.png)."),
+) -> None:
+    """Plot a run's loss terms, learning rate, throughput and data wait into a PNG."""
+    from trainer.plot import plot_metrics
+
+    typer.echo(f"wrote {plot_metrics(run_dir, out)}")
+
+
+def main() -> None:
+    os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""torch.distributed for `torchrun`: NCCL on GPUs, gloo on the CPU; a plain single process otherwise.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process it starts.
+Shutdown order matters on gloo: the caller drops the DDP model and the optimizer and runs the garbage
+collector before `shutdown` destroys the process group (destroying it first aborts at exit in about one
+run in six).
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_rank() -> int:
+    """This process's rank under torchrun (0 for a plain process); readable before `setup`."""
+    return int(os.environ.get("RANK", 0))
+
+
+def resolve_device(name: str, local_rank: int, world_size: int) -> torch.device:
+    """auto: cuda:LOCAL_RANK when a GPU is visible, else cpu. cuda: cuda:LOCAL_RANK. cuda:K: single process."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:K)") from None
+    if device.type != "cuda":
+        raise UserError(f"unsupported device '{name}' (use auto, cpu, cuda or cuda:K)")
+    if not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for, but no CUDA GPU is visible")
+    if device.index is not None and world_size > 1:
+        raise UserError(f"run.device '{name}' names one GPU; under torchrun use cuda or auto (one GPU per rank)")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise UserError(f"GPU {index} does not exist: {torch.cuda.device_count()} visible")
+    return torch.device("cuda", index)
+
+
+def setup(device_name: str) -> Process:
+    """Join the torchrun process group when there is one and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_name, local_rank, world_size)
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return Process(env_rank(), world_size, local_rank, device)
+
+
+def shutdown(process: Process) -> None:
+    """Leave the process group (after the caller has dropped the DDP model and the optimizer)."""
+    if process.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_over_processes(values: torch.Tensor, process: Process) -> torch.Tensor:
+    """The element-wise mean of `values` over all processes (the tensor itself in a single process)."""
+    if process.distributed:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= process.world_size
+    return values
+
+
+def barrier(process: Process) -> None:
+    if process.distributed:
+        dist.barrier()

@@ -1,0 +1,69 @@
+"""Training metrics: one JSON line per logging interval in RUN_DIR/metrics.jsonl, plus TensorBoard event files
+in RUN_DIR/tensorboard when the optional `tensorboard` package is installed.
+
+Keys of every line (loss terms and grad_norm averaged over the optimizer steps of the interval and over
+the processes):
+    step          optimizer steps done
+    epoch         passes over the store's usable rows done (fractional)
+    lr            learning rate of the interval's last step
+    loss          the weighted total loss
+    recon         masked-patch reconstruction MSE
+    distill       multi-scale distillation of z
+    match         segment matching of g
+    grad_norm     global gradient norm before clipping
+    images_per_s  images per second, all processes together
+    data_wait     fraction of the interval that rank 0 spent waiting for batches
+    elapsed_s     seconds since this invocation of zs-train started
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+METRIC_KEYS = (
+    "step", "epoch", "lr", "loss", "recon", "distill", "match", "grad_norm", "images_per_s", "data_wait", "elapsed_s",
+)  # fmt: skip
+
+
+class MetricsLog:
+    """Appends metric lines; a resumed run first drops the lines of steps after its checkpoint."""
+
+    def __init__(self, run_dir: str | Path, resumed_step: int | None):
+        self.path = Path(run_dir) / METRICS_FILE
+        kept = []
+        if resumed_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+        self.tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({key: record[key] for key in METRIC_KEYS}) + "\n")
+        if self.tensorboard is not None:
+            for key in METRIC_KEYS[1:]:
+                self.tensorboard.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' holds no {METRICS_FILE}: is it a zs-train run directory?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise UserError(f"'{path}' is empty: the run has not logged a step yet")
+    return records
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))

@@ -1,0 +1,343 @@
+"""The training loop of `zs-train run`: ZeroSeg distilled from a feature store, in one process or under torchrun.
+
+One optimizer step, in each process:
+  for each of the accum_steps device batches (trainer.sampling decides which samples):
+      uint8 crops -> device -> ModelInput -> ZeroSeg under bf16 autocast (CUDA) -> total_loss / accum_steps
+      -> backward (DDP averages the gradients over processes on the last pass only)
+  the loss terms are averaged over processes; a non-finite loss or gradient norm stops the run before the
+  optimizer step (TrainingDiverged), so the checkpoints on disk stay the last good ones;
+  otherwise the gradient is clipped (optional), the lr of the step is set and AdamW steps.
+
+The masking and Gumbel noise come from one generator reseeded before every device batch from
+(seed, step, index of the device batch in its step), so the noise a sample gets does not depend on the
+number of processes, and resuming at a step restores it exactly.
+"""
+
+import gc
+import math
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pipeline.errors import UserError
+from trainer import distributed
+from trainer.checkpoint import FORMAT, latest_checkpoint, read_checkpoint, restore_rng, rng_state, save_checkpoint
+from trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
+from trainer.losses import total_loss
+from trainer.metrics import MetricsLog
+from trainer.model import ZeroSeg
+from trainer.optim import make_optimizer
+from trainer.sampling import BatchPlan
+from trainer.schedule import make_schedule
+from trainer.train_config import TrainConfig, config_yaml
+
+LOSS_TERMS = ("total", "recon", "distill", "match")
+CONFIG_FILE = "config.yaml"
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient: the run stopped before applying that step."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    first_step: int  # the step this invocation started from
+    step: int  # steps done when it stopped
+    total_steps: int
+    checkpoint: Path | None  # the last checkpoint written
+    seconds: float
+
+    def line(self) -> str:
+        if self.step == self.first_step:
+            return f"nothing to do: {self.run_dir} is at step {self.step} of {self.total_steps}"
+        rate = (self.step - self.first_step) / self.seconds if self.seconds else 0.0
+        return (
+            f"trained steps {self.first_step}..{self.step} of {self.total_steps} in {self.seconds:.1f} s "
+            f"({rate:.2f} steps/s); checkpoint {self.checkpoint}"
+        )
+
+
+def noise_seed(seed: int, step: int, index: int) -> int:
+    """Seed of the masking/Gumbel generator for device batch `index` of optimizer step `step`."""
+    return int(np.random.SeedSequence((seed, step, index)).generate_state(1, np.uint64)[0])
+
+
+def run_training(
+    cfg: TrainConfig,
+    resume: bool = False,
+    stop_at: int | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> TrainResult:
+    """Train as `cfg` says; resume: continue from the run directory's latest checkpoint; stop_at: stop (with a
+    checkpoint) once this many steps are done, as a preempted job would; progress: a tqdm bar on rank 0.
+    Raises UserError (bad configuration or store) and TrainingDiverged."""
+    if not cfg.data.store:
+        raise UserError("no feature store given: pass --store or set data.store")
+    if not cfg.run.dir:
+        raise UserError("no run directory given: pass --run-dir or set run.dir")
+    samples = StoreSamples.open(cfg.data.store)
+    check_store(samples, cfg.model, cfg.loss, cfg.data.resize)
+    payload = _resume_payload(cfg, samples, resume, log)
+    process = distributed.setup(cfg.run.device)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, process, samples, payload)
+        return trainer.run(stop_at, log, progress)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the failed frames hold the DDP model and the optimizer
+        raise
+    finally:
+        if trainer is not None:
+            trainer.release()
+        gc.collect()
+        distributed.shutdown(process)
+
+
+def _resume_payload(cfg: TrainConfig, samples: StoreSamples, resume: bool, log: Callable[[str], None]) -> dict | None:
+    """The checkpoint to continue from (resume), after checking it fits this run; None for a fresh run."""
+    latest = latest_checkpoint(cfg.run.dir)
+    if not resume:
+        if latest is not None:
+            raise UserError(
+                f"run directory '{cfg.run.dir}' already holds checkpoints (latest {latest.name}): "
+                f"pass --resume to continue it, or choose another --run-dir"
+            )
+        return None
+    if latest is None:
+        raise UserError(f"nothing to resume: run directory '{cfg.run.dir}' holds no checkpoint")
+    payload = read_checkpoint(latest)
+    for name, current in (("model", cfg.model.to_dict()), ("loss", cfg.loss.to_dict())):
+        saved = payload[f"{name}_config"]
+        changed = sorted(key for key in current if _plain(current[key]) != _plain(saved.get(key)))
+        if changed:
+            key = changed[0]
+            raise UserError(
+                f"{latest} was trained with {name}.{key}={saved.get(key)!r}, this run sets {current[key]!r}: "
+                f"a resumed run keeps the model and loss configuration"
+            )
+    store = payload["store"]
+    if store["rows"] > len(samples) or store["teacher"] != samples.meta.teacher:
+        raise UserError(
+            f"{latest} was trained on {store['rows']} images of a store with teacher {store['teacher']['model']}; "
+            f"'{samples.path}' now holds {len(samples)} with teacher {samples.meta.teacher['model']}: "
+            f"resume on the same store, or start a new run"
+        )
+    if store["rows"] < len(samples):
+        log(
+            f"the store grew from {store['rows']} to {len(samples)} images since {latest.name}: training goes on "
+            f"over all of them (the data order is recomputed, so this is a continuation, not an exact replay)"
+        )
+    return payload
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+class Trainer:
+    """The state of one training invocation: model, DDP wrapper, optimizer, batches, schedule and logs."""
+
+    def __init__(self, cfg: TrainConfig, process: distributed.Process, samples: StoreSamples, payload: dict | None):
+        self.cfg, self.process, self.samples = cfg, process, samples
+        self.device = process.device
+        self.plan = BatchPlan(cfg.data.batch_size, cfg.optim.accum_steps, process.world_size, process.rank)
+        self.schedule = make_schedule(cfg.schedule, cfg.optim, len(samples), self.plan.effective_batch)
+        if payload is not None and payload["effective_batch"] != self.plan.effective_batch:
+            raise UserError(
+                f"the checkpoint was trained with an effective batch of {payload['effective_batch']}; this run "
+                f"has {self.plan.effective_batch} (batch_size x accum_steps x processes): keep it to resume"
+            )
+        torch.manual_seed(cfg.run.seed)
+        self.model = ZeroSeg(cfg.model).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
+        self.start_step = 0
+        if payload is not None:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            restore_rng(payload["rng"])
+            self.start_step = payload["step"]
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            if process.distributed
+            else self.model
+        )
+        self.generator = torch.Generator(self.device)
+        self.model_input = ModelInput(samples.meta, cfg.model.image_size, self.device)
+        self.layout = [tuple(view) for view in samples.meta.views]
+        self.autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=cfg.run.bf16 and self.device.type == "cuda"
+        )
+        self.batches = None
+
+    def run(self, stop_at: int | None, log: Callable[[str], None], progress: bool) -> TrainResult:
+        cfg, run_dir = self.cfg, Path(self.cfg.run.dir)
+        end = self.schedule.total_steps if stop_at is None else min(stop_at, self.schedule.total_steps)
+        started = time.perf_counter()
+        last_checkpoint = latest_checkpoint(run_dir)
+        if self.start_step >= end:
+            step = self.start_step
+            return TrainResult(run_dir, step, step, self.schedule.total_steps, last_checkpoint, 0.0)
+        main = self.process.is_main
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomically(run_dir / CONFIG_FILE, config_yaml(cfg))
+            log(self._describe(end))
+        metrics = MetricsLog(run_dir, self.start_step if self.start_step else None) if main else None
+        accum = cfg.optim.accum_steps
+        dataset = StoreBatches(self.samples, self.plan, cfg.data.shuffle_window, cfg.run.seed)
+        loader = make_loader(
+            dataset, self.start_step * accum, end * accum, cfg.data.workers, cfg.data.prefetch,
+            pin=self.device.type == "cuda",
+        )
+        self.batches = iter(loader)
+        bar = tqdm(total=end, initial=self.start_step, unit="step", desc="zs-train", disable=not (main and progress))
+        interval = Interval(time.perf_counter())
+        try:
+            for step in range(self.start_step, end):
+                stats = self.train_step(step)
+                done = step + 1
+                interval.add(stats)
+                bar.update()
+                if main and (done % cfg.run.log_every == 0 or done == end):
+                    epoch = done * self.plan.effective_batch / len(self.samples)
+                    record = interval.record(done, epoch, self.plan.effective_batch, started)
+                    metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
+                    interval = Interval(time.perf_counter())
+                if done % cfg.run.checkpoint_every == 0 or done == end:
+                    last_checkpoint = self.save(done)
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+        seconds = time.perf_counter() - started
+        return TrainResult(run_dir, self.start_step, end, self.schedule.total_steps, last_checkpoint, seconds)
+
+    def train_step(self, step: int) -> "StepStats":
+        """One optimizer step (0-based index `step`)."""
+        cfg, process = self.cfg, self.process
+        accum = cfg.optim.accum_steps
+        terms = torch.zeros(len(LOSS_TERMS), device=self.device)
+        data_wait = 0.0
+        for accum_pass in range(accum):
+            waiting = time.perf_counter()
+            batch = next(self.batches)
+            data_wait += time.perf_counter() - waiting
+            images = self.model_input(batch.crops.to(self.device, non_blocking=True))  # (B, 3, H, W)
+            features = batch.features.to(self.device, non_blocking=True)  # (B, V, D)
+            self.generator.manual_seed(noise_seed(cfg.run.seed, step, accum_pass * process.world_size + process.rank))
+            defer_sync = process.distributed and accum_pass < accum - 1  # DDP averages on the last pass only
+            with self.ddp.no_sync() if defer_sync else nullcontext():
+                with self.autocast:
+                    output = self.ddp(images, generator=self.generator)
+                    losses = total_loss(output, images, features, self.layout, cfg.loss, cfg.model)
+                (losses["total"] / accum).backward()
+            terms += torch.stack([losses[name].detach().float() for name in LOSS_TERMS]) / accum
+        values = dict(zip(LOSS_TERMS, distributed.mean_over_processes(terms, process).tolist()))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.optim.clip_grad is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = float(grad_norm)
+        if not (math.isfinite(values["total"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = latest_checkpoint(self.cfg.run.dir)
+            kept = f"the last checkpoint is {last}" if last else "no checkpoint had been written yet"
+            terms_text = ", ".join(f"{name}={value:.4g}" for name, value in values.items())
+            raise TrainingDiverged(
+                f"non-finite loss or gradient in step {step + 1} ({terms_text}, grad_norm={grad_norm:.4g}); "
+                f"stopped before applying it, after {step} good steps; {kept}"
+            )
+        lr = self.schedule.lr(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(values, grad_norm, lr, data_wait)
+
+    def save(self, step: int) -> Path:
+        """Checkpoint after `step` steps (written by rank 0; every process waits for it)."""
+        path = None
+        if self.process.is_main:
+            payload = {
+                "format": FORMAT,
+                "step": step,
+                "effective_batch": self.plan.effective_batch,
+                "world_size": self.process.world_size,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "config": self.cfg.to_dict(),
+                "model_config": self.cfg.model.to_dict(),
+                "loss_config": self.cfg.loss.to_dict(),
+                "store": self.samples.identity(),
+                "rng": rng_state(),
+            }
+            path = save_checkpoint(self.cfg.run.dir, payload, self.cfg.run.keep_last)
+        distributed.barrier(self.process)
+        return path
+
+    def release(self) -> None:
+        """Drop the DDP model, the optimizer and the batch iterator (its workers) before the process group."""
+        del self.ddp, self.optimizer, self.batches
+
+    def _describe(self, end: int) -> str:
+        plan, schedule = self.plan, self.schedule
+        epochs = schedule.total_steps * plan.effective_batch / len(self.samples)
+        return (
+            f"zs-train: {len(self.samples)} images of {self.samples.path}, effective batch {plan.effective_batch} "
+            f"({plan.batch} x {plan.accum} passes x {plan.world} processes) on {self.device}; steps "
+            f"{self.start_step}..{end} of {schedule.total_steps} ({epochs:.3g} epochs), warm-up "
+            f"{schedule.warmup_steps}, peak lr {schedule.peak_lr:.3g}"
+        )
+
+
+@dataclass
+class StepStats:
+    terms: dict[str, float]  # LOSS_TERMS averaged over the step's passes and the processes
+    grad_norm: float  # before clipping
+    lr: float
+    data_wait: float  # seconds this process waited for its batches
+
+
+class Interval:
+    """Sums over the steps between two metric lines (trainer.metrics documents the record)."""
+
+    def __init__(self, began: float):
+        self.began = began
+        self.steps = 0
+        self.sums = dict.fromkeys((*LOSS_TERMS, "grad_norm", "data_wait"), 0.0)
+        self.lr = 0.0
+
+    def add(self, stats: StepStats) -> None:
+        self.steps += 1
+        self.lr = stats.lr
+        for name, value in (*stats.terms.items(), ("grad_norm", stats.grad_norm), ("data_wait", stats.data_wait)):
+            self.sums[name] += value
+
+    def record(self, step: int, epoch: float, effective_batch: int, started: float) -> dict:
+        now = time.perf_counter()
+        seconds = max(now - self.began, 1e-9)
+        mean = {name: total / self.steps for name, total in self.sums.items()}
+        return {
+            "step": step, "epoch": epoch, "lr": self.lr, "loss": mean["total"], "recon": mean["recon"],
+            "distill": mean["distill"], "match": mean["match"], "grad_norm": mean["grad_norm"],
+            "images_per_s": self.steps * effective_batch / seconds,
+            "data_wait": min(1.0, self.sums["data_wait"] / seconds), "elapsed_s": now - started,
+        }  # fmt: skip
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)

@@ -1,0 +1,282 @@
+"""The configuration of a training run: six sections, read from YAML or TOML plus `section.key=value` overrides.
+
+    model:     preset: base | tiny, then any ModelConfig field (trainer.config) overriding the preset
+    loss:      LossConfig fields (trainer.config)
+    data:      the feature store, per-process batch size, loader workers, shuffle window
+    optim:     AdamW (lr = base_lr * effective batch / 256 unless lr is set), accumulation, clipping
+    schedule:  run length in epochs or steps, linear warm-up, half-cycle cosine to min_lr
+    run:       run directory, checkpoint cadence, seed, device, bf16 autocast, logging cadence
+
+Precedence: dataclass defaults < the config file < overrides. Every key and value type is checked, so a
+typo is one clear error rather than a silently ignored setting. `TrainConfig.to_dict()` is the effective
+configuration (the model section fully resolved), saved as `config.yaml` in the run directory.
+"""
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+from trainer.config import PRESET_NAMES, LossConfig, ModelConfig, model_preset
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """store: the feature store directory (zs-cache build).
+    batch_size: images per process per forward pass; effective batch = batch_size x accum_steps x world size.
+    workers: DataLoader processes per training process (0 = read in the training process).
+    shuffle_window: chunks whose rows are shuffled together (trainer.sampling); memory per worker is about
+        2 x shuffle_window x chunk_size x views x dim x 2 bytes.
+    prefetch: batches each worker prepares ahead.
+    resize: accept a store whose crop size differs from model.image_size and resize the crops on the
+        device (bicubic); off by default, as the student should see the exact pixels the teacher saw.
+    """
+
+    store: str = ""
+    batch_size: int = 64
+    workers: int = 8
+    shuffle_window: int = 16
+    prefetch: int = 2
+    resize: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "shuffle_window", "prefetch")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """base_lr: lr per 256 images of effective batch (MAE's rule). lr: an absolute lr that replaces the rule.
+    weight_decay: AdamW decay on weight matrices; none on biases, norms, mask and group tokens.
+    accum_steps: forward/backward passes per optimizer step. clip_grad: max global grad norm (None: off).
+    """
+
+    base_lr: float = 1.5e-4
+    lr: float | None = None
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    accum_steps: int = 1
+    clip_grad: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "base_lr", "accum_steps")
+        if self.lr is not None and self.lr < 0:
+            raise ValueError(f"optim.lr must be >= 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"optim.clip_grad must be positive or null, got {self.clip_grad}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Run length and lr shape. steps / warmup_steps, when set, replace epochs / warmup_epochs; an epoch is
+    one pass over the store's usable rows (`trainer.sampling`). The paper: 80 epochs, 20 of warm-up."""
+
+    epochs: float = 80
+    steps: int | None = None
+    warmup_epochs: float = 20
+    warmup_steps: int | None = None
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"schedule.steps must be >= 1, got {self.steps}")
+        if self.warmup_epochs < 0 or (self.warmup_steps or 0) < 0 or self.min_lr < 0:
+            raise ValueError("schedule.warmup_epochs, warmup_steps and min_lr must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """dir: run directory (config.yaml, metrics.jsonl, checkpoints/, tensorboard/).
+    checkpoint_every: optimizer steps between checkpoints (one is always written at the end).
+    keep_last: checkpoints kept. log_every: optimizer steps per metrics line.
+    device: auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda or cuda:K (single process).
+    bf16: bf16 autocast on CUDA (ignored on the CPU).
+    """
+
+    dir: str = ""
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "checkpoint_every", "keep_last", "log_every")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "base"
+    model: ModelConfig = field(default_factory=lambda: model_preset("base"))
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (lists for tuples) with the model section fully resolved."""
+        sections = {name: asdict(getattr(self, name)) for name in SECTIONS if name != "model"}
+        return _lists({"model": {"preset": self.preset, **self.model.to_dict()}, **sections})
+
+
+SECTION_TYPES = {
+    "model": ModelConfig, "loss": LossConfig, "data": DataConfig, "optim": OptimConfig,
+    "schedule": ScheduleConfig, "run": RunConfig,
+}  # fmt: skip
+SECTIONS = tuple(SECTION_TYPES)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a .yaml/.yml or .toml file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist")
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise UserError(f"config file '{path}' must end in .yaml, .yml or .toml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"config file '{path}' is not valid: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of sections")
+    return values
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'section.key=value' -> (section, key, value); the value is read as YAML (1e-3, true, [1, 2], null)."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise UserError(f"--set takes section.key=value (e.g. optim.lr=1e-3), got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def build_config(
+    file_values: dict[str, Any], overrides: list[str], explicit: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults < file_values < overrides ('section.key=value' texts) < explicit ({'section.key': value}),
+    every key and type checked (UserError otherwise)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for section, values in file_values.items():
+        if section not in SECTION_TYPES:
+            raise UserError(f"unknown config section '{section}' (sections: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{section}' must be a mapping of keys to values")
+        merged[section] = dict(values)
+    parsed = [parse_override(text) for text in overrides]
+    parsed += [(*name.split(".", 1), value) for name, value in (explicit or {}).items()]
+    for section, key, value in parsed:
+        if section not in SECTION_TYPES:
+            raise UserError(f"unknown config section in '{section}.{key}' (sections: {', '.join(SECTIONS)})")
+        merged.setdefault(section, {})[key] = value
+
+    model_values = dict(merged.pop("model", {}))
+    preset = model_values.pop("preset", "base")
+    if preset not in PRESET_NAMES:
+        raise UserError(f"model.preset '{preset}' is not one of {', '.join(PRESET_NAMES)}")
+    base_model = model_preset(preset).to_dict()
+    model = _section("model", ModelConfig, {**base_model, **_checked("model", ModelConfig, model_values)})
+    sections = {name: _section(name, SECTION_TYPES[name], merged.get(name, {})) for name in SECTIONS[1:]}
+    return TrainConfig(preset=preset, model=model, **sections)
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _section(name: str, cls: type, values: dict[str, Any]):
+    try:
+        return cls(**_checked(name, cls, values))
+    except ValueError as exc:
+        raise UserError(f"bad {name} config: {exc}") from None
+
+
+def _checked(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """values with every key known to `cls` and every value converted to the field's declared type."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    checked = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown config key '{section}.{key}' ({section} keys: {', '.join(known)})")
+        try:
+            checked[key] = _convert(value, hints[key])
+        except (TypeError, ValueError):
+            raise UserError(f"config key '{section}.{key}' expects {_type_name(hints[key])}, got {value!r}") from None
+    return checked
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """value as an instance of the type hint (int, float, bool, str, tuples, Literal, X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(value)
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise TypeError(value)
+        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise ValueError(value)
+        return tuple(_convert(item, item_type) for item, item_type in zip(value, item_types))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(value)
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    raise TypeError(hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _lists(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_lists(item) for item in value]
+    return value
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(section, name)}")
