@@ -52,15 +52,21 @@ def label_groups(
     bg_threshold, or with keep_best_group min(bg_threshold, best score of any group in the image), so
     the image's best-scoring group is never background (GroupViT's rule).
     """
-    cosine = F.normalize(group_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # [G, C_fg]
-    if logit_scale is None:
-        scores = cosine
-    else:
-        scale = min(math.exp(float(logit_scale)), 100.0)
-        scores = (cosine * scale).softmax(dim=-1)
+    scores = class_scores(group_emb, text_emb, logit_scale)  # [G, C_fg]
     best_score, best_class = scores.max(dim=-1)  # [G], [G]
     threshold = min(bg_threshold, best_score.max().item()) if keep_best_group else bg_threshold
     return torch.where(best_score < threshold, 0, best_class + 1)
+
+
+def class_scores(
+    embeddings: torch.Tensor, text_emb: torch.Tensor, logit_scale: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """[..., D] embeddings, [C_fg, D] text -> [..., C_fg] float32 scores, both sides L2-normalised here:
+    the cosine, or with logit_scale the softmax over classes of cosine * min(exp(logit_scale), 100)."""
+    cosine = F.normalize(embeddings.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T
+    if logit_scale is None:
+        return cosine
+    return (cosine * min(math.exp(float(logit_scale)), 100.0)).softmax(dim=-1)
 
 
 def pixel_labels(group_scores: torch.Tensor, group_labels: torch.Tensor) -> torch.Tensor:

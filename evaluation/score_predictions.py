@@ -7,6 +7,7 @@ label are not scored, so their predicted value does not matter.
 
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from evaluation.datasets import SegmentationDataset, read_label_png
@@ -34,14 +35,23 @@ def score_predictions(
     confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
     for index, path in enumerate(tqdm(paths, desc=f"scoring {dataset.name}", disable=not progress)):
         labels = dataset.load_label(index)  # [H, W]
-        predicted = read_label_png(path)  # [H, W]
-        if predicted.shape != labels.shape:
-            raise UserError(
-                f"prediction {path} is {predicted.shape[1]}x{predicted.shape[0]}, "
-                f"ground truth is {labels.shape[1]}x{labels.shape[0]}"
-            )
-        try:
-            confusion.update(labels, predicted.astype("int64"))
-        except ValueError as exc:
-            raise UserError(f"prediction {path}: {exc}") from None
+        add_prediction(confusion, labels, read_prediction(path, labels.shape), path)
     return segmentation_results(confusion.matrix, dataset.class_names)
+
+
+def read_prediction(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The saved label map [H, W] int64; UserError when it is not the ground truth's size."""
+    predicted = read_label_png(path)  # [H, W]
+    if predicted.shape != shape:
+        raise UserError(
+            f"prediction {path} is {predicted.shape[1]}x{predicted.shape[0]}, ground truth is {shape[1]}x{shape[0]}"
+        )
+    return predicted.astype(np.int64)
+
+
+def add_prediction(confusion: ConfusionMatrix, labels: np.ndarray, predicted: np.ndarray, source) -> None:
+    """confusion.update, with a class index out of range reported as a UserError naming `source`."""
+    try:
+        confusion.update(labels, predicted)
+    except ValueError as exc:
+        raise UserError(f"prediction {source}: {exc}") from None

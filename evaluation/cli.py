@@ -1,0 +1,205 @@
+"""`zs-eval`: zero-shot mIoU on PASCAL VOC, PASCAL Context and COCO-Object, and `zs-eval prepare coco`."""
+
+import gc
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import typer
+
+from evaluation.datasets import DATASET_NAMES, DEFAULT_SPLITS, open_dataset, prepared_coco_dir
+from pipeline.cli import run_cli
+from pipeline.errors import UserError
+
+RULES = """
+Labeling rules. Class names (index 0 'background' excluded) go through the text tower of the teacher
+CLIP recorded in the checkpoint (or --teacher/--pretrained), one embedding per class: the mean of the
+L2-normalised prompt embeddings, normalised again. The score of an embedding e for class c is the
+softmax over the foreground classes of cos(e, t_c) * min(exp(logit_scale), 100), logit_scale being
+that CLIP's own. ZeroSeg: every segment token is scored; the soft assignments of the grouping stages,
+chained and resized bilinearly, give every pixel its argmax segment, whose scores the pixel takes.
+MaskCLIP: every patch token is scored; the per-class patch score maps are resized bilinearly. A pixel
+takes its best class, or background where that score is strictly below the threshold (per dataset,
+the paper's 0.95 VOC / 0.05 Context / 0.35 COCO, or --bg-threshold; --keep-best-group lowers it to
+the best score in the window so the best segment is never background, as GroupViT does).
+
+Geometry. Images are resized keeping their aspect ratio to --short-side (long side capped at
+--max-long-side), bicubic, sides rounded to a multiple of the patch size, and normalised with the
+checkpoint's mean/std (MaskCLIP: the CLIP's). whole: one forward of the resized image. slide:
+--crop-size windows every --stride pixels; each pixel's class scores and background value are
+averaged over the windows covering it before the rule above is applied. Scores are produced at the
+original image size, where the metric is computed.
+
+Metric. One int64 confusion matrix over the whole split (ignore label left out); per-class IoU, mIoU
+over the classes present in ground truth or prediction (the others are listed as absent), pixel
+accuracy. Run under torchrun to shard images over processes; their matrices are summed.
+
+COCO-Object label maps from an instances JSON: zs-eval prepare coco --help.
+"""
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+prepare_app = typer.Typer(
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None
+)
+
+
+@app.command(help=f"Zero-shot segmentation mIoU of DATASET... (voc, context, coco).\n{RULES}")
+def evaluate(
+    datasets: list[str] = typer.Argument(
+        ..., metavar="DATASET", help=f"One or more of {', '.join(DATASET_NAMES)}.", show_default=False
+    ),
+    data_root: Path = typer.Option(
+        ..., "--data-root", help="Folder holding VOCdevkit/ and coco/ (layout: evaluation/datasets.py)."
+    ),
+    checkpoint: str | None = typer.Option(None, help="ZeroSeg checkpoint (.pt) written by zs-train."),
+    model: str = typer.Option("zeroseg", help="zeroseg (needs --checkpoint) or maskclip (training-free baseline)."),
+    predictions: Path | None = typer.Option(
+        None, help="Score saved label PNGs instead (<image id>.png in DIR/<dataset>/ if present, else DIR)."
+    ),
+    teacher: str | None = typer.Option(
+        None, help="open_clip name or config JSON of the CLIP for the text side (default: the checkpoint's)."
+    ),
+    pretrained: str | None = typer.Option(
+        None, help="Its weights: open_clip tag, weights file or 'none' (default: the checkpoint's; maskclip: openai)."
+    ),
+    quick_gelu: bool | None = typer.Option(
+        None, "--quick-gelu/--no-quick-gelu", help="Force the CLIP's activation (default: recorded / automatic)."
+    ),
+    templates: str = typer.Option("single", help="Prompts: single ('a photo of a {}.'), openai80, or a file."),
+    text_cache: Path | None = typer.Option(None, help="Text-embedding cache folder (default ~/.cache/zeroseg/text)."),
+    mode: str = typer.Option("whole", help="whole or slide (see Geometry)."),
+    short_side: int = typer.Option(448, help="Short side of the resized image."),
+    max_long_side: int = typer.Option(2048, help="Cap on the resized long side."),
+    crop_size: int = typer.Option(448, help="Slide window side (a multiple of the patch size)."),
+    stride: int = typer.Option(224, help="Slide window stride."),
+    bg_threshold: float | None = typer.Option(None, help="Background threshold for every dataset (default: paper's)."),
+    keep_best_group: bool = typer.Option(False, help="Never make a window's best-scoring segment background."),
+    split: str | None = typer.Option(None, help="Split (default: val for VOC/Context, val2017 for COCO)."),
+    output: Path | None = typer.Option(
+        None, help="Results folder (default: <checkpoint>-eval/ next to it, or ./zs-eval-results/<model>)."
+    ),
+    save_predictions: Path | None = typer.Option(None, help="Write label PNGs to DIR/<dataset>/<image id>.png."),
+    save_vis: Path | None = typer.Option(None, help="Write colour overlays with a legend to DIR/<dataset>/."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda:K (torchrun: cuda:LOCAL_RANK)."),
+    workers: int = typer.Option(2, help="Threads decoding images ahead of the model."),
+    window_batch: int = typer.Option(8, help="Windows per forward pass in slide mode."),
+    progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
+) -> None:
+    from evaluation import distributed
+    from evaluation.evaluate import results_document, score_saved_predictions, write_results
+    from evaluation.loading import ModelOptions, load_model
+    from evaluation.metrics import format_results
+    from evaluation.windows import Geometry
+
+    opened = [(open_dataset(name, data_root, split), split or DEFAULT_SPLITS.get(name)) for name in datasets]
+    if predictions is not None and checkpoint is not None:
+        raise UserError("--predictions scores saved label maps; it takes no --checkpoint")
+    try:
+        geometry = Geometry(mode, short_side, max_long_side, crop_size, stride)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    options = ModelOptions(
+        model, checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
+        geometry, keep_best_group, window_batch,
+    )  # fmt: skip
+    out_dir = output or _default_output(options, predictions)
+    process = distributed.start(device)
+    loaded = None
+    try:
+        if predictions is None:
+            loaded = load_model(options, process.device)
+            if not loaded.description.get("teacher_matches_checkpoint", True):
+                typer.echo("warning: the text-side CLIP is not the teacher recorded in the checkpoint", err=True)
+        for dataset, dataset_split in opened:
+            if loaded is None:
+                folder = predictions / dataset.name if (predictions / dataset.name).is_dir() else predictions
+                confusion = score_saved_predictions(dataset, folder, process, progress)
+                config = {"model": "predictions", "predictions": str(folder.resolve())}
+            else:
+                threshold = dataset.bg_threshold if bg_threshold is None else bg_threshold
+                saving = [folder / dataset.name if folder else None for folder in (save_predictions, save_vis)]
+                confusion, config = _segment_dataset(loaded, dataset, threshold, process, saving, workers, progress)
+            if process.is_main:
+                config = {**config, "data_root": str(data_root.resolve()), "world_size": process.world_size}
+                document = results_document(dataset, dataset_split, confusion, config)
+                json_path, _ = write_results(document, out_dir)
+                typer.echo(_summary_line(document))
+                typer.echo(format_results(document, markdown=False))
+                typer.echo(f"results: {json_path} (and .md)")
+    finally:
+        del loaded
+        gc.collect()
+        distributed.stop()
+
+
+def _segment_dataset(loaded, dataset, threshold, process, saving, workers: int, progress: bool):
+    """(confusion matrix, config) of one dataset; its segmenter is released on return."""
+    from evaluation.evaluate import segment_split
+
+    segmenter = loaded.segmenter(dataset.class_names, threshold)
+    confusion = segment_split(dataset, segmenter, process, *saving, workers=workers, progress=progress)
+    config = {
+        **loaded.description,
+        "labeling": segmenter.rule.to_dict(),
+        "geometry": vars(segmenter.geometry),
+        "templates": list(loaded.templates),
+        "normalisation": {"mean": list(loaded.mean), "std": list(loaded.std)},
+    }
+    return confusion, config
+
+
+def _default_output(options, predictions: Path | None) -> Path:
+    if predictions is not None:
+        return Path("zs-eval-results") / "predictions"
+    if options.model == "zeroseg" and options.checkpoint:
+        checkpoint = Path(options.checkpoint)
+        return checkpoint.parent / f"{checkpoint.stem}-eval"
+    return Path("zs-eval-results") / options.model
+
+
+def _summary_line(document: dict) -> str:
+    absent = len(document["absent_classes"])
+    miou = "n/a" if document["mIoU"] is None else f"{document['mIoU']:.2f}"
+    accuracy = "n/a" if document["pixel_accuracy"] is None else f"{document['pixel_accuracy']:.2f}"
+    return (
+        f"{document['dataset']} {document['split']} ({document['num_images']} images): mIoU {miou} over "
+        f"{document['classes_in_mean']} classes ({absent} absent, left out), pixel accuracy {accuracy}"
+    )
+
+
+@prepare_app.callback()
+def prepare() -> None:
+    """Make the label maps a benchmark needs from its official annotations."""
+
+
+@prepare_app.command("coco")
+def prepare_coco(
+    instances: Path = typer.Option(..., help="COCO instances JSON, e.g. annotations/instances_val2017.json."),
+    data_root: Path | None = typer.Option(
+        None, help="Write to DATA_ROOT/coco/coco_object/<split>/ (where zs-eval looks)."
+    ),
+    out: Path | None = typer.Option(None, help="Write to this folder instead."),
+    split: str = typer.Option("val2017", help="Split name used under --data-root."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """COCO-Object label maps (0 background, 1..80 things; one PNG per image) from an instances JSON."""
+    from evaluation.coco_prepare import prepare_coco_object
+
+    if out is None and data_root is None:
+        raise UserError("give --data-root (to write where zs-eval looks) or --out")
+    target = out or prepared_coco_dir(data_root, split)
+    written = prepare_coco_object(instances, target, progress=progress)
+    typer.echo(f"wrote {written} COCO-Object label maps to {target}")
+
+
+def main() -> None:
+    os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    if sys.argv[1:2] == ["prepare"]:
+        sys.argv = [sys.argv[0], *sys.argv[2:]]
+        run_cli(partial(prepare_app, prog_name="zs-eval prepare"))
+    run_cli(partial(app, prog_name="zs-eval"))
+
+
+if __name__ == "__main__":
+    main()

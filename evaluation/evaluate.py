@@ -1,0 +1,125 @@
+"""zs-eval's core: label every image of a split (segment it, or read a saved PNG), one confusion matrix,
+the scores, and the files (results JSON + Markdown, prediction PNGs, overlays)."""
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from evaluation.datasets import SegmentationDataset
+from evaluation.distributed import Process
+from evaluation.labeling import label_image, overlay
+from evaluation.metrics import ConfusionMatrix, format_results, segmentation_results
+from evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
+from evaluation.segmenter import Segmenter
+from pipeline import __version__
+from pipeline.build import prefetch_map
+
+
+def segment_split(
+    dataset: SegmentationDataset,
+    segmenter: Segmenter,
+    process: Process,
+    save_predictions: Path | None = None,
+    save_vis: Path | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    on_image: Callable[[float, float], None] | None = None,
+) -> ConfusionMatrix:
+    """Segment this process's share of the split; the returned matrix is summed over all processes.
+
+    Images are decoded `workers` threads ahead of the model. on_image(load_s, segment_s) is called per
+    image with the seconds spent waiting for its decode and segmenting it (for benchmarks).
+    """
+    confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=process.device)
+    indices = process.shard(range(len(dataset)))
+    items = prefetch_map(dataset.__getitem__, indices, workers, ahead=2 * max(1, workers))
+    label = dataset.name if process.world_size == 1 else f"{dataset.name} (rank 0 of {process.world_size})"
+    bar = tqdm(total=len(indices), desc=label, disable=not (progress and process.is_main))
+    for _ in indices:
+        waited = time.perf_counter()
+        image_id, image, labels = next(items)
+        started = time.perf_counter()
+        predicted = segmenter.segment(image).labels  # [H, W]
+        confusion.update(labels, predicted)
+        if on_image is not None:
+            on_image(started - waited, time.perf_counter() - started)
+        if save_predictions is not None:
+            _save_png(label_image(predicted), save_predictions / f"{image_id}.png")
+        if save_vis is not None:
+            _save_png(overlay(image, predicted, dataset.class_names), save_vis / f"{image_id}.png")
+        bar.update()
+    bar.close()
+    confusion.all_reduce()
+    return confusion
+
+
+def score_saved_predictions(
+    dataset: SegmentationDataset, predictions_dir: Path, process: Process, progress: bool = True
+) -> ConfusionMatrix:
+    """The confusion matrix of saved <image id>.png label maps (any method's), sharded like segment_split."""
+    paths = prediction_paths(dataset, predictions_dir)
+    confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=process.device)
+    indices = process.shard(range(len(dataset)))
+    for index in tqdm(indices, desc=f"scoring {dataset.name}", disable=not (progress and process.is_main)):
+        labels = dataset.load_label(index)  # [H, W]
+        add_prediction(confusion, labels, read_prediction(paths[index], labels.shape), paths[index])
+    confusion.all_reduce()
+    return confusion
+
+
+def results_document(dataset: SegmentationDataset, split: str, confusion: ConfusionMatrix, config: dict) -> dict:
+    """Scores (metrics.segmentation_results), the raw confusion matrix and the run's configuration."""
+    return {
+        "dataset": dataset.name,
+        "split": split,
+        "num_images": len(dataset),
+        **segmentation_results(confusion.matrix, dataset.class_names),
+        "confusion_matrix": confusion.matrix.cpu().tolist(),
+        "config": {**config, "package_version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }
+
+
+def write_results(document: dict, out_dir: Path) -> tuple[Path, Path]:
+    """<out_dir>/<dataset>.json and <dataset>.md (the per-class table), each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{document['dataset']}.json"
+    markdown_path = out_dir / f"{document['dataset']}.md"
+    _write_text(json_path, _json_with_matrix_rows(document))
+    summary = f"# {document['dataset']} {document['split']}: mIoU {_percent(document['mIoU'])}\n\n"
+    absent = document["absent_classes"]
+    note = f"\n\nLeft out of the mean (in neither ground truth nor prediction): {', '.join(absent)}." if absent else ""
+    _write_text(markdown_path, summary + format_results(document) + note + "\n")
+    return json_path, markdown_path
+
+
+def _json_with_matrix_rows(document: dict) -> str:
+    """Indented JSON, with each confusion matrix row on one line."""
+    placeholder = "@confusion_matrix@"
+    text = json.dumps({**document, "confusion_matrix": placeholder}, indent=1)
+    rows = ",\n  ".join(json.dumps(row) for row in document["confusion_matrix"])
+    return text.replace(json.dumps(placeholder), f"[\n  {rows}\n ]") + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _save_png(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+
+
+def _write_text(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,151 @@
+"""From command-line choices to segmenters: the student checkpoint (or MaskCLIP), the teacher CLIP whose
+text tower and logit_scale label the segments, and the class text embeddings of a vocabulary."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from evaluation.segmenter import LabelingRule, MaskClipScorer, Scorer, Segmenter, ZeroSegScorer
+from evaluation.text import DEFAULT_TEMPLATES, OPENAI_TEMPLATES, class_text_embeddings
+from evaluation.windows import Geometry
+from pipeline.errors import UserError
+from pipeline.teacher import TeacherIdentity, create_clip, resolve_identity
+
+MODELS = ("zeroseg", "maskclip")
+TEMPLATE_SETS = {"single": DEFAULT_TEMPLATES, "openai80": OPENAI_TEMPLATES}
+
+
+@dataclass
+class ModelOptions:
+    """What to segment with. teacher / pretrained / quick_gelu None = as recorded in the checkpoint."""
+
+    model: str = "zeroseg"
+    checkpoint: str | None = None
+    teacher: str | None = None
+    pretrained: str | None = None
+    quick_gelu: bool | None = None
+    templates: str = "single"
+    text_cache: str | None = None
+    geometry: Geometry = field(default_factory=Geometry)
+    keep_best_group: bool = False
+    window_batch: int = 8
+
+
+@dataclass
+class LoadedModel:
+    """A scorer with its input normalisation, and the teacher CLIP that embeds class names."""
+
+    scorer: Scorer
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    clip: torch.nn.Module
+    identity: TeacherIdentity
+    templates: tuple[str, ...]
+    options: ModelOptions
+    device: torch.device
+    description: dict  # what was loaded, for the results' config
+
+    def segmenter(self, class_names: Sequence[str], bg_threshold: float | None) -> Segmenter:
+        """A segmenter for a vocabulary whose index 0 is background (only names 1.. go through CLIP)."""
+        text = class_text_embeddings(
+            self.clip, self.identity, list(class_names[1:]), self.templates, cache_dir=self.options.text_cache
+        )
+        rule = LabelingRule(text, float(self.clip.logit_scale.item()), bg_threshold, self.options.keep_best_group)
+        return Segmenter(
+            self.scorer, rule, self.options.geometry, self.mean, self.std, self.device, self.options.window_batch
+        )
+
+
+def read_templates(choice: str) -> tuple[str, ...]:
+    """A named template set (single, openai80) or a text file of templates, one per line, each with {}."""
+    if choice in TEMPLATE_SETS:
+        return TEMPLATE_SETS[choice]
+    path = Path(choice)
+    if not path.is_file():
+        raise UserError(f"--templates '{choice}' is neither {' nor '.join(TEMPLATE_SETS)} nor a file")
+    templates = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    bad = next((line for line in templates if line.count("{}") != 1), None)
+    if not templates or bad is not None:
+        raise UserError(f"template file {path}: every line needs exactly one {{}}, got '{bad or ''}'")
+    return templates
+
+
+def load_model(options: ModelOptions, device: torch.device) -> LoadedModel:
+    if options.model not in MODELS:
+        raise UserError(f"unknown --model '{options.model}' (choose from {', '.join(MODELS)})")
+    templates = read_templates(options.templates)
+    if options.model == "maskclip":
+        return _load_maskclip(options, templates, device)
+    return _load_zeroseg(options, templates, device)
+
+
+def _load_zeroseg(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
+    from trainer.checkpoint import load_model as load_checkpoint
+
+    if options.checkpoint is None:
+        raise UserError("--checkpoint is required for --model zeroseg (MaskCLIP needs none: --model maskclip)")
+    model, meta = load_checkpoint(options.checkpoint, device)
+    recorded = TeacherIdentity(**meta["store"]["teacher"])
+    identity = _text_teacher(recorded, options)
+    clip = create_clip(identity, device)
+    mean, std, source = _normalisation(meta["store"], clip)
+    description = {
+        "model": "zeroseg",
+        "checkpoint": str(Path(meta["path"]).resolve()),
+        "step": meta.get("step"),
+        "model_config": model.cfg.to_dict(),
+        "teacher_recorded": recorded.to_dict(),
+        "teacher": identity.to_dict(),
+        "teacher_matches_checkpoint": identity.same_teacher(recorded),
+        "normalisation_from": source,
+    }
+    return LoadedModel(ZeroSegScorer(model), mean, std, clip, identity, templates, options, device, description)
+
+
+def _normalisation(store: dict, clip: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """The store's mean/std as the checkpoint records them, else the teacher CLIP's own (zs-cache
+    normalises the teacher's views with exactly those) -> (mean, std, where they came from)."""
+    recorded = store.get("preprocessing") or {}
+    if "mean" in recorded and "std" in recorded:
+        return tuple(recorded["mean"]), tuple(recorded["std"]), "checkpoint"
+    config = clip.visual.preprocess_cfg
+    return tuple(config["mean"]), tuple(config["std"]), "teacher CLIP preprocess_cfg"
+
+
+def _load_maskclip(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
+    if options.checkpoint is not None:
+        raise UserError("--model maskclip is training-free: it takes no --checkpoint, only --teacher/--pretrained")
+    if options.teacher is None:
+        raise UserError("--model maskclip needs --teacher (an open_clip ViT name or config JSON) and --pretrained")
+    identity = resolve_identity(options.teacher, options.pretrained or "openai", options.quick_gelu)
+    clip = create_clip(identity, device)
+    config = clip.visual.preprocess_cfg
+    description = {"model": "maskclip", "teacher": identity.to_dict()}
+    return LoadedModel(
+        MaskClipScorer(clip.visual), tuple(config["mean"]), tuple(config["std"]),
+        clip, identity, templates, options, device, description,
+    )  # fmt: skip
+
+
+def _text_teacher(recorded: TeacherIdentity, options: ModelOptions) -> TeacherIdentity:
+    """The checkpoint's teacher, or the --teacher / --pretrained / --quick-gelu overrides."""
+    if options.teacher is None and options.pretrained is None:
+        weights = recorded.pretrained
+        if weights is not None and Path(weights).is_absolute() and not Path(weights).is_file():
+            raise UserError(
+                f"teacher weights {weights} recorded in the checkpoint are not on this machine; "
+                "pass --pretrained (and --teacher) to say where they are"
+            )
+    model = options.teacher or recorded.model
+    pretrained = options.pretrained or recorded.pretrained or "none"
+    quick_gelu = options.quick_gelu
+    if quick_gelu is None and options.teacher is None:
+        quick_gelu = recorded.quick_gelu
+    try:
+        return resolve_identity(model, pretrained, quick_gelu)
+    except UserError as exc:
+        if options.teacher is None:
+            raise UserError(f"the checkpoint's teacher: {exc}; pass --teacher / --pretrained") from None
+        raise

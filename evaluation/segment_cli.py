@@ -1,0 +1,162 @@
+"""`zs-segment`: open-vocabulary segmentation of any images with a ZeroSeg checkpoint."""
+
+import gc
+import json
+import os
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import typer
+
+from evaluation.classnames import VOCABULARIES
+from pipeline.cli import run_cli
+from pipeline.errors import UserError
+from pipeline.sources import IMAGE_EXTENSIONS
+
+VOCABULARY_NAMES = {**VOCABULARIES, "imagenet1k": VOCABULARIES["imagenet"]}
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+
+
+@app.command(
+    help="""Segment IMAGE... (files, or folders searched recursively) into the classes of a vocabulary.
+
+For each image, written under --out with the image's name (its path below a folder argument, or its
+file stem): NAME.png, the label map (palette PNG, pixel value = class index in the vocabulary, 0 =
+background; 16-bit greyscale when a class index above 255 occurs); NAME-overlay.png, the
+image with class colours blended in and a legend; NAME.json, its segments (one per class present:
+class, index, pixel share, score = mean over its pixels of the winning class score). zs-segment.json
+holds the vocabulary and the settings.
+
+Labeling is zs-eval's (see zs-eval --help): each segment token of the student takes its nearest class
+by the score softmax(cos * min(exp(logit_scale), 100)) of the teacher CLIP's text embeddings, pixels
+take their segment's class through the composed soft group assignments. By default there is no
+background: every segment gets a class. With --bg-threshold T a pixel whose best score is below T is
+background (0).
+
+Unreadable images are reported one line each and skipped; the exit code is then 1.""",
+)
+def segment(
+    images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders.", show_default=False),
+    checkpoint: str = typer.Option(..., help="ZeroSeg checkpoint (.pt) or run folder written by zs-train."),
+    classes: str | None = typer.Option(None, help='Comma-separated class names, e.g. "cat,dog,grass,sky".'),
+    vocabulary: str | None = typer.Option(
+        None, help="imagenet1k, voc, context, coco, or a text file with one class name per line."
+    ),
+    out: Path = typer.Option(Path("zs-segment-out"), help="Output folder."),
+    bg_threshold: float | None = typer.Option(None, help="Background below this score (default: no background)."),
+    keep_best_group: bool = typer.Option(False, help="With --bg-threshold: the best segment is never background."),
+    teacher: str | None = typer.Option(None, help="CLIP for the text side (default: the checkpoint's teacher)."),
+    pretrained: str | None = typer.Option(None, help="Its weights: open_clip tag, file, or 'none'."),
+    quick_gelu: bool | None = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Force the activation."),
+    templates: str = typer.Option("single", help="Prompts: single ('a photo of a {}.'), openai80, or a file."),
+    text_cache: Path | None = typer.Option(None, help="Text-embedding cache folder (default ~/.cache/zeroseg/text)."),
+    mode: str = typer.Option("whole", help="whole or slide (as zs-eval)."),
+    short_side: int = typer.Option(448, help="Short side of the resized image."),
+    max_long_side: int = typer.Option(2048, help="Cap on the resized long side."),
+    crop_size: int = typer.Option(448, help="Slide window side."),
+    stride: int = typer.Option(224, help="Slide window stride."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda:K."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    from tqdm import tqdm
+
+    from evaluation.labeling import label_image, overlay
+    from evaluation.loading import ModelOptions, load_model
+    from evaluation.segmenter import describe_segments
+    from evaluation.windows import Geometry
+    from pipeline.images import ImageDecodeError, decode_image
+    from pipeline.teacher import resolve_device
+
+    class_names = read_vocabulary(classes, vocabulary)
+    inputs = collect_images(images, out)
+    try:
+        geometry = Geometry(mode, short_side, max_long_side, crop_size, stride)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    options = ModelOptions(
+        "zeroseg", checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
+        geometry, keep_best_group,
+    )  # fmt: skip
+    loaded = load_model(options, resolve_device(device))
+    segmenter = loaded.segmenter(class_names, bg_threshold)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {**loaded.description, "labeling": segmenter.rule.to_dict(), "geometry": vars(geometry)}
+    (out / "zs-segment.json").write_text(json.dumps({**settings, "class_names": list(class_names)}, indent=1))
+    failed = 0
+    for path, name in tqdm(inputs, desc="segmenting", disable=not progress):
+        try:
+            image = decode_image(path.read_bytes())
+        except (OSError, ImageDecodeError) as exc:
+            typer.echo(f"error: {path}: {exc}", err=True)
+            failed += 1
+            continue
+        result = segmenter.segment(image)
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        label_image(result.labels).save(target.with_name(f"{target.name}.png"))
+        overlay(image, result.labels, class_names).save(target.with_name(f"{target.name}-overlay.png"))
+        record = {"image": str(path), "width": image.width, "height": image.height}
+        record["segments"] = describe_segments(result, class_names)
+        target.with_name(f"{target.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    del loaded, segmenter
+    gc.collect()
+    typer.echo(f"segmented {len(inputs) - failed} of {len(inputs)} images into {out}")
+    if failed:
+        typer.echo(f"error: {failed} image(s) could not be read", err=True)
+        raise typer.Exit(1)
+
+
+def read_vocabulary(classes: str | None, vocabulary: str | None) -> tuple[str, ...]:
+    """('background', class 1, class 2, ...) from --classes or --vocabulary (exactly one of them)."""
+    if (classes is None) == (vocabulary is None):
+        raise UserError('give exactly one of --classes "a,b,c" and --vocabulary NAME_OR_FILE')
+    if vocabulary is not None and vocabulary in VOCABULARY_NAMES:
+        return VOCABULARY_NAMES[vocabulary]
+    if vocabulary is not None:
+        path = Path(vocabulary)
+        if not path.is_file():
+            known = ", ".join(VOCABULARY_NAMES)
+            raise UserError(f"--vocabulary '{vocabulary}' is neither a file nor one of {known}")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        source = str(path)
+    else:
+        names = [name.strip() for name in classes.split(",")]
+        source = "--classes"
+    if not names or any(not name for name in names):
+        raise UserError(f"{source}: class names must be non-empty (got {names})")
+    duplicate = next((name for name, count in Counter(names).items() if count > 1), None)
+    if duplicate is not None:
+        raise UserError(f"{source}: class '{duplicate}' is listed twice")
+    return ("background", *names)
+
+
+def collect_images(arguments: list[Path], out: Path) -> list[tuple[Path, str]]:
+    """(image path, output name) for every file argument and every image file below a folder argument
+    (files under the output folder `out` excluded, so a rerun does not segment its own outputs)."""
+    found: list[tuple[Path, str]] = []
+    for argument in arguments:
+        if argument.is_dir():
+            files = sorted(p for p in argument.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = [path for path in files if not path.resolve().is_relative_to(out.resolve())]
+            found += [(path, str(path.relative_to(argument).with_suffix(""))) for path in files]
+        elif argument.is_file():
+            found.append((argument, argument.stem))
+        else:
+            raise UserError(f"{argument} does not exist")
+    if not found:
+        raise UserError("no images found in the given paths")
+    clash = next((name for name, count in Counter(name for _, name in found).items() if count > 1), None)
+    if clash is not None:
+        raise UserError(f"two inputs would both be written as '{clash}'; segment them in separate runs")
+    return found
+
+
+def main() -> None:
+    os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    run_cli(partial(app, prog_name="zs-segment"))
+
+
+if __name__ == "__main__":
+    main()

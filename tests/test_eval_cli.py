@@ -1,0 +1,181 @@
+"""zs-eval and zs-segment end to end: a tiny checkpoint trained by `zs-train run` on a store of the fixture
+photos, the VOC fixture and COCO-Object maps prepared from the fixture instances JSON."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.cli import main as zs_eval
+from evaluation.segment_cli import main as zs_segment
+from pipeline.build import BuildOptions, run_build
+from tests.conftest import COCO_ROOT, FIXTURES, TINY_TEACHER, VOC_ROOT, invoke
+from trainer.cli import main as zs_train
+
+SMALL = ("--short-side", "64", "--crop-size", "64", "--stride", "32", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """A tiny checkpoint, a data root with VOC and prepared COCO-Object, and the common zs-eval arguments."""
+    root = tmp_path_factory.mktemp("eval")
+    photos = root / "photos"
+    shutil.copytree(VOC_ROOT / "JPEGImages", photos / "voc")
+    shutil.copytree(COCO_ROOT / "val2017", photos / "coco")
+    options = BuildOptions(
+        source=str(photos), store=str(root / "store"), teacher=str(TINY_TEACHER), pretrained="none",
+        device="cpu", batch_size=5, image_size=32, progress=False,
+    )  # fmt: skip
+    run_build(options, log=lambda line: None)
+    trained = invoke(
+        zs_train, "run", "--store", root / "store", "--run-dir", root / "run", "--preset", "tiny", "--steps", "2",
+        "--batch-size", "4", "--workers", "0", "--device", "cpu", "--set", "schedule.warmup_steps=1", "--no-progress",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    (checkpoint,) = (root / "run" / "checkpoints").glob("step-*.pt")
+
+    data = root / "data"
+    (data / "coco").mkdir(parents=True)
+    (data / "VOCdevkit").symlink_to(FIXTURES / "VOCdevkit", target_is_directory=True)
+    shutil.copytree(COCO_ROOT / "val2017", data / "coco" / "val2017")
+    instances = COCO_ROOT / "annotations" / "icevision_samples_annotations.json"
+    prepared = invoke(zs_eval, "prepare", "coco", "--instances", instances, "--data-root", data, "--no-progress")
+    assert prepared.returncode == 0, prepared.stderr
+    assert "wrote 6 COCO-Object label maps" in prepared.stdout
+
+    common = ("--data-root", data, "--teacher", TINY_TEACHER, "--pretrained", "none", "--text-cache", root / "text")
+    return {"root": root, "checkpoint": checkpoint, "data": data, "common": (*common, *SMALL)}
+
+
+def results(folder: Path, dataset: str) -> dict:
+    return json.loads((folder / f"{dataset}.json").read_text())
+
+
+def test_ground_truth_as_predictions_scores_100(tmp_path):
+    labels = VOC_ROOT / "SegmentationClass"
+    out = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--output", tmp_path)
+    assert out.returncode == 0, out.stderr
+    document = results(tmp_path, "voc")
+    assert document["mIoU"] == 100.0 and document["pixel_accuracy"] == 100.0
+    assert len(document["per_class_iou"]) == 21 and np.shape(document["confusion_matrix"]) == (21, 21)
+    assert document["classes_in_mean"] == 3 and "bicycle" in document["absent_classes"]
+    assert (tmp_path / "voc.md").read_text().startswith("# voc val: mIoU 100.00")
+
+
+def test_zeroseg_checkpoint_on_voc_and_coco_and_its_saved_predictions_score_the_same(setup, tmp_path):
+    out = invoke(
+        zs_eval, "voc", "coco", "--checkpoint", setup["checkpoint"], *setup["common"], "--output", tmp_path / "res",
+        "--save-predictions", tmp_path / "pred", "--save-vis", tmp_path / "vis",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "voc val (2 images): mIoU" in out.stdout and "coco val2017 (5 images): mIoU" in out.stdout
+    voc, coco = results(tmp_path / "res", "voc"), results(tmp_path / "res", "coco")
+    assert len(voc["per_class_iou"]) == 21 and len(coco["per_class_iou"]) == 81
+    assert coco["num_pixels"] == sum(Image.open(p).width * Image.open(p).height for p in COCO_ROOT.glob("val2017/*"))
+    assert voc["config"]["model"] == "zeroseg" and voc["config"]["labeling"]["bg_threshold"] == 0.95
+    assert coco["config"]["labeling"]["bg_threshold"] == 0.35 and voc["config"]["teacher_matches_checkpoint"]
+    assert sorted(p.stem for p in (tmp_path / "pred" / "coco").iterdir()) == sorted(
+        p.stem for p in COCO_ROOT.glob("val2017/*.jpg")
+    )
+    assert len(list((tmp_path / "vis" / "voc").glob("*.png"))) == 2
+
+    rescored = invoke(
+        zs_eval, "voc", "coco", "--data-root", setup["data"], "--predictions", tmp_path / "pred",
+        "--output", tmp_path / "rescored", "--no-progress",
+    )  # fmt: skip
+    assert rescored.returncode == 0, rescored.stderr
+    for dataset in ("voc", "coco"):
+        again = results(tmp_path / "rescored", dataset)
+        assert again["confusion_matrix"] == results(tmp_path / "res", dataset)["confusion_matrix"]
+
+
+def test_maskclip_baseline_and_slide_mode_run_through_the_same_evaluator(setup, tmp_path):
+    maskclip = invoke(zs_eval, "voc", "coco", "--model", "maskclip", *setup["common"], "--output", tmp_path / "m")
+    assert maskclip.returncode == 0, maskclip.stderr
+    assert len(results(tmp_path / "m", "coco")["per_class_iou"]) == 81
+    assert results(tmp_path / "m", "voc")["config"]["model"] == "maskclip"
+
+    slide = invoke(
+        zs_eval, "voc", "--checkpoint", setup["checkpoint"], *setup["common"], "--mode", "slide",
+        "--keep-best-group", "--bg-threshold", "0.5", "--output", tmp_path / "s",
+    )  # fmt: skip
+    assert slide.returncode == 0, slide.stderr
+    config = results(tmp_path / "s", "voc")["config"]
+    assert config["geometry"]["mode"] == "slide" and config["labeling"]["keep_best_group"] is True
+    assert config["labeling"]["bg_threshold"] == 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_gloo_processes_give_the_confusion_matrix_of_one(setup, tmp_path):
+    arguments = ["coco", "--checkpoint", setup["checkpoint"], *setup["common"], "--device", "cpu"]
+    single = invoke(zs_eval, *arguments, "--output", tmp_path / "one")
+    assert single.returncode == 0, single.stderr
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "evaluation.cli", *map(str, arguments), "--output", str(tmp_path / "two"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = results(tmp_path / "one", "coco"), results(tmp_path / "two", "coco")
+    assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert done.stdout.count("results:") == 1  # only rank 0 reports
+
+
+def test_zs_segment_writes_label_map_overlay_and_segments_and_skips_broken_images(setup, tmp_path):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    shutil.copy(VOC_ROOT / "JPEGImages" / "2007_000033.jpg", images / "plane.jpg")
+    shutil.copy(COCO_ROOT / "val2017" / "000000128372.jpg", images / "sub" / "street.jpg")
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    common = [a for a in setup["common"] if str(a) != "--data-root" and a != setup["data"]]
+    out = invoke(
+        zs_segment, images, "--checkpoint", setup["checkpoint"], "--classes", "aeroplane, sky, car, person",
+        "--out", tmp_path / "out", *common,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.count("error:") == 2 and "broken.jpg" in out.stderr.splitlines()[0]
+    assert "segmented 2 of 3 images" in out.stdout
+    for name, size in (("plane", (500, 366)), ("sub/street", Image.open(images / "sub" / "street.jpg").size)):
+        labels = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
+        assert labels.shape == size[::-1] and 1 <= labels.min() and labels.max() <= 4  # no background by default
+        assert Image.open(tmp_path / "out" / f"{name}-overlay.png").width > size[0]  # image + legend
+        record = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert abs(sum(s["pixel_share"] for s in record["segments"]) - 1) < 1e-9
+        assert {s["class"] for s in record["segments"]} <= {"aeroplane", "sky", "car", "person"}
+    settings = json.loads((tmp_path / "out" / "zs-segment.json").read_text())
+    assert settings["class_names"] == ["background", "aeroplane", "sky", "car", "person"]
+
+    imagenet = invoke(
+        zs_segment, images / "plane.jpg", "--checkpoint", setup["checkpoint"], "--vocabulary", "imagenet1k",
+        "--bg-threshold", "0.001", "--out", tmp_path / "imagenet", *common,
+    )  # fmt: skip
+    assert imagenet.returncode == 0, imagenet.stderr
+    assert json.loads((tmp_path / "imagenet" / "plane.json").read_text())["segments"]
+
+
+def test_user_errors_are_one_line_and_exit_2(setup, tmp_path):
+    missing = invoke(zs_eval, "voc", "--data-root", tmp_path, "--predictions", tmp_path)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert str(tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt") in missing.stderr
+    unknown = invoke(zs_eval, "cityscapes", "--data-root", FIXTURES, "--predictions", tmp_path)
+    assert unknown.returncode == 2 and "unknown dataset 'cityscapes'" in unknown.stderr
+    no_checkpoint = invoke(zs_eval, "voc", "--checkpoint", tmp_path / "nope.pt", *setup["common"])
+    assert no_checkpoint.returncode == 2 and "nope.pt" in no_checkpoint.stderr
+    no_coco_labels = invoke(zs_eval, "coco", "--data-root", FIXTURES, "--predictions", tmp_path)
+    assert no_coco_labels.returncode == 2 and "coco_object" in no_coco_labels.stderr
+    bad_vocabulary = invoke(zs_segment, tmp_path, "--checkpoint", setup["checkpoint"], "--vocabulary", "klingon")
+    assert bad_vocabulary.returncode == 2 and "klingon" in bad_vocabulary.stderr
