@@ -138,7 +138,8 @@ def _text_teacher(recorded: TeacherIdentity, options: ModelOptions) -> TeacherId
                 f"teacher weights {weights} recorded in the checkpoint are not on this machine; "
                 "pass --pretrained (and --teacher) to say where they are"
             )
-    model = options.teacher or recorded.model
+    recorded_model = recorded.config if recorded.config and Path(recorded.config).is_file() else recorded.model
+    model = options.teacher or recorded_model
     pretrained = options.pretrained or recorded.pretrained or "none"
     quick_gelu = options.quick_gelu
     if quick_gelu is None and options.teacher is None:

@@ -27,6 +27,7 @@ class TeacherIdentity:
     pretrained: str | None  # open_clip tag, absolute weights path, or None for random weights
     weights_sha256: str | None
     quick_gelu: bool
+    config: str | None = None  # absolute path of the model-config JSON when the model is not built in
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +94,7 @@ def resolve_identity(teacher: str, pretrained: str, quick_gelu: bool | None = No
     QuickGELU as OpenAI's were, or the file is an OpenAI TorchScript archive).
     """
     model = resolve_model_name(teacher)
+    config = str(Path(teacher).resolve()) if model != teacher else None
     auto_quick_gelu = model.endswith("-quickgelu")
     if pretrained.lower() in ("none", ""):
         tag, sha = None, None
@@ -107,7 +109,7 @@ def resolve_identity(teacher: str, pretrained: str, quick_gelu: bool | None = No
         raise UserError(
             f"--pretrained '{pretrained}' is neither a weights file nor an open_clip tag of {model} ({known})"
         )
-    return TeacherIdentity(model, tag, sha, auto_quick_gelu if quick_gelu is None else quick_gelu)
+    return TeacherIdentity(model, tag, sha, auto_quick_gelu if quick_gelu is None else quick_gelu, config)
 
 
 def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Module:
@@ -117,6 +119,13 @@ def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Mod
     the same random teacher (a resumed build, a Dask worker, a test) gets the same one.
     """
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip's info chatter
+    if identity.model not in open_clip.list_models():
+        if not identity.config or not Path(identity.config).is_file():
+            raise UserError(
+                f"teacher '{identity.model}' is not an open_clip model and its config JSON "
+                f"'{identity.config}' is not reachable: pass --teacher CONFIG.json"
+            )
+        open_clip.add_model_config(identity.config)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_TEACHER_SEED)

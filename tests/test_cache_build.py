@@ -44,7 +44,8 @@ def test_store_layout_and_metadata(photos, tmp_path):
     assert store.features.dtype == np.float16 and store.features.shape[1:] == (30, 32)
     assert store.features.chunks == (2, 30, 32)
     assert meta.grids == [1, 2, 3, 4] and meta.views[1] == [2, 0, 0] and meta.normalized is False
-    assert meta.teacher == {"model": "zs-tiny-clip", "pretrained": None, "weights_sha256": None, "quick_gelu": False}
+    assert meta.teacher == {"model": "zs-tiny-clip", "pretrained": None, "weights_sha256": None,
+                            "quick_gelu": False, "config": str(TINY_TEACHER.resolve())}
     assert meta.preprocessing["crop_size"] == 64 and meta.preprocessing["view_size"] == 32
     assert len(meta.preprocessing["mean"]) == 3 and meta.sources["photos"]["kind"] == "folder"
     table = store.manifest()

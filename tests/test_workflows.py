@@ -1,0 +1,127 @@
+"""The nightly runner end to end on the fixture photos, crash recovery, its lock, and the job specs."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from filelock import FileLock
+
+from pipeline.check import verify
+from pipeline.store import FeatureStore
+from tests.conftest import PHOTOS, TINY_TEACHER, VOC_ROOT
+
+REPO = Path(__file__).resolve().parents[1]
+NIGHTLY = REPO / "workflows" / "nightly.py"
+SHELL_SCRIPTS = sorted((REPO / "workflows").rglob("*.sbatch")) + [REPO / "demo.sh", REPO / ".ci" / "run"]
+
+
+@pytest.fixture
+def nightly(tmp_path):
+    """A nightly config over a folder of 8 fixture photos, tiny teacher and model, VOC fixture eval."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for path in PHOTOS[:8]:
+        shutil.copy(path, incoming / path.name)
+    config = {
+        "work_dir": str(tmp_path / "work"),
+        "store": str(tmp_path / "store"),
+        "sources": [str(incoming)],
+        "cache_args": ["--teacher", str(TINY_TEACHER), "--pretrained", "none", "--device", "cpu",
+                       "--image-size", "32", "--shard-size", "4", "--chunk-size", "2", "--no-progress"],
+        "train": {
+            "run_dir": str(tmp_path / "run"),
+            "steps_per_night": 2,
+            "args": ["--preset", "tiny", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                     "--set", "schedule.warmup_steps=1", "--set", "run.checkpoint_every=1"],
+        },
+        "eval": {"datasets": ["voc"], "data_root": str(VOC_ROOT.parents[1]),
+                 "args": ["--device", "cpu", "--short-side", "64", "--max-long-side", "128"]},
+    }
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, config
+
+
+def run_nightly(config_path, crash: str | None = None) -> subprocess.CompletedProcess:
+    env = {"ZEROSEG_NIGHTLY_CRASH": crash} if crash else {}
+    import os
+
+    return subprocess.run([sys.executable, str(NIGHTLY), "--config", str(config_path)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def reports(config) -> list[Path]:
+    return sorted((Path(config["work_dir"]) / "reports").glob("*.json"))
+
+
+def test_nightly_runs_then_does_nothing_then_caches_exactly_the_new_images(nightly):
+    path, config = nightly
+    first = run_nightly(path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "cache: 8 new images" in first.stdout and "train: step 0 -> 2 on 8 images" in first.stdout
+    assert "nightly: done" in first.stdout
+    [report] = reports(config)
+    document = json.loads(report.read_text())
+    assert document["checkpoint"] == "step-00000002" and set(document["datasets"]) == {"voc"}
+    assert report.with_suffix(".md").is_file() and report.with_suffix(".png").stat().st_size > 1000
+
+    second = run_nightly(path)
+    assert second.returncode == 0, second.stderr
+    assert "cache: no new images" in second.stdout and "train: up to date at step 2" in second.stdout
+    assert "nightly: nothing new, no work done" in second.stdout and len(reports(config)) == 1
+
+    for source in PHOTOS[8:10]:
+        shutil.copy(source, Path(config["sources"][0]) / source.name)
+    third = run_nightly(path)
+    assert third.returncode == 0, third.stderr
+    assert "cache: 2 new images" in third.stdout and "train: step 2 -> 4 on 10 images" in third.stdout
+    latest = json.loads(reports(config)[-1].read_text())
+    assert latest["checkpoint"] == "step-00000004" and latest["previous"]["checkpoint"] == "step-00000002"
+    assert "| voc |" in reports(config)[-1].with_suffix(".md").read_text()
+
+
+def test_a_crash_in_each_step_is_recovered_by_the_next_run(nightly):
+    path, config = nightly
+    for step in ("cache", "train", "eval", "report"):
+        crashed = run_nightly(path, crash=step)
+        assert crashed.returncode == 86 and f"injected crash in {step}" in crashed.stdout, crashed.stderr
+    final = run_nightly(path)
+    assert final.returncode == 0, final.stdout + final.stderr
+    problems, counts = verify(FeatureStore.open(config["store"]), progress=False)
+    assert problems == [] and counts["ok"] == 8
+    [report] = reports(config)
+    assert json.loads(report.read_text())["checkpoint"] == "step-00000002"
+    assert run_nightly(path).stdout.strip().endswith("nightly: nothing new, no work done")
+
+
+def test_a_second_runner_exits_0_while_the_lock_is_held(nightly):
+    path, config = nightly
+    Path(config["work_dir"]).mkdir()
+    with FileLock(str(Path(config["work_dir"]) / "nightly.lock")):
+        second = run_nightly(path)
+    assert second.returncode == 0
+    assert second.stdout.strip().startswith("nightly: already running")
+    assert not Path(config["store"]).exists()
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_parse_and_pass_shellcheck(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_yaml_specs_parse():
+    cronjob = yaml.safe_load((REPO / "workflows" / "k8s" / "nightly-cronjob.yaml").read_text())
+    assert cronjob["kind"] == "CronJob" and cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["python", "workflows/nightly.py"]
+    example = yaml.safe_load((REPO / "workflows" / "nightly.example.yaml").read_text())
+    assert {"work_dir", "store", "sources", "train", "eval"} <= set(example)
+    for config in (REPO / "configs").glob("*.yaml"):
+        assert isinstance(yaml.safe_load(config.read_text()), dict)
