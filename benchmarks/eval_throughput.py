@@ -20,12 +20,12 @@ import torch
 
 from evaluation.classnames import VOC_CLASS_NAMES
 from evaluation.datasets import open_dataset
-from evaluation.distributed import Process
 from evaluation.evaluate import segment_split
 from evaluation.segmenter import LabelingRule, Segmenter, ZeroSegScorer
 from evaluation.windows import Geometry
 from pipeline.teacher import resolve_device
 from trainer.config import model_preset
+from trainer.distributed import Process
 from trainer.model import ZeroSeg
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -51,7 +51,7 @@ def main() -> None:
     rule = LabelingRule(text, math.log(100.0), dataset.bg_threshold)
     geometry = Geometry(mode=args.mode, short_side=args.short_side)
     segmenter = Segmenter(ZeroSegScorer(model), rule, geometry, CLIP_MEAN, CLIP_STD, device)
-    process = Process(0, 1, device)
+    process = Process(0, 1, 0, device)
 
     segmenter.segment(dataset[0][1])  # warm-up
     sync(device)

@@ -86,11 +86,11 @@ def evaluate(
     window_batch: int = typer.Option(8, help="Windows per forward pass in slide mode."),
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
-    from evaluation import distributed
     from evaluation.evaluate import results_document, score_saved_predictions, write_results
     from evaluation.loading import ModelOptions, load_model
     from evaluation.metrics import format_results
     from evaluation.windows import Geometry
+    from trainer import distributed
 
     opened = [(open_dataset(name, data_root, split), split or DEFAULT_SPLITS.get(name)) for name in datasets]
     if predictions is not None and checkpoint is not None:
@@ -104,7 +104,7 @@ def evaluate(
         geometry, keep_best_group, window_batch,
     )  # fmt: skip
     out_dir = output or _default_output(options, predictions)
-    process = distributed.start(device)
+    process = distributed.setup(device)
     loaded = None
     try:
         if predictions is None:
@@ -130,7 +130,7 @@ def evaluate(
     finally:
         del loaded
         gc.collect()
-        distributed.stop()
+        distributed.shutdown(process)
 
 
 def _segment_dataset(loaded, dataset, threshold, process, saving, workers: int, progress: bool):

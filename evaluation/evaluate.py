@@ -11,13 +11,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from evaluation.datasets import SegmentationDataset
-from evaluation.distributed import Process
 from evaluation.labeling import label_image, overlay
 from evaluation.metrics import ConfusionMatrix, format_results, segmentation_results
 from evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
 from evaluation.segmenter import Segmenter
 from pipeline import __version__
 from pipeline.build import prefetch_map
+from trainer.distributed import Process
 
 
 def segment_split(

@@ -7,6 +7,7 @@ run in six).
 """
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,10 @@ class Process:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def shard(self, items: Sequence) -> Sequence:
+        """This process's items: every world_size-th from its rank on (no padding, no repeats)."""
+        return items[self.rank :: self.world_size]
 
 
 def env_rank() -> int:
