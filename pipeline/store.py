@@ -17,6 +17,7 @@ that no manifest row points to (failed images, the tail of a short shard) are ne
 not store chunks that were never written, so those gaps cost no disk.
 """
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -84,7 +85,18 @@ class FeatureStore:
 
     @classmethod
     def exists(cls, path: str | Path) -> bool:
-        return (Path(path) / "zarr.json").is_file()
+        """A store is there, or something else is (which `open` refuses); False for nothing, or for a
+        creation that was killed before its metadata was written (only our own, empty parts: rebuilt)."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            return False
+        own_parts = {"zarr.json", FEATURES, CROPS, MANIFEST_DIR, ".lock"}
+        unfinished = (
+            "zeroseg" not in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+            and {p.name for p in path.iterdir()} <= own_parts
+            and not any((path / MANIFEST_DIR).glob("*.parquet"))
+        )
+        return not unfinished
 
     @classmethod
     def open(cls, path: str | Path, writable: bool = False) -> "FeatureStore":

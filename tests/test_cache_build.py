@@ -327,3 +327,20 @@ def test_inspect_and_verify_output(tmp_path):
     store.features[ok_row] = corrupted
     broken = invoke(zs_cache, "verify", tmp_path / "store", "--no-progress")
     assert broken.returncode == 1 and f"row {ok_row}: NaN or Inf in features" in broken.stderr
+
+
+def test_a_creation_killed_before_its_metadata_is_rebuilt_but_a_foreign_zarr_group_is_refused(photos, tmp_path):
+    import zarr
+
+    unfinished = zarr.open_group(str(tmp_path / "unfinished"), mode="w")
+    unfinished.create_array("features", shape=(0, 30, 32), chunks=(2, 30, 32), dtype="float16")
+    (tmp_path / "unfinished" / "manifest").mkdir()
+    assert build(photos, tmp_path / "unfinished").ok == 10
+    assert invoke(zs_cache, "verify", tmp_path / "unfinished").returncode == 0
+
+    foreign = zarr.open_group(str(tmp_path / "foreign"), mode="w")
+    foreign.create_array("temperature", shape=(4,), dtype="float32")
+    refused = invoke(zs_cache, "build", photos, "--store", tmp_path / "foreign", "--teacher", TINY_TEACHER,
+                     "--pretrained", "none", "--device", "cpu")
+    assert refused.returncode == 2 and "is a Zarr group but not a zeroseg feature store" in refused.stderr
+    assert (tmp_path / "foreign" / "temperature").is_dir()
