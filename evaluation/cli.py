@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from evaluation import cli_options
 from evaluation.datasets import DATASET_NAMES, DEFAULT_SPLITS, open_dataset, prepared_coco_dir
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
@@ -63,16 +64,14 @@ def evaluate(
     pretrained: str | None = typer.Option(
         None, help="Its weights: open_clip tag, weights file or 'none' (default: the checkpoint's; maskclip: openai)."
     ),
-    quick_gelu: bool | None = typer.Option(
-        None, "--quick-gelu/--no-quick-gelu", help="Force the CLIP's activation (default: recorded / automatic)."
-    ),
-    templates: str = typer.Option("single", help="Prompts: single ('a photo of a {}.'), openai80, or a file."),
-    text_cache: Path | None = typer.Option(None, help="Text-embedding cache folder (default ~/.cache/zeroseg/text)."),
-    mode: str = typer.Option("whole", help="whole or slide (see Geometry)."),
-    short_side: int = typer.Option(448, help="Short side of the resized image."),
-    max_long_side: int = typer.Option(2048, help="Cap on the resized long side."),
-    crop_size: int = typer.Option(448, help="Slide window side (a multiple of the patch size)."),
-    stride: int = typer.Option(224, help="Slide window stride."),
+    quick_gelu: bool | None = cli_options.QUICK_GELU,
+    templates: str = cli_options.TEMPLATES,
+    text_cache: Path | None = cli_options.TEXT_CACHE,
+    mode: str = cli_options.MODE,
+    short_side: int = cli_options.SHORT_SIDE,
+    max_long_side: int = cli_options.MAX_LONG_SIDE,
+    crop_size: int = cli_options.CROP_SIZE,
+    stride: int = cli_options.STRIDE,
     bg_threshold: float | None = typer.Option(None, help="Background threshold for every dataset (default: paper's)."),
     keep_best_group: bool = typer.Option(False, help="Never make a window's best-scoring segment background."),
     split: str | None = typer.Option(None, help="Split (default: val for VOC/Context, val2017 for COCO)."),

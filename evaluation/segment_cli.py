@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from evaluation import cli_options
 from evaluation.classnames import VOCABULARIES
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
@@ -49,14 +50,14 @@ def segment(
     keep_best_group: bool = typer.Option(False, help="With --bg-threshold: the best segment is never background."),
     teacher: str | None = typer.Option(None, help="CLIP for the text side (default: the checkpoint's teacher)."),
     pretrained: str | None = typer.Option(None, help="Its weights: open_clip tag, file, or 'none'."),
-    quick_gelu: bool | None = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Force the activation."),
-    templates: str = typer.Option("single", help="Prompts: single ('a photo of a {}.'), openai80, or a file."),
-    text_cache: Path | None = typer.Option(None, help="Text-embedding cache folder (default ~/.cache/zeroseg/text)."),
-    mode: str = typer.Option("whole", help="whole or slide (as zs-eval)."),
-    short_side: int = typer.Option(448, help="Short side of the resized image."),
-    max_long_side: int = typer.Option(2048, help="Cap on the resized long side."),
-    crop_size: int = typer.Option(448, help="Slide window side."),
-    stride: int = typer.Option(224, help="Slide window stride."),
+    quick_gelu: bool | None = cli_options.QUICK_GELU,
+    templates: str = cli_options.TEMPLATES,
+    text_cache: Path | None = cli_options.TEXT_CACHE,
+    mode: str = cli_options.MODE,
+    short_side: int = cli_options.SHORT_SIDE,
+    max_long_side: int = cli_options.MAX_LONG_SIDE,
+    crop_size: int = cli_options.CROP_SIZE,
+    stride: int = cli_options.STRIDE,
     device: str = typer.Option("auto", help="auto, cpu or cuda:K."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
