@@ -3,9 +3,11 @@
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,27 @@ def test_run_directory_metrics_plot_and_model_for_evaluation(store, finished_run
     with torch.no_grad():
         output = model(torch.randn(1, 3, 32, 32))
     assert output.g.shape == (1, 4, 32) and output.pred is None
+
+
+def test_sigterm_checkpoints_after_the_current_step_and_resume_continues(store, tmp_path):
+    """A scheduler's SIGTERM to the whole process group (loader worker included): a checkpoint at the step
+    reached, exit 143, and --resume goes on from there."""
+    command = [sys.executable, "-m", "trainer.cli", "run", "--store", str(store), "--run-dir", str(tmp_path / "run"),
+               *TINY_RUN, "--steps", "5000", "--workers", "1", "--set", "run.checkpoint_every=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    [checkpoint] = list_checkpoints(tmp_path / "run")
+    step = int(checkpoint.stem.split("-")[1])
+    assert 3 <= step < 5000
+    assert out.strip() == f"stopped by SIGTERM after step {step} of 5000; checkpoint {checkpoint}; --resume continues"
+    resumed = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--steps", str(step + 2), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert list_checkpoints(tmp_path / "run")[-1].name == f"step-{step + 2:08d}.pt"

@@ -90,6 +90,8 @@ def run(
         raise typer.Exit(1) from None
     if distributed.env_rank() == 0:
         typer.echo(result.line())
+    if result.stop_signal:
+        raise typer.Exit(128 + result.stop_signal)
 
 
 @app.command("config")

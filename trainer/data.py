@@ -13,6 +13,7 @@ that chunk. Images always come through pipeline.reader.CropReader: the store's o
 """
 
 import os
+import signal
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,17 @@ def make_loader(dataset: StoreBatches, first: int, last: int, workers: int, pref
         num_workers=workers,
         pin_memory=pin,
         prefetch_factor=prefetch if workers else None,
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave a scheduler's stop signal to the training process, which checkpoints first
+    (they exit with it; see trainer.preemption)."""
+    from trainer.preemption import STOP_SIGNALS
+
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 class ModelInput:

@@ -15,6 +15,7 @@ number of processes, and resuming at a step restores it exactly.
 
 import gc
 import math
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -29,12 +30,20 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from trainer import distributed
-from trainer.checkpoint import FORMAT, latest_checkpoint, read_checkpoint, restore_rng, rng_state, save_checkpoint
+from trainer.checkpoint import (
+    FORMAT,
+    latest_checkpoint,
+    read_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
 from trainer.losses import total_loss
 from trainer.metrics import MetricsLog
 from trainer.model import ZeroSeg
 from trainer.optim import make_optimizer
+from trainer.preemption import StopRequest
 from trainer.sampling import BatchPlan
 from trainer.schedule import make_schedule
 from trainer.train_config import TrainConfig, config_yaml
@@ -55,8 +64,14 @@ class TrainResult:
     total_steps: int
     checkpoint: Path | None  # the last checkpoint written
     seconds: float
+    stop_signal: int | None = None  # the signal a scheduler stopped the run early with (any rank's)
 
     def line(self) -> str:
+        if self.stop_signal:
+            return (
+                f"stopped by {signal.Signals(self.stop_signal).name} after step {self.step} of "
+                f"{self.total_steps}; checkpoint {self.checkpoint}; --resume continues"
+            )
         if self.step == self.first_step:
             return f"nothing to do: {self.run_dir} is at step {self.step} of {self.total_steps}"
         rate = (self.step - self.first_step) / self.seconds if self.seconds else 0.0
@@ -202,26 +217,36 @@ class Trainer:
         self.batches = iter(loader)
         bar = tqdm(total=end, initial=self.start_step, unit="step", desc="zs-train", disable=not (main and progress))
         interval = Interval(time.perf_counter())
+        stop_signal = None
         try:
-            for step in range(self.start_step, end):
-                stats = self.train_step(step)
-                done = step + 1
-                interval.add(stats)
-                bar.update()
-                if main and (done % cfg.run.log_every == 0 or done == end):
-                    epoch = done * self.plan.effective_batch / len(self.samples)
-                    record = interval.record(done, epoch, self.plan.effective_batch, started)
-                    metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
-                    interval = Interval(time.perf_counter())
-                if done % cfg.run.checkpoint_every == 0 or done == end:
-                    last_checkpoint = self.save(done)
+            with StopRequest() as stop:
+                for step in range(self.start_step, end):
+                    stats = self.train_step(step)
+                    done = step + 1
+                    interval.add(stats)
+                    bar.update()
+                    if main and (done % cfg.run.log_every == 0 or done == end):
+                        epoch = done * self.plan.effective_batch / len(self.samples)
+                        record = interval.record(done, epoch, self.plan.effective_batch, started)
+                        metrics.write(record)
+                        bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
+                        interval = Interval(time.perf_counter())
+                    if done % cfg.run.checkpoint_every == 0 or done == end:
+                        last_checkpoint = self.save(done)
+                    if done < end and stop.agreed(self.process):  # a scheduler asked us to stop
+                        if done % cfg.run.checkpoint_every:
+                            last_checkpoint = self.save(done)
+                        end = done
+                        stop_signal = stop.signal or signal.SIGTERM  # SIGTERM when another rank was signalled
+                        break
         finally:
             bar.close()
             if metrics is not None:
                 metrics.close()
         seconds = time.perf_counter() - started
-        return TrainResult(run_dir, self.start_step, end, self.schedule.total_steps, last_checkpoint, seconds)
+        return TrainResult(
+            run_dir, self.start_step, end, self.schedule.total_steps, last_checkpoint, seconds, stop_signal
+        )
 
     def train_step(self, step: int) -> "StepStats":
         """One optimizer step (0-based index `step`)."""
