@@ -170,6 +170,13 @@ def test_run_directory_metrics_plot_and_model_for_evaluation(store, finished_run
     saved = build_config(yaml.safe_load((finished_run / "config.yaml").read_text()), [])
     assert (saved.preset, saved.schedule.steps, saved.data.store) == ("tiny", 4, str(store))
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(finished_run / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert {"train/recon", "train/distill", "train/match", "train/lr"} <= set(events.Tags()["scalars"])
+
     plotted = invoke(main, "plot", finished_run)
     assert plotted.returncode == 0, plotted.stderr
     assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
