@@ -118,7 +118,6 @@ def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Mod
     Random weights (pretrained None) are drawn from a fixed seed, so every process that asks for
     the same random teacher (a resumed build, a Dask worker, a test) gets the same one.
     """
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip's info chatter
     if identity.model not in open_clip.list_models():
         if not identity.config or not Path(identity.config).is_file():
             raise UserError(
@@ -126,6 +125,7 @@ def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Mod
                 f"'{identity.config}' is not reachable: pass --teacher CONFIG.json"
             )
         open_clip.add_model_config(identity.config)
+    logging.disable(logging.ERROR)  # open_clip logs what we report as one line below, and its info chatter
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_TEACHER_SEED)
@@ -135,8 +135,14 @@ def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Mod
                 force_quick_gelu=identity.quick_gelu,
                 device=device,
             )
-    except RuntimeError as exc:
-        raise UserError(f"could not load teacher weights '{identity.pretrained}': {exc}".splitlines()[0]) from None
+    except Exception as exc:  # a missing download, a corrupt file or another architecture's weights
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if Path(str(identity.pretrained)).is_file() else " (offline? pass a local weights file)"
+        raise UserError(
+            f"could not load teacher weights '{identity.pretrained}' into {identity.model}{hint}: {reason}"
+        ) from None
+    finally:
+        logging.disable(logging.NOTSET)
     return model.eval().requires_grad_(False)
 
 

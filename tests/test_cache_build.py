@@ -245,6 +245,9 @@ def test_error_fraction_and_exit_codes(tmp_path):
 
 def test_wrong_arguments_are_one_line_and_exit_2(photos, tmp_path):
     common = ["--pretrained", "none", "--device", "cpu", "--image-size", "64", "--no-progress"]
+    garbage, wrong = tmp_path / "garbage.pt", tmp_path / "other-architecture.pt"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    torch.save({"visual.proj": torch.zeros(3)}, wrong)
     cases = [
         (["build", tmp_path / "missing", "--store", tmp_path / "s", "--teacher", TINY_TEACHER, *common],
          "does not exist"),
@@ -254,6 +257,12 @@ def test_wrong_arguments_are_one_line_and_exit_2(photos, tmp_path):
         (["build", photos, "--store", tmp_path / "s", "--teacher", TINY_TEACHER, "--pretrained", "openai",
           "--device", "cpu"], "neither a weights file nor an open_clip tag"),
         (["inspect", tmp_path], "is not a feature store"),
+        (["build", photos, "--store", tmp_path / "s", "--teacher", "ViT-B-32", "--pretrained", "openai", *common[2:]],
+         "could not load teacher weights 'openai' into ViT-B-32 (offline? pass a local weights file)"),
+        (["build", photos, "--store", tmp_path / "s", "--teacher", TINY_TEACHER, "--pretrained", garbage,
+          *common[2:]], f"could not load teacher weights '{garbage}' into zs-tiny-clip"),
+        (["build", photos, "--store", tmp_path / "s", "--teacher", TINY_TEACHER, "--pretrained", wrong,
+          *common[2:]], "Error(s) in loading state_dict"),
     ]
     for args, message in cases:
         result = invoke(zs_cache, *args)
