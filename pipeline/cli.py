@@ -138,7 +138,8 @@ def run_cli(typer_app: typer.Typer) -> None:
     try:
         result = typer_app(standalone_mode=False)
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        typer.echo(f"error: {lines[0]}", err=True)  # one line, even when a library's reason has several
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))

@@ -179,3 +179,7 @@ def test_user_errors_are_one_line_and_exit_2(setup, tmp_path):
     assert no_coco_labels.returncode == 2 and "coco_object" in no_coco_labels.stderr
     bad_vocabulary = invoke(zs_segment, tmp_path, "--checkpoint", setup["checkpoint"], "--vocabulary", "klingon")
     assert bad_vocabulary.returncode == 2 and "klingon" in bad_vocabulary.stderr
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 20)
+    garbage = invoke(zs_eval, "voc", "--checkpoint", tmp_path / "garbage.pt", *setup["common"])
+    assert garbage.returncode == 2 and garbage.stderr.count("\n") == 1
+    assert garbage.stderr.startswith(f"error: checkpoint '{tmp_path / 'garbage.pt'}' cannot be read")
