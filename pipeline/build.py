@@ -315,6 +315,8 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
     on_cluster = bool(opts.scheduler or opts.workers)
     device = None if on_cluster else resolve_device(opts.device)
     summary = BuildSummary(store=opts.store, total_in_source=len(keys))
+    if not FeatureStore.exists(opts.store):
+        FeatureStore.check_creatable(opts.store)  # before the lock file is made in someone else's folder
     with builder_lock(opts.store):
         store = FeatureStore.open(opts.store, writable=True) if FeatureStore.exists(opts.store) else None
         if store is not None:
@@ -324,6 +326,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
             cached = {k for k, s in zip(done["key"], done["source"]) if s == name}
             pending = [k for k in keys if k not in cached]
         else:
+            FeatureStore.check_creatable(opts.store)
             pending = keys
         store_crops = wants_crops(store, source, opts)
         if not pending:

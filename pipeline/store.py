@@ -19,6 +19,7 @@ not store chunks that were never written, so those gaps cost no disk.
 
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST_DIR = "manifest"
+LOCK_FILE = ".lock"
 FEATURES = "features"
 CROPS = "crops"
 
@@ -90,13 +92,26 @@ class FeatureStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             return False
-        own_parts = {"zarr.json", FEATURES, CROPS, MANIFEST_DIR, ".lock"}
-        unfinished = (
-            "zeroseg" not in json.loads((path / "zarr.json").read_text()).get("attributes", {})
-            and {p.name for p in path.iterdir()} <= own_parts
-            and not any((path / MANIFEST_DIR).glob("*.parquet"))
-        )
-        return not unfinished
+        metadata = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        return "zeroseg" in metadata or not cls._leftovers_only(path)
+
+    @staticmethod
+    def _leftovers_only(path: Path) -> bool:
+        """The folder holds nothing but parts of an unfinished creation (and the builder lock)."""
+        names = {entry.name for entry in path.iterdir()} - {LOCK_FILE}
+        return names <= {"zarr.json", FEATURES, CROPS, MANIFEST_DIR} and not any((path / MANIFEST_DIR).glob("*"))
+
+    @classmethod
+    def check_creatable(cls, path: str | Path) -> None:
+        """UserError unless `path` is missing, empty, or an unfinished creation: a new store never
+        overwrites other files."""
+        path = Path(path)
+        if path.is_dir() and not cls._leftovers_only(path):
+            others = sorted({entry.name for entry in path.iterdir()} - {LOCK_FILE})
+            raise UserError(
+                f"'{path}' is not a feature store and is not empty ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): give --store a new or empty folder"
+            )
 
     @classmethod
     def open(cls, path: str | Path, writable: bool = False) -> "FeatureStore":
@@ -114,7 +129,15 @@ class FeatureStore:
     def create(cls, path: str | Path, meta: StoreMeta) -> "FeatureStore":
         if meta.shard_size % meta.chunk_size:
             raise UserError(f"--shard-size {meta.shard_size} must be a multiple of the chunk size {meta.chunk_size}")
-        group = zarr.open_group(str(path), mode="w", use_consolidated=False)
+        cls.check_creatable(path)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for leftover in (path / name for name in ("zarr.json", FEATURES, CROPS, MANIFEST_DIR)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            elif leftover.exists():
+                leftover.unlink()
+        group = zarr.open_group(str(path), mode="a", use_consolidated=False)  # never "w": it empties the folder
         group.create_array(
             FEATURES,
             shape=(0, meta.num_views, meta.embed_dim),
@@ -218,7 +241,7 @@ def builder_lock(path: str | Path):
     never leaves the store locked.
     """
     Path(path).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(Path(path) / ".lock"), timeout=0)
+    lock = FileLock(str(Path(path) / LOCK_FILE), timeout=0)
     try:
         lock.acquire()
     except Timeout:

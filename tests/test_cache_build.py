@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 
@@ -353,3 +354,28 @@ def test_a_creation_killed_before_its_metadata_is_rebuilt_but_a_foreign_zarr_gro
                      "--pretrained", "none", "--device", "cpu")
     assert refused.returncode == 2 and "is a Zarr group but not a zeroseg feature store" in refused.stderr
     assert (tmp_path / "foreign" / "temperature").is_dir()
+
+
+def test_a_new_store_never_overwrites_a_folder_and_keeps_its_lock_while_it_is_created(photos, tmp_path):
+    before = sorted(p.relative_to(photos) for p in photos.rglob("*"))
+    refused = invoke(zs_cache, "build", photos, "--store", photos, "--teacher", TINY_TEACHER, "--pretrained", "none",
+                     "--device", "cpu")
+    assert refused.returncode == 2 and "is not a feature store and is not empty" in refused.stderr
+    assert sorted(p.relative_to(photos) for p in photos.rglob("*")) == before
+
+    import threading
+
+    from pipeline.errors import UserError
+
+    for i in range(3):  # 37 images: the build is still running when its store appears
+        shutil.copytree(photos / "JPEGImages", photos / f"more{i}")
+        shutil.copytree(photos / "val2017", photos / f"more{i}", dirs_exist_ok=True)
+    builder = threading.Thread(target=build, args=(photos, tmp_path / "new"), kwargs={"batch_size": 1})
+    builder.start()
+    while not (tmp_path / "new" / "zarr.json").exists():
+        time.sleep(0.001)
+    with pytest.raises(UserError, match="being written by another zs-cache build"):
+        with builder_lock(tmp_path / "new"):
+            pass
+    builder.join()
+    assert FeatureStore.open(tmp_path / "new").manifest().num_rows == len(list(photos.rglob("*.jpg")))
