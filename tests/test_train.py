@@ -212,3 +212,18 @@ def test_sigterm_checkpoints_after_the_current_step_and_resume_continues(store, 
     resumed = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--steps", str(step + 2), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert list_checkpoints(tmp_path / "run")[-1].name == f"step-{step + 2:08d}.pt"
+
+
+def test_ablations_that_leave_parts_untrained_run_under_ddp(store, tmp_path):
+    """Table 3/4's 1x1-only distillation (no matching loss) and Table 5's 0% masking (no decoder) leave
+    parameters without gradient; two gloo processes must still train them."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "trainer.cli", "run", "--store", str(store), "--run-dir", str(tmp_path / "run"), *TINY_RUN,
+        "--steps", "3", "--set", "loss.grids=[1]", "--set", "model.mask_ratio=0.0",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line["match"] for line in metrics(tmp_path / "run")] == [0.0, 0.0, 0.0]
+    assert [line["recon"] for line in metrics(tmp_path / "run")] == [0.0, 0.0, 0.0]

@@ -53,6 +53,7 @@ def test_file_then_set_then_explicit_options(tmp_path):
         (["loss.l1_reduction=max"], r"config key 'loss.l1_reduction' expects"),
         (["optim.betas=[0.9]"], r"config key 'optim.betas' expects"),
         (["lr=1"], r"--set takes section.key=value"),
+        (["model.preset=tiny", "model.mask_ratio=0.99"], r"mask_ratio 0.99 keeps none of the 16 patches"),
     ],
 )
 def test_bad_keys_and_values_are_one_line_errors(overrides, message):

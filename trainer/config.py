@@ -76,6 +76,13 @@ class ModelConfig:
             )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio {self.mask_ratio} is not in [0, 1)")
+        if int(self.grid_size**2 * (1 - self.mask_ratio)) < 1:
+            raise ValueError(f"mask_ratio {self.mask_ratio} keeps none of the {self.grid_size**2} patches")
+
+    @property
+    def masks_patches(self) -> bool:
+        """Training hides at least one patch (so the reconstruction decoder runs)."""
+        return int(self.grid_size**2 * (1 - self.mask_ratio)) < self.grid_size**2
 
     @property
     def grid_size(self) -> int:

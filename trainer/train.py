@@ -181,8 +181,15 @@ class Trainer:
             self.optimizer.load_state_dict(payload["optimizer"])
             restore_rng(payload["rng"])
             self.start_step = payload["step"]
+        # Ablations leave the same parts of the model without gradient in every step (mask ratio 0: the
+        # decoder; grids (1,): the segment projection); DDP's static-graph mode learns which after step one.
+        every_part_trained = cfg.model.masks_patches and bool(cfg.loss.matching_grids)
         self.ddp = (
-            DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            DistributedDataParallel(
+                self.model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                static_graph=not every_part_trained,
+            )
             if process.distributed
             else self.model
         )
