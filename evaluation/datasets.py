@@ -19,7 +19,6 @@ Labels are returned as [H, W] uint8 arrays of class indices, images as RGB PIL i
 EXIF orientation is not applied: the benchmarks' label maps are drawn on the stored pixels.
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +65,6 @@ class SegmentationDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def __iter__(self) -> Iterator[tuple[str, Image.Image, np.ndarray]]:
-        return (self[index] for index in range(len(self)))
 
     def __getitem__(self, index: int) -> tuple[str, Image.Image, np.ndarray]:
         sample = self.samples[index]

@@ -1,7 +1,8 @@
-"""From segment tokens to pixel labels, and label maps to pictures: pure tensor functions, no model.
+"""From segment tokens to pixel scores, and label maps to pictures: pure tensor functions, no model.
 
 Label convention everywhere: 0 is background, k >= 1 is foreground class k, whose text embedding is
-row k - 1 of the [C_fg, D] text matrix (the vocabulary without its background entry).
+row k - 1 of the [C_fg, D] text matrix (the vocabulary without its background entry). The pixel
+decision (best class, or background below the threshold) is `evaluation.windows.combine_windows`.
 """
 
 import math
@@ -33,31 +34,6 @@ def compose_assignments(
     return F.interpolate(grid, size=tuple(out_hw), mode="bilinear", align_corners=False)
 
 
-def label_groups(
-    group_emb: torch.Tensor,
-    text_emb: torch.Tensor,
-    bg_threshold: float,
-    logit_scale: float | torch.Tensor | None = None,
-    keep_best_group: bool = False,
-) -> torch.Tensor:
-    """Label each segment with its nearest foreground class, or background when its score is too low.
-
-    group_emb: [G, D]; text_emb: [C_fg, D]; both are L2-normalised here. -> [G] int64 in 0..C_fg.
-    Rule: cosine[g, c] = <group g, class c>. Each group takes class argmax_c cosine[g, c] + 1, and its
-    score is
-      - logit_scale None: that best cosine;
-      - logit_scale given (CLIP's log-temperature, open_clip `model.logit_scale`): the softmax over the
-        foreground classes of cosine * min(exp(logit_scale), 100), at the best class (GroupViT's score).
-    A group whose score is strictly below the threshold becomes background (0). The threshold is
-    bg_threshold, or with keep_best_group min(bg_threshold, best score of any group in the image), so
-    the image's best-scoring group is never background (GroupViT's rule).
-    """
-    scores = class_scores(group_emb, text_emb, logit_scale)  # [G, C_fg]
-    best_score, best_class = scores.max(dim=-1)  # [G], [G]
-    threshold = min(bg_threshold, best_score.max().item()) if keep_best_group else bg_threshold
-    return torch.where(best_score < threshold, 0, best_class + 1)
-
-
 def class_scores(
     embeddings: torch.Tensor, text_emb: torch.Tensor, logit_scale: float | torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -67,11 +43,6 @@ def class_scores(
     if logit_scale is None:
         return cosine
     return (cosine * min(math.exp(float(logit_scale)), 100.0)).softmax(dim=-1)
-
-
-def pixel_labels(group_scores: torch.Tensor, group_labels: torch.Tensor) -> torch.Tensor:
-    """group_scores [G, H, W], group_labels [G] -> [H, W]: each pixel takes its argmax group's label."""
-    return group_labels[group_scores.argmax(dim=0)]
 
 
 def palette(num_classes: int) -> np.ndarray:

@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 
 from evaluation.segmenter import LabelingRule, MaskClipScorer, Scorer, Segmenter, ZeroSegScorer
-from evaluation.text import DEFAULT_TEMPLATES, OPENAI_TEMPLATES, class_text_embeddings
+from evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from evaluation.windows import Geometry
 from pipeline.errors import UserError
 from pipeline.teacher import TeacherIdentity, create_clip, resolve_identity
 
 MODELS = ("zeroseg", "maskclip")
-TEMPLATE_SETS = {"single": DEFAULT_TEMPLATES, "openai80": OPENAI_TEMPLATES}
 
 
 @dataclass

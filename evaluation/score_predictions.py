@@ -1,4 +1,4 @@
-"""Scoring saved label maps of any method against a dataset (the `zs-eval --predictions DIR` path).
+"""Saved label maps of any method, read for `zs-eval --predictions DIR` (evaluate.score_saved_predictions).
 
 DIR holds one PNG per image of the split, named <image id>.png, palette or greyscale (8 or 16 bit),
 pixel values = class indices of the dataset's vocabulary. Pixels whose ground truth is the ignore
@@ -8,10 +8,9 @@ label are not scored, so their predicted value does not matter.
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from evaluation.datasets import SegmentationDataset, read_label_png
-from evaluation.metrics import ConfusionMatrix, segmentation_results
+from evaluation.metrics import ConfusionMatrix
 from pipeline.errors import UserError
 
 
@@ -25,18 +24,6 @@ def prediction_paths(dataset: SegmentationDataset, predictions_dir: str | Path) 
     if missing is not None:
         raise UserError(f"prediction {missing} missing: expected one <image id>.png per {dataset.name} image")
     return paths
-
-
-def score_predictions(
-    dataset: SegmentationDataset, predictions_dir: str | Path, progress: bool = True
-) -> dict:
-    """The `segmentation_results` dict of the predictions in predictions_dir over the whole split."""
-    paths = prediction_paths(dataset, predictions_dir)
-    confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
-    for index, path in enumerate(tqdm(paths, desc=f"scoring {dataset.name}", disable=not progress)):
-        labels = dataset.load_label(index)  # [H, W]
-        add_prediction(confusion, labels, read_prediction(path, labels.shape), path)
-    return segmentation_results(confusion.matrix, dataset.class_names)
 
 
 def read_prediction(path: Path, shape: tuple[int, ...]) -> np.ndarray:

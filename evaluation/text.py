@@ -22,7 +22,7 @@ from pipeline.teacher import TeacherIdentity
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 OPENAI_TEMPLATES = tuple(template("{}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES)  # 80
-TEMPLATE_SETS = {"single": DEFAULT_TEMPLATES, "openai": OPENAI_TEMPLATES}
+TEMPLATE_SETS = {"single": DEFAULT_TEMPLATES, "openai80": OPENAI_TEMPLATES}  # the names --templates accepts
 
 
 def default_cache_dir() -> Path:

@@ -15,7 +15,8 @@ Decision (`combine_windows`). Each window gives every pixel of its footprint a s
 class and a background value (the window's threshold). Scores and background values are averaged
 over the windows covering the pixel; the pixel takes its best foreground class (the lowest class index
 on ties), or background (0) when that best average score is strictly below the averaged background
-value. With one window this is exactly `labeling.label_groups` followed by `labeling.pixel_labels`.
+value. With one window, a pixel thus takes its own best class, or background when that score is
+strictly below the window's threshold.
 """
 
 import math
@@ -151,7 +152,8 @@ class DenseWindowScores:
 
 def window_threshold(scores: torch.Tensor, bg_threshold: float | None, keep_best_group: bool) -> float:
     """The background value of a window whose groups (or patches) score `scores` [N, C_fg]:
-    bg_threshold, capped at the best score of the window with keep_best_group; -inf without threshold."""
+    bg_threshold, capped at the best score of the window with keep_best_group (GroupViT's rule: the
+    window's best-scoring group is never background); -inf without threshold."""
     if bg_threshold is None:
         return -math.inf
     return min(bg_threshold, scores.max().item()) if keep_best_group else bg_threshold

@@ -25,7 +25,8 @@ def test_voc_val_split_loads_with_the_documented_counts():
     assert (dataset.num_classes, dataset.ignore_index, dataset.bg_threshold) == (21, 255, 0.95)
     assert dataset.class_names[11] == "table" and dataset.class_names[20] == "monitor"
     assert [sample.image_id for sample in dataset.samples] == ["2007_000033", "2007_000123"]
-    for image_id, image, labels in dataset:
+    for index in range(len(dataset)):
+        image_id, image, labels = dataset[index]
         assert image.mode == "RGB" and labels.shape == (image.height, image.width)
         assert set(np.unique(labels)) <= set(range(21)) | {255}
         if image_id == "2007_000033":

@@ -9,7 +9,7 @@ from PIL import Image
 
 from evaluation import windows as windows_module
 from evaluation.classnames import VOC_CLASS_NAMES
-from evaluation.labeling import class_scores, compose_assignments, label_groups, pixel_labels
+from evaluation.labeling import class_scores, compose_assignments
 from evaluation.maskclip import maskclip_features
 from evaluation.segmenter import LabelingRule, MaskClipScorer, Segmenter, ZeroSegScorer, describe_segments
 from evaluation.text import class_text_embeddings
@@ -82,15 +82,20 @@ def random_group_window(box, threshold, groups=5, classes=7, seed=0):
     return GroupWindowScores(box, threshold, owner, scores)
 
 
-def test_one_window_decides_like_label_groups_then_pixel_labels():
+def labels_by_group(group_scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[G, C_fg] -> [G]: each group's best class + 1, or 0 when that score is below the threshold."""
+    best, best_class = group_scores.max(dim=-1)
+    return torch.where(best < threshold, 0, best_class + 1)
+
+
+def test_one_window_gives_each_pixel_its_groups_best_class_or_background():
     generator = torch.Generator().manual_seed(0)
     group_emb, text_emb = torch.randn(6, 16, generator=generator), torch.randn(7, 16, generator=generator)
     group_scores = class_scores(group_emb, text_emb, logit_scale=math.log(10.0))  # [G, C_fg]
     threshold = group_scores.max(dim=-1).values.median().item()  # half the groups fall below
     owner = torch.arange(6 * 9).reshape(6, 9) % 6
     labels, _ = combine_windows([GroupWindowScores((0, 0, 6, 9), threshold, owner, group_scores)], 6, 9, num_fg=7)
-    per_group = label_groups(group_emb, text_emb, threshold, logit_scale=math.log(10.0))
-    assert labels.tolist() == per_group[owner].tolist()
+    assert labels.tolist() == labels_by_group(group_scores, threshold)[owner].tolist()
     assert 0 < (labels == 0).sum() < labels.numel()
 
 
@@ -144,7 +149,7 @@ def test_maskclip_features_are_the_last_block_with_self_only_attention(clip):
     assert other.shape == (1, 6 * 8, 32) and other_grid == (6, 8)
 
 
-def test_zeroseg_whole_mode_is_label_groups_through_the_composed_assignments(clip, text, student):
+def test_zeroseg_whole_mode_labels_pixels_by_their_group_through_the_composed_assignments(clip, text, student):
     logit_scale = clip[1].logit_scale.item()
     rule = LabelingRule(text, logit_scale, bg_threshold=0.06)
     seg = segmenter(ZeroSegScorer(student), rule, mode="whole", short_side=64)
@@ -155,7 +160,7 @@ def test_zeroseg_whole_mode_is_label_groups_through_the_composed_assignments(cli
     with torch.no_grad():
         out = student(seg.prepare(image)[None], mask_ratio=0.0)
     groups = compose_assignments(out.soft_assignments, out.grid_size, (366, 500))[0]  # [G, H, W]
-    expected = pixel_labels(groups, label_groups(out.g[0], text, 0.06, logit_scale))
+    expected = labels_by_group(class_scores(out.g[0], text, logit_scale), 0.06)[groups.argmax(dim=0)]
     assert np.array_equal(result.labels, expected.numpy())
 
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.labeling import compose_assignments, label_groups, label_image, overlay, palette, pixel_labels
+from evaluation.labeling import compose_assignments, label_image, overlay, palette
+from evaluation.segmenter import LabelingRule
+from evaluation.windows import GroupWindowScores, combine_windows
 
 # A 2x2 token grid (row-major tokens t0 t1 / t2 t3) grouped into 3, then 2 groups.
 STAGE_ONE = torch.tensor(
@@ -20,7 +22,7 @@ def test_composition_chains_the_stages_and_keeps_the_token_grid():
     expected = torch.tensor([[[0.85, 0.45], [0.15, 0.30]], [[0.15, 0.55], [0.85, 0.70]]])  # [G2, h, w]
     assert scores.shape == (1, 2, 2, 2)
     torch.testing.assert_close(scores[0], expected)
-    assert pixel_labels(scores[0], torch.tensor([7, 9])).tolist() == [[7, 9], [9, 9]]
+    assert scores[0].argmax(dim=0).tolist() == [[0, 1], [1, 1]]  # each pixel's owner group
 
 
 def test_composition_resizes_bilinearly_to_the_image():
@@ -44,28 +46,40 @@ GROUPS = torch.tensor([[2.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
 CLASSES = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
 
 
+def group_labels(bg_threshold, logit_scale=None, keep_best_group=False) -> list[int]:
+    """The labels of GROUPS as the segmenter decides them: LabelingRule's scores and threshold, then
+    combine_windows over a one-window image of 1 x 3 pixels, pixel g owned by group g."""
+    rule = LabelingRule(CLASSES, logit_scale, bg_threshold, keep_best_group)
+    scores = rule.scores(GROUPS)  # [G, C_fg]
+    owner = torch.arange(len(GROUPS))[None]  # [1, G]
+    window = GroupWindowScores((0, 0, 1, len(GROUPS)), rule.threshold(scores), owner, scores)
+    labels, _ = combine_windows([window], 1, len(GROUPS), num_fg=len(CLASSES))
+    return labels[0].tolist()
+
+
 def test_each_group_takes_its_nearest_class_or_background_below_the_threshold():
-    assert label_groups(GROUPS, CLASSES, bg_threshold=0.5).tolist() == [1, 2, 0]
-    assert label_groups(GROUPS, CLASSES, bg_threshold=0.8).tolist() == [1, 2, 0]  # 0.8 is not below 0.8
-    assert label_groups(GROUPS, CLASSES, bg_threshold=0.9).tolist() == [1, 0, 0]
-    assert label_groups(GROUPS, CLASSES, bg_threshold=-1.0).tolist() == [1, 2, 2]
+    assert group_labels(bg_threshold=0.5) == [1, 2, 0]
+    assert group_labels(bg_threshold=0.8) == [1, 2, 0]  # 0.8 is not below 0.8
+    assert group_labels(bg_threshold=0.9) == [1, 0, 0]
+    assert group_labels(bg_threshold=-1.0) == [1, 2, 2]
+    assert group_labels(bg_threshold=None) == [1, 2, 2]  # no background at all
 
 
 def test_keep_best_group_caps_the_threshold_at_the_best_group_score():
-    assert label_groups(GROUPS, CLASSES, bg_threshold=1.5).tolist() == [0, 0, 0]
-    assert label_groups(GROUPS, CLASSES, bg_threshold=1.5, keep_best_group=True).tolist() == [1, 0, 0]
-    assert label_groups(GROUPS, CLASSES, bg_threshold=0.5, keep_best_group=True).tolist() == [1, 2, 0]
+    assert group_labels(bg_threshold=1.5) == [0, 0, 0]
+    assert group_labels(bg_threshold=1.5, keep_best_group=True) == [1, 0, 0]
+    assert group_labels(bg_threshold=0.5, keep_best_group=True) == [1, 2, 0]
 
 
 def test_logit_scale_scores_groups_by_softmax_probability():
     # scale 2: g1's probability for class 2 is sigmoid(2 * (0.8 - 0.6)) = 0.599 < 0.6 (its cosine is 0.8);
     # g2's is sigmoid(2 * (0 - -1)) = 0.88 (its cosine is 0).
-    assert label_groups(GROUPS, CLASSES, 0.6).tolist() == [1, 2, 0]
-    assert label_groups(GROUPS, CLASSES, 0.6, logit_scale=math.log(2.0)).tolist() == [1, 0, 2]
+    assert group_labels(0.6) == [1, 2, 0]
+    assert group_labels(0.6, logit_scale=math.log(2.0)) == [1, 0, 2]
     # the scale is capped at 100 as in CLIP: exp(10) behaves like 100, where g1 scores ~1.
-    capped = label_groups(GROUPS, CLASSES, 0.99, logit_scale=torch.tensor(10.0))
-    assert capped.tolist() == label_groups(GROUPS, CLASSES, 0.99, logit_scale=math.log(100.0)).tolist()
-    assert capped.tolist() == [1, 2, 2]
+    capped = group_labels(0.99, logit_scale=torch.tensor(10.0))
+    assert capped == group_labels(0.99, logit_scale=math.log(100.0))
+    assert capped == [1, 2, 2]
 
 
 def test_palette_is_the_voc_colormap():

@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from evaluation.datasets import open_dataset
+from evaluation.datasets import SegmentationDataset, open_dataset
+from evaluation.evaluate import score_saved_predictions
 from evaluation.metrics import (
     ConfusionMatrix,
     confusion_matrix,
@@ -16,8 +17,8 @@ from evaluation.metrics import (
     per_class_iou,
     segmentation_results,
 )
-from evaluation.score_predictions import score_predictions
 from pipeline.errors import UserError
+from trainer.distributed import Process
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VOC_LABELS = FIXTURES / "VOCdevkit" / "VOC2012" / "SegmentationClass"
@@ -102,8 +103,15 @@ def _ground_truth_as_predictions(tmp_path: Path) -> Path:
     return predictions
 
 
+def score_predictions(dataset: SegmentationDataset, predictions: Path) -> dict:
+    """zs-eval --predictions in one CPU process: the saved label maps' confusion matrix, then its scores."""
+    process = Process(0, 1, 0, torch.device("cpu"))
+    confusion = score_saved_predictions(dataset, predictions, process, progress=False)
+    return segmentation_results(confusion.matrix, dataset.class_names)
+
+
 def test_ground_truth_scored_as_predictions_is_perfect(tmp_path):
-    results = score_predictions(open_dataset("voc", FIXTURES), _ground_truth_as_predictions(tmp_path), False)
+    results = score_predictions(open_dataset("voc", FIXTURES), _ground_truth_as_predictions(tmp_path))
     assert results["mIoU"] == 100.0
     assert results["pixel_accuracy"] == 100.0
     assert sorted(name for name, iou in results["per_class_iou"].items() if iou is not None) == [
@@ -134,7 +142,7 @@ def test_a_wrong_region_scores_the_hand_counted_value(tmp_path):
         "train": 100.0,
     }
 
-    results = score_predictions(open_dataset("voc", FIXTURES), predictions, progress=False)
+    results = score_predictions(open_dataset("voc", FIXTURES), predictions)
     scored = {name: iou for name, iou in results["per_class_iou"].items() if iou is not None}
     assert scored == pytest.approx(expected_iou, rel=1e-12)
     assert results["mIoU"] == pytest.approx(sum(expected_iou.values()) / 3, rel=1e-12)
@@ -145,10 +153,10 @@ def test_missing_and_mis_sized_predictions_are_user_errors(tmp_path):
     predictions = _ground_truth_as_predictions(tmp_path)
     (predictions / "2007_000033.png").unlink()
     with pytest.raises(UserError, match="2007_000033.png missing"):
-        score_predictions(dataset, predictions, progress=False)
+        score_predictions(dataset, predictions)
     Image.new("L", (10, 10)).save(predictions / "2007_000033.png")
     with pytest.raises(UserError, match="is 10x10, ground truth is 500x366"):
-        score_predictions(dataset, predictions, progress=False)
+        score_predictions(dataset, predictions)
     Image.fromarray(np.full((366, 500), 21, dtype=np.uint8)).save(predictions / "2007_000033.png")
     with pytest.raises(UserError, match="class index 21"):
-        score_predictions(dataset, predictions, progress=False)
+        score_predictions(dataset, predictions)

@@ -4,7 +4,9 @@ import pytest
 import torch
 from open_clip import get_tokenizer
 
-from evaluation.text import OPENAI_TEMPLATES, class_text_embeddings
+from evaluation.loading import read_templates
+from evaluation.text import DEFAULT_TEMPLATES, OPENAI_TEMPLATES, class_text_embeddings
+from pipeline.errors import UserError
 from pipeline.teacher import create_clip, resolve_identity
 
 TINY_CLIP = str(Path(__file__).parent / "fixtures" / "zs-tiny-clip.json")
@@ -72,3 +74,15 @@ def test_other_templates_or_weights_get_their_own_cache_entry(tiny, tmp_path):
     class_text_embeddings(other_weights, identity, NAMES, cache_dir=tmp_path)
     assert other_weights.calls == 1
     assert len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_templates_are_a_named_set_or_a_file(tmp_path):
+    assert read_templates("single") == DEFAULT_TEMPLATES and read_templates("openai80") == OPENAI_TEMPLATES
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} in the wild\n\nart of a {}\n")
+    assert read_templates(str(prompts)) == ("a {} in the wild", "art of a {}")
+    with pytest.raises(UserError, match="neither single nor openai80 nor a file"):
+        read_templates("openai")
+    prompts.write_text("no placeholder\n")
+    with pytest.raises(UserError, match="exactly one"):
+        read_templates(str(prompts))
