@@ -29,7 +29,7 @@ def nightly(tmp_path):
     config = {
         "work_dir": str(tmp_path / "work"),
         "store": str(tmp_path / "store"),
-        "sources": [str(incoming)],
+        "sources": [{"path": str(incoming), "name": "nightly-photos"}],
         "cache_args": ["--teacher", str(TINY_TEACHER), "--pretrained", "none", "--device", "cpu",
                        "--image-size", "32", "--shard-size", "4", "--chunk-size", "2", "--no-progress"],
         "train": {
@@ -75,13 +75,14 @@ def test_nightly_runs_then_does_nothing_then_caches_exactly_the_new_images(night
     assert "nightly: nothing new, no work done" in second.stdout and len(reports(config)) == 1
 
     for source in PHOTOS[8:10]:
-        shutil.copy(source, Path(config["sources"][0]) / source.name)
+        shutil.copy(source, Path(config["sources"][0]["path"]) / source.name)
     third = run_nightly(path)
     assert third.returncode == 0, third.stderr
     assert "cache: 2 new images" in third.stdout and "train: step 2 -> 4 on 10 images" in third.stdout
     latest = json.loads(reports(config)[-1].read_text())
     assert latest["checkpoint"] == "step-00000004" and latest["previous"]["checkpoint"] == "step-00000002"
     assert "| voc |" in reports(config)[-1].with_suffix(".md").read_text()
+    assert set(FeatureStore.open(config["store"]).meta.sources) == {"nightly-photos"}
 
 
 def test_a_crash_in_each_step_is_recovered_by_the_next_run(nightly):

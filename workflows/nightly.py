@@ -7,9 +7,10 @@ new does no work and says so):
 1. lock: WORK_DIR/nightly.lock; a second instance prints "already running" and exits 0.
 2. cache: `zs-cache build SOURCE --store STORE` for each source (incremental, resumable).
 3. train: when the store holds images the run has not trained on yet (or there is no checkpoint),
-   `zs-train run` to `train.steps_per_night` steps past the latest checkpoint, resuming the run.
-   The target is recorded in WORK_DIR/state.json before training, so a crashed night resumes to
-   the same target.
+   `zs-train run --stop-at` `train.steps_per_night` steps past the latest checkpoint, resuming the run.
+   The run's own schedule (its config: epochs or steps, warm-up, cosine) stays fixed; nights only
+   decide where each stretch stops, and a finished run stays finished. The target is recorded in
+   WORK_DIR/state.json before training, so a crashed night resumes to the same target.
 4. eval: `zs-eval` of the newest checkpoint on the configured datasets into
    WORK_DIR/evals/step-NNNNNNNN/, unless its results are there.
 5. report: WORK_DIR/reports/DATE-step-NNNNNNNN.{png,md,json} (loss curves, a Markdown table with the
@@ -86,9 +87,11 @@ def cache(config: dict) -> int:
     before = ok_rows(store)
     parts = Path(store) / "manifest"
     for source in config["sources"]:
+        path, name = (source["path"], source.get("name")) if isinstance(source, dict) else (source, None)
+        naming = ["--source-name", name] if name else []
+        command = stage("pipeline.cli", "build", path, "--store", store, *naming, *config.get("cache_args", []))
         committed = len(list(parts.glob("shard-*.parquet")))
-        run_step("cache", stage("pipeline.cli", "build", source, "--store", store, *config.get("cache_args", [])),
-                 lambda committed=committed: len(list(parts.glob("shard-*.parquet"))) > committed)
+        run_step("cache", command, lambda committed=committed: len(list(parts.glob("shard-*.parquet"))) > committed)
     added = ok_rows(store) - before
     print(f"cache: {added} new images" if added else "cache: no new images", flush=True)
     return added
@@ -110,7 +113,7 @@ def train(config: dict, state: dict, save_state: Callable[[], None]) -> bool:
         save_state()
     target = state["target_step"]
     print(f"train: step {step} -> {target} on {rows} images", flush=True)
-    args = ["run", "--store", config["store"], "--run-dir", run_dir, "--steps", target, "--no-progress"]
+    args = ["run", "--store", config["store"], "--run-dir", run_dir, "--stop-at", target, "--no-progress"]
     args += ["--resume"] if latest is not None else list(config["train"].get("args", []))
     run_step("train", stage("trainer.cli", *args),
              lambda: checkpoint_step(latest_checkpoint(run_dir)) > step)
