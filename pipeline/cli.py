@@ -133,13 +133,21 @@ def verify(
     typer.echo(f"store {store} verified: {counts['ok']} ok rows, {counts['error']} errors, {counts['shards']} shards")
 
 
+def user_message(exc: UserError) -> str:
+    """One line: the reason's first line; for an error raised in a DataLoader worker (which torch re-raises
+    with the worker's traceback) the original message, the traceback's last line."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    if lines[0].startswith("Caught UserError in DataLoader worker"):
+        return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
+    return lines[0]
+
+
 def run_cli(typer_app: typer.Typer) -> None:
     """Run a Typer app, turning UserError into one line on stderr and exit code 2."""
     try:
         result = typer_app(standalone_mode=False)
     except UserError as exc:
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        typer.echo(f"error: {lines[0]}", err=True)  # one line, even when a library's reason has several
+        typer.echo(f"error: {user_message(exc)}", err=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))

@@ -1,5 +1,6 @@
 """Reading the images behind a store's rows, exactly as the teacher saw them (for stage two)."""
 
+import hashlib
 from functools import cached_property
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import numpy as np
 import zarr
 
 from pipeline.crops import crop_from_bytes
+from pipeline.errors import UserError
 from pipeline.sources import Source, source_from_spec
 from pipeline.store import CROPS, StoreMeta
 
@@ -38,14 +40,25 @@ class CropReader:
     def stored(self) -> zarr.Array:
         return zarr.open_array(f"{self.store}/{CROPS}", mode="r")
 
-    def crop(self, source: str, key: str) -> np.ndarray:
-        """(S, S, 3) uint8 centre crop of one image, decoded from its source."""
-        crop, _ = crop_from_bytes(self.sources[source].read(key), self.crop_size)
+    def crop(self, source: str, key: str, sha256: str | None = None) -> np.ndarray:
+        """(S, S, 3) uint8 centre crop of one image, decoded from its source; with the manifest's sha256,
+        an image that changed since it was cached is refused (its features describe other pixels)."""
+        try:
+            data = self.sources[source].read(key)
+        except OSError as exc:
+            raise UserError(f"cannot read image '{key}' of source '{source}': {exc.strerror or exc}") from None
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise UserError(
+                f"image '{key}' of source '{source}' changed since it was cached (sha256 differs): "
+                f"restore it, or cache it into a new store"
+            )
+        crop, _ = crop_from_bytes(data, self.crop_size)
         return crop
 
     def crops(self, records: list[dict]) -> np.ndarray:
-        """(n, S, S, 3) uint8 crops of manifest records (dicts with at least source, key and row)."""
+        """(n, S, S, 3) uint8 crops of manifest records (dicts with source, key and row; sha256 checked
+        when given)."""
         if self.reads_stored_crops:
             rows, order = np.unique([r["row"] for r in records], return_inverse=True)
             return self.stored.oindex[rows][order]  # each chunk is read and decompressed once
-        return np.stack([self.crop(r["source"], r["key"]) for r in records])
+        return np.stack([self.crop(r["source"], r["key"], r.get("sha256")) for r in records])

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import invoke
+from tests.conftest import PHOTOS, invoke
 from tests.test_train_data import make_store
 from trainer.checkpoint import list_checkpoints, load_model
 from trainer.cli import main
@@ -227,3 +227,26 @@ def test_ablations_that_leave_parts_untrained_run_under_ddp(store, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line["match"] for line in metrics(tmp_path / "run")] == [0.0, 0.0, 0.0]
     assert [line["recon"] for line in metrics(tmp_path / "run")] == [0.0, 0.0, 0.0]
+
+
+def test_images_that_moved_vanished_or_changed_since_caching_are_one_line_errors(tmp_path):
+    store = make_store(tmp_path, count=4)
+    photos = tmp_path / "photos"
+    run = ("--steps", "2", "--workers", "1")
+
+    def refused(result, message):  # the run's start line may come first; the error is the last line
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr
+
+    first = sorted(photos.iterdir())[0]
+    first.write_bytes(PHOTOS[5].read_bytes())  # same name, other pixels: its features describe the old ones
+    changed = train(store, tmp_path / "r1", *run)
+    refused(changed, f"image '{first.name}' of source 'photos' changed since it was cached")
+
+    first.unlink()
+    vanished = train(store, tmp_path / "r2", *run)
+    refused(vanished, f"cannot read image '{first.name}' of source 'photos'")
+
+    photos.rename(tmp_path / "elsewhere")
+    moved = train(store, tmp_path / "r3", *run)
+    refused(moved, f"image source '{photos}' recorded in the store is not reachable")

@@ -49,16 +49,20 @@ class StoreSamples:
     rows: np.ndarray  # (N,) int64, ascending
     keys: pa.Array  # (N,) string
     sources: pa.Array  # (N,) string
+    hashes: pa.Array  # (N,) string, sha256 of each image's bytes when cached
 
     @classmethod
     def open(cls, path: str | Path) -> "StoreSamples":
         store = FeatureStore.open(path)
-        table = store.manifest(["row", "key", "source", "status"])
+        table = store.manifest(["row", "key", "source", "sha256", "status"])
         table = table.filter(pc.equal(table["status"], "ok")).sort_by("row")
         if table.num_rows == 0:
             raise UserError(f"store '{path}' has no usable images (no manifest row with status ok)")
+        if not store.meta.stored_crops:
+            CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
         rows = table["row"].to_numpy().astype(np.int64)
-        return cls(Path(path), store.meta, rows, table["key"].combine_chunks(), table["source"].combine_chunks())
+        columns = (table[name].combine_chunks() for name in ("key", "source", "sha256"))
+        return cls(Path(path), store.meta, rows, *columns)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,10 +73,12 @@ class StoreSamples:
         return self.rows // self.meta.chunk_size
 
     def records(self, ids: np.ndarray) -> list[dict]:
-        """Manifest records (source, key, row) of samples `ids`, for CropReader."""
-        keys = self.keys.take(ids).to_pylist()
-        sources = self.sources.take(ids).to_pylist()
-        return [{"source": s, "key": k, "row": int(r)} for s, k, r in zip(sources, keys, self.rows[ids])]
+        """Manifest records (source, key, row, sha256) of samples `ids`, for CropReader."""
+        keys, sources, hashes = (column.take(ids).to_pylist() for column in (self.keys, self.sources, self.hashes))
+        return [
+            {"source": s, "key": k, "row": int(r), "sha256": h}
+            for s, k, r, h in zip(sources, keys, self.rows[ids], hashes)
+        ]
 
     def identity(self) -> dict:
         """What a checkpoint records of the store it was trained on."""
