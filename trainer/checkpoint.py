@@ -91,8 +91,9 @@ def rng_state() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():  # a resume may see fewer GPUs than the run that saved the states
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
     saved = state["numpy"]
     np.random.set_state(
         ("MT19937", saved["keys"].numpy().astype(np.uint32), saved["position"], saved["has_gauss"],

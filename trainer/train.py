@@ -232,6 +232,9 @@ class Trainer:
                     done = step + 1
                     interval.add(stats)
                     bar.update()
+                    if done < end and stop.agreed(self.process):  # a scheduler asked us to stop: end here
+                        end = done
+                        stop_signal = stop.signal or signal.SIGTERM  # SIGTERM when another rank was signalled
                     if main and (done % cfg.run.log_every == 0 or done == end):
                         epoch = done * self.plan.effective_batch / len(self.samples)
                         record = interval.record(done, epoch, self.plan.effective_batch, started)
@@ -240,11 +243,7 @@ class Trainer:
                         interval = Interval(time.perf_counter())
                     if done % cfg.run.checkpoint_every == 0 or done == end:
                         last_checkpoint = self.save(done)
-                    if done < end and stop.agreed(self.process):  # a scheduler asked us to stop
-                        if done % cfg.run.checkpoint_every:
-                            last_checkpoint = self.save(done)
-                        end = done
-                        stop_signal = stop.signal or signal.SIGTERM  # SIGTERM when another rank was signalled
+                    if done == end:
                         break
         finally:
             bar.close()
