@@ -38,7 +38,7 @@ def images_per_second(workers: int, images: Path, store: Path, grids: list[int])
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             client.wait_for_workers(workers)
-            teacher = TeacherSpec(resolve_identity(TEACHER, "none"), TEACHER, "cpu")
+            teacher = TeacherSpec(resolve_identity(TEACHER, "none"), "cpu")
             client.run(describe_teacher_on_worker, teacher)  # every worker builds its teacher before the clock
             summary = run_build(
                 BuildOptions(

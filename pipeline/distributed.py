@@ -52,7 +52,7 @@ from pipeline.build import (
 from pipeline.errors import UserError
 from pipeline.sources import Source, source_from_spec
 from pipeline.store import FeatureStore, manifest_rows
-from pipeline.teacher import Teacher, TeacherIdentity, resolve_device, resolve_model_name
+from pipeline.teacher import Teacher, TeacherIdentity, resolve_device
 
 RETRIES = 2
 WORKERS_TIMEOUT_S = 120
@@ -63,7 +63,6 @@ class TeacherSpec:
     """The teacher a worker builds (and the key of its cache)."""
 
     identity: TeacherIdentity
-    model: str  # --teacher as given (a config JSON path made absolute): registers the config on the worker
     device: str  # resolved on the worker: auto, cpu or cuda:K
     torch_threads: int | None = None  # None: torch's default in the worker process
     compile: bool = False
@@ -117,7 +116,6 @@ def worker_teacher(spec: TeacherSpec) -> Teacher:
         if spec not in _teachers:
             if spec.torch_threads:
                 torch.set_num_threads(spec.torch_threads)
-            resolve_model_name(spec.model)
             _teachers[spec] = Teacher(spec.identity, resolve_device(spec.device), compile=spec.compile)
             _counts["teachers_built"] += 1
         return _teachers[spec]
@@ -290,12 +288,10 @@ def build_on_cluster(
 ) -> None:
     """pipeline.build.run_build's encoding step on Dask (called with the builder lock held)."""
     store_path = str(Path(opts.store).resolve())
-    is_path = opts.teacher.endswith(".json") or os.sep in opts.teacher  # as in resolve_model_name
-    model = str(Path(opts.teacher).resolve()) if is_path else opts.teacher
     try:
         with dask_client(opts, log) as (client, setup):
             require_visible(client, {"source": source.spec.path, "store": store_path})
-            teacher = TeacherSpec(identity, model, setup.device, setup.torch_threads, opts.compile)
+            teacher = TeacherSpec(identity, setup.device, setup.torch_threads, opts.compile)
             description = raise_user_error(client.submit(describe_teacher_on_worker, teacher, pure=False).result())
             store = prepare_store(store, source, identity, description, settings, opts)
             shards = plan_and_reserve(store, source, pending)

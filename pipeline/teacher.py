@@ -175,15 +175,10 @@ class Teacher:
         return self.forward(views.to(self.dtype)).to(torch.float16)
 
     @torch.inference_mode()
-    def encode_crops(self, crops: torch.Tensor, grids: Sequence[int], views_per_step: int = 0) -> torch.Tensor:
-        """crops: (B, S, S, 3) uint8 (any device) -> (B, V, D) float16 on the CPU.
-
-        views_per_step bounds how many views go through the tower at once (0: all B * V together).
-        """
+    def encode_crops(self, crops: torch.Tensor, grids: Sequence[int]) -> torch.Tensor:
+        """crops: (B, S, S, 3) uint8 (any device) -> (B, V, D) float16 on the CPU; all B * V views in one pass."""
         crops = crops.to(self.device, non_blocking=True)
         views = grid_views(crops, grids, self.view_size, self.mean, self.std)  # (B, V, 3, T, T)
         batch, num_views = views.shape[:2]
-        flat = views.flatten(0, 1)  # (B * V, 3, T, T)
-        step = views_per_step or flat.shape[0]
-        embeddings = torch.cat([self.encode_views(flat[i : i + step]) for i in range(0, flat.shape[0], step)])
+        embeddings = self.encode_views(views.flatten(0, 1))  # (B * V, D)
         return embeddings.view(batch, num_views, -1).cpu()

@@ -194,7 +194,7 @@ def test_inputs_a_worker_cannot_see_stop_the_build_with_one_line(cluster, photos
         require_visible(cluster, {"store": str(tmp_path), "source": str(tmp_path / "elsewhere")})
     identity = resolve_identity(str(TINY_TEACHER), "none")
     job = ShardJob(Shard(0, ["a.jpg"]), str(tmp_path / "gone"), open_source(photos).spec.to_dict(),
-                   TeacherSpec(identity, str(TINY_TEACHER), "cpu"), EncodeSettings((1,), 1, 64, "photos", False),
+                   TeacherSpec(identity, "cpu"), EncodeSettings((1,), 1, 64, "photos", False),
                    decode_threads=1, progress_topic="unused")
     refused = cluster.submit(encode_shard_on_worker, job, pure=False).result()
     assert isinstance(refused, WorkerUserError) and "cannot see the store" in refused.message

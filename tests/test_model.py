@@ -8,8 +8,19 @@ from pipeline.crops import view_layout
 from trainer.config import LossConfig, ModelConfig, model_preset
 from trainer.grouping import GroupingBlock, GroupingStage, straight_through
 from trainer.losses import total_loss
-from trainer.model import ZeroSeg, patchify, unpatchify
+from trainer.model import ZeroSeg, patchify
 from trainer.vit import interpolate_pos_embed, sincos_pos_embed_2d
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of trainer.model.patchify: (B, rows * cols, p * p * C) -> (B, C, rows * p, cols * p)."""
+    batch = patches.shape[0]
+    p = patch_size
+    rows, cols = grid_size
+    chans = patches.shape[-1] // (p * p)
+    x = patches.reshape(batch, rows, cols, p, p, chans)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, rows, p, cols, p)
+    return x.reshape(batch, chans, rows * p, cols * p)
 
 
 def _assert_one_hot(assignment: torch.Tensor) -> None:

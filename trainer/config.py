@@ -89,11 +89,6 @@ class ModelConfig:
         """Patches per side at the training resolution."""
         return self.image_size // self.patch_size
 
-    @property
-    def num_segments(self) -> int:
-        """Segment tokens at the end of the head (the rows of g)."""
-        return self.num_group_tokens[-1]
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -29,17 +29,6 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(batch, rows * cols, p * p * chans)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int]) -> torch.Tensor:
-    """Inverse of `patchify`: (B, rows * cols, p * p * C) -> (B, C, rows * p, cols * p)."""
-    batch = patches.shape[0]
-    p = patch_size
-    rows, cols = grid_size
-    chans = patches.shape[-1] // (p * p)
-    x = patches.reshape(batch, rows, cols, p, p, chans)
-    x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, rows, p, cols, p)
-    return x.reshape(batch, chans, rows * p, cols * p)
-
-
 @dataclass
 class ZeroSegOutput:
     """What one forward pass gives.
