@@ -11,8 +11,6 @@ temporary name and renamed, so an interrupted run leaves no partial PNG behind.
 
 import contextlib
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from evaluation.classnames import COCO_CATEGORY_TO_INDEX
-from evaluation.labeling import label_image
+from evaluation.labeling import label_image, save_png
 from pipeline.errors import UserError
 
 
@@ -35,7 +33,7 @@ def prepare_coco_object(instances_json: str | Path, out_dir: str | Path, progres
         target = out_dir / f"{Path(info['file_name']).stem}.png"
         if target.exists():
             continue
-        _write_atomically(label_image(_label_map(coco, info)), target)
+        save_png(label_image(_label_map(coco, info)), target)
         written += 1
     return written
 
@@ -63,14 +61,3 @@ def _label_map(coco: COCO, info: dict) -> np.ndarray:
         mask = coco.annToMask(ann).astype(bool)  # [H, W]; polygons, RLE and uncompressed (crowd) RLE
         labels[mask] = COCO_CATEGORY_TO_INDEX[ann["category_id"]]
     return labels
-
-
-def _write_atomically(image, target: Path) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

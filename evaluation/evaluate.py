@@ -2,8 +2,6 @@
 the scores, and the files (results JSON + Markdown, prediction PNGs, overlays)."""
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +9,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from evaluation.datasets import SegmentationDataset
-from evaluation.labeling import label_image, overlay
+from evaluation.labeling import label_image, overlay, save_png
 from evaluation.metrics import ConfusionMatrix, format_results, segmentation_results
 from evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
 from evaluation.segmenter import Segmenter
 from pipeline import __version__
+from pipeline.atomic import write_atomically
 from pipeline.build import prefetch_map
 from trainer.distributed import Process
 
@@ -49,9 +48,9 @@ def segment_split(
         if on_image is not None:
             on_image(started - waited, time.perf_counter() - started)
         if save_predictions is not None:
-            _save_png(label_image(predicted), save_predictions / f"{image_id}.png")
+            save_png(label_image(predicted), save_predictions / f"{image_id}.png")
         if save_vis is not None:
-            _save_png(overlay(image, predicted, dataset.class_names), save_vis / f"{image_id}.png")
+            save_png(overlay(image, predicted, dataset.class_names), save_vis / f"{image_id}.png")
         bar.update()
     bar.close()
     confusion.all_reduce()
@@ -89,11 +88,11 @@ def write_results(document: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{document['dataset']}.json"
     markdown_path = out_dir / f"{document['dataset']}.md"
-    _write_text(json_path, _json_with_matrix_rows(document))
+    write_atomically(json_path, _json_with_matrix_rows(document))
     summary = f"# {document['dataset']} {document['split']}: mIoU {_percent(document['mIoU'])}\n\n"
     absent = document["absent_classes"]
     note = f"\n\nLeft out of the mean (in neither ground truth nor prediction): {', '.join(absent)}." if absent else ""
-    _write_text(markdown_path, summary + format_results(document) + note + "\n")
+    write_atomically(markdown_path, summary + format_results(document) + note + "\n")
     return json_path, markdown_path
 
 
@@ -107,19 +106,3 @@ def _json_with_matrix_rows(document: dict) -> str:
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
-
-
-def _save_png(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-
-
-def _write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -7,11 +7,14 @@ decision (best class, or background below the threshold) is `evaluation.windows.
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.atomic import atomic_path
 
 
 def compose_assignments(
@@ -107,3 +110,9 @@ def _with_legend(picture: Image.Image, present: list[int], class_names: Sequence
         draw.rectangle((left, top, left + line - 4, top + line - 4), fill=swatch)
         draw.text((left + line + pad, top), class_names[class_index], fill="black", font=font)
     return canvas
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG atomically (a killed run leaves the old file or none, never a truncated one)."""
+    with atomic_path(path) as partial:
+        image.save(partial, format="PNG")

@@ -63,10 +63,11 @@ def segment(
 ) -> None:
     from tqdm import tqdm
 
-    from evaluation.labeling import label_image, overlay
+    from evaluation.labeling import label_image, overlay, save_png
     from evaluation.loading import ModelOptions, load_model
     from evaluation.segmenter import describe_segments
     from evaluation.windows import Geometry
+    from pipeline.atomic import write_atomically
     from pipeline.images import ImageDecodeError, decode_image
     from pipeline.teacher import resolve_device
 
@@ -84,7 +85,7 @@ def segment(
     segmenter = loaded.segmenter(class_names, bg_threshold)
     out.mkdir(parents=True, exist_ok=True)
     settings = {**loaded.description, "labeling": segmenter.rule.to_dict(), "geometry": vars(geometry)}
-    (out / "zs-segment.json").write_text(json.dumps({**settings, "class_names": list(class_names)}, indent=1))
+    write_atomically(out / "zs-segment.json", json.dumps({**settings, "class_names": list(class_names)}, indent=1))
     failed = 0
     for path, name in tqdm(inputs, desc="segmenting", disable=not progress):
         try:
@@ -96,11 +97,11 @@ def segment(
         result = segmenter.segment(image)
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        label_image(result.labels).save(target.with_name(f"{target.name}.png"))
-        overlay(image, result.labels, class_names).save(target.with_name(f"{target.name}-overlay.png"))
+        save_png(label_image(result.labels), target.with_name(f"{target.name}.png"))
+        save_png(overlay(image, result.labels, class_names), target.with_name(f"{target.name}-overlay.png"))
         record = {"image": str(path), "width": image.width, "height": image.height}
         record["segments"] = describe_segments(result, class_names)
-        target.with_name(f"{target.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_atomically(target.with_name(f"{target.name}.json"), json.dumps(record, indent=1) + "\n")
     del loaded, segmenter
     gc.collect()
     typer.echo(f"segmented {len(inputs) - failed} of {len(inputs)} images into {out}")

@@ -9,7 +9,6 @@ differ under one identity, e.g. random ones, never share an entry), the class na
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from pipeline.atomic import atomic_path
 from pipeline.teacher import TeacherIdentity
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -109,15 +109,7 @@ def _read_cache(path: Path, class_names: Sequence[str], templates: Sequence[str]
 def _write_cache(path: Path, entry: dict) -> None:
     """Atomic (temporary file + rename); a cache that cannot be written only costs a warning."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        with atomic_path(path) as partial:
+            torch.save(entry, partial)
     except OSError as exc:
         warnings.warn(f"text embeddings not cached: {exc}", stacklevel=3)
-        return
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(entry, stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.atomic import atomic_path
 from pipeline.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -218,11 +219,9 @@ def pack_h5(folder: str | Path, out: str | Path, progress: bool = True) -> int:
         raise UserError(f"pack-h5 needs a folder of images, got '{folder}'")
     keys = source.keys()
     out = Path(out)
-    partial = out.with_name(f".{out.name}.partial")
-    with h5py.File(partial, "w") as handle:
+    with atomic_path(out) as partial, h5py.File(partial, "w") as handle:
         handle.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
         images = handle.create_dataset("images", shape=(len(keys),), dtype=h5py.vlen_dtype(np.uint8))
         for i, key in enumerate(tqdm(keys, desc="packing", unit="img", disable=not progress)):
             images[i] = np.frombuffer(source.read(key), dtype=np.uint8)
-    os.replace(partial, out)
     return len(keys)

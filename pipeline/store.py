@@ -18,7 +18,6 @@ not store chunks that were never written, so those gaps cost no disk.
 """
 
 import json
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from filelock import FileLock, Timeout
 from zarr.codecs import ZstdCodec
 
 from pipeline import __version__
+from pipeline.atomic import atomic_path
 from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
@@ -209,9 +209,8 @@ class FeatureStore:
     def commit(self, shard: int, rows: pa.Table) -> None:
         """Publish a shard: its manifest part appears atomically, after its features."""
         final = self.part_path(shard)
-        partial = final.with_name(f".{final.name}.partial")
-        pq.write_table(rows.cast(MANIFEST_SCHEMA), partial)
-        os.replace(partial, final)
+        with atomic_path(final) as partial:
+            pq.write_table(rows.cast(MANIFEST_SCHEMA), partial)
 
 
 def manifest_rows(shard: int, first_row: int, records: list[dict]) -> pa.Table:

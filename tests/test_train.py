@@ -252,3 +252,12 @@ def test_images_that_moved_vanished_or_changed_since_caching_are_one_line_errors
     photos.rename(tmp_path / "elsewhere")
     moved = train(store, tmp_path / "r3", *run)
     refused(moved, f"image source '{photos}' recorded in the store is not reachable")
+
+
+def test_resume_after_a_kill_mid_metrics_line(store, tmp_path):
+    assert train(store, tmp_path / "run", "--steps", "2").returncode == 0
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "epoch": 0.6, "lr": 0.00')  # the torn line of a run killed while logging
+    resumed = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--steps", "3", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [line["step"] for line in metrics(tmp_path / "run")] == [1, 2, 3]

@@ -19,7 +19,6 @@ Files are RUN_DIR/checkpoints/step-00001000.pt, each written under a temporary n
 renamed: a run killed while saving leaves the previous checkpoints untouched.
 """
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_path
 from pipeline.errors import UserError
 from trainer.config import ModelConfig
 from trainer.model import ZeroSeg
@@ -53,12 +53,8 @@ def save_checkpoint(run_dir: str | Path, payload: dict[str, Any], keep_last: int
     """Write payload as the checkpoint of step payload["step"] atomically; delete all but the last keep_last."""
     path = checkpoint_path(run_dir, payload["step"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        torch.save(payload, partial)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink()
     return path

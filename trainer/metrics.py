@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import write_atomically
 from pipeline.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,8 +36,8 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_FILE
         kept = []
         if resumed_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+            kept = [line for line in _records(self.path.read_text()) if json.loads(line)["step"] <= resumed_step]
+        write_atomically(self.path, "".join(f"{line}\n" for line in kept))
         self.tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -55,7 +56,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise UserError(f"'{run_dir}' holds no {METRICS_FILE}: is it a zs-train run directory?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in _records(path.read_text())]
     if not records:
         raise UserError(f"'{path}' is empty: the run has not logged a step yet")
     return records
@@ -67,3 +68,15 @@ def _tensorboard_writer(folder: Path):
     except ImportError:
         return None
     return SummaryWriter(str(folder))
+
+
+def _records(text: str) -> list[str]:
+    """The complete lines of a metrics file: a run killed while appending leaves a torn last line."""
+    lines = []
+    for line in text.splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        lines.append(line)
+    return lines

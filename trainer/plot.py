@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from pipeline.atomic import atomic_path
 from trainer.metrics import read_metrics
 
 PLOT_FILE = "curves.png"
@@ -35,6 +36,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     figure.suptitle(str(run_dir))
     figure.tight_layout()
     path = Path(out) if out is not None else Path(run_dir) / PLOT_FILE
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)
     return path

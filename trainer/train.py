@@ -28,6 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pipeline.atomic import write_atomically
 from pipeline.errors import UserError
 from trainer import distributed
 from trainer.checkpoint import (
@@ -212,7 +213,7 @@ class Trainer:
         main = self.process.is_main
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomically(run_dir / CONFIG_FILE, config_yaml(cfg))
+            write_atomically(run_dir / CONFIG_FILE, config_yaml(cfg))
             log(self._describe(end))
         metrics = MetricsLog(run_dir, self.start_step if self.start_step else None) if main else None
         accum = cfg.optim.accum_steps
@@ -368,7 +369,3 @@ class Interval:
         }  # fmt: skip
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)

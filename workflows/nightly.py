@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 from filelock import FileLock, Timeout
 
+from pipeline.atomic import write_atomically
 from pipeline.store import FeatureStore
 from trainer.checkpoint import latest_checkpoint
 
@@ -163,11 +164,11 @@ def report(config: dict, work_dir: Path, evals: Path | None, added: int) -> bool
         "datasets": {name: {"mIoU": r["mIoU"], "pixel_accuracy": r["pixel_accuracy"]} for name, r in results.items()},
         "previous": last and {"checkpoint": last["checkpoint"], "date": last["date"]},
     }
-    write_atomic(Path(f"{stem}.md"), markdown(document, last))
+    write_atomically(Path(f"{stem}.md"), markdown(document, last))
     if os.environ.get("ZEROSEG_NIGHTLY_CRASH") == "report":
         print("nightly: injected crash in report", flush=True)
         sys.exit(CRASH_EXIT)
-    write_atomic(Path(f"{stem}.json"), json.dumps(document, indent=1) + "\n")
+    write_atomically(Path(f"{stem}.json"), json.dumps(document, indent=1) + "\n")
     print(f"report: {stem}.md", flush=True)
     return True
 
@@ -191,12 +192,6 @@ def markdown(document: dict, last: dict | None) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="nightly YAML (see workflows/nightly.example.yaml)")
@@ -213,7 +208,7 @@ def main() -> None:
         state_path = work_dir / "state.json"
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}
         added = cache(config)
-        trained = train(config, state, lambda: write_atomic(state_path, json.dumps(state, indent=1)))
+        trained = train(config, state, lambda: write_atomically(state_path, json.dumps(state, indent=1)))
         reported = report(config, work_dir, evaluate(config, work_dir), added)
         print("nightly: done" if added or trained or reported else "nightly: nothing new, no work done", flush=True)
     finally:

@@ -1,0 +1,33 @@
+"""Files that appear whole or not at all: write a temporary sibling, flush it to disk, rename it over
+the target. A reader (or a process resumed after a kill) sees the old file or the new one, never a
+partial one. Every stage writes its results this way."""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields the temporary path to write (a dot-name beside `path`, ignored by Parquet readers, source
+    listings and globs); when the block ends it is synced and renamed over `path`, or removed on error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: str | Path, content: str | bytes) -> None:
+    with atomic_path(path) as partial:
+        if isinstance(content, str):
+            partial.write_text(content, encoding="utf-8")
+        else:
+            partial.write_bytes(content)
