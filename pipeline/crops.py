@@ -49,6 +49,21 @@ def view_layout(grids: Sequence[int]) -> list[tuple[int, int, int]]:
     return [(g, r, c) for g in grids for r in range(g) for c in range(g)]
 
 
+def to_model_input(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) float pixels 0..255 -> (B, 3, size, size) normalised model input: resized (bicubic,
+    antialiased, clamped to 0..255) when h, w differ from size; mean, std: (1, 3, 1, 1) in 0..255 units.
+    The teacher's views and the student's images both go through here."""
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        images = images.clamp(0.0, 255.0)
+    return (images - mean) / std
+
+
+def channel_stats(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """A mean or std given in 0..1 units as a (1, 3, 1, 1) tensor in 0..255 units."""
+    return torch.tensor(values, device=device).view(1, 3, 1, 1) * 255.0
+
+
 def grid_views(
     crops: torch.Tensor,
     grids: Sequence[int],
@@ -63,17 +78,12 @@ def grid_views(
     """
     batch, size = crops.shape[0], crops.shape[1]
     images = crops.permute(0, 3, 1, 2).float()  # (B, 3, S, S), 0..255
-    mean_t = torch.tensor(mean, device=crops.device).view(1, 3, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=crops.device).view(1, 3, 1, 1) * 255.0
+    mean_t, std_t = channel_stats(mean, crops.device), channel_stats(std, crops.device)
     views = []
     for grid in grids:
         edges = cell_boundaries(size, grid)
         for r in range(grid):
             for c in range(grid):
                 cell = images[:, :, edges[r] : edges[r + 1], edges[c] : edges[c + 1]]
-                if cell.shape[-2:] != (view_size, view_size):
-                    cell = F.interpolate(
-                        cell, size=(view_size, view_size), mode="bicubic", antialias=True, align_corners=False
-                    ).clamp_(0.0, 255.0)
-                views.append((cell - mean_t) / std_t)
+                views.append(to_model_input(cell, view_size, mean_t, std_t))
     return torch.stack(views, dim=1).reshape(batch, len(views), 3, view_size, view_size)

@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-import torch.nn.functional as F
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.crops import channel_stats, to_model_input
 from pipeline.errors import UserError
 from pipeline.reader import CropReader
 from pipeline.store import FeatureStore, StoreMeta
@@ -187,14 +187,10 @@ class ModelInput:
     mean/std, resized (bicubic, antialiased) to the model's image_size when S differs."""
 
     def __init__(self, meta: StoreMeta, image_size: int, device: torch.device):
-        self.mean = torch.tensor(meta.preprocessing["mean"], device=device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(meta.preprocessing["std"], device=device).view(1, 3, 1, 1) * 255.0
+        self.mean = channel_stats(meta.preprocessing["mean"], device)
+        self.std = channel_stats(meta.preprocessing["std"], device)
         self.image_size = image_size
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         images = crops.permute(0, 3, 1, 2).float()  # (B, 3, S, S), 0..255
-        if images.shape[-1] != self.image_size:
-            size = (self.image_size, self.image_size)
-            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
-            images = images.clamp_(0.0, 255.0)
-        return (images - self.mean) / self.std
+        return to_model_input(images, self.image_size, self.mean, self.std)
