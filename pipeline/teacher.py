@@ -41,20 +41,30 @@ class TeacherIdentity:
         return self.model == other.model and same_weights and self.quick_gelu == other.quick_gelu
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks cuda:0 when there is a GPU; 'cpu' and 'cuda:K' are checked to exist."""
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device a process computes on, checked to exist.
+
+    auto: cuda:LOCAL_RANK when a GPU is visible, else cpu; cuda: cuda:LOCAL_RANK; cuda:K: that GPU (a
+    single process only: under torchrun every rank takes its own); cpu.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
     try:
-        resolved = torch.device(device)
+        device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device '{device}' (use auto, cpu or cuda:K)") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device '{device}' asked for, but no CUDA GPU is visible")
-        if (resolved.index or 0) >= torch.cuda.device_count():
-            raise UserError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) visible")
-    return resolved
+        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:K)") from None
+    if device.type != "cuda":
+        raise UserError(f"unsupported device '{name}' (use auto, cpu, cuda or cuda:K)")
+    if not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for, but no CUDA GPU is visible")
+    if device.index is not None and world_size > 1:
+        raise UserError(f"device '{name}' names one GPU; under torchrun use cuda or auto (one GPU per rank)")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise UserError(f"GPU {index} does not exist: {torch.cuda.device_count()} visible")
+    return torch.device("cuda", index)
 
 
 def resolve_model_name(teacher: str) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import UserError
+from pipeline.teacher import resolve_device
 
 
 @dataclass(frozen=True)
@@ -39,28 +39,6 @@ class Process:
 def env_rank() -> int:
     """This process's rank under torchrun (0 for a plain process); readable before `setup`."""
     return int(os.environ.get("RANK", 0))
-
-
-def resolve_device(name: str, local_rank: int, world_size: int) -> torch.device:
-    """auto: cuda:LOCAL_RANK when a GPU is visible, else cpu. cuda: cuda:LOCAL_RANK. cuda:K: single process."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:K)") from None
-    if device.type != "cuda":
-        raise UserError(f"unsupported device '{name}' (use auto, cpu, cuda or cuda:K)")
-    if not torch.cuda.is_available():
-        raise UserError(f"device '{name}' asked for, but no CUDA GPU is visible")
-    if device.index is not None and world_size > 1:
-        raise UserError(f"run.device '{name}' names one GPU; under torchrun use cuda or auto (one GPU per rank)")
-    index = local_rank if device.index is None else device.index
-    if index >= torch.cuda.device_count():
-        raise UserError(f"GPU {index} does not exist: {torch.cuda.device_count()} visible")
-    return torch.device("cuda", index)
 
 
 def setup(device_name: str) -> Process:
