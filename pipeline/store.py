@@ -18,6 +18,7 @@ not store chunks that were never written, so those gaps cost no disk.
 """
 
 import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -202,9 +203,20 @@ class FeatureStore:
     def write_shard(self, shard: int, features: np.ndarray, crops: np.ndarray | None) -> None:
         """A shard's features (n, V, D) and, in stores that keep them, its crops (n, S, S, 3)."""
         start = self.shard_rows(shard)
-        self.features[start : start + len(features)] = features
-        if self.meta.stored_crops:
-            self.crops[start : start + len(crops)] = crops
+        arrays = [(FEATURES, features)] + ([(CROPS, crops)] if self.meta.stored_crops else [])
+        for name, values in arrays:
+            self.group[name][start : start + len(values)] = values
+            self._sync_chunks(name, start, len(values))
+
+    def _sync_chunks(self, name: str, start: int, count: int) -> None:
+        """Flush a row range's chunk files to disk, so a part committed after them survives a power loss."""
+        array, chunk = self.group[name], self.meta.chunk_size
+        for index in range(start // chunk, (start + count - 1) // chunk + 1):
+            key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+            path = self.path / name / key
+            if path.exists():  # Zarr writes no file for a chunk of fill values (a shard of failed images)
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
 
     def commit(self, shard: int, rows: pa.Table) -> None:
         """Publish a shard: its manifest part appears atomically, after its features."""
