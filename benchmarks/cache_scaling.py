@@ -16,9 +16,9 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from pipeline.build import BuildOptions, run_build
-from pipeline.distributed import TeacherSpec, describe_teacher_on_worker
-from pipeline.teacher import resolve_identity
+from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.pipeline.distributed import TeacherSpec, describe_teacher_on_worker
+from zeroseg.pipeline.teacher import resolve_identity
 
 PHOTOS_ROOT = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 TEACHER = "ViT-B-32"

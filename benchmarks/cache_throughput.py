@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.build import BuildOptions, run_build
-from pipeline.crops import crop_from_bytes, grid_views
-from pipeline.teacher import Teacher, resolve_device, resolve_identity
+from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.pipeline.crops import crop_from_bytes, grid_views
+from zeroseg.pipeline.teacher import Teacher, resolve_device, resolve_identity
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 GRIDS = [1, 2, 3, 4]

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from evaluation.classnames import VOC_CLASS_NAMES
-from evaluation.datasets import open_dataset
-from evaluation.evaluate import segment_split
-from evaluation.segmenter import LabelingRule, Segmenter, ZeroSegScorer
-from evaluation.windows import Geometry
-from pipeline.teacher import resolve_device
-from trainer.config import model_preset
-from trainer.distributed import Process
-from trainer.model import ZeroSeg
+from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
+from zeroseg.evaluation.datasets import open_dataset
+from zeroseg.evaluation.evaluate import segment_split
+from zeroseg.evaluation.segmenter import LabelingRule, Segmenter, ZeroSegScorer
+from zeroseg.evaluation.windows import Geometry
+from zeroseg.pipeline.teacher import resolve_device
+from zeroseg.trainer.config import model_preset
+from zeroseg.trainer.distributed import Process
+from zeroseg.trainer.model import ZeroSeg
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

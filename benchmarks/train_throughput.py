@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.build import BuildOptions, run_build
-from trainer import distributed
-from trainer.data import StoreBatches, StoreSamples, check_store, make_loader
-from trainer.train import Trainer
-from trainer.train_config import build_config
+from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.trainer import distributed
+from zeroseg.trainer.data import StoreBatches, StoreSamples, check_store, make_loader
+from zeroseg.trainer.train import Trainer
+from zeroseg.trainer.train_config import build_config
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 

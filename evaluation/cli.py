@@ -8,10 +8,10 @@ from pathlib import Path
 
 import typer
 
-from evaluation import cli_options
-from evaluation.datasets import DATASET_NAMES, DEFAULT_SPLITS, open_dataset, prepared_coco_dir
-from pipeline.cli import run_cli
-from pipeline.errors import UserError
+from zeroseg.evaluation import cli_options
+from zeroseg.evaluation.datasets import DATASET_NAMES, DEFAULT_SPLITS, open_dataset, prepared_coco_dir
+from zeroseg.pipeline.cli import run_cli
+from zeroseg.pipeline.errors import UserError
 
 RULES = """
 Labeling rules. Class names (index 0 'background' excluded) go through the text tower of the teacher
@@ -85,11 +85,11 @@ def evaluate(
     window_batch: int = typer.Option(8, help="Windows per forward pass in slide mode."),
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
-    from evaluation.evaluate import results_document, score_saved_predictions, write_results
-    from evaluation.loading import ModelOptions, load_model
-    from evaluation.metrics import format_results
-    from evaluation.windows import Geometry
-    from trainer import distributed
+    from zeroseg.evaluation.evaluate import results_document, score_saved_predictions, write_results
+    from zeroseg.evaluation.loading import ModelOptions, load_model
+    from zeroseg.evaluation.metrics import format_results
+    from zeroseg.evaluation.windows import Geometry
+    from zeroseg.trainer import distributed
 
     opened = [(open_dataset(name, data_root, split), split or DEFAULT_SPLITS.get(name)) for name in datasets]
     if predictions is not None and checkpoint is not None:
@@ -134,7 +134,7 @@ def evaluate(
 
 def _segment_dataset(loaded, dataset, threshold, process, saving, workers: int, progress: bool):
     """(confusion matrix, config) of one dataset; its segmenter is released on return."""
-    from evaluation.evaluate import segment_split
+    from zeroseg.evaluation.evaluate import segment_split
 
     segmenter = loaded.segmenter(dataset.class_names, threshold)
     confusion = segment_split(dataset, segmenter, process, *saving, workers=workers, progress=progress)
@@ -183,7 +183,7 @@ def prepare_coco(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """COCO-Object label maps (0 background, 1..80 things; one PNG per image) from an instances JSON."""
-    from evaluation.coco_prepare import prepare_coco_object
+    from zeroseg.evaluation.coco_prepare import prepare_coco_object
 
     if out is None and data_root is None:
         raise UserError("give --data-root (to write where zs-eval looks) or --out")

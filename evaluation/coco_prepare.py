@@ -17,9 +17,9 @@ import numpy as np
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from evaluation.classnames import COCO_CATEGORY_TO_INDEX
-from evaluation.labeling import label_image, save_png
-from pipeline.errors import UserError
+from zeroseg.evaluation.classnames import COCO_CATEGORY_TO_INDEX
+from zeroseg.evaluation.labeling import label_image, save_png
+from zeroseg.pipeline.errors import UserError
 
 
 def prepare_coco_object(instances_json: str | Path, out_dir: str | Path, progress: bool = True) -> int:

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.classnames import (
+from zeroseg.evaluation.classnames import (
     COCO_CATEGORY_TO_INDEX,
     COCO_OBJECT_CLASS_NAMES,
     CONTEXT_CLASS_NAMES,
     VOC_CLASS_NAMES,
 )
-from pipeline.errors import UserError
+from zeroseg.pipeline.errors import UserError
 
 DATASET_NAMES = ("voc", "context", "coco")
 DEFAULT_SPLITS = {"voc": "val", "context": "val", "coco": "val2017"}

@@ -8,15 +8,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from evaluation.datasets import SegmentationDataset
-from evaluation.labeling import label_image, overlay, save_png
-from evaluation.metrics import ConfusionMatrix, format_results, segmentation_results
-from evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
-from evaluation.segmenter import Segmenter
-from pipeline import __version__
-from pipeline.atomic import write_atomically
-from pipeline.build import prefetch_map
-from trainer.distributed import Process
+from zeroseg import __version__
+from zeroseg.evaluation.datasets import SegmentationDataset
+from zeroseg.evaluation.labeling import label_image, overlay, save_png
+from zeroseg.evaluation.metrics import ConfusionMatrix, format_results, segmentation_results
+from zeroseg.evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
+from zeroseg.evaluation.segmenter import Segmenter
+from zeroseg.pipeline.atomic import write_atomically
+from zeroseg.pipeline.build import prefetch_map
+from zeroseg.trainer.distributed import Process
 
 
 def segment_split(

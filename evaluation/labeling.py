@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.atomic import atomic_path
+from zeroseg.pipeline.atomic import atomic_path
 
 
 def compose_assignments(

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from evaluation.segmenter import LabelingRule, MaskClipScorer, Scorer, Segmenter, ZeroSegScorer
-from evaluation.text import TEMPLATE_SETS, class_text_embeddings
-from evaluation.windows import Geometry
-from pipeline.errors import UserError
-from pipeline.teacher import TeacherIdentity, create_clip, resolve_identity
+from zeroseg.evaluation.segmenter import LabelingRule, MaskClipScorer, Scorer, Segmenter, ZeroSegScorer
+from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
+from zeroseg.evaluation.windows import Geometry
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.teacher import TeacherIdentity, create_clip, resolve_identity
 
 MODELS = ("zeroseg", "maskclip")
 
@@ -81,7 +81,7 @@ def load_model(options: ModelOptions, device: torch.device) -> LoadedModel:
 
 
 def _load_zeroseg(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
-    from trainer.checkpoint import load_model as load_checkpoint
+    from zeroseg.trainer.checkpoint import load_model as load_checkpoint
 
     if options.checkpoint is None:
         raise UserError("--checkpoint is required for --model zeroseg (MaskCLIP needs none: --model maskclip)")

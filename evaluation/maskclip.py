@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from pipeline.errors import UserError
+from zeroseg.pipeline.errors import UserError
 
 
 def check_maskclip_tower(visual: nn.Module) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.datasets import SegmentationDataset, read_label_png
-from evaluation.metrics import ConfusionMatrix
-from pipeline.errors import UserError
+from zeroseg.evaluation.datasets import SegmentationDataset, read_label_png
+from zeroseg.evaluation.metrics import ConfusionMatrix
+from zeroseg.pipeline.errors import UserError
 
 
 def prediction_paths(dataset: SegmentationDataset, predictions_dir: str | Path) -> list[Path]:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import typer
 
-from evaluation import cli_options
-from evaluation.classnames import VOCABULARIES
-from pipeline.cli import run_cli
-from pipeline.errors import UserError
-from pipeline.sources import IMAGE_EXTENSIONS
+from zeroseg.evaluation import cli_options
+from zeroseg.evaluation.classnames import VOCABULARIES
+from zeroseg.pipeline.cli import run_cli
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.sources import IMAGE_EXTENSIONS
 
 VOCABULARY_NAMES = {**VOCABULARIES, "imagenet1k": VOCABULARIES["imagenet"]}
 
@@ -63,13 +63,13 @@ def segment(
 ) -> None:
     from tqdm import tqdm
 
-    from evaluation.labeling import label_image, overlay, save_png
-    from evaluation.loading import ModelOptions, load_model
-    from evaluation.segmenter import describe_segments
-    from evaluation.windows import Geometry
-    from pipeline.atomic import write_atomically
-    from pipeline.images import ImageDecodeError, decode_image
-    from pipeline.teacher import resolve_device
+    from zeroseg.evaluation.labeling import label_image, overlay, save_png
+    from zeroseg.evaluation.loading import ModelOptions, load_model
+    from zeroseg.evaluation.segmenter import describe_segments
+    from zeroseg.evaluation.windows import Geometry
+    from zeroseg.pipeline.atomic import write_atomically
+    from zeroseg.pipeline.images import ImageDecodeError, decode_image
+    from zeroseg.pipeline.teacher import resolve_device
 
     class_names = read_vocabulary(classes, vocabulary)
     inputs = collect_images(images, out)

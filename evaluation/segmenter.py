@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evaluation.labeling import class_scores, compose_assignments
-from evaluation.maskclip import check_maskclip_tower, maskclip_features
-from evaluation.windows import (
+from zeroseg.evaluation.labeling import class_scores, compose_assignments
+from zeroseg.evaluation.maskclip import check_maskclip_tower, maskclip_features
+from zeroseg.evaluation.windows import (
     DenseWindowScores,
     Geometry,
     GroupWindowScores,
@@ -35,7 +35,7 @@ from evaluation.windows import (
     resized_shape,
     window_threshold,
 )
-from trainer.model import ZeroSeg
+from zeroseg.trainer.model import ZeroSeg
 
 
 @dataclass

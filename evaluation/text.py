@@ -17,8 +17,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from pipeline.atomic import atomic_path
-from pipeline.teacher import TeacherIdentity
+from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.pipeline.teacher import TeacherIdentity
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 OPENAI_TEMPLATES = tuple(template("{}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES)  # 80

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.crops import crop_from_bytes, view_layout
-from pipeline.errors import UserError
-from pipeline.images import ImageDecodeError
-from pipeline.sources import Source, open_source, tar_of
-from pipeline.store import FeatureStore, StoreMeta, builder_lock, manifest_rows
-from pipeline.teacher import Teacher, TeacherIdentity, resolve_device, resolve_identity
+from zeroseg.pipeline.crops import crop_from_bytes, view_layout
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.images import ImageDecodeError
+from zeroseg.pipeline.sources import Source, open_source, tar_of
+from zeroseg.pipeline.store import FeatureStore, StoreMeta, builder_lock, manifest_rows
+from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_device, resolve_identity
 
 CROP_RULE = "centre square of side min(W, H), resized to crop_size (see pipeline.crops)"
 DEFAULT_SHARD_SIZE = 1024
@@ -333,7 +333,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
             return summary
         settings = EncodeSettings(tuple(opts.grids), opts.batch_size, opts.image_size, name, store_crops)
         if on_cluster:
-            from pipeline.distributed import build_on_cluster
+            from zeroseg.pipeline.distributed import build_on_cluster
 
             build_on_cluster(store, source, pending, identity, settings, opts, summary, log)
         else:

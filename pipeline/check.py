@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from pipeline.store import FeatureStore
+from zeroseg.pipeline.store import FeatureStore
 
 
 def disk_size(path: Path) -> int:

@@ -5,7 +5,7 @@ import sys
 
 import typer
 
-from pipeline.errors import UserError
+from zeroseg.pipeline.errors import UserError
 
 app = typer.Typer(
     help="Stage one of zeroseg: run a CLIP teacher over grid views of centre-cropped images and keep the "
@@ -69,7 +69,7 @@ def build(
     ),
 ) -> None:
     """Cache teacher features of every image in SOURCE not yet in the store (resumable, incremental)."""
-    from pipeline.build import BuildOptions, run_build
+    from zeroseg.pipeline.build import BuildOptions, run_build
 
     opts = BuildOptions(
         source=source, store=store, grids=parse_grids(grids), teacher=teacher, pretrained=pretrained,
@@ -99,7 +99,7 @@ def pack_h5_command(
     out: str = typer.Argument(..., help="HDF5 file to write: datasets /keys (strings) and /images (bytes)."),
 ) -> None:
     """Pack a folder of images into one HDF5 file, a source for zs-cache build."""
-    from pipeline.sources import pack_h5
+    from zeroseg.pipeline.sources import pack_h5
 
     count = pack_h5(folder, out)
     typer.echo(f"packed {count} images into {out}")
@@ -108,8 +108,8 @@ def pack_h5_command(
 @app.command()
 def inspect(store: str = typer.Argument(..., help="Store directory.")) -> None:
     """Counts, teacher, grids, size on disk and an error summary of a store."""
-    from pipeline.check import describe
-    from pipeline.store import FeatureStore
+    from zeroseg.pipeline.check import describe
+    from zeroseg.pipeline.store import FeatureStore
 
     for line in describe(FeatureStore.open(store)):
         typer.echo(line)
@@ -121,8 +121,8 @@ def verify(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Check that manifest and features agree: every ok row exactly once, written, no NaN/Inf."""
-    from pipeline.check import verify as verify_store
-    from pipeline.store import FeatureStore
+    from zeroseg.pipeline.check import verify as verify_store
+    from zeroseg.pipeline.store import FeatureStore
 
     problems, counts = verify_store(FeatureStore.open(store), progress=progress)
     for line in problems[:50]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.images import decode_image
+from zeroseg.pipeline.images import decode_image
 
 
 def centre_crop(image: Image.Image, size: int) -> np.ndarray:

@@ -37,7 +37,7 @@ from distributed.comm import CommClosedError
 from distributed.system import MEMORY_LIMIT
 from tqdm import tqdm
 
-from pipeline.build import (
+from zeroseg.pipeline.build import (
     BuildOptions,
     BuildSummary,
     EncodeSettings,
@@ -49,10 +49,10 @@ from pipeline.build import (
     prefetch_map,
     prepare_store,
 )
-from pipeline.errors import UserError
-from pipeline.sources import Source, source_from_spec
-from pipeline.store import FeatureStore, manifest_rows
-from pipeline.teacher import Teacher, TeacherIdentity, resolve_device
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.sources import Source, source_from_spec
+from zeroseg.pipeline.store import FeatureStore, manifest_rows
+from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_device
 
 RETRIES = 2
 WORKERS_TIMEOUT_S = 120

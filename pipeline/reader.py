@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.crops import crop_from_bytes
-from pipeline.errors import UserError
-from pipeline.sources import Source, source_from_spec
-from pipeline.store import CROPS, StoreMeta
+from zeroseg.pipeline.crops import crop_from_bytes
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.sources import Source, source_from_spec
+from zeroseg.pipeline.store import CROPS, StoreMeta
 
 
 class CropReader:

@@ -29,8 +29,8 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_path
-from pipeline.errors import UserError
+from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.pipeline.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}

@@ -32,9 +32,9 @@ import zarr
 from filelock import FileLock, Timeout
 from zarr.codecs import ZstdCodec
 
-from pipeline import __version__
-from pipeline.atomic import atomic_path
-from pipeline.errors import UserError
+from zeroseg import __version__
+from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST_DIR = "manifest"

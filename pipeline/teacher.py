@@ -13,8 +13,8 @@ import open_clip
 import torch
 from open_clip.pretrained import get_pretrained_cfg
 
-from pipeline.crops import grid_views
-from pipeline.errors import UserError
+from zeroseg.pipeline.crops import grid_views
+from zeroseg.pipeline.errors import UserError
 
 RANDOM_TEACHER_SEED = 0
 

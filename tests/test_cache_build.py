@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.build import BuildOptions, plan_shards, run_build
-from pipeline.cli import main as zs_cache
-from pipeline.reader import CropReader
-from pipeline.sources import pack_h5
-from pipeline.store import FeatureStore, builder_lock
-from pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
 from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+from zeroseg.pipeline.build import BuildOptions, plan_shards, run_build
+from zeroseg.pipeline.cli import main as zs_cache
+from zeroseg.pipeline.reader import CropReader
+from zeroseg.pipeline.sources import pack_h5
+from zeroseg.pipeline.store import FeatureStore, builder_lock
+from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
 
 TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,
             batch_size=3, image_size=64, progress=False)
@@ -125,7 +125,7 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(photos, tmp_path):
     args = ["build", photos, "--store", tmp_path / "killed", "--teacher", TINY_TEACHER, "--pretrained", "none",
             "--device", "cpu", "--shard-size", "4", "--chunk-size", "2", "--batch-size", "2",
             "--image-size", "64", "--no-progress", "--decode-threads", "1"]
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)],
+    process = subprocess.Popen([sys.executable, "-m", "zeroseg.pipeline.cli", *map(str, args)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = tmp_path / "killed" / "manifest"
     deadline = time.time() + 120
@@ -135,7 +135,7 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(photos, tmp_path):
     process.wait()
     committed = len(list(manifest.glob("shard-*.parquet")))
     assert 2 <= committed < 13, "the kill should land mid-build"
-    resumed = run_cli("pipeline.cli", *args)
+    resumed = run_cli("zeroseg.pipeline.cli", *args)
     assert resumed.returncode == 0, resumed.stderr
     assert f"cached {50 - 0} images" not in resumed.stdout  # only the missing shards were redone
     build(photos, tmp_path / "clean", batch_size=2)
@@ -144,12 +144,12 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(photos, tmp_path):
     assert killed.manifest(columns).sort_by("key").equals(clean.manifest(columns).sort_by("key"))
     np.testing.assert_allclose(killed.features[:].astype(np.float32), clean.features[:].astype(np.float32),
                                atol=1e-3)
-    assert run_cli("pipeline.cli", "verify", tmp_path / "killed").returncode == 0
+    assert run_cli("zeroseg.pipeline.cli", "verify", tmp_path / "killed").returncode == 0
 
 
 def test_second_builder_is_refused(photos, tmp_path):
     with builder_lock(tmp_path / "store"):
-        refused = run_cli("pipeline.cli", "build", photos, "--store", tmp_path / "store", "--teacher",
+        refused = run_cli("zeroseg.pipeline.cli", "build", photos, "--store", tmp_path / "store", "--teacher",
                           TINY_TEACHER, "--pretrained", "none", "--device", "cpu")
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
@@ -277,7 +277,7 @@ def test_store_made_with_other_teacher_or_grids_is_refused(photos, tmp_path):
     checkpoint = tmp_path / "tiny.pt"
     identity = resolve_identity(str(TINY_TEACHER), "none")
     torch.manual_seed(1)
-    from pipeline.teacher import create_clip
+    from zeroseg.pipeline.teacher import create_clip
 
     torch.save(create_clip(identity, torch.device("cpu")).state_dict(), checkpoint)
     common = ["--store", tmp_path / "store", "--teacher", TINY_TEACHER, "--device", "cpu", "--image-size", "64"]
@@ -289,7 +289,7 @@ def test_store_made_with_other_teacher_or_grids_is_refused(photos, tmp_path):
 
 def test_local_weights_file_is_loaded_and_recorded(photos, tmp_path):
     """The offline path for real weights: a checkpoint file saved here, loaded by path, hashed."""
-    from pipeline.teacher import create_clip, sha256_file
+    from zeroseg.pipeline.teacher import create_clip, sha256_file
 
     identity = resolve_identity(str(TINY_TEACHER), "none")
     torch.manual_seed(7)
@@ -302,7 +302,7 @@ def test_local_weights_file_is_loaded_and_recorded(photos, tmp_path):
     record = store.manifest().to_pylist()[0]
     crop = CropReader(store.meta).crop(record["source"], record["key"])
     with torch.inference_mode():
-        from pipeline.crops import grid_views
+        from zeroseg.pipeline.crops import grid_views
 
         views = grid_views(torch.from_numpy(crop[None]), [1], 32, model.visual.preprocess_cfg["mean"],
                            model.visual.preprocess_cfg["std"])
@@ -365,7 +365,7 @@ def test_a_new_store_never_overwrites_a_folder_and_keeps_its_lock_while_it_is_cr
 
     import threading
 
-    from pipeline.errors import UserError
+    from zeroseg.pipeline.errors import UserError
 
     for i in range(3):  # 37 images: the build is still running when its store appears
         shutil.copytree(photos / "JPEGImages", photos / f"more{i}")

@@ -17,10 +17,11 @@ import pytest
 import torch
 from distributed import Client, LocalCluster
 
-from pipeline.build import BuildOptions, EncodeSettings, Shard, run_build
-from pipeline.cli import main as zs_cache
-from pipeline.crops import crop_from_bytes
-from pipeline.distributed import (
+from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+from zeroseg.pipeline.build import BuildOptions, EncodeSettings, Shard, run_build
+from zeroseg.pipeline.cli import main as zs_cache
+from zeroseg.pipeline.crops import crop_from_bytes
+from zeroseg.pipeline.distributed import (
     ShardJob,
     TeacherSpec,
     WorkerUserError,
@@ -28,12 +29,11 @@ from pipeline.distributed import (
     require_visible,
     worker_counts,
 )
-from pipeline.errors import UserError
-from pipeline.reader import CropReader
-from pipeline.sources import open_source
-from pipeline.store import FeatureStore
-from pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
-from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.reader import CropReader
+from zeroseg.pipeline.sources import open_source
+from zeroseg.pipeline.store import FeatureStore
+from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
 
 TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,
             batch_size=3, image_size=64, progress=False)
@@ -169,7 +169,7 @@ def test_worker_killed_mid_build_still_finishes(tmp_path):
     store = tmp_path / "store"
     args = ["build", photos, "--store", store, "--teacher", TINY_TEACHER, "--pretrained", "none", "--shard-size", "2",
             "--chunk-size", "2", "--batch-size", "1", "--image-size", "64", "--no-progress", "--workers", "2"]
-    build_process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], text=True,
+    build_process = subprocess.Popen([sys.executable, "-m", "zeroseg.pipeline.cli", *map(str, args)], text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
     deadline = time.time() + 120
     while time.time() < deadline and len(list((store / "manifest").glob("shard-*.parquet"))) < 2:
@@ -183,7 +183,7 @@ def test_worker_killed_mid_build_still_finishes(tmp_path):
     assert committed_at_kill < 25, "the kill should land mid-build"
     assert build_process.returncode == 0, stderr
     assert "Dask dashboard: http://" in stderr and "cached 50 images, 0 errors" in stdout
-    verified = run_cli("pipeline.cli", "verify", store, "--no-progress")
+    verified = run_cli("zeroseg.pipeline.cli", "verify", store, "--no-progress")
     assert verified.returncode == 0 and "50 ok rows, 0 errors, 25 shards" in verified.stdout
     assert not workers[0].is_running()
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.crops import cell_boundaries, centre_crop, grid_views, view_layout
+from zeroseg.pipeline.crops import cell_boundaries, centre_crop, grid_views, view_layout
 
 
 def test_cell_boundaries_are_exact_integers():

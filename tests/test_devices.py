@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.teacher import resolve_device
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.teacher import resolve_device
 
 
 def test_cpu_and_auto_without_a_gpu():

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.cli import main as zs_eval
-from evaluation.segment_cli import main as zs_segment
-from pipeline.build import BuildOptions, run_build
 from tests.conftest import COCO_ROOT, FIXTURES, TINY_TEACHER, VOC_ROOT, invoke
-from trainer.cli import main as zs_train
+from zeroseg.evaluation.cli import main as zs_eval
+from zeroseg.evaluation.segment_cli import main as zs_segment
+from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.trainer.cli import main as zs_train
 
 SMALL = ("--short-side", "64", "--crop-size", "64", "--stride", "32", "--no-progress")
 
@@ -124,7 +124,7 @@ def test_two_gloo_processes_give_the_confusion_matrix_of_one(setup, tmp_path):
     assert single.returncode == 0, single.stderr
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "evaluation.cli", *map(str, arguments), "--output", str(tmp_path / "two"),
+        "-m", "zeroseg.evaluation.cli", *map(str, arguments), "--output", str(tmp_path / "two"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=Path(__file__).parents[1])

@@ -7,13 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import windows as windows_module
-from evaluation.classnames import VOC_CLASS_NAMES
-from evaluation.labeling import class_scores, compose_assignments
-from evaluation.maskclip import maskclip_features
-from evaluation.segmenter import LabelingRule, MaskClipScorer, Segmenter, ZeroSegScorer, describe_segments
-from evaluation.text import class_text_embeddings
-from evaluation.windows import (
+from tests.conftest import TINY_TEACHER, VOC_ROOT
+from zeroseg.evaluation import windows as windows_module
+from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
+from zeroseg.evaluation.labeling import class_scores, compose_assignments
+from zeroseg.evaluation.maskclip import maskclip_features
+from zeroseg.evaluation.segmenter import LabelingRule, MaskClipScorer, Segmenter, ZeroSegScorer, describe_segments
+from zeroseg.evaluation.text import class_text_embeddings
+from zeroseg.evaluation.windows import (
     DenseWindowScores,
     Geometry,
     GroupWindowScores,
@@ -22,10 +23,9 @@ from evaluation.windows import (
     resized_shape,
     window_starts,
 )
-from pipeline.teacher import create_clip, resolve_identity
-from tests.conftest import TINY_TEACHER, VOC_ROOT
-from trainer.config import model_preset
-from trainer.model import ZeroSeg
+from zeroseg.pipeline.teacher import create_clip, resolve_identity
+from zeroseg.trainer.config import model_preset
+from zeroseg.trainer.model import ZeroSeg
 
 PHOTO = VOC_ROOT / "JPEGImages" / "2007_000033.jpg"  # 500 x 366
 SMALL = dict(short_side=64, crop_size=64, stride=32)

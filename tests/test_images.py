@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, decode_image
 from tests.conftest import PHOTOS
+from zeroseg.pipeline.images import ImageDecodeError, decode_image
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:

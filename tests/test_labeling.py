@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.labeling import compose_assignments, label_image, overlay, palette
-from evaluation.segmenter import LabelingRule
-from evaluation.windows import GroupWindowScores, combine_windows
+from zeroseg.evaluation.labeling import compose_assignments, label_image, overlay, palette
+from zeroseg.evaluation.segmenter import LabelingRule
+from zeroseg.evaluation.windows import GroupWindowScores, combine_windows
 
 # A 2x2 token grid (row-major tokens t0 t1 / t2 t3) grouped into 3, then 2 groups.
 STAGE_ONE = torch.tensor(

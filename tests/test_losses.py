@@ -3,10 +3,10 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.crops import view_layout
-from trainer.config import LossConfig, model_preset
-from trainer.losses import distillation_loss, reconstruction_loss, segment_matching_loss, total_loss
-from trainer.model import ZeroSegOutput
+from zeroseg.pipeline.crops import view_layout
+from zeroseg.trainer.config import LossConfig, model_preset
+from zeroseg.trainer.losses import distillation_loss, reconstruction_loss, segment_matching_loss, total_loss
+from zeroseg.trainer.model import ZeroSegOutput
 
 
 def test_reconstruction_loss_averages_masked_patches_only():

@@ -8,17 +8,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from evaluation.datasets import SegmentationDataset, open_dataset
-from evaluation.evaluate import score_saved_predictions
-from evaluation.metrics import (
+from zeroseg.evaluation.datasets import SegmentationDataset, open_dataset
+from zeroseg.evaluation.evaluate import score_saved_predictions
+from zeroseg.evaluation.metrics import (
     ConfusionMatrix,
     confusion_matrix,
     format_results,
     per_class_iou,
     segmentation_results,
 )
-from pipeline.errors import UserError
-from trainer.distributed import Process
+from zeroseg.pipeline.errors import UserError
+from zeroseg.trainer.distributed import Process
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VOC_LABELS = FIXTURES / "VOCdevkit" / "VOC2012" / "SegmentationClass"

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.crops import view_layout
-from trainer.config import LossConfig, ModelConfig, model_preset
-from trainer.grouping import GroupingBlock, GroupingStage, straight_through
-from trainer.losses import total_loss
-from trainer.model import ZeroSeg, patchify
-from trainer.vit import interpolate_pos_embed, sincos_pos_embed_2d
+from zeroseg.pipeline.crops import view_layout
+from zeroseg.trainer.config import LossConfig, ModelConfig, model_preset
+from zeroseg.trainer.grouping import GroupingBlock, GroupingStage, straight_through
+from zeroseg.trainer.losses import total_loss
+from zeroseg.trainer.model import ZeroSeg, patchify
+from zeroseg.trainer.vit import interpolate_pos_embed, sincos_pos_embed_2d
 
 
 def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int]) -> torch.Tensor:

@@ -4,10 +4,10 @@ import pytest
 import torch
 from open_clip import get_tokenizer
 
-from evaluation.loading import read_templates
-from evaluation.text import DEFAULT_TEMPLATES, OPENAI_TEMPLATES, class_text_embeddings
-from pipeline.errors import UserError
-from pipeline.teacher import create_clip, resolve_identity
+from zeroseg.evaluation.loading import read_templates
+from zeroseg.evaluation.text import DEFAULT_TEMPLATES, OPENAI_TEMPLATES, class_text_embeddings
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.teacher import create_clip, resolve_identity
 
 TINY_CLIP = str(Path(__file__).parent / "fixtures" / "zs-tiny-clip.json")
 NAMES = ["aeroplane", "table", "monitor"]

@@ -16,10 +16,10 @@ import yaml
 
 from tests.conftest import PHOTOS, invoke
 from tests.test_train_data import make_store
-from trainer.checkpoint import list_checkpoints, load_model
-from trainer.cli import main
-from trainer.metrics import METRIC_KEYS
-from trainer.train_config import build_config
+from zeroseg.trainer.checkpoint import list_checkpoints, load_model
+from zeroseg.trainer.cli import main
+from zeroseg.trainer.metrics import METRIC_KEYS
+from zeroseg.trainer.train_config import build_config
 
 REPO = Path(__file__).parent.parent
 TINY_RUN = (
@@ -105,8 +105,8 @@ def test_two_gloo_processes_equal_one_process(store, tmp_path):
     assert one.returncode == 0, one.stderr
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "trainer.cli", "run", "--store", str(store), "--run-dir", str(tmp_path / "two"), *TINY_RUN, *steps,
-        "--workers", "1",
+        "-m", "zeroseg.trainer.cli", "run", "--store", str(store), "--run-dir", str(tmp_path / "two"), *TINY_RUN,
+        *steps, "--workers", "1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     two = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -193,9 +193,9 @@ def test_run_directory_metrics_plot_and_model_for_evaluation(store, finished_run
 def test_sigterm_checkpoints_after_the_current_step_and_resume_continues(store, tmp_path):
     """A scheduler's SIGTERM to the whole process group (loader worker included): a checkpoint at the step
     reached, exit 143, and --resume goes on from there."""
-    command = [sys.executable, "-m", "trainer.cli", "run", "--store", str(store), "--run-dir", str(tmp_path / "run"),
-               *TINY_RUN, "--steps", "5000", "--workers", "1", "--set", "run.checkpoint_every=100000",
-               "--set", "run.log_every=7"]
+    command = [sys.executable, "-m", "zeroseg.trainer.cli", "run", "--store", str(store),
+               "--run-dir", str(tmp_path / "run"), *TINY_RUN, "--steps", "5000", "--workers", "1",
+               "--set", "run.checkpoint_every=100000", "--set", "run.log_every=7"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
@@ -221,7 +221,7 @@ def test_ablations_that_leave_parts_untrained_run_under_ddp(store, tmp_path):
     parameters without gradient; two gloo processes must still train them."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "trainer.cli", "run", "--store", str(store), "--run-dir", str(tmp_path / "run"), *TINY_RUN,
+        "-m", "zeroseg.trainer.cli", "run", "--store", str(store), "--run-dir", str(tmp_path / "run"), *TINY_RUN,
         "--steps", "3", "--set", "loss.grids=[1]", "--set", "model.mask_ratio=0.0",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}

@@ -7,12 +7,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.errors import UserError
-from trainer.config import LossConfig, model_preset
-from trainer.model import ZeroSeg
-from trainer.optim import make_optimizer
-from trainer.schedule import Schedule, make_schedule, peak_lr
-from trainer.train_config import TrainConfig, build_config, config_yaml, read_config_file
+from zeroseg.pipeline.errors import UserError
+from zeroseg.trainer.config import LossConfig, model_preset
+from zeroseg.trainer.model import ZeroSeg
+from zeroseg.trainer.optim import make_optimizer
+from zeroseg.trainer.schedule import Schedule, make_schedule, peak_lr
+from zeroseg.trainer.train_config import TrainConfig, build_config, config_yaml, read_config_file
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

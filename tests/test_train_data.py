@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.build import BuildOptions, run_build
-from pipeline.errors import UserError
-from pipeline.reader import CropReader
-from pipeline.store import FeatureStore
 from tests.conftest import PHOTOS, TINY_TEACHER
-from trainer.config import LossConfig, model_preset
-from trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
-from trainer.sampling import BatchPlan, SampleOrder
+from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.reader import CropReader
+from zeroseg.pipeline.store import FeatureStore
+from zeroseg.trainer.config import LossConfig, model_preset
+from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
+from zeroseg.trainer.sampling import BatchPlan, SampleOrder
 
 CHUNK = 2
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from filelock import FileLock
 
-from pipeline.check import verify
-from pipeline.store import FeatureStore
 from tests.conftest import PHOTOS, TINY_TEACHER, VOC_ROOT
+from zeroseg.pipeline.check import verify
+from zeroseg.pipeline.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 NIGHTLY = REPO / "workflows" / "nightly.py"

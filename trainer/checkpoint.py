@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_path
-from pipeline.errors import UserError
-from trainer.config import ModelConfig
-from trainer.model import ZeroSeg
+from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.pipeline.errors import UserError
+from zeroseg.trainer.config import ModelConfig
+from zeroseg.trainer.model import ZeroSeg
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"

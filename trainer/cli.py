@@ -2,7 +2,7 @@
 
     zs-train run --store STORE --run-dir RUN [--config FILE] [--preset tiny|base] [--steps N | --epochs E]
                  [--set section.key=value ...] [--resume] [--stop-at N]
-    torchrun --nproc_per_node 8 -m trainer.cli run ...      (one process per GPU; gloo on the CPU)
+    torchrun --nproc_per_node 8 -m zeroseg.trainer.cli run ...      (one process per GPU; gloo on the CPU)
     zs-train config [--config FILE] [--set ...]              (print the effective configuration)
     zs-train plot RUN                                        (RUN/curves.png from RUN/metrics.jsonl)
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli import run_cli
-from pipeline.errors import UserError
+from zeroseg.pipeline.cli import run_cli
+from zeroseg.pipeline.errors import UserError
 
 app = typer.Typer(
     help="Stage two of zeroseg: distill the CLIP teacher's cached grid features into the ZeroSeg student "
@@ -55,9 +55,9 @@ def run(
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
     """Train ZeroSeg on a feature store (single process, or one process per GPU under torchrun)."""
-    from trainer import distributed
-    from trainer.train import CONFIG_FILE, TrainingDiverged, run_training
-    from trainer.train_config import build_config, read_config_file
+    from zeroseg.trainer import distributed
+    from zeroseg.trainer.train import CONFIG_FILE, TrainingDiverged, run_training
+    from zeroseg.trainer.train_config import build_config, read_config_file
 
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
@@ -101,7 +101,7 @@ def show_config(
     overrides: list[str] = SET_OPTION,
 ) -> None:
     """Print the effective configuration (defaults < --config < --set) as YAML: every key zs-train run reads."""
-    from trainer.train_config import build_config, config_yaml, read_config_file
+    from zeroseg.trainer.train_config import build_config, config_yaml, read_config_file
 
     explicit = {"model.preset": preset} if preset is not None else {}
     cfg = build_config(read_config_file(config) if config else {}, overrides, explicit)
@@ -114,7 +114,7 @@ def plot(
     out: str | None = typer.Option(None, help="PNG to write (default RUN_DIR/curves.png)."),
 ) -> None:
     """Plot a run's loss terms, learning rate, throughput and data wait into a PNG."""
-    from trainer.plot import plot_metrics
+    from zeroseg.trainer.plot import plot_metrics
 
     typer.echo(f"wrote {plot_metrics(run_dir, out)}")
 

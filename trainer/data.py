@@ -26,12 +26,12 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.crops import channel_stats, to_model_input
-from pipeline.errors import UserError
-from pipeline.reader import CropReader
-from pipeline.store import FeatureStore, StoreMeta
-from trainer.config import LossConfig, ModelConfig
-from trainer.sampling import BatchPlan, SampleOrder
+from zeroseg.pipeline.crops import channel_stats, to_model_input
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.reader import CropReader
+from zeroseg.pipeline.store import FeatureStore, StoreMeta
+from zeroseg.trainer.config import LossConfig, ModelConfig
+from zeroseg.trainer.sampling import BatchPlan, SampleOrder
 
 
 class Batch(NamedTuple):
@@ -176,7 +176,7 @@ def make_loader(dataset: StoreBatches, first: int, last: int, workers: int, pref
 def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave a scheduler's stop signal to the training process, which checkpoints first
     (they exit with it; see trainer.preemption)."""
-    from trainer.preemption import STOP_SIGNALS
+    from zeroseg.trainer.preemption import STOP_SIGNALS
 
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)

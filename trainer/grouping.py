@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.vit import Block, Mlp, layer_norm
+from zeroseg.trainer.vit import Block, Mlp, layer_norm
 
 
 def straight_through(soft: torch.Tensor, dim: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from trainer.config import LossConfig, ModelConfig
-from trainer.model import ZeroSegOutput, patchify
+from zeroseg.trainer.config import LossConfig, ModelConfig
+from zeroseg.trainer.model import ZeroSegOutput, patchify
 
 
 def l1_distances(a: torch.Tensor, b: torch.Tensor, reduction: str = "sum") -> torch.Tensor:

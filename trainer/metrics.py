@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_atomically
-from pipeline.errors import UserError
+from zeroseg.pipeline.atomic import write_atomically
+from zeroseg.pipeline.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 METRIC_KEYS = (

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig
-from trainer.grouping import GroupingStage
-from trainer.masking import num_kept, random_masking
-from trainer.vit import Block, Mlp, PatchEmbed, interpolate_pos_embed, layer_norm, sincos_pos_embed_2d
+from zeroseg.trainer.config import ModelConfig
+from zeroseg.trainer.grouping import GroupingStage
+from zeroseg.trainer.masking import num_kept, random_masking
+from zeroseg.trainer.vit import Block, Mlp, PatchEmbed, interpolate_pos_embed, layer_norm, sincos_pos_embed_2d
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pipeline.atomic import atomic_path
-from trainer.metrics import read_metrics
+from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.trainer.metrics import read_metrics
 
 PLOT_FILE = "curves.png"
 

@@ -3,8 +3,8 @@
 import math
 from dataclasses import dataclass
 
-from pipeline.errors import UserError
-from trainer.train_config import OptimConfig, ScheduleConfig
+from zeroseg.pipeline.errors import UserError
+from zeroseg.trainer.train_config import OptimConfig, ScheduleConfig
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline.atomic import write_atomically
-from pipeline.errors import UserError
-from trainer import distributed
-from trainer.checkpoint import (
+from zeroseg.pipeline.atomic import write_atomically
+from zeroseg.pipeline.errors import UserError
+from zeroseg.trainer import distributed
+from zeroseg.trainer.checkpoint import (
     FORMAT,
     latest_checkpoint,
     read_checkpoint,
@@ -39,15 +39,15 @@ from trainer.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
-from trainer.losses import total_loss
-from trainer.metrics import MetricsLog
-from trainer.model import ZeroSeg
-from trainer.optim import make_optimizer
-from trainer.preemption import StopRequest
-from trainer.sampling import BatchPlan
-from trainer.schedule import make_schedule
-from trainer.train_config import TrainConfig, config_yaml
+from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
+from zeroseg.trainer.losses import total_loss
+from zeroseg.trainer.metrics import MetricsLog
+from zeroseg.trainer.model import ZeroSeg
+from zeroseg.trainer.optim import make_optimizer
+from zeroseg.trainer.preemption import StopRequest
+from zeroseg.trainer.sampling import BatchPlan
+from zeroseg.trainer.schedule import make_schedule
+from zeroseg.trainer.train_config import TrainConfig, config_yaml
 
 LOSS_TERMS = ("total", "recon", "distill", "match")
 CONFIG_FILE = "config.yaml"

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UserError
-from trainer.config import PRESET_NAMES, LossConfig, ModelConfig, model_preset
+from zeroseg.pipeline.errors import UserError
+from zeroseg.trainer.config import PRESET_NAMES, LossConfig, ModelConfig, model_preset
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ from pathlib import Path
 import yaml
 from filelock import FileLock, Timeout
 
-from pipeline.atomic import write_atomically
-from pipeline.store import FeatureStore
-from trainer.checkpoint import latest_checkpoint
+from zeroseg.pipeline.atomic import write_atomically
+from zeroseg.pipeline.store import FeatureStore
+from zeroseg.trainer.checkpoint import latest_checkpoint
 
 CRASH_EXIT = 86
 
@@ -90,7 +90,7 @@ def cache(config: dict) -> int:
     for source in config["sources"]:
         path, name = (source["path"], source.get("name")) if isinstance(source, dict) else (source, None)
         naming = ["--source-name", name] if name else []
-        command = stage("pipeline.cli", "build", path, "--store", store, *naming, *config.get("cache_args", []))
+        command = stage("zeroseg.pipeline.cli", "build", path, "--store", store, *naming, *config.get("cache_args", []))
         committed = len(list(parts.glob("shard-*.parquet")))
         run_step("cache", command, lambda committed=committed: len(list(parts.glob("shard-*.parquet"))) > committed)
     added = ok_rows(store) - before
@@ -116,7 +116,7 @@ def train(config: dict, state: dict, save_state: Callable[[], None]) -> bool:
     print(f"train: step {step} -> {target} on {rows} images", flush=True)
     args = ["run", "--store", config["store"], "--run-dir", run_dir, "--stop-at", target, "--no-progress"]
     args += ["--resume"] if latest is not None else list(config["train"].get("args", []))
-    run_step("train", stage("trainer.cli", *args),
+    run_step("train", stage("zeroseg.trainer.cli", *args),
              lambda: checkpoint_step(latest_checkpoint(run_dir)) > step)
     state.update(trained_rows=state["target_rows"], target_step=None, target_rows=None)
     save_state()
@@ -136,7 +136,7 @@ def evaluate(config: dict, work_dir: Path) -> Path | None:
     print(f"eval: {checkpoint.stem} on {', '.join(datasets)}", flush=True)
     args = [*datasets, "--checkpoint", checkpoint, "--data-root", config["eval"]["data_root"], "--output", out,
             "--no-progress", *config["eval"].get("args", [])]
-    run_step("eval", stage("evaluation.cli", *args), lambda: False)
+    run_step("eval", stage("zeroseg.evaluation.cli", *args), lambda: False)
     return out
 
 
@@ -154,7 +154,7 @@ def report(config: dict, work_dir: Path, evals: Path | None, added: int) -> bool
     results = {
         name: json.loads((evals / f"{name}.json").read_text()) for name in config["eval"]["datasets"]
     }
-    run_step("report", stage("trainer.cli", "plot", config["train"]["run_dir"], "--out", f"{stem}.png"),
+    run_step("report", stage("zeroseg.trainer.cli", "plot", config["train"]["run_dir"], "--out", f"{stem}.png"),
              lambda: False)
     document = {
         "date": datetime.date.today().isoformat(),
