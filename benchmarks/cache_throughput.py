@@ -21,7 +21,8 @@ import torch
 
 from zeroseg.pipeline.build import BuildOptions, run_build
 from zeroseg.pipeline.crops import crop_from_bytes, grid_views
-from zeroseg.pipeline.teacher import Teacher, resolve_device, resolve_identity
+from zeroseg.pipeline.runtime import resolve_device
+from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 GRIDS = [1, 2, 3, 4]

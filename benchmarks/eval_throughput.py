@@ -23,7 +23,7 @@ from zeroseg.evaluation.datasets import open_dataset
 from zeroseg.evaluation.evaluate import segment_split
 from zeroseg.evaluation.segmenter import LabelingRule, Segmenter, ZeroSegScorer
 from zeroseg.evaluation.windows import Geometry
-from zeroseg.pipeline.teacher import resolve_device
+from zeroseg.pipeline.runtime import resolve_device
 from zeroseg.trainer.config import model_preset
 from zeroseg.trainer.distributed import Process
 from zeroseg.trainer.model import ZeroSeg

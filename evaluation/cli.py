@@ -10,8 +10,8 @@ import typer
 
 from zeroseg.evaluation import cli_options
 from zeroseg.evaluation.datasets import DATASET_NAMES, DEFAULT_SPLITS, open_dataset, prepared_coco_dir
-from zeroseg.pipeline.cli import run_cli
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import run_cli
 
 RULES = """
 Labeling rules. Class names (index 0 'background' excluded) go through the text tower of the teacher

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from zeroseg.evaluation.classnames import COCO_CATEGORY_TO_INDEX
 from zeroseg.evaluation.labeling import label_image, save_png
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import first_line
 
 
 def prepare_coco_object(instances_json: str | Path, out_dir: str | Path, progress: bool = True) -> int:
@@ -45,7 +46,7 @@ def _load_instances(path: Path) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
             coco = COCO(str(path))
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
-        raise UserError(f"{path} is not a COCO instances JSON: {exc}".splitlines()[0]) from None
+        raise UserError(f"{path} is not a COCO instances JSON: {first_line(exc)}") from None
     if not coco.imgs:
         raise UserError(f"{path} lists no images")
     unknown = sorted({ann["category_id"] for ann in coco.anns.values()} - COCO_CATEGORY_TO_INDEX.keys())

@@ -32,6 +32,7 @@ from zeroseg.evaluation.classnames import (
     VOC_CLASS_NAMES,
 )
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import first_line
 
 DATASET_NAMES = ("voc", "context", "coco")
 DEFAULT_SPLITS = {"voc": "val", "context": "val", "coco": "val2017"}
@@ -83,7 +84,7 @@ class SegmentationDataset:
             with Image.open(path) as opened:
                 return opened.convert("RGB")
         except (OSError, SyntaxError, ValueError) as exc:
-            raise UserError(f"cannot read image {path}: {exc}".splitlines()[0]) from None
+            raise UserError(f"cannot read image {path}: {first_line(exc)}") from None
 
     def load_label(self, index: int) -> np.ndarray:
         path = self.samples[index].label_path
@@ -109,7 +110,7 @@ def read_label_png(path: Path) -> np.ndarray:
                 raise UserError(f"{path} is a {opened.mode} image, not palette or greyscale class indices")
             return np.asarray(opened)
     except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"cannot read label map {path}: {exc}".splitlines()[0]) from None
+        raise UserError(f"cannot read label map {path}: {first_line(exc)}") from None
 
 
 def coco_stuff_lookup() -> np.ndarray:

@@ -15,7 +15,7 @@ from zeroseg.evaluation.metrics import ConfusionMatrix, format_results, segmenta
 from zeroseg.evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
 from zeroseg.evaluation.segmenter import Segmenter
 from zeroseg.pipeline.atomic import write_atomically
-from zeroseg.pipeline.build import prefetch_map
+from zeroseg.pipeline.runtime import prefetch_map
 from zeroseg.trainer.distributed import Process
 
 

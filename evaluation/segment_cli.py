@@ -11,8 +11,8 @@ import typer
 
 from zeroseg.evaluation import cli_options
 from zeroseg.evaluation.classnames import VOCABULARIES
-from zeroseg.pipeline.cli import run_cli
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import run_cli
 from zeroseg.pipeline.sources import IMAGE_EXTENSIONS
 
 VOCABULARY_NAMES = {**VOCABULARIES, "imagenet1k": VOCABULARIES["imagenet"]}
@@ -69,7 +69,7 @@ def segment(
     from zeroseg.evaluation.windows import Geometry
     from zeroseg.pipeline.atomic import write_atomically
     from zeroseg.pipeline.images import ImageDecodeError, decode_image
-    from zeroseg.pipeline.teacher import resolve_device
+    from zeroseg.pipeline.runtime import resolve_device
 
     class_names = read_vocabulary(classes, vocabulary)
     inputs = collect_images(images, out)

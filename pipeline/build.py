@@ -11,8 +11,8 @@ finished shard while the teacher goes on with the next.
 
 import hashlib
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -25,9 +25,10 @@ from tqdm import tqdm
 from zeroseg.pipeline.crops import crop_from_bytes, view_layout
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import ImageDecodeError
+from zeroseg.pipeline.runtime import prefetch_map, resolve_device
 from zeroseg.pipeline.sources import Source, open_source, tar_of
 from zeroseg.pipeline.store import FeatureStore, StoreMeta, builder_lock, manifest_rows
-from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_device, resolve_identity
+from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
 
 CROP_RULE = "centre square of side min(W, H), resized to crop_size (see pipeline.crops)"
 DEFAULT_SHARD_SIZE = 1024
@@ -156,18 +157,6 @@ def decode_item(source: Source, key: str, crop_size: int) -> Decoded:
         return Decoded(key, sha256=digest, error=f"undecodable image: {type(exc).__name__}: {exc}")
     return Decoded(key, crop, width, height, digest)
 
-
-def prefetch_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
-    """fn over items in a thread pool, results in input order, at most `ahead` in flight."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        iterator = iter(items)
-        in_flight: deque[Future] = deque(pool.submit(fn, item) for _, item in zip(range(ahead), iterator))
-        while in_flight:
-            result = in_flight.popleft().result()
-            for item in iterator:
-                in_flight.append(pool.submit(fn, item))
-                break
-            yield result
 
 
 def encode_shard(

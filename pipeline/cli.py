@@ -1,11 +1,11 @@
 """`zs-cache`: stage one of zeroseg, the teacher feature store."""
 
 import os
-import sys
 
 import typer
 
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import run_cli
 
 app = typer.Typer(
     help="Stage one of zeroseg: run a CLIP teacher over grid views of centre-cropped images and keep the "
@@ -132,36 +132,6 @@ def verify(
         raise typer.Exit(1)
     typer.echo(f"store {store} verified: {counts['ok']} ok rows, {counts['error']} errors, {counts['shards']} shards")
 
-
-def user_message(exc: UserError) -> str:
-    """One line: the reason's first line; for an error raised in a DataLoader worker (which torch re-raises
-    with the worker's traceback) the original message, the traceback's last line."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    if lines[0].startswith("Caught UserError in DataLoader worker"):
-        return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
-    return lines[0]
-
-
-def run_cli(typer_app: typer.Typer) -> None:
-    """Run a Typer app, turning UserError into one line on stderr and exit code 2."""
-    try:
-        result = typer_app(standalone_mode=False)
-    except UserError as exc:
-        typer.echo(f"error: {user_message(exc)}", err=True)
-        sys.exit(2)
-    except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
-    sys.exit(result if isinstance(result, int) else 0)
 
 
 def main() -> None:

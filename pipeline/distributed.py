@@ -46,13 +46,13 @@ from zeroseg.pipeline.build import (
     describe_teacher,
     encode_shard,
     plan_and_reserve,
-    prefetch_map,
     prepare_store,
 )
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import first_line, prefetch_map, resolve_device
 from zeroseg.pipeline.sources import Source, source_from_spec
 from zeroseg.pipeline.store import FeatureStore, manifest_rows
-from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_device
+from zeroseg.pipeline.teacher import Teacher, TeacherIdentity
 
 RETRIES = 2
 WORKERS_TIMEOUT_S = 120
@@ -234,9 +234,6 @@ def raise_user_error(result):
         raise UserError(result.message)
     return result
 
-
-def first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _wait_for_workers(client: Client, count: int, where: str) -> None:

@@ -15,6 +15,7 @@ from open_clip.pretrained import get_pretrained_cfg
 
 from zeroseg.pipeline.crops import grid_views
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import first_line
 
 RANDOM_TEACHER_SEED = 0
 
@@ -40,31 +41,6 @@ class TeacherIdentity:
             same_weights = self.pretrained == other.pretrained
         return self.model == other.model and same_weights and self.quick_gelu == other.quick_gelu
 
-
-def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """The device a process computes on, checked to exist.
-
-    auto: cuda:LOCAL_RANK when a GPU is visible, else cpu; cuda: cuda:LOCAL_RANK; cuda:K: that GPU (a
-    single process only: under torchrun every rank takes its own); cpu.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:K)") from None
-    if device.type != "cuda":
-        raise UserError(f"unsupported device '{name}' (use auto, cpu, cuda or cuda:K)")
-    if not torch.cuda.is_available():
-        raise UserError(f"device '{name}' asked for, but no CUDA GPU is visible")
-    if device.index is not None and world_size > 1:
-        raise UserError(f"device '{name}' names one GPU; under torchrun use cuda or auto (one GPU per rank)")
-    index = local_rank if device.index is None else device.index
-    if index >= torch.cuda.device_count():
-        raise UserError(f"GPU {index} does not exist: {torch.cuda.device_count()} visible")
-    return torch.device("cuda", index)
 
 
 def resolve_model_name(teacher: str) -> str:
@@ -146,7 +122,7 @@ def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Mod
                 device=device,
             )
     except Exception as exc:  # a missing download, a corrupt file or another architecture's weights
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc) or type(exc).__name__
         hint = "" if Path(str(identity.pretrained)).is_file() else " (offline? pass a local weights file)"
         raise UserError(
             f"could not load teacher weights '{identity.pretrained}' into {identity.model}{hint}: {reason}"

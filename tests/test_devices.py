@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.teacher import resolve_device
+from zeroseg.pipeline.runtime import resolve_device
 
 
 def test_cpu_and_auto_without_a_gpu():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
-from zeroseg.pipeline.cli import run_cli
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import run_cli
 
 app = typer.Typer(
     help="Stage two of zeroseg: distill the CLIP teacher's cached grid features into the ZeroSeg student "

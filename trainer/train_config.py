@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import first_line
 from zeroseg.trainer.config import PRESET_NAMES, LossConfig, ModelConfig, model_preset
 
 
@@ -151,7 +152,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             raise UserError(f"config file '{path}' must end in .yaml, .yml or .toml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise UserError(f"config file '{path}' is not valid: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"config file '{path}' is not valid: {first_line(exc)}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file '{path}' must hold a mapping of sections")
     return values

@@ -1,0 +1,92 @@
+"""Run-time helpers every stage shares: the device a process computes on, how a command turns a UserError
+into one line and an exit code, the first line of an exception, and an ordered thread-pool map."""
+
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import click
+import typer
+
+from zeroseg.pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message ("" when it has none)."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> "torch.device":
+    """The device a process computes on, checked to exist.
+
+    auto: cuda:LOCAL_RANK when a GPU is visible, else cpu; cuda: cuda:LOCAL_RANK; cuda:K: that GPU (a
+    single process only: under torchrun every rank takes its own); cpu. (torch is imported here, so that a
+    command's --help stays fast.)
+    """
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:K)") from None
+    if device.type != "cuda":
+        raise UserError(f"unsupported device '{name}' (use auto, cpu, cuda or cuda:K)")
+    if not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for, but no CUDA GPU is visible")
+    if device.index is not None and world_size > 1:
+        raise UserError(f"device '{name}' names one GPU; under torchrun use cuda or auto (one GPU per rank)")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise UserError(f"GPU {index} does not exist: {torch.cuda.device_count()} visible")
+    return torch.device("cuda", index)
+
+
+def prefetch_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
+    """fn over items in a thread pool, results in input order, at most `ahead` in flight."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        iterator = iter(items)
+        in_flight: deque[Future] = deque(pool.submit(fn, item) for _, item in zip(range(ahead), iterator))
+        while in_flight:
+            result = in_flight.popleft().result()
+            for item in iterator:
+                in_flight.append(pool.submit(fn, item))
+                break
+            yield result
+
+
+def user_message(exc: UserError) -> str:
+    """One line: the reason's first line; for an error raised in a DataLoader worker (which torch re-raises
+    with the worker's traceback) the original message, the traceback's last line."""
+    lines = str(exc).strip().splitlines()
+    if lines and lines[0].startswith("Caught UserError in DataLoader worker"):
+        return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
+    return first_line(exc) or type(exc).__name__
+
+
+def run_cli(typer_app: typer.Typer) -> None:
+    """Run a Typer app, turning UserError into one line on stderr and exit code 2."""
+    try:
+        result = typer_app(standalone_mode=False)
+    except UserError as exc:
+        typer.echo(f"error: {user_message(exc)}", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(result if isinstance(result, int) else 0)
