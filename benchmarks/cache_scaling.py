@@ -16,8 +16,9 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from zeroseg.pipeline.build import BuildOptions, run_build
-from zeroseg.pipeline.distributed import TeacherSpec, describe_teacher_on_worker
+from zeroseg.pipeline.build import run_build
+from zeroseg.pipeline.build_options import BuildOptions
+from zeroseg.pipeline.dask_build import TeacherSpec, describe_teacher_on_worker
 from zeroseg.pipeline.teacher import resolve_identity
 
 PHOTOS_ROOT = Path(__file__).resolve().parents[1] / "tests" / "fixtures"

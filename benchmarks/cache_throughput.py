@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.pipeline.build import run_build
+from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.crops import crop_from_bytes, grid_views
 from zeroseg.pipeline.runtime import resolve_device
 from zeroseg.pipeline.teacher import Teacher, resolve_identity

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.pipeline.build import run_build
+from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.trainer import distributed
 from zeroseg.trainer.data import StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.train import Trainer

@@ -4,6 +4,7 @@ import os
 
 import typer
 
+from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.runtime import run_cli
 
@@ -14,6 +15,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+DEFAULT = BuildOptions(source="", store="")  # the one source of the build defaults
 
 
 def parse_grids(text: str) -> list[int]:
@@ -30,46 +33,58 @@ def build(
         "(img2dataset), an HDF5 file made by pack-h5, or a list file (one path per line, or Parquet with --column)."
     ),
     store: str = typer.Option(..., "--store", help="Store directory; created, resumed or appended to."),
-    grids: str = typer.Option("1,2,3,4", help="Grids of views per crop: g gives g x g cells (1,2,3,4 = 30 views)."),
-    teacher: str = typer.Option("ViT-L-14", help="open_clip model name, or the path of a model-config JSON."),
+    grids: str = typer.Option(
+        ",".join(map(str, DEFAULT.grids)), help="Grids of views per crop: g gives g x g cells (1,2,3,4 = 30 views)."
+    ),
+    teacher: str = typer.Option(DEFAULT.teacher, help="open_clip model name, or the path of a model-config JSON."),
     pretrained: str = typer.Option(
-        "openai", help="open_clip tag (downloads), a local weights file, or 'none' for random weights."
+        DEFAULT.pretrained, help="open_clip tag (downloads), a local weights file, or 'none' for random weights."
     ),
     quick_gelu: bool | None = typer.Option(
-        None, "--quick-gelu/--no-quick-gelu",
+        DEFAULT.quick_gelu, "--quick-gelu/--no-quick-gelu",
         help="Force the activation; default: QuickGELU for OpenAI weights and *-quickgelu models.",
     ),
-    batch_size: int = typer.Option(64, help="Images per teacher step (each gives one view per grid cell)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda:K."),
-    shard_size: int | None = typer.Option(
-        None, help="Images per shard, the unit of atomic commit and resume (default 1024; fixed per store)."
+    batch_size: int = typer.Option(
+        DEFAULT.batch_size, help="Images per teacher step (each gives one view per grid cell)."
     ),
-    chunk_size: int = typer.Option(64, help="Images per Zarr chunk of a new store; divides the shard size."),
-    image_size: int = typer.Option(224, help="Side of the centre crop in pixels."),
+    device: str = typer.Option(DEFAULT.device, help="auto, cpu or cuda:K."),
+    shard_size: int | None = typer.Option(
+        DEFAULT.shard_size,
+        help=f"Images per shard, the unit of atomic commit and resume (default {DEFAULT_SHARD_SIZE}; fixed per store)."
+    ),
+    chunk_size: int = typer.Option(
+        DEFAULT.chunk_size, help="Images per Zarr chunk of a new store; divides the shard size."
+    ),
+    image_size: int = typer.Option(DEFAULT.image_size, help="Side of the centre crop in pixels."),
     max_error_fraction: float = typer.Option(
-        0.01, help="Exit non-zero when more than this fraction of the new images cannot be read."
+        DEFAULT.max_error_fraction, help="Exit non-zero when more than this fraction of the new images cannot be read."
     ),
     decode_threads: int = typer.Option(
-        min(8, os.cpu_count() or 1), help="Threads decoding and cropping images (per Dask worker: at most its cores)."
+        DEFAULT.decode_threads, help="Threads decoding and cropping images (per Dask worker: at most its cores)."
     ),
-    source_name: str | None = typer.Option(None, help="Name of the source inside the store (default: its stem)."),
-    column: str | None = typer.Option(None, help="Column of paths in a Parquet list file (default 'path')."),
-    compile: bool = typer.Option(False, help="torch.compile the teacher (CUDA only; ~20 s to compile)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    source_name: str | None = typer.Option(
+        DEFAULT.source_name, help="Name of the source inside the store (default: its stem)."
+    ),
+    column: str | None = typer.Option(DEFAULT.column, help="Column of paths in a Parquet list file (default 'path')."),
+    compile: bool = typer.Option(DEFAULT.compile, help="torch.compile the teacher (CUDA only; ~20 s to compile)."),
+    progress: bool = typer.Option(DEFAULT.progress, help="Show a progress bar."),
     store_crops: bool = typer.Option(
-        False, help="Also keep the centre crops (uint8) for the trainer; fixed when the store is created, "
+        DEFAULT.store_crops,
+        help="Also keep the centre crops (uint8) for the trainer; fixed when the store is created, "
         "implied for tar shards."
     ),
     scheduler: str | None = typer.Option(
-        None, help="Build on a running Dask cluster, e.g. tcp://HOST:8786 (inputs and store on a shared filesystem)."
+        DEFAULT.scheduler,
+        help="Build on a running Dask cluster, e.g. tcp://HOST:8786 (inputs and store on a shared filesystem)."
     ),
     workers: int = typer.Option(
-        0, help="Build on a local Dask cluster of N worker processes (one per GPU, or splitting the CPU cores); "
+        DEFAULT.workers,
+        help="Build on a local Dask cluster of N worker processes (one per GPU, or splitting the CPU cores); "
         "0: in this process."
     ),
 ) -> None:
     """Cache teacher features of every image in SOURCE not yet in the store (resumable, incremental)."""
-    from zeroseg.pipeline.build import BuildOptions, run_build
+    from zeroseg.pipeline.build import run_build
 
     opts = BuildOptions(
         source=source, store=store, grids=parse_grids(grids), teacher=teacher, pretrained=pretrained,

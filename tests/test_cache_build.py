@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 
 from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
-from zeroseg.pipeline.build import BuildOptions, plan_shards, run_build
+from zeroseg.pipeline.build import run_build
+from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.reader import CropReader
+from zeroseg.pipeline.shards import plan_shards
 from zeroseg.pipeline.sources import pack_h5
 from zeroseg.pipeline.store import FeatureStore, builder_lock
 from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity

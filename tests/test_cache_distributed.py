@@ -18,10 +18,11 @@ import torch
 from distributed import Client, LocalCluster
 
 from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
-from zeroseg.pipeline.build import BuildOptions, EncodeSettings, Shard, run_build
+from zeroseg.pipeline.build import run_build
+from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
-from zeroseg.pipeline.distributed import (
+from zeroseg.pipeline.dask_build import (
     ShardJob,
     TeacherSpec,
     WorkerUserError,
@@ -31,6 +32,7 @@ from zeroseg.pipeline.distributed import (
 )
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
+from zeroseg.pipeline.shards import EncodeSettings, Shard
 from zeroseg.pipeline.sources import open_source
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity

@@ -16,7 +16,8 @@ from PIL import Image
 from tests.conftest import COCO_ROOT, FIXTURES, TINY_TEACHER, VOC_ROOT, invoke
 from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.segment_cli import main as zs_segment
-from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.pipeline.build import run_build
+from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.trainer.cli import main as zs_train
 
 SMALL = ("--short-side", "64", "--crop-size", "64", "--stride", "32", "--no-progress")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import PHOTOS, TINY_TEACHER
-from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.pipeline.build import run_build
+from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore

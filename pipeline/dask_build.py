@@ -37,9 +37,11 @@ from distributed.comm import CommClosedError
 from distributed.system import MEMORY_LIMIT
 from tqdm import tqdm
 
-from zeroseg.pipeline.build import (
-    BuildOptions,
-    BuildSummary,
+from zeroseg.pipeline.build_options import BuildOptions
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import first_line, prefetch_map, resolve_device
+from zeroseg.pipeline.shards import (
+    Encoded,
     EncodeSettings,
     Shard,
     decode_item,
@@ -48,8 +50,6 @@ from zeroseg.pipeline.build import (
     plan_and_reserve,
     prepare_store,
 )
-from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import first_line, prefetch_map, resolve_device
 from zeroseg.pipeline.sources import Source, source_from_spec
 from zeroseg.pipeline.store import FeatureStore, manifest_rows
 from zeroseg.pipeline.teacher import Teacher, TeacherIdentity
@@ -280,11 +280,12 @@ def build_on_cluster(
     identity: TeacherIdentity,
     settings: EncodeSettings,
     opts: BuildOptions,
-    summary: BuildSummary,
     log: Callable[[str], None],
-) -> None:
-    """pipeline.build.run_build's encoding step on Dask (called with the builder lock held)."""
+) -> Encoded:
+    """pipeline.build.run_build's encoding step on Dask (called with the builder lock held): the shards it
+    committed."""
     store_path = str(Path(opts.store).resolve())
+    encoded = Encoded()
     try:
         with dask_client(opts, log) as (client, setup):
             require_visible(client, {"source": source.spec.path, "store": store_path})
@@ -296,12 +297,13 @@ def build_on_cluster(
                 f"on {len(client.nthreads())} Dask workers")
             job = partial(ShardJob, store=store_path, source=source.spec.to_dict(), teacher=teacher,
                           settings=settings, decode_threads=setup.decode_threads)
-            _run_shards(client, store, shards, job, opts.progress, summary)
+            _run_shards(client, store, shards, job, opts.progress, encoded)
     except (CancelledError, CommClosedError) as exc:
         raise UserError(
-            f"lost the Dask cluster ({type(exc).__name__}) after committing {summary.shards} shards; "
+            f"lost the Dask cluster ({type(exc).__name__}) after committing {len(encoded.shards)} shards; "
             "run the same command again to resume"
         ) from None
+    return encoded
 
 
 def _run_shards(
@@ -310,9 +312,10 @@ def _run_shards(
     shards: list[Shard],
     job: Callable[..., ShardJob],
     show_progress: bool,
-    summary: BuildSummary,
+    encoded: Encoded,
 ) -> None:
-    """Submit one task per shard and commit each shard as its task completes."""
+    """Submit one task per shard and commit each shard as its task completes, recording it in `encoded`
+    (which thus holds the committed shards when the cluster goes away)."""
     topic = f"zs-cache-progress-{uuid.uuid4().hex}"
     bar = tqdm(total=sum(len(s.keys) for s in shards), unit="img", desc="zs-cache", disable=not show_progress,
                smoothing=0.1)
@@ -337,15 +340,15 @@ def _run_shards(
                 continue
             store.commit(shard.id, manifest_rows(shard.id, store.shard_rows(shard.id), records))
             progress.update(shard.id, len(records), committed=True)
-            summary.add_shard(records)
+            encoded.shards.append(records)
             future.release()
     finally:
         client.cancel(list(futures))
         client.unsubscribe_topic(topic)
         bar.close()
-    summary.seconds = time.perf_counter() - started
+    encoded.seconds = time.perf_counter() - started
     if failures:
         raise UserError(
-            f"{len(failures)} of {len(shards)} shards failed ({failures[0]}); the other {summary.shards} are "
+            f"{len(failures)} of {len(shards)} shards failed ({failures[0]}); the other {len(encoded.shards)} are "
             "committed: run the same command again to retry the failed ones"
         )

@@ -1,0 +1,209 @@
+"""The steps both build drivers run (pipeline.build in this process, pipeline.dask_build on a cluster):
+prepare the store, plan the pending keys into shards and reserve their rows, decode and encode one shard,
+write and commit it."""
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import groupby
+
+import numpy as np
+import torch
+
+from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
+from zeroseg.pipeline.crops import crop_from_bytes, view_layout
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.images import ImageDecodeError
+from zeroseg.pipeline.sources import Source, tar_of
+from zeroseg.pipeline.store import FeatureStore, StoreMeta, manifest_rows
+from zeroseg.pipeline.teacher import Teacher, TeacherIdentity
+
+CROP_RULE = "centre square of side min(W, H), resized to crop_size (see pipeline.crops)"
+
+
+@dataclass(frozen=True)
+class Shard:
+    id: int
+    keys: list[str]
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How each shard of one build is encoded (sent to Dask workers with every shard)."""
+
+    grids: tuple[int, ...]
+    batch_size: int
+    image_size: int
+    source_name: str
+    store_crops: bool
+
+
+@dataclass
+class Decoded:
+    key: str
+    crop: np.ndarray | None = None  # (S, S, 3) uint8
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Encoded:
+    """What a driver returns: the manifest records of each shard it committed, and the seconds it took."""
+
+    shards: list[list[dict]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def plan_shards(
+    pending: list[str], committed: set[int], shard_size: int, group: Callable[[str], str] | None = None
+) -> list[Shard]:
+    """Cut the pending keys into shards, numbered by the lowest ids that no committed shard holds.
+
+    A build killed after committing some shards leaves the others' ids free; replanning the same
+    pending keys gives back the same shards with the same ids, so a resumed build writes exactly
+    what an uninterrupted one would have. With `group`, a shard never mixes keys of two groups (the
+    tars of a tar-shard source: each shard then reads one tar).
+    """
+    shards, next_id = [], 0
+    for _, run in groupby(pending, key=group or (lambda key: None)):
+        keys = list(run)
+        for start in range(0, len(keys), shard_size):
+            while next_id in committed:
+                next_id += 1
+            shards.append(Shard(next_id, keys[start : start + shard_size]))
+            next_id += 1
+    return shards
+
+
+def decode_item(source: Source, key: str, crop_size: int) -> Decoded:
+    """Read, hash, decode and crop one image; any failure becomes an error reason, never an exception."""
+    try:
+        data = source.read(key)
+    except OSError as exc:
+        return Decoded(key, error=f"unreadable: {exc.strerror or exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        crop, (width, height) = crop_from_bytes(data, crop_size)
+    except ImageDecodeError as exc:
+        return Decoded(key, sha256=digest, error=str(exc))
+    except Exception as exc:  # a decoder bug on one odd file must not end a long build
+        return Decoded(key, sha256=digest, error=f"undecodable image: {type(exc).__name__}: {exc}")
+    return Decoded(key, crop, width, height, digest)
+
+
+
+def encode_shard(
+    shard: Shard,
+    decoded: Iterator[Decoded],
+    teacher: Teacher,
+    settings: EncodeSettings,
+    on_image: Callable[[int], None] = lambda n: None,
+) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
+    """Features (n, V, D) float16, crops (n, S, S, 3) uint8 (None unless stored) and manifest records
+    of one shard, taking its n images from `decoded`. Rows of failed images stay zero."""
+    count, size = len(shard.keys), settings.image_size
+    features = np.zeros((count, len(view_layout(settings.grids)), teacher.embed_dim), dtype=np.float16)
+    crops = np.zeros((count, size, size, 3), dtype=np.uint8) if settings.store_crops else None
+    records: list[dict] = []
+    batch: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        stacked = np.stack([crop for _, crop in batch])
+        if crops is not None:
+            crops[[i for i, _ in batch]] = stacked
+        pixels = torch.from_numpy(stacked)
+        if teacher.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        features[[i for i, _ in batch]] = teacher.encode_crops(pixels, settings.grids).numpy()  # (b, V, D)
+        on_image(len(batch))
+        batch.clear()
+
+    for index in range(count):
+        item = next(decoded)
+        records.append(
+            {"key": item.key, "source": settings.source_name, "sha256": item.sha256,
+             "width": item.width, "height": item.height, "error": item.error}
+        )
+        if item.error is None:
+            batch.append((index, item.crop))
+            if len(batch) == settings.batch_size:
+                flush()
+        else:
+            on_image(1)
+    if batch:
+        flush()
+    return features, crops, records
+
+
+def register_source(meta: StoreMeta, source: Source, name: str) -> None:
+    spec = source.spec.to_dict()
+    known = meta.sources.get(name)
+    if known is not None and known != spec:
+        raise UserError(
+            f"source name '{name}' already stands for {known['path']} in this store; pass --source-name"
+        )
+    meta.sources[name] = spec
+
+
+def describe_teacher(teacher: Teacher) -> dict:
+    """What a new store records about the teacher's input and output: view_size, mean, std, embed_dim."""
+    return {**teacher.preprocessing(), "embed_dim": teacher.embed_dim}
+
+
+def new_store_meta(identity: TeacherIdentity, teacher: dict, opts: BuildOptions, store_crops: bool) -> StoreMeta:
+    return StoreMeta(
+        teacher=identity.to_dict(),
+        preprocessing={
+            "crop": CROP_RULE,
+            "crop_size": opts.image_size,
+            "interpolation": "bicubic",
+            "antialias": True,
+            "cell_boundaries": "floor(k * crop_size / grid)",
+            "view_size": teacher["view_size"],
+            "mean": teacher["mean"],
+            "std": teacher["std"],
+        },
+        grids=list(opts.grids),
+        views=[list(v) for v in view_layout(opts.grids)],
+        embed_dim=teacher["embed_dim"],
+        shard_size=opts.shard_size or DEFAULT_SHARD_SIZE,
+        chunk_size=opts.chunk_size,
+        stored_crops=store_crops,
+    )
+
+
+def prepare_store(
+    store: FeatureStore | None,
+    source: Source,
+    identity: TeacherIdentity,
+    teacher: dict,
+    settings: EncodeSettings,
+    opts: BuildOptions,
+) -> FeatureStore:
+    """The store to write, created on first use; `teacher` as given by describe_teacher."""
+    if store is None:
+        meta = new_store_meta(identity, teacher, opts, settings.store_crops)
+        register_source(meta, source, settings.source_name)
+        store = FeatureStore.create(opts.store, meta)
+    elif store.meta.preprocessing["view_size"] != teacher["view_size"]:
+        raise UserError(f"store '{opts.store}' was built for {store.meta.preprocessing['view_size']}px views")
+    store.save_meta()
+    return store
+
+
+def plan_and_reserve(store: FeatureStore, source: Source, pending: list[str]) -> list[Shard]:
+    """Shards of the pending keys, with their rows reserved in one resize before any of them is written."""
+    group = tar_of if source.spec.kind == "tar" else None
+    shards = plan_shards(pending, store.committed_shards(), store.meta.shard_size, group)
+    last = max(shards, key=lambda shard: store.shard_rows(shard.id) + len(shard.keys))
+    store.reserve(last.id, len(last.keys))
+    return shards
+
+
+def write_and_commit(
+    store: FeatureStore, shard: int, features: np.ndarray, crops: np.ndarray | None, records: list[dict]
+) -> None:
+    store.write_shard(shard, features, crops)
+    store.commit(shard, manifest_rows(shard, store.shard_rows(shard), records))
