@@ -19,6 +19,7 @@ TINY_TEACHER = FIXTURES / "zs-tiny-clip.json"
 VOC_ROOT = FIXTURES / "VOCdevkit" / "VOC2012"
 COCO_ROOT = FIXTURES / "coco"
 PHOTOS = sorted(VOC_ROOT.glob("JPEGImages/*.jpg")) + sorted(COCO_ROOT.glob("*2017/*.jpg"))
+STORE_CHUNK = 2  # images per chunk of the stores make_store builds
 
 
 @pytest.fixture
@@ -61,3 +62,21 @@ def invoke(main, *args: str) -> CliResult:
     finally:
         sys.argv = argv
     return CliResult(code, stdout.getvalue(), stderr.getvalue())
+
+
+def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops: bool = False):
+    """A store of the first `count` fixture photos with the tiny teacher: chunks of 2, shards of 4."""
+    from zeroseg.pipeline.build import run_build
+    from zeroseg.pipeline.build_options import BuildOptions
+
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    for path in PHOTOS[:count]:
+        shutil.copy(path, photos / path.name)
+    opts = BuildOptions(
+        source=str(photos), store=str(root / "store"), teacher=str(TINY_TEACHER), pretrained="none", device="cpu",
+        shard_size=4, chunk_size=STORE_CHUNK, batch_size=10, image_size=image_size, progress=False,
+        store_crops=store_crops,
+    )  # fmt: skip
+    run_build(opts, log=lambda line: None)
+    return root / "store"

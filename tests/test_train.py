@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import PHOTOS, invoke
-from tests.test_train_data import make_store
+from tests.conftest import PHOTOS, invoke, make_store
 from zeroseg.trainer.checkpoint import list_checkpoints, load_model
 from zeroseg.trainer.cli import main
 from zeroseg.trainer.metrics import METRIC_KEYS

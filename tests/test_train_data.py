@@ -1,38 +1,19 @@
 """Stage two's data: the chunk-window sample order and the batches read from a real tiny store."""
 
 import dataclasses
-import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import PHOTOS, TINY_TEACHER
-from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
+from tests.conftest import make_store
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.config import LossConfig, model_preset
 from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
-
-CHUNK = 2
-
-
-def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops: bool = False):
-    """A store of the first `count` fixture photos with the tiny teacher: chunks of 2, shards of 4."""
-    photos = root / "photos"
-    photos.mkdir(parents=True)
-    for path in PHOTOS[:count]:
-        shutil.copy(path, photos / path.name)
-    opts = BuildOptions(
-        source=str(photos), store=str(root / "store"), teacher=str(TINY_TEACHER), pretrained="none", device="cpu",
-        shard_size=4, chunk_size=CHUNK, batch_size=10, image_size=image_size, progress=False, store_crops=store_crops,
-    )  # fmt: skip
-    run_build(opts, log=lambda line: None)
-    return root / "store"
 
 
 @pytest.fixture(scope="module")
