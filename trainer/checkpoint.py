@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, the last K kept, exact resume, and `load_model` for evaluation.
+"""Checkpoints: the layout, atomic writes, the last K kept, the resume checks, the step of a file, and
+`load_trained_model` for evaluation.
 
 A checkpoint is one `torch.save` file of tensors and plain Python values, so it loads with
 `torch.load(weights_only=True)`:
@@ -20,6 +21,7 @@ renamed: a run killed while saving leaves the previous checkpoints untouched.
 """
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,13 @@ import torch
 from zeroseg.pipeline.atomic import atomic_path
 from zeroseg.pipeline.errors import UserError
 from zeroseg.trainer.config import ModelConfig
+from zeroseg.trainer.data import StoreSamples
 from zeroseg.trainer.model import ZeroSeg
+from zeroseg.trainer.train_config import TrainConfig
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"  # the effective config, beside checkpoints/; --resume continues with it
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -49,9 +54,44 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: str | Path, payload: dict[str, Any], keep_last: int) -> Path:
-    """Write payload as the checkpoint of step payload["step"] atomically; delete all but the last keep_last."""
-    path = checkpoint_path(run_dir, payload["step"])
+def resume_config_file(run_dir: str | Path) -> Path:
+    """The config a resumed run continues with; UserError when the run directory has none."""
+    saved = Path(run_dir) / CONFIG_FILE
+    if not saved.is_file():
+        raise UserError(f"nothing to resume: '{saved}' does not exist")
+    return saved
+
+
+def checkpoint_step(path: Path | None) -> int:
+    """The optimizer steps done at a checkpoint file, read from its name (step-NNNNNNNN.pt); 0 for none."""
+    return int(path.stem.split("-")[1]) if path is not None else 0
+
+
+def save_checkpoint(
+    cfg: TrainConfig,
+    step: int,
+    effective_batch: int,
+    world_size: int,
+    model: ZeroSeg,
+    optimizer: torch.optim.Optimizer,
+    store: dict[str, Any],
+) -> Path:
+    """Write the checkpoint of `step` into cfg.run.dir atomically; delete all but the last cfg.run.keep_last."""
+    payload = {
+        "format": FORMAT,
+        "step": step,
+        "effective_batch": effective_batch,
+        "world_size": world_size,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": cfg.to_dict(),
+        "model_config": cfg.model.to_dict(),
+        "loss_config": cfg.loss.to_dict(),
+        "store": store,
+        "rng": rng_state(),
+    }
+    run_dir, keep_last = cfg.run.dir, cfg.run.keep_last
+    path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as partial:
         torch.save(payload, partial)
@@ -72,6 +112,57 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a zeroseg checkpoint of format {FORMAT}")
     return payload
+
+
+def resume_payload(cfg: TrainConfig, samples: StoreSamples, resume: bool, log: Callable[[str], None]) -> dict | None:
+    """The checkpoint to continue from (resume), after checking it fits this run's model, loss and store;
+    None for a fresh run (whose run directory must then hold no checkpoint)."""
+    latest = latest_checkpoint(cfg.run.dir)
+    if not resume:
+        if latest is not None:
+            raise UserError(
+                f"run directory '{cfg.run.dir}' already holds checkpoints (latest {latest.name}): "
+                f"pass --resume to continue it, or choose another --run-dir"
+            )
+        return None
+    if latest is None:
+        raise UserError(f"nothing to resume: run directory '{cfg.run.dir}' holds no checkpoint")
+    payload = read_checkpoint(latest)
+    for name, current in (("model", cfg.model.to_dict()), ("loss", cfg.loss.to_dict())):
+        saved = payload[f"{name}_config"]
+        changed = sorted(key for key in current if _plain(current[key]) != _plain(saved.get(key)))
+        if changed:
+            key = changed[0]
+            raise UserError(
+                f"{latest} was trained with {name}.{key}={saved.get(key)!r}, this run sets {current[key]!r}: "
+                f"a resumed run keeps the model and loss configuration"
+            )
+    store = payload["store"]
+    if store["rows"] > len(samples) or store["teacher"] != samples.meta.teacher:
+        raise UserError(
+            f"{latest} was trained on {store['rows']} images of a store with teacher {store['teacher']['model']}; "
+            f"'{samples.path}' now holds {len(samples)} with teacher {samples.meta.teacher['model']}: "
+            f"resume on the same store, or start a new run"
+        )
+    if store["rows"] < len(samples):
+        log(
+            f"the store grew from {store['rows']} to {len(samples)} images since {latest.name}: training goes on "
+            f"over all of them (the data order is recomputed, so this is a continuation, not an exact replay)"
+        )
+    return payload
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def check_effective_batch(payload: dict[str, Any], effective_batch: int) -> None:
+    """A resumed run replays the sample stream from step x effective_batch: the batch must not change."""
+    if payload["effective_batch"] != effective_batch:
+        raise UserError(
+            f"the checkpoint was trained with an effective batch of {payload['effective_batch']}; this run "
+            f"has {effective_batch} (batch_size x accum_steps x processes): keep it to resume"
+        )
 
 
 def rng_state() -> dict[str, Any]:

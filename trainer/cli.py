@@ -8,7 +8,6 @@
 """
 
 import os
-from pathlib import Path
 
 import typer
 
@@ -56,7 +55,8 @@ def run(
 ) -> None:
     """Train ZeroSeg on a feature store (single process, or one process per GPU under torchrun)."""
     from zeroseg.trainer import distributed
-    from zeroseg.trainer.train import CONFIG_FILE, TrainingDiverged, run_training
+    from zeroseg.trainer.checkpoint import resume_config_file
+    from zeroseg.trainer.train import TrainingDiverged, run_training
     from zeroseg.trainer.train_config import build_config, read_config_file
 
     if steps is not None and epochs is not None:
@@ -75,10 +75,7 @@ def run(
             raise UserError("--resume continues with the run directory's config.yaml; change keys with --set")
         if run_dir is None:
             raise UserError("--resume needs --run-dir")
-        saved = Path(run_dir) / CONFIG_FILE
-        if not saved.is_file():
-            raise UserError(f"nothing to resume: '{saved}' does not exist")
-        cfg = build_config(read_config_file(saved), overrides, explicit)
+        cfg = build_config(read_config_file(resume_config_file(run_dir)), overrides, explicit)
     else:
         cfg = build_config(read_config_file(config) if config else {}, overrides, explicit)
     log = (lambda line: typer.echo(line, err=True)) if distributed.env_rank() == 0 else (lambda line: None)

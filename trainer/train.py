@@ -32,11 +32,11 @@ from zeroseg.pipeline.atomic import write_atomically
 from zeroseg.pipeline.errors import UserError
 from zeroseg.trainer import distributed
 from zeroseg.trainer.checkpoint import (
-    FORMAT,
+    CONFIG_FILE,
+    check_effective_batch,
     latest_checkpoint,
-    read_checkpoint,
     restore_rng,
-    rng_state,
+    resume_payload,
     save_checkpoint,
 )
 from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
@@ -50,7 +50,6 @@ from zeroseg.trainer.schedule import make_schedule
 from zeroseg.trainer.train_config import TrainConfig, config_yaml
 
 LOSS_TERMS = ("total", "recon", "distill", "match")
-CONFIG_FILE = "config.yaml"
 
 
 class TrainingDiverged(Exception):
@@ -103,7 +102,7 @@ def run_training(
         raise UserError("no run directory given: pass --run-dir or set run.dir")
     samples = StoreSamples.open(cfg.data.store)
     check_store(samples, cfg.model, cfg.loss, cfg.data.resize)
-    payload = _resume_payload(cfg, samples, resume, log)
+    payload = resume_payload(cfg, samples, resume, log)
     process = distributed.setup(cfg.run.device)
     trainer = None
     try:
@@ -119,45 +118,6 @@ def run_training(
         distributed.shutdown(process)
 
 
-def _resume_payload(cfg: TrainConfig, samples: StoreSamples, resume: bool, log: Callable[[str], None]) -> dict | None:
-    """The checkpoint to continue from (resume), after checking it fits this run; None for a fresh run."""
-    latest = latest_checkpoint(cfg.run.dir)
-    if not resume:
-        if latest is not None:
-            raise UserError(
-                f"run directory '{cfg.run.dir}' already holds checkpoints (latest {latest.name}): "
-                f"pass --resume to continue it, or choose another --run-dir"
-            )
-        return None
-    if latest is None:
-        raise UserError(f"nothing to resume: run directory '{cfg.run.dir}' holds no checkpoint")
-    payload = read_checkpoint(latest)
-    for name, current in (("model", cfg.model.to_dict()), ("loss", cfg.loss.to_dict())):
-        saved = payload[f"{name}_config"]
-        changed = sorted(key for key in current if _plain(current[key]) != _plain(saved.get(key)))
-        if changed:
-            key = changed[0]
-            raise UserError(
-                f"{latest} was trained with {name}.{key}={saved.get(key)!r}, this run sets {current[key]!r}: "
-                f"a resumed run keeps the model and loss configuration"
-            )
-    store = payload["store"]
-    if store["rows"] > len(samples) or store["teacher"] != samples.meta.teacher:
-        raise UserError(
-            f"{latest} was trained on {store['rows']} images of a store with teacher {store['teacher']['model']}; "
-            f"'{samples.path}' now holds {len(samples)} with teacher {samples.meta.teacher['model']}: "
-            f"resume on the same store, or start a new run"
-        )
-    if store["rows"] < len(samples):
-        log(
-            f"the store grew from {store['rows']} to {len(samples)} images since {latest.name}: training goes on "
-            f"over all of them (the data order is recomputed, so this is a continuation, not an exact replay)"
-        )
-    return payload
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple | list) else value
 
 
 class Trainer:
@@ -168,11 +128,8 @@ class Trainer:
         self.device = process.device
         self.plan = BatchPlan(cfg.data.batch_size, cfg.optim.accum_steps, process.world_size, process.rank)
         self.schedule = make_schedule(cfg.schedule, cfg.optim, len(samples), self.plan.effective_batch)
-        if payload is not None and payload["effective_batch"] != self.plan.effective_batch:
-            raise UserError(
-                f"the checkpoint was trained with an effective batch of {payload['effective_batch']}; this run "
-                f"has {self.plan.effective_batch} (batch_size x accum_steps x processes): keep it to resume"
-            )
+        if payload is not None:
+            check_effective_batch(payload, self.plan.effective_batch)
         torch.manual_seed(cfg.run.seed)
         self.model = ZeroSeg(cfg.model).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
@@ -302,20 +259,8 @@ class Trainer:
         """Checkpoint after `step` steps (written by rank 0; every process waits for it)."""
         path = None
         if self.process.is_main:
-            payload = {
-                "format": FORMAT,
-                "step": step,
-                "effective_batch": self.plan.effective_batch,
-                "world_size": self.process.world_size,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "config": self.cfg.to_dict(),
-                "model_config": self.cfg.model.to_dict(),
-                "loss_config": self.cfg.loss.to_dict(),
-                "store": self.samples.identity(),
-                "rng": rng_state(),
-            }
-            path = save_checkpoint(self.cfg.run.dir, payload, self.cfg.run.keep_last)
+            path = save_checkpoint(self.cfg, step, self.plan.effective_batch, self.process.world_size, self.model,
+                                   self.optimizer, self.samples.identity())
         distributed.barrier(self.process)
         return path
 
