@@ -1,6 +1,7 @@
 """The nightly runner end to end on the fixture photos, crash recovery, its lock, and the job specs."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from zeroseg.pipeline.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 NIGHTLY = REPO / "workflows" / "nightly.py"
+NIGHTLY_CRASH = REPO / "tests" / "nightly_crash.py"  # the runner with a crash injected into one step
 SHELL_SCRIPTS = sorted((REPO / "workflows").rglob("*.sbatch")) + [REPO / "demo.sh", REPO / ".ci" / "run"]
 
 
@@ -47,11 +49,9 @@ def nightly(tmp_path):
 
 
 def run_nightly(config_path, crash: str | None = None) -> subprocess.CompletedProcess:
-    env = {"ZEROSEG_NIGHTLY_CRASH": crash} if crash else {}
-    import os
-
-    return subprocess.run([sys.executable, str(NIGHTLY), "--config", str(config_path)], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    runner = [str(NIGHTLY_CRASH), crash] if crash else [str(NIGHTLY)]
+    return subprocess.run([sys.executable, *runner, "--config", str(config_path)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def reports(config) -> list[Path]:

@@ -18,17 +18,13 @@ new does no work and says so):
    report as done.
 
 Config (YAML): see workflows/nightly.example.yaml. Stage commands run in this Python's environment.
-ZEROSEG_NIGHTLY_CRASH=cache|train|eval|report kills the step mid-way and exits 86 (for testing).
 """
 
 import argparse
 import datetime
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,9 +33,7 @@ from filelock import FileLock, Timeout
 
 from zeroseg.pipeline.atomic import write_atomically
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.trainer.checkpoint import latest_checkpoint
-
-CRASH_EXIT = 86
+from zeroseg.trainer.checkpoint import checkpoint_step, latest_checkpoint
 
 
 def load_config(path: str) -> dict:
@@ -55,21 +49,11 @@ def stage(module: str, *args) -> list[str]:
 
 
 def run_step(name: str, command: list[str], durable: Callable[[], bool]) -> None:
-    """Run one stage command; with ZEROSEG_NIGHTLY_CRASH=name, kill it once `durable()` says it has
-    written something (or it ended) and exit as a crashed night would."""
-    if os.environ.get("ZEROSEG_NIGHTLY_CRASH") != name:
-        result = subprocess.run(command)
-        if result.returncode:
-            sys.exit(f"nightly: {name} failed (exit {result.returncode}): {' '.join(command)}")
-        return
-    child = subprocess.Popen(command)
-    while child.poll() is None and not durable():
-        time.sleep(0.05)
-    if child.poll() is None:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    print(f"nightly: injected crash in {name}", flush=True)
-    sys.exit(CRASH_EXIT)
+    """Run one stage command; a failed one ends the night. `durable()` says whether the stage has committed
+    something yet (what a crash mid-way would leave behind; tests/nightly_crash.py kills the stage then)."""
+    result = subprocess.run(command)
+    if result.returncode:
+        sys.exit(f"nightly: {name} failed (exit {result.returncode}): {' '.join(command)}")
 
 
 def ok_rows(store: str) -> int:
@@ -77,10 +61,6 @@ def ok_rows(store: str) -> int:
         return 0
     statuses = FeatureStore.open(store).manifest(columns=["status"]).column("status").to_pylist()
     return statuses.count("ok")
-
-
-def checkpoint_step(path: Path | None) -> int:
-    return int(path.stem.split("-")[1]) if path is not None else 0
 
 
 def cache(config: dict) -> int:
@@ -165,9 +145,6 @@ def report(config: dict, work_dir: Path, evals: Path | None, added: int) -> bool
         "previous": last and {"checkpoint": last["checkpoint"], "date": last["date"]},
     }
     write_atomically(Path(f"{stem}.md"), markdown(document, last))
-    if os.environ.get("ZEROSEG_NIGHTLY_CRASH") == "report":
-        print("nightly: injected crash in report", flush=True)
-        sys.exit(CRASH_EXIT)
     write_atomically(Path(f"{stem}.json"), json.dumps(document, indent=1) + "\n")
     print(f"report: {stem}.md", flush=True)
     return True
