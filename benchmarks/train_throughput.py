@@ -23,7 +23,7 @@ from pathlib import Path
 
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.build_options import BuildOptions
-from zeroseg.trainer import distributed
+from zeroseg.trainer import process_group
 from zeroseg.trainer.data import StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.train import Trainer
 from zeroseg.trainer.train_config import build_config
@@ -80,7 +80,7 @@ def main() -> None:
         )  # fmt: skip
         samples = StoreSamples.open(store)
         check_store(samples, cfg.model, cfg.loss, cfg.data.resize)
-        process = distributed.setup(cfg.run.device)
+        process = process_group.setup(cfg.run.device)
         trainer = Trainer(cfg, process, samples, payload=None)
         total = args.warmup + args.rounds * args.steps + 4
         dataset = StoreBatches(samples, trainer.plan, cfg.data.shuffle_window, cfg.run.seed)

@@ -86,10 +86,10 @@ def evaluate(
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
     from zeroseg.evaluation.evaluate import results_document, score_saved_predictions, write_results
-    from zeroseg.evaluation.loading import ModelOptions, load_model
-    from zeroseg.evaluation.metrics import format_results
+    from zeroseg.evaluation.loading import ModelOptions, load_eval_model
+    from zeroseg.evaluation.scores import format_results
     from zeroseg.evaluation.windows import Geometry
-    from zeroseg.trainer import distributed
+    from zeroseg.trainer import process_group
 
     opened = [(open_dataset(name, data_root, split), split or DEFAULT_SPLITS.get(name)) for name in datasets]
     if predictions is not None and checkpoint is not None:
@@ -103,11 +103,11 @@ def evaluate(
         geometry, keep_best_group, window_batch,
     )  # fmt: skip
     out_dir = output or _default_output(options, predictions)
-    process = distributed.setup(device)
+    process = process_group.setup(device)
     loaded = None
     try:
         if predictions is None:
-            loaded = load_model(options, process.device)
+            loaded = load_eval_model(options, process.device)
             if not loaded.description.get("teacher_matches_checkpoint", True):
                 typer.echo("warning: the text-side CLIP is not the teacher recorded in the checkpoint", err=True)
         for dataset, dataset_split in opened:
@@ -129,7 +129,7 @@ def evaluate(
     finally:
         del loaded
         gc.collect()
-        distributed.shutdown(process)
+        process_group.shutdown(process)
 
 
 def _segment_dataset(loaded, dataset, threshold, process, saving, workers: int, progress: bool):

@@ -11,12 +11,12 @@ from tqdm import tqdm
 from zeroseg import __version__
 from zeroseg.evaluation.datasets import SegmentationDataset
 from zeroseg.evaluation.labeling import label_image, overlay, save_png
-from zeroseg.evaluation.metrics import ConfusionMatrix, format_results, segmentation_results
 from zeroseg.evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
+from zeroseg.evaluation.scores import ConfusionMatrix, format_results, segmentation_results
 from zeroseg.evaluation.segmenter import Segmenter
 from zeroseg.pipeline.atomic import write_atomically
 from zeroseg.pipeline.runtime import prefetch_map
-from zeroseg.trainer.distributed import Process
+from zeroseg.trainer.process_group import Process
 
 
 def segment_split(

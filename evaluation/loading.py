@@ -71,7 +71,7 @@ def read_templates(choice: str) -> tuple[str, ...]:
     return templates
 
 
-def load_model(options: ModelOptions, device: torch.device) -> LoadedModel:
+def load_eval_model(options: ModelOptions, device: torch.device) -> LoadedModel:
     if options.model not in MODELS:
         raise UserError(f"unknown --model '{options.model}' (choose from {', '.join(MODELS)})")
     templates = read_templates(options.templates)
@@ -81,11 +81,11 @@ def load_model(options: ModelOptions, device: torch.device) -> LoadedModel:
 
 
 def _load_zeroseg(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
-    from zeroseg.trainer.checkpoint import load_model as load_checkpoint
+    from zeroseg.trainer.checkpoint import load_trained_model
 
     if options.checkpoint is None:
         raise UserError("--checkpoint is required for --model zeroseg (MaskCLIP needs none: --model maskclip)")
-    model, meta = load_checkpoint(options.checkpoint, device)
+    model, meta = load_trained_model(options.checkpoint, device)
     recorded = TeacherIdentity(**meta["store"]["teacher"])
     identity = _text_teacher(recorded, options)
     clip = create_clip(identity, device)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from zeroseg.evaluation.datasets import SegmentationDataset, read_label_png
-from zeroseg.evaluation.metrics import ConfusionMatrix
+from zeroseg.evaluation.scores import ConfusionMatrix
 from zeroseg.pipeline.errors import UserError
 
 

@@ -64,7 +64,7 @@ def segment(
     from tqdm import tqdm
 
     from zeroseg.evaluation.labeling import label_image, overlay, save_png
-    from zeroseg.evaluation.loading import ModelOptions, load_model
+    from zeroseg.evaluation.loading import ModelOptions, load_eval_model
     from zeroseg.evaluation.segmenter import describe_segments
     from zeroseg.evaluation.windows import Geometry
     from zeroseg.pipeline.atomic import write_atomically
@@ -81,7 +81,7 @@ def segment(
         "zeroseg", checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
         geometry, keep_best_group,
     )  # fmt: skip
-    loaded = load_model(options, resolve_device(device))
+    loaded = load_eval_model(options, resolve_device(device))
     segmenter = loaded.segmenter(class_names, bg_threshold)
     out.mkdir(parents=True, exist_ok=True)
     settings = {**loaded.description, "labeling": segmenter.rule.to_dict(), "geometry": vars(geometry)}

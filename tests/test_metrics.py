@@ -10,7 +10,7 @@ from PIL import Image
 
 from zeroseg.evaluation.datasets import SegmentationDataset, open_dataset
 from zeroseg.evaluation.evaluate import score_saved_predictions
-from zeroseg.evaluation.metrics import (
+from zeroseg.evaluation.scores import (
     ConfusionMatrix,
     confusion_matrix,
     format_results,
@@ -18,7 +18,7 @@ from zeroseg.evaluation.metrics import (
     segmentation_results,
 )
 from zeroseg.pipeline.errors import UserError
-from zeroseg.trainer.distributed import Process
+from zeroseg.trainer.process_group import Process
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VOC_LABELS = FIXTURES / "VOCdevkit" / "VOC2012" / "SegmentationClass"

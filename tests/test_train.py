@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from tests.conftest import PHOTOS, invoke, make_store
-from zeroseg.trainer.checkpoint import list_checkpoints, load_model
+from zeroseg.trainer.checkpoint import list_checkpoints, load_trained_model
 from zeroseg.trainer.cli import main
-from zeroseg.trainer.metrics import METRIC_KEYS
+from zeroseg.trainer.metrics_log import METRIC_KEYS
 from zeroseg.trainer.train_config import build_config
 
 REPO = Path(__file__).parent.parent
@@ -155,7 +155,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(store, tmp_path):
     assert line.startswith("error: non-finite loss or gradient in step "), result.stderr
     last = list_checkpoints(tmp_path / "run")[-1]
     assert line.endswith(f"the last checkpoint is {last}")
-    model, meta = load_model(tmp_path / "run", "cpu")
+    model, meta = load_trained_model(tmp_path / "run", "cpu")
     assert f"after {meta['step']} good steps" in line and meta["step"] < 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -180,7 +180,7 @@ def test_run_directory_metrics_plot_and_model_for_evaluation(store, finished_run
     assert plotted.returncode == 0, plotted.stderr
     assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    model, meta = load_model(finished_run, "cpu")
+    model, meta = load_trained_model(finished_run, "cpu")
     assert not model.training and meta["step"] == 4 and meta["model_config"]["embed_dim"] == 32
     assert meta["store"]["rows"] == 10 and meta["store"]["teacher"]["model"] == "zs-tiny-clip"
     assert meta["loss_config"]["l1_reduction"] == "mean" and meta["effective_batch"] == 2

@@ -189,7 +189,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
     """A trained ZeroSeg in eval mode on `device`, and the checkpoint's metadata.
 
     path: a checkpoint file, or a run directory (its latest checkpoint). The metadata dict holds step,

@@ -54,7 +54,7 @@ def run(
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
     """Train ZeroSeg on a feature store (single process, or one process per GPU under torchrun)."""
-    from zeroseg.trainer import distributed
+    from zeroseg.trainer import process_group
     from zeroseg.trainer.checkpoint import resume_config_file
     from zeroseg.trainer.train import TrainingDiverged, run_training
     from zeroseg.trainer.train_config import build_config, read_config_file
@@ -78,14 +78,14 @@ def run(
         cfg = build_config(read_config_file(resume_config_file(run_dir)), overrides, explicit)
     else:
         cfg = build_config(read_config_file(config) if config else {}, overrides, explicit)
-    log = (lambda line: typer.echo(line, err=True)) if distributed.env_rank() == 0 else (lambda line: None)
+    log = (lambda line: typer.echo(line, err=True)) if process_group.env_rank() == 0 else (lambda line: None)
     try:
         result = run_training(cfg, resume=resume, stop_at=stop_at, log=log, progress=progress)
     except TrainingDiverged as exc:
-        if distributed.env_rank() == 0:
+        if process_group.env_rank() == 0:
             typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    if distributed.env_rank() == 0:
+    if process_group.env_rank() == 0:
         typer.echo(result.line())
     if result.stop_signal:
         raise typer.Exit(128 + result.stop_signal)

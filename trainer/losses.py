@@ -21,6 +21,9 @@ def l1_distances(a: torch.Tensor, b: torch.Tensor, reduction: str = "sum") -> to
     return distances / a.shape[-1] if reduction == "mean" else distances
 
 
+LOSS_TERMS = ("recon", "distill", "match")  # the weighted terms; total_loss adds "total", their sum
+
+
 def reconstruction_loss(
     pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool
 ) -> torch.Tensor:
@@ -98,4 +101,4 @@ def total_loss(
         match = zero
 
     total = loss_cfg.w_recon * recon + loss_cfg.w_distill * distill + loss_cfg.w_match * match
-    return {"recon": recon, "distill": distill, "match": match, "total": total}
+    return {**dict(zip(LOSS_TERMS, (recon, distill, match), strict=True)), "total": total}

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from zeroseg.pipeline.atomic import atomic_path
-from zeroseg.trainer.metrics import read_metrics
+from zeroseg.trainer.losses import LOSS_TERMS
+from zeroseg.trainer.metrics_log import read_metrics
 
 PLOT_FILE = "curves.png"
 
@@ -19,7 +20,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     steps = [r["step"] for r in records]
     figure, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     losses = axes[0, 0]
-    for key in ("loss", "recon", "distill", "match"):
+    for key in ("loss", *LOSS_TERMS):
         losses.plot(steps, [r[key] for r in records], label=key)
     losses.set_yscale("log")
     losses.set_title("loss terms")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from zeroseg.pipeline.atomic import write_atomically
 from zeroseg.pipeline.errors import UserError
-from zeroseg.trainer import distributed
+from zeroseg.trainer import process_group
 from zeroseg.trainer.checkpoint import (
     CONFIG_FILE,
     check_effective_batch,
@@ -40,8 +40,8 @@ from zeroseg.trainer.checkpoint import (
     save_checkpoint,
 )
 from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
-from zeroseg.trainer.losses import total_loss
-from zeroseg.trainer.metrics import MetricsLog
+from zeroseg.trainer.losses import LOSS_TERMS, total_loss
+from zeroseg.trainer.metrics_log import MetricsLog
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.optim import make_optimizer
 from zeroseg.trainer.preemption import StopRequest
@@ -49,7 +49,7 @@ from zeroseg.trainer.sampling import BatchPlan
 from zeroseg.trainer.schedule import make_schedule
 from zeroseg.trainer.train_config import TrainConfig, config_yaml
 
-LOSS_TERMS = ("total", "recon", "distill", "match")
+STEP_VALUES = ("total", *LOSS_TERMS)  # what each step averages over its passes and the processes
 
 
 class TrainingDiverged(Exception):
@@ -103,7 +103,7 @@ def run_training(
     samples = StoreSamples.open(cfg.data.store)
     check_store(samples, cfg.model, cfg.loss, cfg.data.resize)
     payload = resume_payload(cfg, samples, resume, log)
-    process = distributed.setup(cfg.run.device)
+    process = process_group.setup(cfg.run.device)
     trainer = None
     try:
         trainer = Trainer(cfg, process, samples, payload)
@@ -115,7 +115,7 @@ def run_training(
         if trainer is not None:
             trainer.release()
         gc.collect()
-        distributed.shutdown(process)
+        process_group.shutdown(process)
 
 
 
@@ -123,7 +123,7 @@ def run_training(
 class Trainer:
     """The state of one training invocation: model, DDP wrapper, optimizer, batches, schedule and logs."""
 
-    def __init__(self, cfg: TrainConfig, process: distributed.Process, samples: StoreSamples, payload: dict | None):
+    def __init__(self, cfg: TrainConfig, process: process_group.Process, samples: StoreSamples, payload: dict | None):
         self.cfg, self.process, self.samples = cfg, process, samples
         self.device = process.device
         self.plan = BatchPlan(cfg.data.batch_size, cfg.optim.accum_steps, process.world_size, process.rank)
@@ -216,7 +216,7 @@ class Trainer:
         """One optimizer step (0-based index `step`)."""
         cfg, process = self.cfg, self.process
         accum = cfg.optim.accum_steps
-        terms = torch.zeros(len(LOSS_TERMS), device=self.device)
+        terms = torch.zeros(len(STEP_VALUES), device=self.device)
         data_wait = 0.0
         for accum_pass in range(accum):
             waiting = time.perf_counter()
@@ -231,8 +231,8 @@ class Trainer:
                     output = self.ddp(images, generator=self.generator)
                     losses = total_loss(output, images, features, self.layout, cfg.loss, cfg.model)
                 (losses["total"] / accum).backward()
-            terms += torch.stack([losses[name].detach().float() for name in LOSS_TERMS]) / accum
-        values = dict(zip(LOSS_TERMS, distributed.mean_over_processes(terms, process).tolist()))
+            terms += torch.stack([losses[name].detach().float() for name in STEP_VALUES]) / accum
+        values = dict(zip(STEP_VALUES, process_group.mean_over_processes(terms, process).tolist()))
         params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.optim.clip_grad is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
@@ -261,7 +261,7 @@ class Trainer:
         if self.process.is_main:
             path = save_checkpoint(self.cfg, step, self.plan.effective_batch, self.process.world_size, self.model,
                                    self.optimizer, self.samples.identity())
-        distributed.barrier(self.process)
+        process_group.barrier(self.process)
         return path
 
     def release(self) -> None:
@@ -281,19 +281,19 @@ class Trainer:
 
 @dataclass
 class StepStats:
-    terms: dict[str, float]  # LOSS_TERMS averaged over the step's passes and the processes
+    terms: dict[str, float]  # STEP_VALUES averaged over the step's passes and the processes
     grad_norm: float  # before clipping
     lr: float
     data_wait: float  # seconds this process waited for its batches
 
 
 class Interval:
-    """Sums over the steps between two metric lines (trainer.metrics documents the record)."""
+    """Sums over the steps between two metric lines (trainer.metrics_log documents the record)."""
 
     def __init__(self, began: float):
         self.began = began
         self.steps = 0
-        self.sums = dict.fromkeys((*LOSS_TERMS, "grad_norm", "data_wait"), 0.0)
+        self.sums = dict.fromkeys((*STEP_VALUES, "grad_norm", "data_wait"), 0.0)
         self.lr = 0.0
 
     def add(self, stats: StepStats) -> None:
@@ -307,8 +307,8 @@ class Interval:
         seconds = max(now - self.began, 1e-9)
         mean = {name: total / self.steps for name, total in self.sums.items()}
         return {
-            "step": step, "epoch": epoch, "lr": self.lr, "loss": mean["total"], "recon": mean["recon"],
-            "distill": mean["distill"], "match": mean["match"], "grad_norm": mean["grad_norm"],
+            "step": step, "epoch": epoch, "lr": self.lr, "loss": mean["total"],
+            **{name: mean[name] for name in LOSS_TERMS}, "grad_norm": mean["grad_norm"],
             "images_per_s": self.steps * effective_batch / seconds,
             "data_wait": min(1.0, self.sums["data_wait"] / seconds), "elapsed_s": now - started,
         }  # fmt: skip

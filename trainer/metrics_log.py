@@ -22,11 +22,10 @@ from typing import Any
 
 from zeroseg.pipeline.atomic import write_atomically
 from zeroseg.pipeline.errors import UserError
+from zeroseg.trainer.losses import LOSS_TERMS
 
 METRICS_FILE = "metrics.jsonl"
-METRIC_KEYS = (
-    "step", "epoch", "lr", "loss", "recon", "distill", "match", "grad_norm", "images_per_s", "data_wait", "elapsed_s",
-)  # fmt: skip
+METRIC_KEYS = ("step", "epoch", "lr", "loss", *LOSS_TERMS, "grad_norm", "images_per_s", "data_wait", "elapsed_s")
 
 
 class MetricsLog:
