@@ -24,8 +24,8 @@ from zeroseg.evaluation.evaluate import segment_split
 from zeroseg.evaluation.segmenter import LabelingRule, Segmenter, ZeroSegScorer
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.runtime import resolve_device
-from zeroseg.trainer.config import model_preset
 from zeroseg.trainer.model import ZeroSeg
+from zeroseg.trainer.model_config import model_preset
 from zeroseg.trainer.process_group import Process
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"

@@ -24,9 +24,9 @@ from pathlib import Path
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.trainer import process_group
+from zeroseg.trainer.config import build_config
 from zeroseg.trainer.data import StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.train import Trainer
-from zeroseg.trainer.train_config import build_config
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 

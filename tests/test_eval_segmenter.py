@@ -24,8 +24,8 @@ from zeroseg.evaluation.windows import (
     window_starts,
 )
 from zeroseg.pipeline.teacher import create_clip, resolve_identity
-from zeroseg.trainer.config import model_preset
 from zeroseg.trainer.model import ZeroSeg
+from zeroseg.trainer.model_config import model_preset
 
 PHOTO = VOC_ROOT / "JPEGImages" / "2007_000033.jpg"  # 500 x 366
 SMALL = dict(short_side=64, crop_size=64, stride=32)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from zeroseg.pipeline.crops import view_layout
-from zeroseg.trainer.config import LossConfig, model_preset
-from zeroseg.trainer.losses import distillation_loss, reconstruction_loss, segment_matching_loss, total_loss
+from zeroseg.trainer.losses import LossConfig, distillation_loss, reconstruction_loss, segment_matching_loss, total_loss
 from zeroseg.trainer.model import ZeroSegOutput
+from zeroseg.trainer.model_config import model_preset
 
 
 def test_reconstruction_loss_averages_masked_patches_only():
@@ -82,9 +82,10 @@ def _images() -> torch.Tensor:
 
 
 def test_total_loss_weights_the_three_terms():
-    model_cfg = dataclasses.replace(model_preset("tiny"), norm_pix_loss=False)
+    model_cfg = model_preset("tiny")
     cfg = LossConfig(
-        w_recon=1.0, w_distill=0.5, w_match=2.0, grids=(1, 2), normalize_targets=False, l1_reduction="sum"
+        w_recon=1.0, w_distill=0.5, w_match=2.0, grids=(1, 2), normalize_targets=False, l1_reduction="sum",
+        norm_pix_loss=False,
     )
     losses = total_loss(_output(_images()), _images(), _features(), view_layout((1, 2)), cfg, model_cfg)
     # recon: masked patch 0, zeros vs ones -> 1
@@ -99,7 +100,7 @@ def test_total_loss_weights_the_three_terms():
 
 
 def test_total_loss_selects_views_by_grid():
-    model_cfg = dataclasses.replace(model_preset("tiny"), norm_pix_loss=False)
+    model_cfg = model_preset("tiny")
     layout = view_layout((1, 2))
     global_only = LossConfig(grids=(1,), normalize_targets=False)
     losses = total_loss(_output(_images()), _images(), _features(), layout, global_only, model_cfg)

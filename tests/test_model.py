@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from zeroseg.pipeline.crops import view_layout
-from zeroseg.trainer.config import LossConfig, ModelConfig, model_preset
 from zeroseg.trainer.grouping import GroupingBlock, GroupingStage, straight_through
-from zeroseg.trainer.losses import total_loss
+from zeroseg.trainer.losses import LossConfig, total_loss
 from zeroseg.trainer.model import ZeroSeg, patchify
+from zeroseg.trainer.model_config import ModelConfig, model_preset
 from zeroseg.trainer.vit import interpolate_pos_embed, sincos_pos_embed_2d
 
 
@@ -40,7 +40,7 @@ def test_presets_hold_the_paper_sizes():
     assert (base.embed_dim, base.depth, base.num_heads, base.mlp_ratio) == (768, 12, 12, 4.0)
     assert (base.decoder_embed_dim, base.decoder_depth, base.decoder_num_heads) == (512, 8, 16)
     assert (base.seg_depths, base.num_group_tokens, base.teacher_dim) == ((2, 2, 1), (32, 8), 768)
-    assert (base.mask_ratio, base.gumbel_tau, base.norm_pix_loss) == (0.6, 1.0, True)
+    assert (base.mask_ratio, base.gumbel_tau, LossConfig().norm_pix_loss) == (0.6, 1.0, True)
     assert ModelConfig.from_dict(model_preset("tiny").to_dict()) == model_preset("tiny")
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
         model_preset("huge")

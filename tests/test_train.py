@@ -17,8 +17,8 @@ import yaml
 from tests.conftest import PHOTOS, invoke, make_store
 from zeroseg.trainer.checkpoint import list_checkpoints, load_trained_model
 from zeroseg.trainer.cli import main
+from zeroseg.trainer.config import build_config
 from zeroseg.trainer.metrics_log import METRIC_KEYS
-from zeroseg.trainer.train_config import build_config
 
 REPO = Path(__file__).parent.parent
 TINY_RUN = (
@@ -260,3 +260,13 @@ def test_resume_after_a_kill_mid_metrics_line(store, tmp_path):
     resumed = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--steps", "3", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert [line["step"] for line in metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_checkpoint_with_norm_pix_loss_in_its_model_config_still_loads(finished_run, tmp_path):
+    """Checkpoints written while norm_pix_loss was a model field: the setting is read as the loss's."""
+    payload = torch.load(list_checkpoints(finished_run)[-1], weights_only=True)
+    payload["model_config"]["norm_pix_loss"] = payload["loss_config"].pop("norm_pix_loss")
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    model, meta = load_trained_model(old, "cpu")
+    assert meta["loss_config"]["norm_pix_loss"] is True and "norm_pix_loss" not in meta["model_config"]

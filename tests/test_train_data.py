@@ -11,8 +11,9 @@ from tests.conftest import make_store
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.trainer.config import LossConfig, model_preset
 from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
+from zeroseg.trainer.losses import LossConfig
+from zeroseg.trainer.model_config import model_preset
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
 
 

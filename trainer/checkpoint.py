@@ -30,10 +30,10 @@ import torch
 
 from zeroseg.pipeline.atomic import atomic_path
 from zeroseg.pipeline.errors import UserError
-from zeroseg.trainer.config import ModelConfig
+from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.data import StoreSamples
 from zeroseg.trainer.model import ZeroSeg
-from zeroseg.trainer.train_config import TrainConfig
+from zeroseg.trainer.model_config import ModelConfig
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -111,6 +111,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint '{path}' cannot be read: {type(exc).__name__}: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a zeroseg checkpoint of format {FORMAT}")
+    if "norm_pix_loss" in payload["model_config"]:  # written before norm_pix_loss moved to the loss config
+        payload["loss_config"].setdefault("norm_pix_loss", payload["model_config"].pop("norm_pix_loss"))
     return payload
 
 

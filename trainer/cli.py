@@ -56,8 +56,8 @@ def run(
     """Train ZeroSeg on a feature store (single process, or one process per GPU under torchrun)."""
     from zeroseg.trainer import process_group
     from zeroseg.trainer.checkpoint import resume_config_file
+    from zeroseg.trainer.config import build_config, read_config_file
     from zeroseg.trainer.train import TrainingDiverged, run_training
-    from zeroseg.trainer.train_config import build_config, read_config_file
 
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
@@ -98,7 +98,7 @@ def show_config(
     overrides: list[str] = SET_OPTION,
 ) -> None:
     """Print the effective configuration (defaults < --config < --set) as YAML: every key zs-train run reads."""
-    from zeroseg.trainer.train_config import build_config, config_yaml, read_config_file
+    from zeroseg.trainer.config import build_config, config_yaml, read_config_file
 
     explicit = {"model.preset": preset} if preset is not None else {}
     cfg = build_config(read_config_file(config) if config else {}, overrides, explicit)

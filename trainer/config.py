@@ -1,184 +1,287 @@
-"""Configuration of the ZeroSeg student (`ModelConfig`) and of its training losses (`LossConfig`).
+"""The configuration of a training run: six sections, read from YAML or TOML plus `section.key=value` overrides.
 
-Both are frozen dataclasses of plain values, so they round-trip through `dataclasses.asdict` and
-`from_dict` into a checkpoint that loads with `torch.load(weights_only=True)`.
+    model:     preset: base | tiny, then any ModelConfig field (trainer.model_config) overriding the preset
+    loss:      LossConfig fields (trainer.losses); an older model.norm_pix_loss is read as loss.norm_pix_loss
+    data:      the feature store, per-process batch size, loader workers, shuffle window
+    optim:     AdamW (lr = base_lr * effective batch / 256 unless lr is set), accumulation, clipping
+    schedule:  run length in epochs or steps, linear warm-up, half-cycle cosine to min_lr
+    run:       run directory, checkpoint cadence, seed, device, bf16 autocast, logging cadence
+
+Precedence: dataclass defaults < the config file < overrides. Every key and value type is checked, so a
+typo is one clear error rather than a silently ignored setting. `TrainConfig.to_dict()` is the effective
+configuration (the model section fully resolved), saved as `config.yaml` in the run directory.
 """
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
+import yaml
 
-def _tuples(values: dict[str, Any]) -> dict[str, Any]:
-    """Lists (as JSON/YAML give them back) turned into the tuples the dataclasses hold."""
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Every size of the student. Defaults are the paper's (ViT-B/16 encoder, 8x512 decoder,
-    5-layer segmentation head with 32 then 8 group tokens, CLIP ViT-L/14 teacher dim 768).
-
-    seg_depths: transformer layers of the segmentation head per stage. Stage k < len(num_group_tokens)
-        runs its layers over [tokens, group tokens] and ends in a grouping block; the last stage runs
-        over the final segment tokens only. (2, 2, 1) = grouping after layers 2 and 4 of 5.
-    num_group_tokens: group tokens (= output segments) of each grouping stage.
-    proj_hidden_dim: hidden width of the MLPs that project segment tokens to g and the pooled
-        segment tokens to z (GroupViT's projector width).
-    teacher_dim: output dim of g and z, the teacher's embedding dim.
-    gumbel_tau: temperature of the Gumbel-softmax in the training-time hard assignment.
-    mask_ratio: fraction of patches removed from the encoder's input in training (MAE masking).
-    norm_pix_loss: reconstruct per-patch normalised pixels (MAE's norm_pix_loss).
-    """
-
-    image_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    seg_embed_dim: int = 768
-    seg_num_heads: int = 12
-    seg_depths: tuple[int, ...] = (2, 2, 1)
-    num_group_tokens: tuple[int, ...] = (32, 8)
-    proj_hidden_dim: int = 4096
-    teacher_dim: int = 768
-    gumbel_tau: float = 1.0
-    mask_ratio: float = 0.6
-    norm_pix_loss: bool = True
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        for width, heads, what in (
-            (self.embed_dim, self.num_heads, "embed_dim"),
-            (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim"),
-            (self.seg_embed_dim, self.seg_num_heads, "seg_embed_dim"),
-        ):
-            if width % heads:
-                raise ValueError(f"{what} {width} is not divisible by its {heads} heads")
-        for width, what in ((self.embed_dim, "embed_dim"), (self.decoder_embed_dim, "decoder_embed_dim")):
-            if width % 4:
-                raise ValueError(f"{what} {width} must be a multiple of 4 for the 2-D sin-cos embedding")
-        if len(self.seg_depths) != len(self.num_group_tokens) + 1:
-            raise ValueError(
-                f"seg_depths {self.seg_depths} needs one entry per grouping stage "
-                f"{self.num_group_tokens} plus one for the final layers"
-            )
-        if not self.num_group_tokens or min(self.num_group_tokens) < 1:
-            raise ValueError(
-                f"num_group_tokens {self.num_group_tokens} needs at least one stage of >= 1 token"
-            )
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio {self.mask_ratio} is not in [0, 1)")
-        if int(self.grid_size**2 * (1 - self.mask_ratio)) < 1:
-            raise ValueError(f"mask_ratio {self.mask_ratio} keeps none of the {self.grid_size**2} patches")
-
-    @property
-    def masks_patches(self) -> bool:
-        """Training hides at least one patch (so the reconstruction decoder runs)."""
-        return int(self.grid_size**2 * (1 - self.mask_ratio)) < self.grid_size**2
-
-    @property
-    def grid_size(self) -> int:
-        """Patches per side at the training resolution."""
-        return self.image_size // self.patch_size
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        return cls(**_tuples(values))
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.runtime import first_line
+from zeroseg.trainer.losses import LossConfig
+from zeroseg.trainer.model_config import PRESET_NAMES, ModelConfig, model_preset
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    """Weights and view selection of the three training losses.
-
-    The feature store holds the teacher's views for grids (1, 2, 3, 4): 1 + 4 + 9 + 16 = 30 views,
-    grid by grid, cells row-major, view 0 the whole image.
-
-    grids: grids of the stored layout used in training (Table 3 ablations: (1,), (1, 2), (1, 3), ...).
-        Distillation uses every view of these grids, segment matching every view except the 1x1.
-    distill_grids: overrides the grids used by the distillation loss (Table 4's "Base" distils the
-        1x1 view only: distill_grids=(1,)); None = `grids`.
-    normalize_targets: L2-normalise the teacher features v before the L1 distances (the store holds
-        raw projected embeddings). The student's g and z are left as they are: they regress the
-        unit-norm targets, and evaluation compares them to text embeddings by cosine similarity, so
-        their norm never reaches a prediction.
-    l1_reduction: how |a - b|_1 reduces the feature dim. "mean" (the default) divides the L1 norm by
-        the feature dim D: the paper's |.|_1 with a constant 1/D folded into w_distill and w_match.
-        With "sum" (the L1 norm as the paper writes it) and D = 768, the distillation and matching
-        terms start about 3000x larger than the per-pixel reconstruction MSE, which then has no say
-        in the gradient; "sum" stays selectable for runs that set the weights themselves.
+class DataConfig:
+    """store: the feature store directory (zs-cache build).
+    batch_size: images per process per forward pass; effective batch = batch_size x accum_steps x world size.
+    workers: DataLoader processes per training process (0 = read in the training process).
+    shuffle_window: chunks whose rows are shuffled together (trainer.sampling); memory per worker is about
+        2 x shuffle_window x chunk_size x views x dim x 2 bytes.
+    prefetch: batches each worker prepares ahead.
+    resize: accept a store whose crop size differs from model.image_size and resize the crops on the
+        device (bicubic); off by default, as the student should see the exact pixels the teacher saw.
     """
 
-    w_recon: float = 1.0
-    w_distill: float = 1.0
-    w_match: float = 1.0
-    grids: tuple[int, ...] = (1, 2, 3, 4)
-    distill_grids: tuple[int, ...] | None = None
-    normalize_targets: bool = True
-    l1_reduction: Literal["sum", "mean"] = "mean"
+    store: str = ""
+    batch_size: int = 64
+    workers: int = 8
+    shuffle_window: int = 16
+    prefetch: int = 2
+    resize: bool = False
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            if field.name.startswith("w_") and getattr(self, field.name) < 0:
-                raise ValueError(f"loss weight {field.name} is negative: {getattr(self, field.name)}")
-        for name, grids in (("grids", self.grids), ("distill_grids", self.distill_grids)):
-            if grids is not None and (not grids or min(grids) < 1):
-                raise ValueError(f"{name} {grids} must be a non-empty tuple of grid sizes >= 1")
-        if self.l1_reduction not in ("sum", "mean"):
-            raise ValueError(f"l1_reduction {self.l1_reduction!r} is not 'sum' or 'mean'")
+        _positive(self, "batch_size", "shuffle_window", "prefetch")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
 
-    @property
-    def distillation_grids(self) -> tuple[int, ...]:
-        return self.distill_grids if self.distill_grids is not None else self.grids
 
-    @property
-    def matching_grids(self) -> tuple[int, ...]:
-        """The local grids: every configured grid but the 1x1 whole-image view."""
-        return tuple(grid for grid in self.grids if grid != 1)
+@dataclass(frozen=True)
+class OptimConfig:
+    """base_lr: lr per 256 images of effective batch (MAE's rule). lr: an absolute lr that replaces the rule.
+    weight_decay: AdamW decay on weight matrices; none on biases, norms, mask and group tokens.
+    accum_steps: forward/backward passes per optimizer step. clip_grad: max global grad norm (None: off).
+    """
+
+    base_lr: float = 1.5e-4
+    lr: float | None = None
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    accum_steps: int = 1
+    clip_grad: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "base_lr", "accum_steps")
+        if self.lr is not None and self.lr < 0:
+            raise ValueError(f"optim.lr must be >= 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"optim.clip_grad must be positive or null, got {self.clip_grad}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Run length and lr shape. steps / warmup_steps, when set, replace epochs / warmup_epochs; an epoch is
+    one pass over the store's usable rows (`trainer.sampling`). The paper: 80 epochs, 20 of warm-up."""
+
+    epochs: float = 80
+    steps: int | None = None
+    warmup_epochs: float = 20
+    warmup_steps: int | None = None
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"schedule.steps must be >= 1, got {self.steps}")
+        if self.warmup_epochs < 0 or (self.warmup_steps or 0) < 0 or self.min_lr < 0:
+            raise ValueError("schedule.warmup_epochs, warmup_steps and min_lr must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """dir: run directory (config.yaml, metrics.jsonl, checkpoints/, tensorboard/).
+    checkpoint_every: optimizer steps between checkpoints (one is always written at the end).
+    keep_last: checkpoints kept. log_every: optimizer steps per metrics line.
+    device: auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda or cuda:K (single process).
+    bf16: bf16 autocast on CUDA (ignored on the CPU).
+    """
+
+    dir: str = ""
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "checkpoint_every", "keep_last", "log_every")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "base"
+    model: ModelConfig = field(default_factory=lambda: model_preset("base"))
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "LossConfig":
-        return cls(**_tuples(values))
+        """Plain nested dict (lists for tuples) with the model section fully resolved."""
+        sections = {name: asdict(getattr(self, name)) for name in SECTIONS if name != "model"}
+        return _lists({"model": {"preset": self.preset, **self.model.to_dict()}, **sections})
 
 
-_PRESETS = {
-    "base": ModelConfig(),
-    "tiny": ModelConfig(
-        image_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        seg_embed_dim=32,
-        seg_num_heads=2,
-        seg_depths=(1, 1, 1),
-        num_group_tokens=(8, 4),
-        proj_hidden_dim=64,
-        teacher_dim=32,
-    ),
-}
-
-PRESET_NAMES = tuple(_PRESETS)
+SECTION_TYPES = {
+    "model": ModelConfig, "loss": LossConfig, "data": DataConfig, "optim": OptimConfig,
+    "schedule": ScheduleConfig, "run": RunConfig,
+}  # fmt: skip
+SECTIONS = tuple(SECTION_TYPES)
 
 
-def model_preset(name: str) -> ModelConfig:
-    """The named model configuration: "base" (the paper's sizes) or "tiny" (tests, CPU demos)."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
-    return _PRESETS[name]
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a .yaml/.yml or .toml file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist")
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise UserError(f"config file '{path}' must end in .yaml, .yml or .toml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"config file '{path}' is not valid: {first_line(exc)}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of sections")
+    return values
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'section.key=value' -> (section, key, value); the value is read as YAML (1e-3, true, [1, 2], null)."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise UserError(f"--set takes section.key=value (e.g. optim.lr=1e-3), got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def build_config(
+    file_values: dict[str, Any], overrides: list[str], explicit: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults < file_values < overrides ('section.key=value' texts) < explicit ({'section.key': value}),
+    every key and type checked (UserError otherwise)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for section, values in file_values.items():
+        if section not in SECTION_TYPES:
+            raise UserError(f"unknown config section '{section}' (sections: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{section}' must be a mapping of keys to values")
+        merged[section] = dict(values)
+    parsed = [parse_override(text) for text in overrides]
+    parsed += [(*name.split(".", 1), value) for name, value in (explicit or {}).items()]
+    for section, key, value in parsed:
+        if section not in SECTION_TYPES:
+            raise UserError(f"unknown config section in '{section}.{key}' (sections: {', '.join(SECTIONS)})")
+        merged.setdefault(section, {})[key] = value
+
+    if "norm_pix_loss" in merged.get("model", {}):  # a loss setting, in the model section before 2026-12
+        moved = merged["model"].pop("norm_pix_loss")
+        merged.setdefault("loss", {}).setdefault("norm_pix_loss", moved)
+    model_values = dict(merged.pop("model", {}))
+    preset = model_values.pop("preset", "base")
+    if preset not in PRESET_NAMES:
+        raise UserError(f"model.preset '{preset}' is not one of {', '.join(PRESET_NAMES)}")
+    base_model = model_preset(preset).to_dict()
+    model = _section("model", ModelConfig, {**base_model, **_checked("model", ModelConfig, model_values)})
+    sections = {name: _section(name, SECTION_TYPES[name], merged.get(name, {})) for name in SECTIONS[1:]}
+    return TrainConfig(preset=preset, model=model, **sections)
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _section(name: str, cls: type, values: dict[str, Any]):
+    try:
+        return cls(**_checked(name, cls, values))
+    except ValueError as exc:
+        raise UserError(f"bad {name} config: {exc}") from None
+
+
+def _checked(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """values with every key known to `cls` and every value converted to the field's declared type."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    checked = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown config key '{section}.{key}' ({section} keys: {', '.join(known)})")
+        try:
+            checked[key] = _convert(value, hints[key])
+        except (TypeError, ValueError):
+            raise UserError(f"config key '{section}.{key}' expects {_type_name(hints[key])}, got {value!r}") from None
+    return checked
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """value as an instance of the type hint (int, float, bool, str, tuples, Literal, X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(value)
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise TypeError(value)
+        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise ValueError(value)
+        return tuple(_convert(item, item_type) for item, item_type in zip(value, item_types))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(value)
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    raise TypeError(hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _lists(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_lists(item) for item in value]
+    return value
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(section, name)}")

@@ -30,7 +30,8 @@ from zeroseg.pipeline.crops import channel_stats, to_model_input
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore, StoreMeta
-from zeroseg.trainer.config import LossConfig, ModelConfig
+from zeroseg.trainer.losses import LossConfig
+from zeroseg.trainer.model_config import ModelConfig
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
 
 

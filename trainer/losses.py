@@ -7,21 +7,81 @@ official implementation was not available to check against.
 """
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from zeroseg.trainer.config import LossConfig, ModelConfig
 from zeroseg.trainer.model import ZeroSegOutput, patchify
+from zeroseg.trainer.model_config import ModelConfig, tuples_of_lists
+
+LOSS_TERMS = ("recon", "distill", "match")  # the weighted terms; total_loss adds "total", their sum
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and view selection of the three training losses.
+
+    The feature store holds the teacher's views for grids (1, 2, 3, 4): 1 + 4 + 9 + 16 = 30 views,
+    grid by grid, cells row-major, view 0 the whole image.
+
+    grids: grids of the stored layout used in training (Table 3 ablations: (1,), (1, 2), (1, 3), ...).
+        Distillation uses every view of these grids, segment matching every view except the 1x1.
+    distill_grids: overrides the grids used by the distillation loss (Table 4's "Base" distils the
+        1x1 view only: distill_grids=(1,)); None = `grids`.
+    normalize_targets: L2-normalise the teacher features v before the L1 distances (the store holds
+        raw projected embeddings). The student's g and z are left as they are: they regress the
+        unit-norm targets, and evaluation compares them to text embeddings by cosine similarity, so
+        their norm never reaches a prediction.
+    norm_pix_loss: reconstruct per-patch normalised pixels (MAE's norm_pix_loss).
+    l1_reduction: how |a - b|_1 reduces the feature dim. "mean" (the default) divides the L1 norm by
+        the feature dim D: the paper's |.|_1 with a constant 1/D folded into w_distill and w_match.
+        With "sum" (the L1 norm as the paper writes it) and D = 768, the distillation and matching
+        terms start about 3000x larger than the per-pixel reconstruction MSE, which then has no say
+        in the gradient; "sum" stays selectable for runs that set the weights themselves.
+    """
+
+    w_recon: float = 1.0
+    w_distill: float = 1.0
+    w_match: float = 1.0
+    grids: tuple[int, ...] = (1, 2, 3, 4)
+    distill_grids: tuple[int, ...] | None = None
+    normalize_targets: bool = True
+    l1_reduction: Literal["sum", "mean"] = "mean"
+    norm_pix_loss: bool = True
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            if field.name.startswith("w_") and getattr(self, field.name) < 0:
+                raise ValueError(f"loss weight {field.name} is negative: {getattr(self, field.name)}")
+        for name, grids in (("grids", self.grids), ("distill_grids", self.distill_grids)):
+            if grids is not None and (not grids or min(grids) < 1):
+                raise ValueError(f"{name} {grids} must be a non-empty tuple of grid sizes >= 1")
+        if self.l1_reduction not in ("sum", "mean"):
+            raise ValueError(f"l1_reduction {self.l1_reduction!r} is not 'sum' or 'mean'")
+
+    @property
+    def distillation_grids(self) -> tuple[int, ...]:
+        return self.distill_grids if self.distill_grids is not None else self.grids
+
+    @property
+    def matching_grids(self) -> tuple[int, ...]:
+        """The local grids: every configured grid but the 1x1 whole-image view."""
+        return tuple(grid for grid in self.grids if grid != 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LossConfig":
+        return cls(**tuples_of_lists(values))
 
 
 def l1_distances(a: torch.Tensor, b: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Pairwise L1 distances (B, M, D) x (B, N, D) -> (B, M, N); "mean" divides by D."""
     distances = torch.cdist(a.float(), b.float(), p=1)
     return distances / a.shape[-1] if reduction == "mean" else distances
-
-
-LOSS_TERMS = ("recon", "distill", "match")  # the weighted terms; total_loss adds "total", their sum
 
 
 def reconstruction_loss(
@@ -89,7 +149,7 @@ def total_loss(
         recon = zero
     else:
         target = patchify(images, model_cfg.patch_size)
-        recon = reconstruction_loss(output.pred, target, output.mask, model_cfg.norm_pix_loss)
+        recon = reconstruction_loss(output.pred, target, output.mask, loss_cfg.norm_pix_loss)
 
     distill_views = views[:, view_indices(layout, loss_cfg.distillation_grids)]
     distill = distillation_loss(output.z, distill_views, loss_cfg.l1_reduction)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zeroseg.trainer.config import ModelConfig
 from zeroseg.trainer.grouping import GroupingStage
 from zeroseg.trainer.masking import num_kept, random_masking
+from zeroseg.trainer.model_config import ModelConfig
 from zeroseg.trainer.vit import Block, Mlp, PatchEmbed, interpolate_pos_embed, layer_norm, sincos_pos_embed_2d
 
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from zeroseg.trainer.train_config import OptimConfig
+from zeroseg.trainer.config import OptimConfig
 
 NO_DECAY_NAMES = ("mask_token", "group_tokens")  # learned tokens; the positional embeddings are fixed buffers
 

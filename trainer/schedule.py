@@ -4,7 +4,7 @@ import math
 from dataclasses import dataclass
 
 from zeroseg.pipeline.errors import UserError
-from zeroseg.trainer.train_config import OptimConfig, ScheduleConfig
+from zeroseg.trainer.config import OptimConfig, ScheduleConfig
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from zeroseg.trainer.checkpoint import (
     resume_payload,
     save_checkpoint,
 )
+from zeroseg.trainer.config import TrainConfig, config_yaml
 from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.losses import LOSS_TERMS, total_loss
 from zeroseg.trainer.metrics_log import MetricsLog
@@ -47,7 +48,6 @@ from zeroseg.trainer.optim import make_optimizer
 from zeroseg.trainer.preemption import StopRequest
 from zeroseg.trainer.sampling import BatchPlan
 from zeroseg.trainer.schedule import make_schedule
-from zeroseg.trainer.train_config import TrainConfig, config_yaml
 
 STEP_VALUES = ("total", *LOSS_TERMS)  # what each step averages over its passes and the processes
 

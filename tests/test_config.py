@@ -8,11 +8,12 @@ import torch
 import yaml
 
 from zeroseg.pipeline.errors import UserError
-from zeroseg.trainer.config import LossConfig, model_preset
+from zeroseg.trainer.config import TrainConfig, build_config, config_yaml, read_config_file
+from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model import ZeroSeg
+from zeroseg.trainer.model_config import model_preset
 from zeroseg.trainer.optim import make_optimizer
 from zeroseg.trainer.schedule import Schedule, make_schedule, peak_lr
-from zeroseg.trainer.train_config import TrainConfig, build_config, config_yaml, read_config_file
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -98,3 +99,12 @@ def test_weight_decay_skips_biases_norms_and_learned_tokens():
     assert "norm.weight" in plain_names and "blocks.0.attn.qkv.bias" in plain_names
     assert all(p.ndim >= 2 for p in decayed["params"])  # linear weights and the patch projection
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_norm_pix_loss_of_an_older_model_section_loads_into_the_loss_section(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"model": {"preset": "tiny", "norm_pix_loss": False}}))
+    cfg = build_config(read_config_file(old), [])
+    assert cfg.loss.norm_pix_loss is False and "norm_pix_loss" not in cfg.model.to_dict()
+    assert build_config({}, ["model.norm_pix_loss=false"]).loss.norm_pix_loss is False
+    assert build_config({}, []).loss.norm_pix_loss is True
