@@ -13,24 +13,30 @@ from zeroseg.evaluation.datasets import DATASET_NAMES, DEFAULT_SPLITS, open_data
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.runtime import run_cli
 
-RULES = """
-Labeling rules. Class names (index 0 'background' excluded) go through the text tower of the teacher
-CLIP recorded in the checkpoint (or --teacher/--pretrained), one embedding per class: the mean of the
-L2-normalised prompt embeddings, normalised again. The score of an embedding e for class c is the
-softmax over the foreground classes of cos(e, t_c) * min(exp(logit_scale), 100), logit_scale being
-that CLIP's own. ZeroSeg: every segment token is scored; the soft assignments of the grouping stages,
-chained and resized bilinearly, give every pixel its argmax segment, whose scores the pixel takes.
-MaskCLIP: every patch token is scored; the per-class patch score maps are resized bilinearly. A pixel
-takes its best class, or background where that score is strictly below the threshold (per dataset,
-the paper's 0.95 VOC / 0.05 Context / 0.35 COCO, or --bg-threshold; --keep-best-group lowers it to
-the best score in the window so the best segment is never background, as GroupViT does).
+HELP = """
+Labeling rules (--rule; the whole rule is evaluation/labeling_rule.py). Class names (index 0
+'background' excluded) go through the text tower of the teacher CLIP recorded in the checkpoint (or
+--teacher/--pretrained), one embedding per class: the mean of the L2-normalised prompt embeddings,
+normalised again. With s = min(exp(logit_scale), 100) of that CLIP, A = softmax over the foreground
+classes of cos(e, t_c) * s.
+groupvit (default, GroupViT's protocol, which the paper follows): per window, the top-k classes
+(--top-k, 5) of the image embedding z's softmax are the image prior; every segment's A restricted to
+them and softmaxed again, times A, is its score P; pixels take the scores of their argmax segment
+(soft assignments of the grouping stages, chained and resized bilinearly); a pixel's background
+channel is 1 where its best score < min(threshold, best P of the window). Windows are fused as mmseg
+does: [background, class scores] averaged over the windows covering a pixel, argmax (background wins
+ties). softmax (the rule before, to reproduce old numbers): scores A, no prior; background where the
+best score is strictly below the threshold (--keep-best-group caps it at the window's best score),
+scores and thresholds averaged over windows. MaskCLIP (Zhou et al., ECCV 2022; not the "MaskCLIP" row
+of the ZeroSeg paper's Table 1, Dong et al.): every patch token scores A, maps resized bilinearly,
+same background and fusion as the rule chosen. Thresholds per dataset: the paper's 0.95 VOC / 0.05
+Context / 0.35 COCO, or --bg-threshold.
 
 Geometry. Images are resized keeping their aspect ratio to --short-side (long side capped at
 --max-long-side), bicubic, sides rounded to a multiple of the patch size, and normalised with the
-checkpoint's mean/std (MaskCLIP: the CLIP's). whole: one forward of the resized image. slide:
---crop-size windows every --stride pixels; each pixel's class scores and background value are
-averaged over the windows covering it before the rule above is applied. Scores are produced at the
-original image size, where the metric is computed.
+checkpoint's mean/std (MaskCLIP: the CLIP's). slide (default, GroupViT's setting for VOC, Context
+and COCO): --crop-size windows every --stride pixels, fused as the rule says. whole: one forward of
+the resized image. Scores are produced at the original image size, where the metric is computed.
 
 Metric. One int64 confusion matrix over the whole split (ignore label left out); per-class IoU, mIoU
 over the classes present in ground truth or prediction (the others are listed as absent), pixel
@@ -45,7 +51,7 @@ prepare_app = typer.Typer(
 )
 
 
-@app.command(help=f"Zero-shot segmentation mIoU of DATASET... (voc, context, coco).\n{RULES}")
+@app.command(help=f"Zero-shot segmentation mIoU of DATASET... (voc, context, coco).\n{HELP}")
 def evaluate(
     datasets: list[str] = typer.Argument(
         ..., metavar="DATASET", help=f"One or more of {', '.join(DATASET_NAMES)}.", show_default=False
@@ -67,13 +73,17 @@ def evaluate(
     quick_gelu: bool | None = cli_options.QUICK_GELU,
     templates: str = cli_options.TEMPLATES,
     text_cache: Path | None = cli_options.TEXT_CACHE,
-    mode: str = cli_options.MODE,
+    rule: str = cli_options.RULE,
+    top_k: int = cli_options.TOP_K,
+    mode: str = typer.Option("slide", help="slide or whole (see Geometry below)."),
     short_side: int = cli_options.SHORT_SIDE,
     max_long_side: int = cli_options.MAX_LONG_SIDE,
     crop_size: int = cli_options.CROP_SIZE,
     stride: int = cli_options.STRIDE,
     bg_threshold: float | None = typer.Option(None, help="Background threshold for every dataset (default: paper's)."),
-    keep_best_group: bool = typer.Option(False, help="Never make a window's best-scoring segment background."),
+    keep_best_group: bool = typer.Option(
+        False, help="softmax rule: never make a window's best-scoring segment background (groupvit always)."
+    ),
     split: str | None = typer.Option(None, help="Split (default: val for VOC/Context, val2017 for COCO)."),
     output: Path | None = typer.Option(
         None, help="Results folder (default: <checkpoint>-eval/ next to it, or ./zs-eval-results/<model>)."
@@ -88,19 +98,16 @@ def evaluate(
     from zeroseg.evaluation.evaluate import results_document, score_saved_predictions, write_results
     from zeroseg.evaluation.loading import ModelOptions, load_eval_model
     from zeroseg.evaluation.scores import format_results
-    from zeroseg.evaluation.windows import Geometry
     from zeroseg.trainer import process_group
 
     opened = [(open_dataset(name, data_root, split), split or DEFAULT_SPLITS.get(name)) for name in datasets]
     if predictions is not None and checkpoint is not None:
         raise UserError("--predictions scores saved label maps; it takes no --checkpoint")
-    try:
-        geometry = Geometry(mode, short_side, max_long_side, crop_size, stride)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    geometry = cli_options.geometry_or_exit(mode, short_side, max_long_side, crop_size, stride)
+    cli_options.check_rule(rule, top_k)
     options = ModelOptions(
         model, checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
-        geometry, keep_best_group, window_batch,
+        geometry, keep_best_group, window_batch, rule, top_k,
     )  # fmt: skip
     out_dir = output or _default_output(options, predictions)
     process = process_group.setup(device)

@@ -1,8 +1,11 @@
-"""Command-line options that zs-eval and zs-segment share (text side and geometry)."""
+"""Command-line options that zs-eval and zs-segment share (text side, labeling rule and geometry)."""
 
 from pathlib import Path
 
 import typer
+
+from zeroseg.evaluation.windows import Geometry
+from zeroseg.pipeline.errors import UserError
 
 QUICK_GELU = typer.Option(
     None, "--quick-gelu/--no-quick-gelu", help="Force the CLIP's activation (default: recorded / automatic)."
@@ -14,3 +17,24 @@ SHORT_SIDE = typer.Option(448, help="Short side of the resized image.")
 MAX_LONG_SIDE = typer.Option(2048, help="Cap on the resized long side.")
 CROP_SIZE = typer.Option(448, help="Slide window side (a multiple of the patch size).")
 STRIDE = typer.Option(224, help="Slide window stride.")
+RULE = typer.Option(
+    "groupvit", help="Labeling rule: groupvit (GroupViT's, the paper's protocol) or softmax (see --help)."
+)
+TOP_K = typer.Option(5, help="groupvit rule: classes kept by the image-level prior (at most the vocabulary).")
+
+
+def geometry_or_exit(mode: str, short_side: int, max_long_side: int, crop_size: int, stride: int) -> Geometry:
+    """The Geometry of the options, or a UserError naming the bad one."""
+    try:
+        return Geometry(mode, short_side, max_long_side, crop_size, stride)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def check_rule(rule: str, top_k: int) -> None:
+    from zeroseg.evaluation.labeling_rule import RULES  # torch: imported once a command runs
+
+    if rule not in RULES:
+        raise UserError(f"--rule '{rule}' is not one of {', '.join(RULES)}")
+    if top_k < 1:
+        raise UserError(f"--top-k must be positive, got {top_k}")

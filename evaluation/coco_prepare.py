@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from zeroseg.evaluation.classnames import COCO_CATEGORY_TO_INDEX
-from zeroseg.evaluation.labeling import label_image, save_png
+from zeroseg.evaluation.drawing import label_image, save_png
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.runtime import first_line
 

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from zeroseg import __version__
 from zeroseg.evaluation.datasets import SegmentationDataset
-from zeroseg.evaluation.labeling import label_image, overlay, save_png
+from zeroseg.evaluation.drawing import label_image, overlay, save_png
 from zeroseg.evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
 from zeroseg.evaluation.scores import ConfusionMatrix, format_results, segmentation_results
 from zeroseg.evaluation.segmenter import Segmenter

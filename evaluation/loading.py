@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from zeroseg.evaluation.segmenter import LabelingRule, MaskClipScorer, Scorer, Segmenter, ZeroSegScorer
+from zeroseg.evaluation.labeling_rule import LabelingRule
+from zeroseg.evaluation.segmenter import MaskClipScorer, Scorer, Segmenter, ZeroSegScorer
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.errors import UserError
@@ -30,6 +31,8 @@ class ModelOptions:
     geometry: Geometry = field(default_factory=Geometry)
     keep_best_group: bool = False
     window_batch: int = 8
+    rule: str = "groupvit"  # evaluation.labeling_rule.RULES
+    top_k: int = 5
 
 
 @dataclass
@@ -51,7 +54,9 @@ class LoadedModel:
         text = class_text_embeddings(
             self.clip, self.identity, list(class_names[1:]), self.templates, cache_dir=self.options.text_cache
         )
-        rule = LabelingRule(text, float(self.clip.logit_scale.item()), bg_threshold, self.options.keep_best_group)
+        options = self.options
+        scale = float(self.clip.logit_scale.item())
+        rule = LabelingRule(text, scale, bg_threshold, options.keep_best_group, options.rule, options.top_k)
         return Segmenter(
             self.scorer, rule, self.options.geometry, self.mean, self.std, self.device, self.options.window_batch
         )

@@ -30,11 +30,11 @@ image with class colours blended in and a legend; NAME.json, its segments (one p
 class, index, pixel share, score = mean over its pixels of the winning class score). zs-segment.json
 holds the vocabulary and the settings.
 
-Labeling is zs-eval's (see zs-eval --help): each segment token of the student takes its nearest class
-by the score softmax(cos * min(exp(logit_scale), 100)) of the teacher CLIP's text embeddings, pixels
-take their segment's class through the composed soft group assignments. By default there is no
-background: every segment gets a class. With --bg-threshold T a pixel whose best score is below T is
-background (0).
+Labeling is zs-eval's (--rule groupvit or softmax; see zs-eval --help): each segment token of the
+student scores the classes with the teacher CLIP's text embeddings (groupvit: restricted to the top-k
+classes of the image embedding), pixels take their segment's scores through the composed soft group
+assignments. By default there is no background: every segment gets a class. With --bg-threshold T a
+pixel whose best score is below T (groupvit: below min(T, the window's best score)) is background (0).
 
 Unreadable images are reported one line each and skipped; the exit code is then 1.""",
 )
@@ -47,7 +47,11 @@ def segment(
     ),
     out: Path = typer.Option(Path("zs-segment-out"), help="Output folder."),
     bg_threshold: float | None = typer.Option(None, help="Background below this score (default: no background)."),
-    keep_best_group: bool = typer.Option(False, help="With --bg-threshold: the best segment is never background."),
+    keep_best_group: bool = typer.Option(
+        False, help="softmax rule with --bg-threshold: the best segment is never background (groupvit always)."
+    ),
+    rule: str = cli_options.RULE,
+    top_k: int = cli_options.TOP_K,
     teacher: str | None = typer.Option(None, help="CLIP for the text side (default: the checkpoint's teacher)."),
     pretrained: str | None = typer.Option(None, help="Its weights: open_clip tag, file, or 'none'."),
     quick_gelu: bool | None = cli_options.QUICK_GELU,
@@ -63,23 +67,20 @@ def segment(
 ) -> None:
     from tqdm import tqdm
 
-    from zeroseg.evaluation.labeling import label_image, overlay, save_png
+    from zeroseg.evaluation.drawing import label_image, overlay, save_png
     from zeroseg.evaluation.loading import ModelOptions, load_eval_model
     from zeroseg.evaluation.segmenter import describe_segments
-    from zeroseg.evaluation.windows import Geometry
     from zeroseg.pipeline.atomic import write_atomically
     from zeroseg.pipeline.images import ImageDecodeError, decode_image
     from zeroseg.pipeline.runtime import resolve_device
 
     class_names = read_vocabulary(classes, vocabulary)
     inputs = collect_images(images, out)
-    try:
-        geometry = Geometry(mode, short_side, max_long_side, crop_size, stride)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    geometry = cli_options.geometry_or_exit(mode, short_side, max_long_side, crop_size, stride)
+    cli_options.check_rule(rule, top_k)
     options = ModelOptions(
         "zeroseg", checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
-        geometry, keep_best_group,
+        geometry, keep_best_group, rule=rule, top_k=top_k,
     )  # fmt: skip
     loaded = load_eval_model(options, resolve_device(device))
     segmenter = loaded.segmenter(class_names, bg_threshold)

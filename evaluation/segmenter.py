@@ -2,16 +2,14 @@
 
     image --(evaluation.windows geometry, normalise)--> windows [N, 3, h, w]
           --(scorer)--> per-window class scores over the window's footprint
-          --(evaluation.windows.combine_windows)--> labels [H, W] at the image's own size
+          --(LabelingRule.decide)--> labels [H, W] at the image's own size
 
-Scorers:
-- ZeroSeg (`ZeroSegScorer`): the student sees all patches; each segment token g_i scores every class
-  (`LabelingRule.scores`); the soft group assignments of its grouping stages, chained and resized
-  bilinearly to the footprint (labeling.compose_assignments), give every pixel its argmax group, and
-  the pixel scores as that group.
-- MaskCLIP (`MaskClipScorer`): each patch token of evaluation.maskclip scores every class; the
-  per-class patch score maps are resized bilinearly to the footprint.
-Both use one scoring rule and one background rule, `LabelingRule`.
+Scorers (the rule itself, scores, prior, background and window fusion, is evaluation.labeling_rule):
+- ZeroSeg (`ZeroSegScorer`): the student sees all patches; its segment tokens g and image embedding z
+  score every class (`LabelingRule.group_scores`); the soft group assignments of its grouping stages,
+  chained and resized bilinearly to the footprint, give every pixel its argmax group (`group_window`).
+- MaskCLIP (`MaskClipScorer`), a dense scorer: each patch token of evaluation.maskclip scores every
+  class; the per-class patch score maps [C_fg, h, w] go to `LabelingRule.dense_window`.
 """
 
 from collections.abc import Sequence
@@ -22,50 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zeroseg.evaluation.labeling import class_scores, compose_assignments
+from zeroseg.evaluation.labeling_rule import LabelingRule, WindowScores, compose_assignments
 from zeroseg.evaluation.maskclip import check_maskclip_tower, maskclip_features
-from zeroseg.evaluation.windows import (
-    DenseWindowScores,
-    Geometry,
-    GroupWindowScores,
-    Window,
-    WindowScores,
-    combine_windows,
-    plan_windows,
-    resized_shape,
-    window_threshold,
-)
+from zeroseg.evaluation.windows import Geometry, Window, plan_windows, resized_shape
 from zeroseg.trainer.model import ZeroSeg
-
-
-@dataclass
-class LabelingRule:
-    """How embeddings become class scores and when a window's pixel is background.
-
-    score(embedding, class c) = softmax over the foreground classes of cosine * min(exp(logit_scale), 100)
-    (the plain cosine when logit_scale is None). Background value of a window: bg_threshold, or
-    min(bg_threshold, best score in the window) with keep_best_group; None = no background at all.
-    """
-
-    text: torch.Tensor  # [C_fg, D] class text embeddings
-    logit_scale: float | None
-    bg_threshold: float | None
-    keep_best_group: bool = False
-
-    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """[..., D] -> [..., C_fg]."""
-        return class_scores(embeddings, self.text.to(embeddings.device), self.logit_scale)
-
-    def threshold(self, scores: torch.Tensor) -> float:
-        return window_threshold(scores, self.bg_threshold, self.keep_best_group)
-
-    def to_dict(self) -> dict:
-        return {
-            "score": "cosine" if self.logit_scale is None else "softmax(cosine * min(exp(logit_scale), 100))",
-            "logit_scale": self.logit_scale,
-            "bg_threshold": self.bg_threshold,
-            "keep_best_group": self.keep_best_group,
-        }
 
 
 class Scorer(Protocol):
@@ -83,12 +41,12 @@ class ZeroSegScorer:
     @torch.inference_mode()
     def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list[WindowScores]:
         out = self.model(batch, mask_ratio=0.0)
-        scores = rule.scores(out.g)  # [N, G, C_fg]
+        scores = rule.group_scores(out.g, out.z)  # [N, G, C_fg]
         result = []
         for index, box in enumerate(boxes):
             soft_maps = [stage_map[index : index + 1].float() for stage_map in out.soft_assignments]
             owner = compose_assignments(soft_maps, out.grid_size, box[2:])[0].argmax(dim=0)  # [h, w]
-            result.append(GroupWindowScores(box, rule.threshold(scores[index]), owner, scores[index]))
+            result.append(rule.group_window(box, owner, scores[index]))
         return result
 
 
@@ -103,9 +61,7 @@ class MaskClipScorer:
         features, (rows, cols) = maskclip_features(self.visual, batch)  # [N, h*w, D]
         scores = rule.scores(features)  # [N, h*w, C_fg]
         patch_maps = scores.transpose(1, 2).reshape(len(batch), -1, rows, cols)  # [N, C_fg, h, w]
-        return [
-            DenseWindowScores(box, rule.threshold(scores[index]), patch_maps[index]) for index, box in enumerate(boxes)
-        ]
+        return [rule.dense_window(box, patch_maps[index]) for index, box in enumerate(boxes)]
 
 
 @dataclass
@@ -151,7 +107,7 @@ class Segmenter:
             crops = [pixels[:, top : top + rows, left : left + cols] for top, left, rows, cols in _resized(chunk)]
             batch = torch.stack(crops)  # [N, 3, h, w]
             windows += self.scorer.windows(batch, [w.original for w in chunk], self.rule)
-        labels, scores = combine_windows(windows, image.height, image.width, len(self.rule.text))
+        labels, scores = self.rule.decide(windows, image.height, image.width)
         return Segmentation(labels.cpu().numpy(), scores.float().cpu().numpy())
 
 

@@ -82,6 +82,8 @@ def test_zeroseg_checkpoint_on_voc_and_coco_and_its_saved_predictions_score_the_
     assert coco["num_pixels"] == sum(Image.open(p).width * Image.open(p).height for p in COCO_ROOT.glob("val2017/*"))
     assert voc["config"]["model"] == "zeroseg" and voc["config"]["labeling"]["bg_threshold"] == 0.95
     assert coco["config"]["labeling"]["bg_threshold"] == 0.35 and voc["config"]["teacher_matches_checkpoint"]
+    assert voc["config"]["labeling"]["rule"] == "groupvit" and voc["config"]["labeling"]["top_k"] == 5
+    assert voc["config"]["labeling"]["keep_best_group"] and voc["config"]["geometry"]["mode"] == "slide"
     assert sorted(p.stem for p in (tmp_path / "pred" / "coco").iterdir()) == sorted(
         p.stem for p in COCO_ROOT.glob("val2017/*.jpg")
     )
@@ -103,14 +105,29 @@ def test_maskclip_baseline_and_slide_mode_run_through_the_same_evaluator(setup, 
     assert len(results(tmp_path / "m", "coco")["per_class_iou"]) == 81
     assert results(tmp_path / "m", "voc")["config"]["model"] == "maskclip"
 
-    slide = invoke(
-        zs_eval, "voc", "--checkpoint", setup["checkpoint"], *setup["common"], "--mode", "slide",
+    whole = invoke(
+        zs_eval, "voc", "--checkpoint", setup["checkpoint"], *setup["common"], "--mode", "whole", "--rule", "softmax",
         "--keep-best-group", "--bg-threshold", "0.5", "--output", tmp_path / "s",
     )  # fmt: skip
-    assert slide.returncode == 0, slide.stderr
+    assert whole.returncode == 0, whole.stderr
     config = results(tmp_path / "s", "voc")["config"]
-    assert config["geometry"]["mode"] == "slide" and config["labeling"]["keep_best_group"] is True
-    assert config["labeling"]["bg_threshold"] == 0.5
+    assert config["geometry"]["mode"] == "whole" and config["labeling"]["keep_best_group"] is True
+    assert config["labeling"]["bg_threshold"] == 0.5 and config["labeling"]["rule"] == "softmax"
+    assert config["labeling"]["top_k"] is None
+
+
+def test_softmax_rule_gives_the_numbers_of_the_release_before_the_groupvit_rule(setup, tmp_path):
+    """Confusion matrices zs-eval wrote before the groupvit rule existed (MaskCLIP on the tiny CLIP, whose
+    random weights are seeded; recorded in tests/fixtures/softmax-rule-release.json), bit for bit."""
+    recorded = json.loads((FIXTURES / "softmax-rule-release.json").read_text())["confusion_matrices"]
+    for mode in ("whole", "slide"):
+        out = invoke(
+            zs_eval, "voc", "coco", "--model", "maskclip", *setup["common"], "--rule", "softmax", "--mode", mode,
+            "--output", tmp_path / mode,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        for dataset in ("voc", "coco"):
+            assert results(tmp_path / mode, dataset)["confusion_matrix"] == recorded[f"{mode}/{dataset}"]
 
 
 def free_port() -> int:
@@ -184,3 +201,5 @@ def test_user_errors_are_one_line_and_exit_2(setup, tmp_path):
     garbage = invoke(zs_eval, "voc", "--checkpoint", tmp_path / "garbage.pt", *setup["common"])
     assert garbage.returncode == 2 and garbage.stderr.count("\n") == 1
     assert garbage.stderr.startswith(f"error: checkpoint '{tmp_path / 'garbage.pt'}' cannot be read")
+    bad_rule = invoke(zs_eval, "voc", "--checkpoint", setup["checkpoint"], *setup["common"], "--rule", "mmseg")
+    assert bad_rule.returncode == 2 and "--rule 'mmseg' is not one of groupvit, softmax" in bad_rule.stderr

@@ -8,21 +8,20 @@ import torch
 from PIL import Image
 
 from tests.conftest import TINY_TEACHER, VOC_ROOT
-from zeroseg.evaluation import windows as windows_module
+from zeroseg.evaluation import labeling_rule as rule_module
 from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
-from zeroseg.evaluation.labeling import class_scores, compose_assignments
-from zeroseg.evaluation.maskclip import maskclip_features
-from zeroseg.evaluation.segmenter import LabelingRule, MaskClipScorer, Segmenter, ZeroSegScorer, describe_segments
-from zeroseg.evaluation.text import class_text_embeddings
-from zeroseg.evaluation.windows import (
+from zeroseg.evaluation.labeling_rule import (
     DenseWindowScores,
-    Geometry,
     GroupWindowScores,
+    LabelingRule,
+    class_scores,
     combine_windows,
-    plan_windows,
-    resized_shape,
-    window_starts,
+    compose_assignments,
 )
+from zeroseg.evaluation.maskclip import maskclip_features
+from zeroseg.evaluation.segmenter import MaskClipScorer, Segmenter, ZeroSegScorer, describe_segments
+from zeroseg.evaluation.text import class_text_embeddings
+from zeroseg.evaluation.windows import Geometry, plan_windows, resized_shape, window_starts
 from zeroseg.pipeline.teacher import create_clip, resolve_identity
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import model_preset
@@ -115,7 +114,7 @@ def test_the_many_window_path_equals_the_one_window_path_and_class_chunks_do_not
     window = random_group_window((0, 0, 8, 8), threshold=0.15, classes=30)
     alone = combine_windows([window], 8, 8, num_fg=30)
     twice = combine_windows([window, window], 8, 8, num_fg=30)
-    monkeypatch.setattr(windows_module, "_ELEMENTS_PER_CHUNK", 64 * 4)  # 4 classes per chunk
+    monkeypatch.setattr(rule_module, "_ELEMENTS_PER_CHUNK", 64 * 4)  # 4 classes per chunk
     chunked = combine_windows([window, window], 8, 8, num_fg=30)
     for result in (twice, chunked):
         assert torch.equal(result[0], alone[0])
@@ -151,7 +150,7 @@ def test_maskclip_features_are_the_last_block_with_self_only_attention(clip):
 
 def test_zeroseg_whole_mode_labels_pixels_by_their_group_through_the_composed_assignments(clip, text, student):
     logit_scale = clip[1].logit_scale.item()
-    rule = LabelingRule(text, logit_scale, bg_threshold=0.06)
+    rule = LabelingRule(text, logit_scale, bg_threshold=0.06, name="softmax")
     seg = segmenter(ZeroSegScorer(student), rule, mode="whole", short_side=64)
     image = Image.open(PHOTO).convert("RGB")
     result = seg.segment(image)
@@ -169,7 +168,7 @@ def test_background_threshold_none_and_keep_best_group(clip, text, student):
     logit_scale = clip[1].logit_scale.item()
 
     def labels(threshold, keep_best_group=False, mode="whole"):
-        rule = LabelingRule(text, logit_scale, threshold, keep_best_group)
+        rule = LabelingRule(text, logit_scale, threshold, keep_best_group, name="softmax")
         return segmenter(ZeroSegScorer(student), rule, mode=mode, **SMALL).segment(image).labels
 
     assert (labels(None) > 0).all()

@@ -1,51 +1,12 @@
-"""From segment tokens to pixel scores, and label maps to pictures: pure tensor functions, no model.
+"""Label maps as pictures: the VOC palette, palette PNGs, colour overlays with a legend, atomic PNG writing."""
 
-Label convention everywhere: 0 is background, k >= 1 is foreground class k, whose text embedding is
-row k - 1 of the [C_fg, D] text matrix (the vocabulary without its background entry). The pixel
-decision (best class, or background below the threshold) is `evaluation.windows.combine_windows`.
-"""
-
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from zeroseg.pipeline.atomic import atomic_path
-
-
-def compose_assignments(
-    soft_maps: Sequence[torch.Tensor], grid_hw: tuple[int, int], out_hw: tuple[int, int]
-) -> torch.Tensor:
-    """Chain the soft assignment maps of the grouping stages into per-pixel group scores.
-
-    soft_maps: [B, h*w, G1] (tokens -> first-stage groups, row-major token grid), then [B, G1, G2],
-    ... [B, G_{k-1}, Gk]. Their product [B, h*w, Gk] is reshaped to [B, Gk, h, w] and resized
-    bilinearly (align_corners=False) to out_hw -> [B, Gk, H, W].
-    """
-    composed = soft_maps[0]  # [B, h*w, G1]
-    for stage_map in soft_maps[1:]:
-        composed = composed @ stage_map  # [B, h*w, G_next]
-    height, width = grid_hw
-    batch, tokens, groups = composed.shape
-    if tokens != height * width:
-        raise ValueError(f"assignment map has {tokens} tokens, grid {height}x{width} has {height * width}")
-    grid = composed.transpose(1, 2).reshape(batch, groups, height, width)  # [B, G, h, w]
-    return F.interpolate(grid, size=tuple(out_hw), mode="bilinear", align_corners=False)
-
-
-def class_scores(
-    embeddings: torch.Tensor, text_emb: torch.Tensor, logit_scale: float | torch.Tensor | None = None
-) -> torch.Tensor:
-    """[..., D] embeddings, [C_fg, D] text -> [..., C_fg] float32 scores, both sides L2-normalised here:
-    the cosine, or with logit_scale the softmax over classes of cosine * min(exp(logit_scale), 100)."""
-    cosine = F.normalize(embeddings.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T
-    if logit_scale is None:
-        return cosine
-    return (cosine * min(math.exp(float(logit_scale)), 100.0)).softmax(dim=-1)
 
 
 def palette(num_classes: int) -> np.ndarray:

@@ -1,0 +1,202 @@
+"""The labeling rule: composed group assignments, class scores, the image prior, background and window fusion."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from zeroseg.evaluation.labeling_rule import GroupWindowScores, LabelingRule, combine_windows, compose_assignments
+
+# A 2x2 token grid (row-major tokens t0 t1 / t2 t3) grouped into 3, then 2 groups.
+STAGE_ONE = torch.tensor([[[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]])  # [B=1, HW=4, G1=3]
+STAGE_TWO = torch.tensor([[[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]])  # [B=1, G1=3, G2=2]
+
+
+def test_composition_chains_the_stages_and_keeps_the_token_grid():
+    scores = compose_assignments([STAGE_ONE, STAGE_TWO], grid_hw=(2, 2), out_hw=(2, 2))
+    # token -> final group = sum over first-stage groups, e.g. t0: 0.8*1 + 0.1*0.5 = 0.85 for group 0.
+    expected = torch.tensor([[[0.85, 0.45], [0.15, 0.30]], [[0.15, 0.55], [0.85, 0.70]]])  # [G2, h, w]
+    assert scores.shape == (1, 2, 2, 2)
+    torch.testing.assert_close(scores[0], expected)
+    assert scores[0].argmax(dim=0).tolist() == [[0, 1], [1, 1]]  # each pixel's owner group
+
+
+def test_composition_resizes_bilinearly_to_the_image():
+    scores = compose_assignments([STAGE_ONE, STAGE_TWO], grid_hw=(2, 2), out_hw=(4, 6))
+    assert scores.shape == (1, 2, 4, 6)
+    torch.testing.assert_close(scores[0, :, 0, 0], torch.tensor([0.85, 0.15]))  # corners keep token values
+    torch.testing.assert_close(scores[0, :, 3, 5], torch.tensor([0.30, 0.70]))
+    torch.testing.assert_close(scores.sum(dim=1), torch.ones(1, 4, 6))  # soft maps stay distributions
+
+
+def test_composition_with_a_single_final_group_and_a_wrong_grid():
+    to_one = torch.ones(1, 3, 1)  # [B, G1=3, G2=1]
+    scores = compose_assignments([STAGE_ONE, to_one], grid_hw=(2, 2), out_hw=(3, 3))
+    torch.testing.assert_close(scores, torch.ones(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="grid 3x3"):
+        compose_assignments([STAGE_ONE], grid_hw=(3, 3), out_hw=(3, 3))
+
+
+# Groups g0 = x, g1 = 0.6x + 0.8y, g2 = -x against classes 1 = x and 2 = y (cosines 1; 0.8; 0).
+GROUPS = torch.tensor([[2.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
+CLASSES = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+
+
+def group_labels(bg_threshold, logit_scale=None, keep_best_group=False) -> list[int]:
+    """The labels of GROUPS as the segmenter decides them: LabelingRule's scores and threshold, then
+    combine_windows over a one-window image of 1 x 3 pixels, pixel g owned by group g."""
+    rule = LabelingRule(CLASSES, logit_scale, bg_threshold, keep_best_group, name="softmax")
+    scores = rule.scores(GROUPS)  # [G, C_fg]
+    owner = torch.arange(len(GROUPS))[None]  # [1, G]
+    window = GroupWindowScores((0, 0, 1, len(GROUPS)), rule.threshold(scores), owner, scores)
+    labels, _ = combine_windows([window], 1, len(GROUPS), num_fg=len(CLASSES))
+    return labels[0].tolist()
+
+
+def test_each_group_takes_its_nearest_class_or_background_below_the_threshold():
+    assert group_labels(bg_threshold=0.5) == [1, 2, 0]
+    assert group_labels(bg_threshold=0.8) == [1, 2, 0]  # 0.8 is not below 0.8
+    assert group_labels(bg_threshold=0.9) == [1, 0, 0]
+    assert group_labels(bg_threshold=-1.0) == [1, 2, 2]
+    assert group_labels(bg_threshold=None) == [1, 2, 2]  # no background at all
+
+
+def test_keep_best_group_caps_the_threshold_at_the_best_group_score():
+    assert group_labels(bg_threshold=1.5) == [0, 0, 0]
+    assert group_labels(bg_threshold=1.5, keep_best_group=True) == [1, 0, 0]
+    assert group_labels(bg_threshold=0.5, keep_best_group=True) == [1, 2, 0]
+
+
+def test_logit_scale_scores_groups_by_softmax_probability():
+    # scale 2: g1's probability for class 2 is sigmoid(2 * (0.8 - 0.6)) = 0.599 < 0.6 (its cosine is 0.8);
+    # g2's is sigmoid(2 * (0 - -1)) = 0.88 (its cosine is 0).
+    assert group_labels(0.6) == [1, 2, 0]
+    assert group_labels(0.6, logit_scale=math.log(2.0)) == [1, 0, 2]
+    # the scale is capped at 100 as in CLIP: exp(10) behaves like 100, where g1 scores ~1.
+    capped = group_labels(0.99, logit_scale=torch.tensor(10.0))
+    assert capped == group_labels(0.99, logit_scale=math.log(100.0))
+    assert capped == [1, 2, 2]
+
+
+def numpy_groupvit_labels(groups, image, text, logit_scale, bg_threshold, owner, top_k=5, product=True):
+    """GroupViT's rule for one window, transcribed in numpy from its description: groups [G, D], image
+    [D], text [C, D], owner [P] (each pixel's group) -> labels [P] (0 background, k = class k).
+    product=False leaves out the product with the full softmax (P = A_top), to show what it changes."""
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def softmax(x):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    s = min(np.exp(logit_scale), 100.0)
+    logits = unit(groups) @ unit(text).T * s  # [G, C]
+    prior = softmax(unit(image) @ unit(text).T * s)  # [C]
+    top = np.argsort(-prior, kind="stable")[: min(top_k, len(text))]
+    masked = np.full_like(logits, -np.inf)
+    masked[:, top] = logits[:, top]
+    product = softmax(masked) * (softmax(logits) if product else 1.0)  # P [G, C]
+    pixel_scores = product[owner]  # [P, C]
+    background = pixel_scores.max(axis=-1) < min(bg_threshold, product.max())  # [P]
+    return np.concatenate([background[:, None].astype(float), pixel_scores], axis=1).argmax(axis=1)
+
+
+def evaluator_labels(groups, image, text, logit_scale, bg_threshold, owner, name="groupvit"):
+    """The same window through LabelingRule: group_scores, group_window, decide (1 x P pixels)."""
+    text = torch.as_tensor(text, dtype=torch.float32)
+    rule = LabelingRule(text, logit_scale, bg_threshold, name=name)
+    scores = rule.group_scores(torch.as_tensor(groups, dtype=torch.float32)[None], torch.as_tensor(image)[None])
+    owner = torch.as_tensor(owner)[None]  # [1, P]
+    labels, _ = rule.decide([rule.group_window((0, 0, 1, owner.shape[1]), owner, scores[0])], 1, owner.shape[1])
+    return labels[0].numpy()
+
+
+EYE = np.eye(8, dtype=np.float32)  # classes 1..6 are the axes e0..e5
+TEXT6 = EYE[:6]
+SCALE = math.log(10.0)
+
+
+def test_the_top_k_image_prior_removes_a_class_that_would_otherwise_win():
+    image = EYE[0] + EYE[1] + EYE[2] + EYE[3] + EYE[4] + 0.1 * EYE[5]  # its top 5: classes 1..5, not 6
+    groups = np.stack([EYE[5] + 0.5 * EYE[1], EYE[0]])  # group 0 is nearest to class 6
+    owner = np.array([0, 1])
+    expected = numpy_groupvit_labels(groups, image, TEXT6, SCALE, 0.0, owner)
+    assert expected.tolist() == [2, 1]  # group 0 falls back to its best class inside the prior
+    assert evaluator_labels(groups, image, TEXT6, SCALE, 0.0, owner).tolist() == expected.tolist()
+    assert evaluator_labels(groups, image, TEXT6, SCALE, 0.0, owner, name="softmax").tolist() == [6, 1]
+
+
+def test_the_product_with_the_full_softmax_puts_a_group_below_the_threshold():
+    text = EYE  # 8 classes
+    image = EYE[0] + EYE[1] + EYE[2] + EYE[3] + EYE[4]  # prior: classes 1..5
+    groups = np.stack([EYE[0], EYE[1] + EYE[5] + EYE[6] + EYE[7]])  # group 1: A(class 2) ~1/4, A_top ~1
+    owner = np.array([0, 1])
+    assert numpy_groupvit_labels(groups, image, text, SCALE, 0.35, owner, product=False).tolist() == [1, 2]
+    expected = numpy_groupvit_labels(groups, image, text, SCALE, 0.35, owner)
+    assert expected.tolist() == [1, 0]  # P ~ 1/4 < 0.35
+    assert evaluator_labels(groups, image, text, SCALE, 0.35, owner).tolist() == expected.tolist()
+
+
+def test_keep_best_keeps_the_best_group_of_a_low_confidence_window():
+    image = EYE[0] + EYE[1]
+    groups = np.stack([EYE[0] + 0.9 * EYE[1], 0.1 * EYE[1] + EYE[6]])  # P ~0.45 and ~0.1, both below 0.95
+    owner = np.array([0, 0, 1])
+    expected = numpy_groupvit_labels(groups, image, TEXT6, SCALE, 0.95, owner)
+    assert expected.tolist() == [1, 1, 0]
+    assert evaluator_labels(groups, image, TEXT6, SCALE, 0.95, owner).tolist() == expected.tolist()
+    assert evaluator_labels(groups, image, TEXT6, SCALE, 0.95, owner, name="softmax").tolist() == [0, 0, 0]
+
+
+def test_random_windows_match_the_numpy_transcription():
+    generator = np.random.default_rng(0)
+    for _ in range(20):
+        groups, image, text = generator.normal(size=(6, 16)), generator.normal(size=16), generator.normal(size=(9, 16))
+        owner = generator.integers(0, 6, size=40)
+        threshold = float(generator.uniform(0.0, 0.6))
+        expected = numpy_groupvit_labels(groups, image, text, math.log(30.0), threshold, owner)
+        got = evaluator_labels(
+            groups.astype(np.float32), image.astype(np.float32), text, math.log(30.0), threshold, owner
+        )
+        assert got.tolist() == expected.tolist()
+
+
+def test_two_windows_fuse_the_background_channel_as_mmseg_does_not_the_thresholds():
+    # 1 x 4 image; window L covers columns 0-2, window R columns 1-3. Both windows' best group scores 0.9,
+    # so both background values are 0.35. Columns 1-2: L scores 0.34 (background channel 1), R 0.40 (0).
+    rule = LabelingRule(torch.eye(2), 0.0, 0.35)
+    left = rule.group_window((0, 0, 1, 3), torch.tensor([[0, 1, 1]]), torch.tensor([[0.9, 0.0], [0.34, 0.0]]))
+    right = rule.group_window((0, 1, 1, 3), torch.tensor([[0, 0, 1]]), torch.tensor([[0.40, 0.0], [0.0, 0.9]]))
+    assert left.threshold == right.threshold == 0.35
+    # mmseg: logits [bg, c1, c2] summed / count; columns 1-2: [0.5, 0.37, 0] -> background
+    window_logits = np.zeros((2, 3, 4))
+    window_logits[0, :, 0:3] = [[0, 1, 1], [0.9, 0.34, 0.34], [0, 0, 0]]
+    window_logits[1, :, 1:4] = [[0, 0, 0], [0.40, 0.40, 0], [0, 0, 0.9]]
+    count = np.array([1, 2, 2, 1])
+    mmseg = (window_logits.sum(axis=0) / count).argmax(axis=0)
+    assert mmseg.tolist() == [1, 0, 0, 2]
+    labels, scores = rule.decide([left, right], 1, 4)
+    assert labels.tolist() == [mmseg.tolist()]
+    torch.testing.assert_close(scores, torch.tensor([[0.9, 0.37, 0.37, 0.9]]))
+    averaged_thresholds, _ = combine_windows([left, right], 1, 4, num_fg=2)  # 0.37 >= 0.35: class 1
+    assert averaged_thresholds.tolist() == [[1, 1, 1, 2]]
+
+
+def test_background_wins_a_tie_and_no_threshold_means_no_background():
+    rule = LabelingRule(torch.eye(2), 0.0, 2.0)  # background value capped at the best score, 1.0
+    window = rule.group_window((0, 0, 1, 2), torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    assert rule.decide([window], 1, 2)[0].tolist() == [[1, 0]]
+    zero = rule.group_window((0, 0, 1, 1), torch.tensor([[0]]), torch.tensor([[0.0, 0.0]]))
+    assert LabelingRule(torch.eye(2), 0.0, 0.5).decide([zero], 1, 1)[0].tolist() == [[0]]  # [0, 0, 0]: index 0
+    assert LabelingRule(torch.eye(2), 0.0, None).decide([zero], 1, 1)[0].tolist() == [[1]]
+
+
+def test_rule_choices_are_checked_and_recorded():
+    with pytest.raises(ValueError, match="rule 'mmseg' is not one of groupvit, softmax"):
+        LabelingRule(torch.eye(2), 0.0, 0.5, name="mmseg")
+    with pytest.raises(ValueError, match="needs the CLIP's logit_scale"):
+        LabelingRule(torch.eye(2), None, 0.5)
+    record = LabelingRule(torch.eye(3), 0.0, 0.35).to_dict()
+    assert record["rule"] == "groupvit" and record["top_k"] == 3 and record["keep_best_group"] is True
+    assert "mmseg" in record["window_fusion"]
