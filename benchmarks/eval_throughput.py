@@ -21,7 +21,8 @@ import torch
 from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
 from zeroseg.evaluation.datasets import open_dataset
 from zeroseg.evaluation.evaluate import segment_split
-from zeroseg.evaluation.segmenter import LabelingRule, Segmenter, ZeroSegScorer
+from zeroseg.evaluation.labeling_rule import LabelingRule
+from zeroseg.evaluation.segmenter import Segmenter, ZeroSegScorer
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.runtime import resolve_device
 from zeroseg.trainer.model import ZeroSeg
