@@ -92,6 +92,8 @@ def write_results(document: dict, out_dir: Path) -> tuple[Path, Path]:
     summary = f"# {document['dataset']} {document['split']}: mIoU {_percent(document['mIoU'])}\n\n"
     absent = document["absent_classes"]
     note = f"\n\nLeft out of the mean (in neither ground truth nor prediction): {', '.join(absent)}." if absent else ""
+    if "method" in document["config"]:
+        note += f"\n\nMethod: {document['config']['method']}."
     write_atomically(markdown_path, summary + format_results(document) + note + "\n")
     return json_path, markdown_path
 

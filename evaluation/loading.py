@@ -15,6 +15,10 @@ from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.teacher import TeacherIdentity, create_clip, resolve_identity
 
 MODELS = ("zeroseg", "maskclip")
+MASKCLIP_NOTE = (
+    "MaskCLIP of Zhou et al., ECCV 2022 (Extract Free Dense Labels from CLIP); not the 'MaskCLIP' row of the"
+    " ZeroSeg paper's Table 1, which is Dong et al.'s masked self-distillation"
+)
 
 
 @dataclass
@@ -126,7 +130,7 @@ def _load_maskclip(options: ModelOptions, templates: tuple[str, ...], device: to
     identity = resolve_identity(options.teacher, options.pretrained or "openai", options.quick_gelu)
     clip = create_clip(identity, device)
     config = clip.visual.preprocess_cfg
-    description = {"model": "maskclip", "teacher": identity.to_dict()}
+    description = {"model": "maskclip", "method": MASKCLIP_NOTE, "teacher": identity.to_dict()}
     return LoadedModel(
         MaskClipScorer(clip.visual), tuple(config["mean"]), tuple(config["std"]),
         clip, identity, templates, options, device, description,

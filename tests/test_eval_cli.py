@@ -104,6 +104,8 @@ def test_maskclip_baseline_and_slide_mode_run_through_the_same_evaluator(setup, 
     assert maskclip.returncode == 0, maskclip.stderr
     assert len(results(tmp_path / "m", "coco")["per_class_iou"]) == 81
     assert results(tmp_path / "m", "voc")["config"]["model"] == "maskclip"
+    assert "Zhou et al., ECCV 2022" in results(tmp_path / "m", "voc")["config"]["method"]
+    assert "not the 'MaskCLIP' row" in (tmp_path / "m" / "voc.md").read_text()
 
     whole = invoke(
         zs_eval, "voc", "--checkpoint", setup["checkpoint"], *setup["common"], "--mode", "whole", "--rule", "softmax",
