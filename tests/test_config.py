@@ -12,7 +12,7 @@ from zeroseg.trainer.config import TrainConfig, build_config, config_yaml, read_
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import model_preset
-from zeroseg.trainer.optim import make_optimizer
+from zeroseg.trainer.optim import decay_split, make_optimizer
 from zeroseg.trainer.schedule import Schedule, make_schedule, peak_lr
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -88,17 +88,26 @@ def test_schedule_length_from_epochs_and_the_lr_scaling_rule():
         make_schedule(build_config({}, ["schedule.steps=10"]).schedule, cfg.optim, 10, 8)
 
 
-def test_weight_decay_skips_biases_norms_and_learned_tokens():
+def test_weight_decay_covers_every_matrix_and_the_learned_tokens_as_mae_and_groupvit():
     model = ZeroSeg(model_preset("tiny"))
     optimizer = make_optimizer(model, build_config({}, []).optim, torch.device("cpu"))
     decayed, plain = optimizer.param_groups
     assert (decayed["weight_decay"], plain["weight_decay"], optimizer.defaults["betas"]) == (0.05, 0.0, (0.9, 0.95))
-    names = {id(p): n for n, p in model.named_parameters()}
-    plain_names = {names[id(p)] for p in plain["params"]}
-    assert {"mask_token", "grouping_stages.0.group_tokens", "grouping_stages.1.group_tokens"} <= plain_names
+    decay_names, plain_names = decay_split(model)
+    tokens = {"mask_token", "grouping_stages.0.group_tokens", "grouping_stages.1.group_tokens"}
+    assert tokens <= set(decay_names) and "blocks.0.attn.qkv.weight" in decay_names
     assert "norm.weight" in plain_names and "blocks.0.attn.qkv.bias" in plain_names
-    assert all(p.ndim >= 2 for p in decayed["params"])  # linear weights and the patch projection
+    params = dict(model.named_parameters())
+    assert all(params[name].ndim >= 2 for name in decay_names)
+    assert all(params[name].ndim <= 1 for name in plain_names)
+    assert [id(p) for p in decayed["params"]] == [id(params[name]) for name in decay_names]
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+    exempt = build_config({}, ["optim.decay_tokens=false"]).optim
+    assert exempt.decay_tokens is False
+    decay_names, plain_names = decay_split(model, exempt.decay_tokens)
+    assert tokens <= set(plain_names) and tokens.isdisjoint(decay_names)
+    assert len(make_optimizer(model, exempt, torch.device("cpu")).param_groups[1]["params"]) == len(plain_names)
 
 
 def test_norm_pix_loss_of_an_older_model_section_loads_into_the_loss_section(tmp_path):

@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from zeroseg.pipeline.crops import view_layout
-from zeroseg.trainer.grouping import GroupingBlock, GroupingStage, straight_through
+from zeroseg.trainer.grouping import (
+    CrossAttentionBlock,
+    GroupingBlock,
+    GroupingStage,
+    gumbel_from_uniform,
+    gumbel_straight_through,
+    straight_through,
+)
 from zeroseg.trainer.losses import LossConfig, total_loss
 from zeroseg.trainer.model import ZeroSeg, patchify
 from zeroseg.trainer.model_config import ModelConfig, model_preset
@@ -108,6 +115,37 @@ def test_grouping_block_assigns_each_token_to_one_group(training: bool):
     for weight in (block.assign.q_proj.weight, block.assign.k_proj.weight, block.token_mixer.mlp.fc1.weight):
         assert weight.grad is not None and weight.grad.abs().sum() > 0
     assert group_tokens.grad.abs().sum() > 0
+
+
+def test_the_cross_attention_block_has_groupvits_norms_only():
+    """GroupViT's CrossAttnBlock(post_norm=True): no norm on the query and key inputs."""
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(dim=16, num_heads=2, mlp_ratio=4.0)
+    norms = sorted(name for name, module in block.named_modules() if isinstance(module, torch.nn.LayerNorm))
+    assert norms == ["norm_mlp", "norm_out"]
+    groups, tokens = torch.randn(2, 3, 16), torch.randn(2, 10, 16)
+    with torch.no_grad():
+        attended = groups + block.attn(groups, tokens)  # the raw inputs go into the attention
+        expected = block.norm_out(attended + block.mlp(block.norm_mlp(attended)))
+        assert torch.allclose(block(groups, tokens), expected)
+        # scaling the tokens changes the result: nothing normalises them inside the block
+        assert not torch.allclose(block(groups, 3 * tokens), block(groups, tokens))
+
+
+def test_gumbel_noise_is_float32_finite_even_at_u_zero_and_outside_autocast():
+    noise = gumbel_from_uniform(torch.tensor([0.0, 0.5, 1.0], dtype=torch.bfloat16))
+    assert noise.dtype == torch.float32 and torch.isfinite(noise).all()
+    assert noise[1].item() == pytest.approx(-math.log(math.log(2.0)))
+    logits = torch.randn(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hard = gumbel_straight_through(logits, tau=1.0, dim=1, generator=generator)
+    assert hard.dtype == torch.bfloat16
+    _assert_one_hot(hard.transpose(1, 2))
+    again = gumbel_straight_through(logits, tau=1.0, dim=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hard, again)  # the generator alone decides the noise
+    (hard.float() * torch.randn(2, 4, 6)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
 def test_assignment_gradient_flows_through_the_hard_map():

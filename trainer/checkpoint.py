@@ -35,7 +35,7 @@ from zeroseg.trainer.data import StoreSamples
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import ModelConfig
 
-FORMAT = 1
+FORMAT = 2  # 2: the grouping cross-attention block lost its two input norms (GroupViT's block)
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.yaml"  # the effective config, beside checkpoints/; --resume continues with it
 

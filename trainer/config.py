@@ -56,13 +56,15 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """base_lr: lr per 256 images of effective batch (MAE's rule). lr: an absolute lr that replaces the rule.
-    weight_decay: AdamW decay on weight matrices; none on biases, norms, mask and group tokens.
+    weight_decay: AdamW decay on every parameter of 2+ dimensions (MAE, GroupViT), mask and group tokens
+    included unless decay_tokens is false; none on biases and norms.
     accum_steps: forward/backward passes per optimizer step. clip_grad: max global grad norm (None: off).
     """
 
     base_lr: float = 1.5e-4
     lr: float | None = None
     weight_decay: float = 0.05
+    decay_tokens: bool = True
     betas: tuple[float, float] = (0.9, 0.95)
     accum_steps: int = 1
     clip_grad: float | None = None

@@ -19,12 +19,28 @@ def straight_through(soft: torch.Tensor, dim: int) -> torch.Tensor:
     return hard - soft.detach() + soft
 
 
+def gumbel_from_uniform(uniform: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)) in float32, u clamped to [tiny, 1 - eps] so that no log(0)
+    can occur (GroupViT draws it this way on purpose: exponential_ can return 0, pytorch issue 41663)."""
+    finfo = torch.finfo(torch.float32)
+    return -(-uniform.float().clamp(finfo.tiny, 1.0 - finfo.eps).log()).log()
+
+
+def gumbel_noise(
+    shape: torch.Size, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """float32 Gumbel noise of `shape` from `generator` (uniform draws, `gumbel_from_uniform`)."""
+    return gumbel_from_uniform(torch.rand(shape, dtype=torch.float32, device=device, generator=generator))
+
+
 def gumbel_straight_through(
     logits: torch.Tensor, tau: float, dim: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Hard Gumbel-softmax: one-hot of argmax(softmax((logits + gumbel) / tau)) with its gradient."""
-    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
-    return straight_through(((logits + gumbels) / tau).softmax(dim=dim), dim)
+    """Hard Gumbel-softmax: one-hot of argmax(softmax((logits + gumbel) / tau)) with its gradient,
+    computed in float32 outside autocast, returned in the logits' dtype."""
+    with torch.autocast(logits.device.type, enabled=False):
+        noisy = (logits.float() + gumbel_noise(logits.shape, logits.device, generator)) / tau
+        return straight_through(noisy.softmax(dim=dim), dim).to(logits.dtype)
 
 
 class TokenMixer(nn.Module):
@@ -59,19 +75,21 @@ class CrossAttention(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """Groups updated from the tokens: g + attn(norm(g), norm(x)), g + mlp(norm(g)), then a norm."""
+    """Groups updated from the tokens: g + attn(g, x), g + mlp(norm(g)), then a norm.
+
+    GroupViT's CrossAttnBlock(post_norm=True): no norm on the query and key inputs, which the grouping
+    block has already normalised.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.norm_query = layer_norm(dim)
-        self.norm_key = layer_norm(dim)
         self.attn = CrossAttention(dim, num_heads)
         self.norm_mlp = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm_out = layer_norm(dim)
 
     def forward(self, groups: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        groups = groups + self.attn(self.norm_query(groups), self.norm_key(tokens))
+        groups = groups + self.attn(groups, tokens)
         groups = groups + self.mlp(self.norm_mlp(groups))
         return self.norm_out(groups)
 
