@@ -117,3 +117,22 @@ def test_norm_pix_loss_of_an_older_model_section_loads_into_the_loss_section(tmp
     assert cfg.loss.norm_pix_loss is False and "norm_pix_loss" not in cfg.model.to_dict()
     assert build_config({}, ["model.norm_pix_loss=false"]).loss.norm_pix_loss is False
     assert build_config({}, []).loss.norm_pix_loss is True
+
+
+def test_every_ablation_config_builds_and_changes_only_what_it_ablates():
+    configs = Path(__file__).parents[1] / "configs"
+    reference = build_config(read_config_file(configs / "zeroseg-imagenet.yaml"), [])
+    built = {path.stem: build_config(read_config_file(path), []) for path in (configs / "ablations").glob("*.yaml")}
+    assert len(built) == 22 and len({cfg.run.dir for cfg in built.values()}) == 22
+    assert built["table3-grids-13"].loss.grids == (1, 3) and built["table3-grids-13"].loss.matching_grids == (3,)
+    base = built["table4-base"].loss
+    assert (base.distillation_grids, base.matching_grids, base.w_match) == ((1,), (), 0.0)
+    matching = built["table4-matching"].loss
+    assert (matching.distillation_grids, matching.matching_grids) == ((1,), (2, 3, 4))
+    assert built["table4-multiscale"].loss.w_match == 0.0 and built["table4-multiscale"].loss.grids == (1, 2, 3, 4)
+    assert sorted(cfg.model.mask_ratio for name, cfg in built.items() if name.startswith("table5")) == [
+        0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+    ]  # fmt: skip
+    assert sorted(cfg.loss.w_match for name, cfg in built.items() if name.startswith("w-match")) == [0.5, 2, 4, 8, 16]
+    for cfg in built.values():
+        assert (cfg.optim, cfg.schedule, cfg.data) == (reference.optim, reference.schedule, reference.data)
