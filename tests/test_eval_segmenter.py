@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import TINY_TEACHER, VOC_ROOT
+from tests.test_labeling_rule import numpy_groupvit_labels
 from zeroseg.evaluation import labeling_rule as rule_module
 from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
 from zeroseg.evaluation.labeling_rule import (
@@ -161,6 +162,25 @@ def test_zeroseg_whole_mode_labels_pixels_by_their_group_through_the_composed_as
     groups = compose_assignments(out.soft_assignments, out.grid_size, (366, 500))[0]  # [G, H, W]
     expected = labels_by_group(class_scores(out.g[0], text, logit_scale), 0.06)[groups.argmax(dim=0)]
     assert np.array_equal(result.labels, expected.numpy())
+
+
+def test_zeroseg_groupvit_rule_matches_the_numpy_transcription_with_the_image_embedding(clip, text, student):
+    logit_scale = clip[1].logit_scale.item()
+    image = Image.open(PHOTO).convert("RGB")
+    found = []
+    for threshold in (0.0, 0.35, 0.95):
+        seg = segmenter(ZeroSegScorer(student), LabelingRule(text, logit_scale, threshold), mode="whole", short_side=64)
+        with torch.no_grad():
+            out = student(seg.prepare(image)[None], mask_ratio=0.0)
+        owner = compose_assignments(out.soft_assignments, out.grid_size, (366, 500))[0].argmax(dim=0)  # [H, W]
+        expected = numpy_groupvit_labels(
+            out.g[0].double().numpy(), out.z[0].double().numpy(), text.double().numpy(), logit_scale, threshold,
+            owner.flatten().numpy(),
+        ).reshape(366, 500)  # fmt: skip
+        labels = seg.segment(image).labels
+        assert np.array_equal(labels, expected)
+        found.append(set(np.unique(labels).tolist()))
+    assert 0 not in found[0] and found[-1] == {0}  # the threshold decides, on the student's own scores
 
 
 def test_background_threshold_none_and_keep_best_group(clip, text, student):
