@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ MANIFEST_DIR = "manifest"
 LOCK_FILE = ".lock"
 FEATURES = "features"
 CROPS = "crops"
+MANIFEST_READERS = 8  # threads reading manifest parts
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -182,11 +184,15 @@ class FeatureStore:
         return {int(name[len("shard-") : -len(".parquet")]) for name in names}
 
     def manifest(self, columns: list[str] | None = None) -> pa.Table:
-        """The union of all committed parts (an empty table with the schema when there are none)."""
+        """The union of all committed parts in shard order (an empty table with the schema when there are
+        none). Parts are read by a thread pool (Parquet decoding releases the GIL; on a network filesystem
+        the reads overlap), each with only the wanted columns."""
         parts = sorted((self.path / MANIFEST_DIR).glob("shard-*.parquet"))
         if not parts:
             return MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
-        return pa.concat_tables([pq.read_table(p, columns=columns, schema=MANIFEST_SCHEMA) for p in parts])
+        with ThreadPoolExecutor(MANIFEST_READERS) as pool:
+            tables = list(pool.map(lambda part: pq.read_table(part, columns=columns, schema=MANIFEST_SCHEMA), parts))
+        return pa.concat_tables(tables)
 
     # --- writing shards -------------------------------------------------------------------------
 
