@@ -61,8 +61,8 @@ class StoreSamples:
     def open(cls, path: str | Path) -> "StoreSamples":
         store = FeatureStore.open(path)
         stored = store.meta.stored_crops
-        table = store.manifest(["row", "status"] if stored else ["row", "key", "source", "sha256", "status"])
-        table = table.filter(pc.equal(table["status"], "ok")).drop_columns(["status"]).sort_by("row")
+        columns = ["row", "status"] if stored else ["row", "key", "source", "sha256", "status"]
+        table = store.manifest(columns, each=usable_rows).sort_by("row")
         if table.num_rows == 0:
             raise UserError(f"store '{path}' has no usable images (no manifest row with status ok)")
         rows = table["row"].to_numpy().astype(np.int64)
@@ -71,7 +71,8 @@ class StoreSamples:
         CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
         keys = table["key"].combine_chunks()
         sources = table["source"].combine_chunks().dictionary_encode()
-        return cls(Path(path), store.meta, rows, keys, sources, sha256_bytes(table["sha256"]))
+        hashes = np.frombuffer(table["sha256"].combine_chunks().buffers()[1], np.uint8).reshape(-1, 32)
+        return cls(Path(path), store.meta, rows, keys, sources, hashes)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -106,15 +107,30 @@ class StoreSamples:
 _HEX_VALUE = np.full(256, 0, dtype=np.uint8)
 _HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
 _HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+_IS_HEX = np.zeros(256, dtype=bool)
+_IS_HEX[np.frombuffer(b"0123456789abcdefABCDEF", np.uint8)] = True
 
 
-def sha256_bytes(hexes: pa.ChunkedArray) -> np.ndarray:
+def usable_rows(part: pa.Table, path: Path) -> pa.Table:
+    """Manifest part `path`'s ok rows without their status; a hex sha256 column becomes 32 raw bytes per row."""
+    part = part.filter(pc.equal(part["status"], "ok")).drop_columns(["status"])
+    if "sha256" in part.column_names:
+        digests = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), part.num_rows, [None, pa.py_buffer(
+            sha256_bytes(part["sha256"], path))])  # fmt: skip
+        part = part.set_column(part.column_names.index("sha256"), "sha256", digests)
+    return part
+
+
+def sha256_bytes(hexes: pa.ChunkedArray, path: Path) -> np.ndarray:
     """(N, 32) uint8 digests of N hex sha256 strings (a null becomes all zeros), decoded without Python objects."""
+    if len(hexes) == 0:
+        return np.zeros((0, 32), np.uint8)
     hexes = pc.fill_null(hexes, "0" * 64).combine_chunks().cast(pa.large_string())
     offsets = np.frombuffer(hexes.buffers()[1], np.int64)[hexes.offset : hexes.offset + len(hexes) + 1]
-    if not np.all(np.diff(offsets) == 64):
-        raise UserError("the store's manifest holds a sha256 that is not 64 hex digits")
-    text = np.frombuffer(hexes.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(len(hexes), 32, 2)
+    text = np.frombuffer(hexes.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    if not np.all(np.diff(offsets) == 64) or not _IS_HEX[text].all():
+        raise UserError(f"{path}: a sha256 in this manifest part is not 64 hex digits; the store is damaged")
+    text = text.reshape(len(hexes), 32, 2)
     return (_HEX_VALUE[text[..., 0]] << 4) | _HEX_VALUE[text[..., 1]]
 
 
