@@ -180,13 +180,13 @@ class StoreBatches(Dataset):
         ids = self.order.positions(self.plan.start(j), self.plan.batch)  # (B,) sample ids
         rows = self.samples.rows[ids]
         chunk_of, offset = np.divmod(rows, self.chunk_size)  # (B,), (B,)
+        by_chunk = np.argsort(chunk_of, kind="stable")  # (B,) batch positions grouped by chunk
         out: dict[str, np.ndarray] = {}
-        for index in np.unique(chunk_of):
-            selected = chunk_of == index
-            for name, block in self.chunk(int(index)).items():  # block: (chunk_size, ...) rows of one array
+        for group in np.split(by_chunk, np.flatnonzero(np.diff(chunk_of[by_chunk])) + 1):
+            for name, block in self.chunk(int(chunk_of[group[0]])).items():  # block: (chunk_size, ...) of one array
                 if name not in out:
                     out[name] = np.empty((len(rows), *block.shape[1:]), dtype=block.dtype)
-                out[name][selected] = block[offset[selected]]
+                out[name][group] = block[offset[group]]
         crops = out[CROPS] if CROPS in out else self.reader.crops(self.samples.records(ids))
         return Batch(torch.from_numpy(crops), torch.from_numpy(out[FEATURES]), torch.from_numpy(rows))
 
