@@ -19,13 +19,13 @@ def describe(store: FeatureStore) -> list[str]:
     """Human-readable lines: counts, teacher, grids, size on disk, error summary."""
     meta = store.meta
     manifest = store.manifest(columns=["status", "error", "source", "shard"])
-    status = Counter(manifest.column("status").to_pylist())
+    status = value_counts(manifest["status"])
     teacher = meta.teacher
     weights = f" sha256={teacher['weights_sha256']}" if teacher["weights_sha256"] else ""
     lines = [
         f"store      {store.path}",
         f"images     {status.get('ok', 0)} ok, {status.get('error', 0)} errors, "
-        f"{len(set(manifest.column('shard').to_pylist()))} shards (shard size {meta.shard_size})",
+        f"{len(pc.unique(manifest['shard']))} shards (shard size {meta.shard_size})",
         f"teacher    {teacher['model']} pretrained={teacher['pretrained'] or 'none (random weights)'} "
         f"quick_gelu={teacher['quick_gelu']}{weights}",
         f"views      grids {','.join(map(str, meta.grids))} -> {meta.num_views} views of "
@@ -35,13 +35,18 @@ def describe(store: FeatureStore) -> list[str]:
     ]
     if meta.stored_crops:
         lines.insert(-1, f"crops      {tuple(store.crops.shape)} uint8, the centre crops the teacher saw")
-    per_source = Counter(manifest.column("source").to_pylist())
+    per_source = value_counts(manifest["source"])
     for name, spec in meta.sources.items():
         lines.append(f"source     {name}: {spec['kind']} {spec['path']} ({per_source.get(name, 0)} images)")
     errors = manifest.filter(pc.equal(manifest.column("status"), "error")).column("error").to_pylist()
     for reason, count in Counter(e.split(":")[0] for e in errors).most_common(10):
         lines.append(f"errors     {count} x {reason}")
     return lines
+
+
+def value_counts(column) -> dict:
+    """{value: count} of a manifest column, counted in Arrow."""
+    return {item["values"]: item["counts"] for item in pc.value_counts(column).to_pylist()}
 
 
 def verify(store: FeatureStore, progress: bool = True) -> tuple[list[str], dict]:

@@ -82,20 +82,17 @@ class SampleOrder:
         return self.positions(epoch * self.size, self.size)
 
     def positions(self, start: int, count: int) -> np.ndarray:
-        """(count,) sample ids at stream positions [start, start + count)."""
+        """(count,) sample ids at stream positions [start, start + count); O(count + windows) time."""
         wanted = np.arange(start, start + count)  # (count,)
         epochs, within = np.divmod(wanted, self.size)
         ids = np.empty(count, dtype=np.int64)
         for epoch in np.unique(epochs):
-            in_epoch = epochs == epoch
+            selected = np.flatnonzero(epochs == epoch)  # contiguous positions of one epoch
             _, window_start = self.layout(int(epoch))
-            window_of = np.searchsorted(window_start, within[in_epoch], side="right") - 1
-            picked = np.empty(int(in_epoch.sum()), dtype=np.int64)
-            for window in np.unique(window_of):
-                here = window_of == window
-                order = self.window_order(int(epoch), int(window))
-                picked[here] = order[within[in_epoch][here] - window_start[window]]
-            ids[in_epoch] = picked
+            window_of = np.searchsorted(window_start, within[selected], side="right") - 1  # non-decreasing
+            for run in np.split(selected, np.flatnonzero(np.diff(window_of)) + 1):
+                window = int(window_of[run[0] - selected[0]])
+                ids[run] = self.window_order(int(epoch), window)[within[run] - window_start[window]]
         return ids
 
 
