@@ -1,5 +1,6 @@
 """`zs-cache inspect` and `zs-cache verify`: what a store holds, and whether it is whole."""
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,15 @@ from zeroseg.pipeline.store import FeatureStore
 
 
 def disk_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes of the files under `path` (os.scandir: a store has a file per chunk, often millions)."""
+    total = 0
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                total += disk_size(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def describe(store: FeatureStore) -> list[str]:
