@@ -34,14 +34,19 @@ class Scorer(Protocol):
 
 
 class ZeroSegScorer:
-    def __init__(self, model: ZeroSeg):
+    """The student's windows; on CUDA its forward runs under bf16 autocast (as in training), the scores in fp32."""
+
+    def __init__(self, model: ZeroSeg, bf16: bool = True):
         self.model = model.eval()
         self.patch_size = model.cfg.patch_size
+        self.bf16 = bf16
 
     @torch.inference_mode()
     def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list[WindowScores]:
-        out = self.model(batch, mask_ratio=0.0)
-        scores = rule.group_scores(out.g, out.z)  # [N, G, C_fg]
+        on_cuda = batch.device.type == "cuda"
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.bf16 and on_cuda):
+            out = self.model(batch, mask_ratio=0.0)
+        scores = rule.group_scores(out.g.float(), out.z.float())  # [N, G, C_fg]
         result = []
         for index, box in enumerate(boxes):
             soft_maps = [stage_map[index : index + 1].float() for stage_map in out.soft_assignments]

@@ -14,8 +14,11 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from zeroseg.pipeline.build_options import BuildOptions, validate
@@ -112,6 +115,15 @@ def wants_crops(store: FeatureStore | None, source: Source, opts: BuildOptions) 
     return False
 
 
+def pending_keys(store: FeatureStore, keys: list[str], name: str) -> list[str]:
+    """The source's keys (in source order) that source `name` has no manifest row for yet; a hash join in
+    Arrow, so a no-op rerun over millions of keys makes no Python set of them."""
+    done = store.manifest(columns=["key", "source"])
+    cached = done.filter(pc.equal(done["source"], name))["key"]
+    seen = pc.is_in(pa.array(keys, pa.string()), value_set=cached.combine_chunks()).to_numpy(zero_copy_only=False)
+    return list(compress(keys, ~seen))
+
+
 def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSummary:
     """Bring the store up to date with the source; returns what was done (raises UserError on misuse)."""
     validate(opts)
@@ -131,9 +143,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
         if store is not None:
             check_compatible(store.meta, identity, opts)
             register_source(store.meta, source, name)
-            done = store.manifest(columns=["key", "source"]).to_pydict()
-            cached = {k for k, s in zip(done["key"], done["source"]) if s == name}
-            pending = [k for k in keys if k not in cached]
+            pending = pending_keys(store, keys, name)
         else:
             FeatureStore.check_creatable(opts.store)
             pending = keys

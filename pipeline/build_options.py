@@ -28,7 +28,7 @@ class BuildOptions:
     decode_threads: int = DEFAULT_DECODE_THREADS
     source_name: str | None = None
     column: str | None = None
-    compile: bool = False
+    compile: bool = True  # torch.compile the teacher on CUDA (Teacher ignores it on CPU)
     progress: bool = True
     store_crops: bool = False  # keep the crops in the store (implied for tar sources and stores that have them)
     scheduler: str | None = None  # address of a running Dask scheduler to build on

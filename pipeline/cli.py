@@ -66,7 +66,9 @@ def build(
         DEFAULT.source_name, help="Name of the source inside the store (default: its stem)."
     ),
     column: str | None = typer.Option(DEFAULT.column, help="Column of paths in a Parquet list file (default 'path')."),
-    compile: bool = typer.Option(DEFAULT.compile, help="torch.compile the teacher (CUDA only; ~20 s to compile)."),
+    compile: bool = typer.Option(
+        DEFAULT.compile, help="torch.compile the teacher on CUDA (~20 s once; ignored on CPU); --no-compile: eager."
+    ),
     progress: bool = typer.Option(DEFAULT.progress, help="Show a progress bar."),
     store_crops: bool = typer.Option(
         DEFAULT.store_crops,

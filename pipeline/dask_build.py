@@ -14,6 +14,10 @@ shards stay, and running the same command again resumes.
 Worker state: a worker process builds one Teacher per (teacher, device) at its first task and keeps
 it for all later ones (the module-level cache below, counted in `worker_counts`).
 
+Overlap: a worker runs TASKS_PER_WORKER tasks at once (Dask threads), and they take turns on its teacher
+(`_teacher_turn`): while one shard compresses and writes its chunks, the next one decodes and encodes, so
+the device does not wait for the writes. Start workers of an external cluster with `--nthreads 2`.
+
 Sources and the store must be on a filesystem that every worker mounts at the same path; a worker
 that cannot see them stops the build with a one-line error naming the worker.
 """
@@ -55,6 +59,7 @@ from zeroseg.pipeline.store import FeatureStore, manifest_rows
 from zeroseg.pipeline.teacher import Teacher, TeacherIdentity
 
 RETRIES = 2
+TASKS_PER_WORKER = 2  # Dask threads per local worker: one shard on the teacher while the previous one writes
 WORKERS_TIMEOUT_S = 120
 
 
@@ -103,6 +108,7 @@ class WorkerSetup:
 _teachers: dict[TeacherSpec, Teacher] = {}
 _sources: dict[tuple, Source] = {}
 _cache_lock = threading.Lock()
+_teacher_turn = threading.Lock()  # one shard at a time decodes and encodes; the others write or wait
 _counts: Counter = Counter()  # teachers_built, shards_encoded: in this worker process
 
 
@@ -175,9 +181,9 @@ def _encode_shard_on_worker(job: ShardJob) -> list[dict]:
 
     decode = partial(decode_item, source, crop_size=job.settings.image_size)
     ahead = 4 * job.settings.batch_size
-    with closing(prefetch_map(decode, job.shard.keys, job.decode_threads, ahead)) as decoded:
+    with _teacher_turn, closing(prefetch_map(decode, job.shard.keys, job.decode_threads, ahead)) as decoded:
         features, crops, records = encode_shard(job.shard, decoded, teacher, job.settings, report)
-    store.write_shard(job.shard.id, features, crops)
+    store.write_shard(job.shard.id, features, crops)  # outside the turn: the next shard encodes meanwhile
     _counts["shards_encoded"] += 1
     return records
 
@@ -186,7 +192,7 @@ def _encode_shard_on_worker(job: ShardJob) -> list[dict]:
 
 
 def local_cluster(workers: int, device: str, decode_threads: int) -> tuple[LocalCluster, WorkerSetup]:
-    """`workers` processes with one Dask thread each: on a GPU node worker i sees only GPU i (mod the
+    """`workers` processes with TASKS_PER_WORKER Dask threads each: on a GPU node worker i sees only GPU i (mod the
     count); on the CPU the cores are split between the workers so that they do not oversubscribe them."""
     if device not in ("auto", "cpu"):
         raise UserError(f"--device {device} picks one device; with --workers each worker takes its own GPU: "
@@ -200,8 +206,8 @@ def local_cluster(workers: int, device: str, decode_threads: int) -> tuple[Local
     else:
         envs = [{"OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores)}] * workers
         setup = WorkerSetup("cpu", cores, min(decode_threads, cores), f"cpu, {cores} torch thread(s) each")
-    cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, memory_limit=MEMORY_LIMIT // workers,
-                           silence_logs=logging.ERROR)
+    cluster = LocalCluster(n_workers=0, threads_per_worker=TASKS_PER_WORKER, processes=True,
+                           memory_limit=MEMORY_LIMIT // workers, silence_logs=logging.ERROR)
     for index, env in enumerate(envs):
         cluster.worker_spec[index] = {"cls": Nanny, "options": {**cluster.new_spec["options"], "env": env}}
     cluster.scale(workers)

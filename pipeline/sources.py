@@ -18,6 +18,7 @@ a tar-shard source. The trainer cannot read tars at random, so a store caches su
 together with their crops (`--store-crops`).
 """
 
+import json
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 
-from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.pipeline.atomic import atomic_path, write_atomically
 from zeroseg.pipeline.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -73,12 +74,39 @@ class FolderSource:
         return (self.root / key).read_bytes()
 
 
+TAR_INDEX_DIR = ".zs-tar-index"  # in a tar-shard folder: one member index per tar (see tar_members)
+
+
 @lru_cache(maxsize=32)
 def tar_members(path: str) -> dict[str, tuple[int, int]]:
-    """Image members of one tar: member key -> (offset of its data, size); one header scan per process.
+    """Image members of one tar: member key -> (offset of its data, size).
 
-    A truncated tar (an interrupted download) keeps the members listed before the break.
+    The header scan runs once per tar: its result is kept in `<folder>/.zs-tar-index/<tar name>.json`
+    together with the tar's size and modification time, and reused while both are unchanged (a rewritten
+    or re-downloaded tar is scanned again). A folder we cannot write to is scanned every time (once per
+    process). A truncated tar (an interrupted download) keeps the members listed before the break.
     """
+    tar = Path(path)
+    stat = tar.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    index = tar.parent / TAR_INDEX_DIR / f"{tar.name}.json"
+    try:
+        saved = json.loads(index.read_text())
+        if {k: saved.get(k) for k in stamp} == stamp:
+            return {key: (offset, size) for key, offset, size in saved["members"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no index yet, or an unusable one: scan the tar and write it anew
+    members = scan_tar(path)
+    try:
+        index.parent.mkdir(exist_ok=True)
+        write_atomically(index, json.dumps({**stamp, "members": [[k, *v] for k, v in members.items()]}))
+    except OSError:
+        pass  # a read-only source: the index only saves the next listing a scan
+    return members
+
+
+def scan_tar(path: str) -> dict[str, tuple[int, int]]:
+    """Image members of one tar from its member headers (one pass over the file)."""
     members: dict[str, tuple[int, int]] = {}
     try:
         with tarfile.open(path, "r:") as archive:

@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ MANIFEST_DIR = "manifest"
 LOCK_FILE = ".lock"
 FEATURES = "features"
 CROPS = "crops"
+MANIFEST_READERS = 8  # threads reading manifest parts
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -181,12 +184,24 @@ class FeatureStore:
         names = (p.name for p in (self.path / MANIFEST_DIR).glob("shard-*.parquet"))
         return {int(name[len("shard-") : -len(".parquet")]) for name in names}
 
-    def manifest(self, columns: list[str] | None = None) -> pa.Table:
-        """The union of all committed parts (an empty table with the schema when there are none)."""
+    def manifest(
+        self, columns: list[str] | None = None, each: Callable[[pa.Table, Path], pa.Table] | None = None
+    ) -> pa.Table:
+        """The union of all committed parts in shard order (an empty table with the schema when there are
+        none). Parts are read by a thread pool (Parquet decoding releases the GIL; on a network filesystem
+        the reads overlap), each with only the wanted columns and passed through `each(table, part path)`
+        (a filter or a compact encoding, so the whole manifest never exists in its plain form)."""
         parts = sorted((self.path / MANIFEST_DIR).glob("shard-*.parquet"))
+        each = each or (lambda table, part: table)
         if not parts:
-            return MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
-        return pa.concat_tables([pq.read_table(p, columns=columns, schema=MANIFEST_SCHEMA) for p in parts])
+            empty = MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
+            return each(empty, self.path / MANIFEST_DIR)
+
+        def read(part: Path) -> pa.Table:
+            return each(pq.read_table(part, columns=columns, schema=MANIFEST_SCHEMA), part)
+
+        with ThreadPoolExecutor(MANIFEST_READERS) as pool:
+            return pa.concat_tables(list(pool.map(read, parts)))
 
     # --- writing shards -------------------------------------------------------------------------
 

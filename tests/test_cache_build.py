@@ -341,6 +341,32 @@ def test_inspect_and_verify_output(tmp_path):
     assert broken.returncode == 1 and f"row {ok_row}: NaN or Inf in features" in broken.stderr
 
 
+def test_verify_names_every_manifest_row_that_disagrees_with_the_array(photos, tmp_path):
+    from zeroseg.pipeline.check import verify
+
+    build(photos, tmp_path / "store")
+    store = FeatureStore.open(tmp_path / "store")
+    first, second = (pq.read_table(store.part_path(shard)).to_pylist() for shard in (0, 1))
+    keys = [r["key"] for r in first]
+    first[0]["status"] = "maybe"
+    first[1]["row"] = None
+    first[2]["row"] = 5  # shard 0 holds rows 0..3; row 5 is shard 1's
+    first[3]["source"] = "elsewhere"
+    second[1]["key"] = second[0]["key"]
+    for shard, rows in ((0, first), (1, second)):
+        pq.write_table(pa.Table.from_pylist(rows, schema=store.manifest().schema), store.part_path(shard))
+    problems, counts = verify(store, progress=False)
+    assert problems == [
+        f"photos/{keys[0]}: unknown status 'maybe'",
+        f"photos/{keys[1]}: status ok without a row",
+        f"photos/{keys[2]}: row 5 outside shard 0",
+        f"elsewhere/{keys[3]}: source 'elsewhere' is not registered in the store metadata",
+        "row 5 is claimed by 2 manifest rows",
+        f"photos/{second[0]['key']} appears 2 times",
+    ]
+    assert counts == {"ok": 9, "error": 0, "shards": 3}
+
+
 def test_a_creation_killed_before_its_metadata_is_rebuilt_but_a_foreign_zarr_group_is_refused(photos, tmp_path):
     import zarr
 

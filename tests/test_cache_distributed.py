@@ -33,7 +33,7 @@ from zeroseg.pipeline.dask_build import (
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import EncodeSettings, Shard
-from zeroseg.pipeline.sources import open_source
+from zeroseg.pipeline.sources import TAR_INDEX_DIR, open_source, tar_members
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
 
@@ -146,6 +146,27 @@ def test_tar_shards_alone_and_combined_with_a_folder(cluster, photos, tmp_path):
     decoded = CropReader(store.meta).crops(records)
     np.testing.assert_array_equal(CropReader(store.meta, store.path).crops(records), decoded)
     assert invoke(zs_cache, "verify", tmp_path / "store", "--no-progress").returncode == 0
+
+
+def test_each_tar_is_scanned_once_and_its_index_reused_until_the_tar_changes(tmp_path):
+    expected = write_tar_shards(tmp_path / "cc")
+    tar = tmp_path / "cc" / "00000.tar"
+    tar_members.cache_clear()
+    assert open_source(tmp_path / "cc").keys() == list(expected)
+    index = tmp_path / "cc" / TAR_INDEX_DIR / "00000.tar.json"
+    saved = json.loads(index.read_text())
+    assert (saved["size"], saved["mtime_ns"], len(saved["members"])) == (tar.stat().st_size, tar.stat().st_mtime_ns, 6)
+    saved["members"] = saved["members"][:2]  # a doctored index: a listing that shows it read the index, not the tar
+    index.write_text(json.dumps(saved))
+    tar_members.cache_clear()
+    assert len(open_source(tmp_path / "cc").keys()) == 2 + 4
+    os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 1000))  # the tar changed: scanned again
+    tar_members.cache_clear()
+    assert open_source(tmp_path / "cc").keys() == list(expected)
+    index.write_text("{damaged")  # an unreadable index is rebuilt from the tar
+    tar_members.cache_clear()
+    assert open_source(tmp_path / "cc").keys() == list(expected) and len(json.loads(index.read_text())["members"]) == 6
+    tar_members.cache_clear()
 
 
 def test_crops_need_a_store_made_with_them(photos, tmp_path):

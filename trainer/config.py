@@ -34,7 +34,7 @@ class DataConfig:
     batch_size: images per process per forward pass; effective batch = batch_size x accum_steps x world size.
     workers: DataLoader processes per training process (0 = read in the training process).
     shuffle_window: chunks whose rows are shuffled together (trainer.sampling); memory per worker is about
-        2 x shuffle_window x chunk_size x views x dim x 2 bytes.
+        2 x shuffle_window x chunk_size x (views x dim x 2 + crop_size^2 x 3 for a store with crops) bytes.
     prefetch: batches each worker prepares ahead.
     resize: accept a store whose crop size differs from model.image_size and resize the crops on the
         device (bicubic); off by default, as the student should see the exact pixels the teacher saw.

@@ -6,10 +6,11 @@ StoreBatches  map-style dataset: this process's device batch j -> Batch, in the 
 make_loader   a DataLoader over device batches [first, last): worker processes, pinned memory
 ModelInput    on the device: uint8 crops -> normalised float images of the model's input size
 
-Each DataLoader worker keeps the last 2 x shuffle_window decompressed feature chunks, so a worker reads each
-chunk once per window it serves (one Zarr read of the chunk's rows) however many of its batches draw from
-that chunk. Images always come through pipeline.reader.CropReader: the store's own crops when it keeps them
-(zs-cache build --store-crops), else the source images through the same decode and crop as the build.
+Each DataLoader worker keeps the last 2 x shuffle_window decompressed chunks (features, and the crops of a
+store that keeps them), so a worker reads each chunk once per window it serves (one Zarr read of the chunk's
+rows per array) however many of its batches draw from that chunk. A store made with --store-crops gives its
+own crops that way; otherwise pipeline.reader.CropReader decodes the source images with the build's decode
+and crop.
 """
 
 import os
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from zeroseg.pipeline.crops import channel_stats, to_model_input
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.store import FeatureStore, StoreMeta
+from zeroseg.pipeline.store import CROPS, FEATURES, FeatureStore, StoreMeta
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import ModelConfig
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
@@ -43,27 +44,35 @@ class Batch(NamedTuple):
 
 @dataclass
 class StoreSamples:
-    """The usable rows of a store in row order: sample i is feature row rows[i] of image (sources[i], keys[i])."""
+    """The usable rows of a store in row order: sample i is feature row rows[i] of image (sources[i], keys[i]).
+
+    Held as flat arrays, a few tens of bytes per sample: the sources as dictionary codes, the hashes as 32
+    raw bytes. A store that keeps its crops is read from those alone, so its keys, sources and hashes are
+    not loaded (None)."""
 
     path: Path
     meta: StoreMeta
     rows: np.ndarray  # (N,) int64, ascending
-    keys: pa.Array  # (N,) string
-    sources: pa.Array  # (N,) string
-    hashes: pa.Array  # (N,) string, sha256 of each image's bytes when cached
+    keys: pa.Array | None  # (N,) string
+    sources: pa.DictionaryArray | None  # (N,) source names
+    hashes: np.ndarray | None  # (N, 32) uint8, sha256 of each image's bytes (all zero: none recorded)
 
     @classmethod
     def open(cls, path: str | Path) -> "StoreSamples":
         store = FeatureStore.open(path)
-        table = store.manifest(["row", "key", "source", "sha256", "status"])
-        table = table.filter(pc.equal(table["status"], "ok")).sort_by("row")
+        stored = store.meta.stored_crops
+        columns = ["row", "status"] if stored else ["row", "key", "source", "sha256", "status"]
+        table = store.manifest(columns, each=usable_rows).sort_by("row")
         if table.num_rows == 0:
             raise UserError(f"store '{path}' has no usable images (no manifest row with status ok)")
-        if not store.meta.stored_crops:
-            CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
         rows = table["row"].to_numpy().astype(np.int64)
-        columns = (table[name].combine_chunks() for name in ("key", "source", "sha256"))
-        return cls(Path(path), store.meta, rows, *columns)
+        if stored:
+            return cls(Path(path), store.meta, rows, None, None, None)
+        CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
+        keys = table["key"].combine_chunks()
+        sources = table["source"].combine_chunks().dictionary_encode()
+        hashes = np.frombuffer(table["sha256"].combine_chunks().buffers()[1], np.uint8).reshape(-1, 32)
+        return cls(Path(path), store.meta, rows, keys, sources, hashes)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -75,7 +84,8 @@ class StoreSamples:
 
     def records(self, ids: np.ndarray) -> list[dict]:
         """Manifest records (source, key, row, sha256) of samples `ids`, for CropReader."""
-        keys, sources, hashes = (column.take(ids).to_pylist() for column in (self.keys, self.sources, self.hashes))
+        keys, sources = (column.take(pa.array(ids)).to_pylist() for column in (self.keys, self.sources))
+        hashes = [h.tobytes().hex() if h.any() else None for h in self.hashes[ids]]
         return [
             {"source": s, "key": k, "row": int(r), "sha256": h}
             for s, k, r, h in zip(sources, keys, self.rows[ids], hashes)
@@ -92,6 +102,36 @@ class StoreSamples:
             "embed_dim": int(self.meta.embed_dim),
             "preprocessing": dict(self.meta.preprocessing),
         }
+
+
+_HEX_VALUE = np.full(256, 0, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+_IS_HEX = np.zeros(256, dtype=bool)
+_IS_HEX[np.frombuffer(b"0123456789abcdefABCDEF", np.uint8)] = True
+
+
+def usable_rows(part: pa.Table, path: Path) -> pa.Table:
+    """Manifest part `path`'s ok rows without their status; a hex sha256 column becomes 32 raw bytes per row."""
+    part = part.filter(pc.equal(part["status"], "ok")).drop_columns(["status"])
+    if "sha256" in part.column_names:
+        digests = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), part.num_rows, [None, pa.py_buffer(
+            sha256_bytes(part["sha256"], path))])  # fmt: skip
+        part = part.set_column(part.column_names.index("sha256"), "sha256", digests)
+    return part
+
+
+def sha256_bytes(hexes: pa.ChunkedArray, path: Path) -> np.ndarray:
+    """(N, 32) uint8 digests of N hex sha256 strings (a null becomes all zeros), decoded without Python objects."""
+    if len(hexes) == 0:
+        return np.zeros((0, 32), np.uint8)
+    hexes = pc.fill_null(hexes, "0" * 64).combine_chunks().cast(pa.large_string())
+    offsets = np.frombuffer(hexes.buffers()[1], np.int64)[hexes.offset : hexes.offset + len(hexes) + 1]
+    text = np.frombuffer(hexes.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    if not np.all(np.diff(offsets) == 64) or not _IS_HEX[text].all():
+        raise UserError(f"{path}: a sha256 in this manifest part is not 64 hex digits; the store is damaged")
+    text = text.reshape(len(hexes), 32, 2)
+    return (_HEX_VALUE[text[..., 0]] << 4) | _HEX_VALUE[text[..., 1]]
 
 
 def check_store(samples: StoreSamples, model: ModelConfig, loss: LossConfig, resize: bool) -> None:
@@ -129,23 +169,33 @@ class StoreBatches(Dataset):
         self.plan = plan
         self.order = SampleOrder(samples.chunk_of, window, seed)
         self.reader = CropReader(samples.meta, samples.path)  # the store's own crops when it keeps them
+        self.arrays = (FEATURES, CROPS) if self.reader.reads_stored_crops else (FEATURES,)
         self.chunk_size = samples.meta.chunk_size
         self.cache_size = 2 * window
-        self._features: zarr.Array | None = None
+        self._arrays: dict[str, zarr.Array] = {}
         self._pid: int | None = None
-        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
     def __getitem__(self, j: int) -> Batch:
         ids = self.order.positions(self.plan.start(j), self.plan.batch)  # (B,) sample ids
         rows = self.samples.rows[ids]
-        features = np.stack([self.chunk(int(row) // self.chunk_size)[int(row) % self.chunk_size] for row in rows])
-        crops = self.reader.crops(self.samples.records(ids))
-        return Batch(torch.from_numpy(crops), torch.from_numpy(features), torch.from_numpy(rows))
+        chunk_of, offset = np.divmod(rows, self.chunk_size)  # (B,), (B,)
+        by_chunk = np.argsort(chunk_of, kind="stable")  # (B,) batch positions grouped by chunk
+        out: dict[str, np.ndarray] = {}
+        for group in np.split(by_chunk, np.flatnonzero(np.diff(chunk_of[by_chunk])) + 1):
+            for name, block in self.chunk(int(chunk_of[group[0]])).items():  # block: (chunk_size, ...) of one array
+                if name not in out:
+                    out[name] = np.empty((len(rows), *block.shape[1:]), dtype=block.dtype)
+                out[name][group] = block[offset[group]]
+        crops = out[CROPS] if CROPS in out else self.reader.crops(self.samples.records(ids))
+        return Batch(torch.from_numpy(crops), torch.from_numpy(out[FEATURES]), torch.from_numpy(rows))
 
-    def chunk(self, index: int) -> np.ndarray:
-        """(chunk_size, V, D) float16 rows of chunk `index`, from the cache or one Zarr read."""
+    def chunk(self, index: int) -> dict[str, np.ndarray]:
+        """Chunk `index` of the features (chunk_size, V, D) and of the stored crops (chunk_size, S, S, 3)
+        when read from the store, from the cache or one Zarr read each."""
         if self._pid != os.getpid():
-            self._features = FeatureStore.open(self.samples.path).features
+            group = FeatureStore.open(self.samples.path).group
+            self._arrays = {name: group[name] for name in self.arrays}
             self._pid = os.getpid()
             self._chunks.clear()
         if index in self._chunks:
@@ -156,9 +206,9 @@ class StoreBatches(Dataset):
                 self._chunks.popitem(last=False)
         return self._chunks[index]
 
-    def read_chunk(self, index: int) -> np.ndarray:
+    def read_chunk(self, index: int) -> dict[str, np.ndarray]:
         start = index * self.chunk_size
-        return self._features[start : start + self.chunk_size]
+        return {name: array[start : start + self.chunk_size] for name, array in self._arrays.items()}
 
 
 def make_loader(dataset: StoreBatches, first: int, last: int, workers: int, prefetch: int, pin: bool) -> DataLoader:

@@ -4,9 +4,10 @@ Samples are the store's usable rows (status ok) numbered 0..N-1 in row order, so
 a Zarr chunk. Reading a chunk decompresses all of its rows; a per-sample uniform shuffle would decompress
 a chunk once per sample. Instead epoch e's order is computed from (seed, e) and the chunk layout alone:
 
-  1. shuffle the chunks (a uniform permutation),
+  1. shuffle the chunks (a uniform permutation drawn from (seed, e)),
   2. cut the shuffled list into windows of K consecutive chunks (`shuffle_window`),
-  3. shuffle the samples inside each window (a uniform permutation of its K x chunk_size samples).
+  3. shuffle the samples inside each window w (a uniform permutation of its K x chunk_size samples, drawn
+     from (seed, e, w), so a window's order is computed without the rest of the epoch's).
 
 This is exactly what a shuffle buffer of K chunks, filled chunk by chunk in random order, gives. The
 randomness it leaves out: two samples meet in a batch only if their chunks fall in the same window (or in
@@ -33,41 +34,65 @@ import numpy as np
 
 
 class SampleOrder:
-    """The epoch orders of N samples laid out in chunks; `chunk_of[i]` is sample i's chunk (non-decreasing)."""
+    """The epoch orders of N samples laid out in chunks; `chunk_of[i]` is sample i's chunk (non-decreasing).
+
+    Nothing of size N is kept: an epoch is its chunk permutation (C chunk ids, drawn from (seed, epoch)) cut
+    into windows, and a window's sample order is drawn from (seed, epoch, window) when a batch needs it, so
+    every process and loader worker recomputes the few windows it reads in O(window) time and memory.
+    """
 
     def __init__(self, chunk_of: np.ndarray, window: int, seed: int):
-        self.chunk_of = np.asarray(chunk_of, dtype=np.int64)  # (N,)
-        _, self.chunk_index = np.unique(self.chunk_of, return_inverse=True)  # (N,) chunk ids made 0..C-1
-        self.num_chunks = int(self.chunk_index.max()) + 1 if len(self.chunk_of) else 0
+        chunk_of = np.asarray(chunk_of)
+        self.size = len(chunk_of)
+        bounds = np.flatnonzero(np.diff(chunk_of)) + 1  # sample ids where a new chunk begins
+        self.chunk_start = np.concatenate([[0], bounds, [self.size]]).astype(np.int64)  # (C + 1,)
+        self.num_chunks = len(self.chunk_start) - 1 if self.size else 0
         self.window = window
         self.seed = seed
-        self._cached: dict[int, np.ndarray] = {}
+        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._windows: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
-        return len(self.chunk_of)
+        return self.size
+
+    def layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch `epoch`'s chunks in visit order (C,) and the first epoch position of each window (W + 1,)."""
+        if epoch not in self._layouts:
+            chunks = np.random.default_rng((self.seed, epoch)).permutation(self.num_chunks)  # (C,)
+            sizes = np.diff(self.chunk_start)[chunks]  # (C,) samples per visited chunk
+            per_window = np.add.reduceat(sizes, np.arange(0, self.num_chunks, self.window))  # (W,)
+            if len(self._layouts) >= 2:
+                self._layouts.pop(min(self._layouts))
+            self._layouts[epoch] = chunks, np.concatenate([[0], np.cumsum(per_window)])
+        return self._layouts[epoch]
+
+    def window_order(self, epoch: int, window: int) -> np.ndarray:
+        """Sample ids of window `window` of epoch `epoch`, in visit order (a uniform permutation of them)."""
+        if (epoch, window) not in self._windows:
+            chunks, _ = self.layout(epoch)
+            members = chunks[window * self.window : (window + 1) * self.window]
+            ids = np.concatenate([np.arange(self.chunk_start[c], self.chunk_start[c + 1]) for c in members])
+            if len(self._windows) >= 4:
+                self._windows.pop(next(iter(self._windows)))
+            self._windows[epoch, window] = np.random.default_rng((self.seed, epoch, window)).permutation(ids)
+        return self._windows[epoch, window]
 
     def epoch(self, epoch: int) -> np.ndarray:
         """(N,) sample ids in the order epoch `epoch` visits them."""
-        if epoch not in self._cached:
-            rng = np.random.default_rng((self.seed, epoch))
-            rank_of_chunk = np.empty(self.num_chunks, dtype=np.int64)
-            rank_of_chunk[rng.permutation(self.num_chunks)] = np.arange(self.num_chunks)
-            window_of = rank_of_chunk[self.chunk_index] // self.window  # (N,)
-            within = rng.random(len(self))  # uniform keys: a uniform permutation inside each window
-            if len(self._cached) >= 2:
-                self._cached.pop(min(self._cached))
-            self._cached[epoch] = np.lexsort((within, window_of))
-        return self._cached[epoch]
+        return self.positions(epoch * self.size, self.size)
 
     def positions(self, start: int, count: int) -> np.ndarray:
-        """(count,) sample ids at stream positions [start, start + count)."""
-        size = len(self)
-        wanted = np.arange(start, start + count)
-        epochs = wanted // size
+        """(count,) sample ids at stream positions [start, start + count); O(count + windows) time."""
+        wanted = np.arange(start, start + count)  # (count,)
+        epochs, within = np.divmod(wanted, self.size)
         ids = np.empty(count, dtype=np.int64)
         for epoch in np.unique(epochs):
-            selected = epochs == epoch
-            ids[selected] = self.epoch(int(epoch))[wanted[selected] % size]
+            selected = np.flatnonzero(epochs == epoch)  # contiguous positions of one epoch
+            _, window_start = self.layout(int(epoch))
+            window_of = np.searchsorted(window_start, within[selected], side="right") - 1  # non-decreasing
+            for run in np.split(selected, np.flatnonzero(np.diff(window_of)) + 1):
+                window = int(window_of[run[0] - selected[0]])
+                ids[run] = self.window_order(int(epoch), window)[within[run] - window_start[window]]
         return ids
 
 

@@ -1,0 +1,137 @@
+"""Per-row costs of the steps that touch every manifest row, on a synthetic store of N rows.
+
+The store has N manifest rows in parts of --shard-size rows (ImageNet-shaped keys `nXXXXXXXX/img_K.JPEG`,
+random sha256 hashes) and fp16 features of random values with --views x --dim per row (small by default:
+the steps measured here are about rows, not feature bytes), optionally a crops array. Each step runs in a
+fresh Python process, which reports its seconds and its peak resident memory above the same process
+after imports:
+
+  plan      the no-op rerun's planning: which of the source's N keys are not yet in the store
+  inspect   zs-cache inspect's summary (pipeline.check.describe)
+  verify    zs-cache verify (pipeline.check.verify)
+  startup   one trainer rank's start-up: StoreSamples.open and the dataset of its batches
+  epoch     one epoch's sample order (trainer.sampling.SampleOrder.epoch)
+
+and prints seconds, microseconds per row, peak MiB and both extrapolated linearly to --extrapolate rows.
+
+    python benchmarks/scale.py --rows 1280000
+    python benchmarks/scale.py --rows 160000 --crops      # a store that keeps 16 px crops
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+STEPS = ("plan", "inspect", "verify", "startup", "epoch")
+
+
+def synthesise(path: Path, rows: int, shard_size: int, chunk_size: int, views: int, dim: int, crops: bool) -> None:
+    from zeroseg.pipeline.store import FeatureStore, StoreMeta, manifest_rows
+
+    grid = int(round(views**0.5))
+    meta = StoreMeta(
+        teacher={"model": "synthetic", "pretrained": None, "weights_sha256": None, "quick_gelu": False},
+        preprocessing={"crop_size": 16, "view_size": 16, "interpolation": "bicubic", "mean": [0.5] * 3,
+                       "std": [0.5] * 3},
+        grids=[grid], views=[[grid, r, c] for r in range(grid) for c in range(grid)][:views], embed_dim=dim,
+        shard_size=shard_size, chunk_size=chunk_size, stored_crops=crops,
+        sources={"synthetic": {"kind": "folder", "path": str(path), "column": None}},
+    )  # fmt: skip
+    store = FeatureStore.create(path / "store", meta)
+    rng = np.random.default_rng(0)
+    shards = -(-rows // shard_size)
+    store.reserve(shards - 1, rows - (shards - 1) * shard_size)
+    for shard in range(shards):
+        count = min(shard_size, rows - shard * shard_size)
+        features = rng.standard_normal((count, views, dim)).astype(np.float16)
+        pixels = rng.integers(0, 256, (count, 16, 16, 3), dtype=np.uint8) if crops else None
+        store.write_shard(shard, features, pixels)
+        first = shard * shard_size
+        records = [
+            {"key": key(first + i), "source": "synthetic", "sha256": rng.bytes(32).hex(), "width": 500,
+             "height": 375, "error": None}
+            for i in range(count)
+        ]  # fmt: skip
+        store.commit(shard, manifest_rows(shard, first, records))
+
+
+def key(i: int) -> str:
+    return f"n{i // 1300:08d}/img_{i:08d}.JPEG"
+
+
+def run_step(step: str, root: Path, rows: int) -> dict:
+    """Seconds and peak resident bytes above the post-import baseline of one step, in this process."""
+    from zeroseg.pipeline import check
+    from zeroseg.pipeline.build import pending_keys
+    from zeroseg.pipeline.store import FeatureStore
+    from zeroseg.trainer.data import StoreBatches, StoreSamples
+    from zeroseg.trainer.sampling import BatchPlan
+
+    path = root / "store"
+    keys = [key(i) for i in range(rows)] if step == "plan" else None
+    samples = StoreSamples.open(path) if step == "epoch" else None
+    baseline = peak_rss()
+    started = time.perf_counter()
+    if step == "plan":
+        left = pending_keys(FeatureStore.open(path), keys, "synthetic")
+        assert not left, f"{len(left)} keys pending on a complete store"
+    elif step == "inspect":
+        check.describe(FeatureStore.open(path))
+    elif step == "verify":
+        problems, _ = check.verify(FeatureStore.open(path), progress=False)
+        assert not problems, problems[:3]
+    elif step == "startup":
+        StoreBatches(StoreSamples.open(path), BatchPlan(256, 1, 8, 0), 16, 0)
+    else:
+        StoreBatches(samples, BatchPlan(256, 1, 8, 0), 16, 0).order.epoch(0)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak": max(0, peak_rss() - baseline)}
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_280_000, help="manifest rows of the synthetic store")
+    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--views", type=int, default=1, help="views per row of the synthetic features")
+    parser.add_argument("--dim", type=int, default=8, help="feature dim of the synthetic features")
+    parser.add_argument("--crops", action="store_true", help="the store keeps (16, 16, 3) crops")
+    parser.add_argument("--extrapolate", type=int, default=12_000_000, help="rows to extrapolate to")
+    parser.add_argument("--root", help="reuse (or create) the synthetic store under this folder")
+    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step:
+        print(json.dumps(run_step(args.step, Path(args.root), args.rows)))
+        return
+    root = Path(args.root or tempfile.mkdtemp(prefix="zs-scale-"))
+    if not (root / "store").exists():
+        started = time.perf_counter()
+        synthesise(root, args.rows, args.shard_size, args.chunk_size, args.views, args.dim, args.crops)
+        print(f"synthesised {args.rows} rows under {root} in {time.perf_counter() - started:.0f} s")
+    scale = args.extrapolate / args.rows
+    print(f"{'step':<8} {'seconds':>8} {'us/row':>7} {'peak MiB':>9} | at {args.extrapolate:,}: {'s':>7} {'MiB':>7}")
+    for step in STEPS:
+        command = [sys.executable, __file__, "--step", step, "--root", str(root), "--rows", str(args.rows)]
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        seconds, mib = result["seconds"], result["peak"] / 2**20
+        print(
+            f"{step:<8} {seconds:8.2f} {1e6 * seconds / args.rows:7.2f} {mib:9.0f} | "
+            f"{' ' * (len(f'at {args.extrapolate:,}:') - 1)} {seconds * scale:7.0f} {mib * scale:7.0f}"
+        )
+
+
+if __name__ == "__main__":
+    pa.set_cpu_count(pa.cpu_count())
+    main()
