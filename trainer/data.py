@@ -16,6 +16,7 @@ import os
 import signal
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,8 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from zeroseg.pipeline.crops import channel_stats, to_model_input
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.integrity import checked_read
 from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.store import FeatureStore, StoreMeta
+from zeroseg.pipeline.store import CROPS, FEATURES, FeatureStore, StoreMeta
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import ModelConfig
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
@@ -51,6 +53,7 @@ class StoreSamples:
     keys: pa.Array  # (N,) string
     sources: pa.Array  # (N,) string
     hashes: pa.Array  # (N,) string, sha256 of each image's bytes when cached
+    required: dict[str, set[int]]  # array -> chunks whose files must exist (FeatureStore.required_chunks)
 
     @classmethod
     def open(cls, path: str | Path) -> "StoreSamples":
@@ -63,7 +66,7 @@ class StoreSamples:
             CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
         rows = table["row"].to_numpy().astype(np.int64)
         columns = (table[name].combine_chunks() for name in ("key", "source", "sha256"))
-        return cls(Path(path), store.meta, rows, *columns)
+        return cls(Path(path), store.meta, rows, *columns, store.required_chunks(rows))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -128,7 +131,8 @@ class StoreBatches(Dataset):
         self.samples = samples
         self.plan = plan
         self.order = SampleOrder(samples.chunk_of, window, seed)
-        self.reader = CropReader(samples.meta, samples.path)  # the store's own crops when it keeps them
+        # the store's own crops when it keeps them
+        self.reader = CropReader(samples.meta, samples.path, samples.required.get(CROPS, set()))
         self.chunk_size = samples.meta.chunk_size
         self.cache_size = 2 * window
         self._features: zarr.Array | None = None
@@ -158,7 +162,9 @@ class StoreBatches(Dataset):
 
     def read_chunk(self, index: int) -> np.ndarray:
         start = index * self.chunk_size
-        return self._features[start : start + self.chunk_size]
+        rows = np.array([start, start + self.chunk_size - 1])
+        read = partial(self._features.__getitem__, slice(start, start + self.chunk_size))
+        return checked_read(self.samples.path, FEATURES, self._features, self.samples.required[FEATURES], rows, read)
 
 
 def make_loader(dataset: StoreBatches, first: int, last: int, workers: int, prefetch: int, pin: bool) -> DataLoader:
