@@ -1,8 +1,13 @@
 """Command-line options that zs-eval and zs-segment share (text side and geometry)."""
 
+import math
+import os
+import tempfile
 from pathlib import Path
 
 import typer
+
+from zeroseg.pipeline.errors import UserError
 
 QUICK_GELU = typer.Option(
     None, "--quick-gelu/--no-quick-gelu", help="Force the CLIP's activation (default: recorded / automatic)."
@@ -14,3 +19,21 @@ SHORT_SIDE = typer.Option(448, help="Short side of the resized image.")
 MAX_LONG_SIDE = typer.Option(2048, help="Cap on the resized long side.")
 CROP_SIZE = typer.Option(448, help="Slide window side (a multiple of the patch size).")
 STRIDE = typer.Option(224, help="Slide window stride.")
+
+
+def check_bg_threshold(value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise UserError(f"--bg-threshold must be a finite number, got {value}")
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """UserError now, before any work, when results could not be written into `folder` (made if missing)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} '{folder}' is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".zs-write-check-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{option} '{folder}' is not writable: {exc.strerror or exc}") from None
