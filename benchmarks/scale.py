@@ -53,14 +53,14 @@ def synthesise(path: Path, rows: int, shard_size: int, chunk_size: int, views: i
         count = min(shard_size, rows - shard * shard_size)
         features = rng.standard_normal((count, views, dim)).astype(np.float16)
         pixels = rng.integers(0, 256, (count, 16, 16, 3), dtype=np.uint8) if crops else None
-        store.write_shard(shard, features, pixels)
+        record = store.write_shard(shard, features, pixels)
         first = shard * shard_size
         records = [
             {"key": key(first + i), "source": "synthetic", "sha256": rng.bytes(32).hex(), "width": 500,
              "height": 375, "error": None}
             for i in range(count)
         ]  # fmt: skip
-        store.commit(shard, manifest_rows(shard, first, records))
+        store.commit(shard, manifest_rows(shard, first, records), record)
 
 
 def key(i: int) -> str:

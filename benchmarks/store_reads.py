@@ -51,10 +51,10 @@ def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, views: in
         first = shard * meta.shard_size
         count = min(meta.shard_size, rows - first)
         features = rng.standard_normal((count, views, dim)).astype(np.float16)
-        store.write_shard(shard, features, crops[(first + np.arange(count)) % len(crops)])
+        record = store.write_shard(shard, features, crops[(first + np.arange(count)) % len(crops)])
         records = [{"key": f"{first + i:08d}", "source": "synthetic", "sha256": None, "width": crop_size,
                     "height": crop_size, "error": None} for i in range(count)]  # fmt: skip
-        store.commit(shard, manifest_rows(shard, first, records))
+        store.commit(shard, manifest_rows(shard, first, records), record)
 
 
 def rate(read, images: int) -> tuple[float, float]:

@@ -110,6 +110,10 @@ def evaluate(
         geometry, keep_best_group, window_batch, rule, top_k,
     )  # fmt: skip
     out_dir = output or _default_output(options, predictions)
+    cli_options.check_bg_threshold(bg_threshold)
+    for folder, option in ((out_dir, "--output"), (save_predictions, "--save-predictions"), (save_vis, "--save-vis")):
+        if folder is not None:
+            cli_options.check_writable_folder(folder, option)
     process = process_group.setup(device)
     loaded = None
     try:

@@ -1,5 +1,8 @@
 """Command-line options that zs-eval and zs-segment share (text side, labeling rule and geometry)."""
 
+import math
+import os
+import tempfile
 from pathlib import Path
 
 import typer
@@ -38,3 +41,21 @@ def check_rule(rule: str, top_k: int) -> None:
         raise UserError(f"--rule '{rule}' is not one of {', '.join(RULES)}")
     if top_k < 1:
         raise UserError(f"--top-k must be positive, got {top_k}")
+
+
+def check_bg_threshold(value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise UserError(f"--bg-threshold must be a finite number, got {value}")
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """UserError now, before any work, when results could not be written into `folder` (made if missing)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} '{folder}' is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".zs-write-check-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{option} '{folder}' is not writable: {exc.strerror or exc}") from None

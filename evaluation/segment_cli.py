@@ -75,6 +75,8 @@ def segment(
     from zeroseg.pipeline.runtime import resolve_device
 
     class_names = read_vocabulary(classes, vocabulary)
+    cli_options.check_bg_threshold(bg_threshold)
+    cli_options.check_writable_folder(Path(out), "--out")
     inputs = collect_images(images, out)
     geometry = cli_options.geometry_or_exit(mode, short_side, max_long_side, crop_size, stride)
     cli_options.check_rule(rule, top_k)

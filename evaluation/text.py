@@ -97,9 +97,11 @@ def _read_cache(path: Path, class_names: Sequence[str], templates: Sequence[str]
         return None
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
-        return None  # unreadable entry: recompute and overwrite it
-    if not isinstance(entry, dict):
+    except Exception as exc:  # truncated, not a zip, not a pickle: any damage means recompute and overwrite
+        warnings.warn(f"text-embedding cache '{path}' is damaged ({type(exc).__name__}): rebuilding it", stacklevel=3)
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("embeddings"), torch.Tensor):
+        warnings.warn(f"text-embedding cache '{path}' is not a cache entry: rebuilding it", stacklevel=3)
         return None
     if entry.get("class_names") != list(class_names) or entry.get("templates") != list(templates):
         return None

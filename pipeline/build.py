@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from zeroseg.pipeline.build_options import BuildOptions, validate
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.integrity import missing_chunks
 from zeroseg.pipeline.runtime import prefetch_map, resolve_device
 from zeroseg.pipeline.shards import (
     Encoded,
@@ -132,6 +133,11 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
     keys = source.keys()
     if not keys:
         raise UserError(f"no images found in '{opts.source}'")
+    duplicates = getattr(source, "duplicates", {})
+    if duplicates:
+        path, same = next(iter(duplicates.items()))
+        log(f"source: {len(duplicates)} paths reach files or folders already listed (links), cached once: "
+            f"e.g. '{path}' is '{same}'")
     identity = resolve_identity(opts.teacher, opts.pretrained, opts.quick_gelu)
     on_cluster = bool(opts.scheduler or opts.workers)
     device = None if on_cluster else resolve_device(opts.device)
@@ -143,6 +149,10 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
         if store is not None:
             check_compatible(store.meta, identity, opts)
             register_source(store.meta, source, name)
+            if opts.repair:
+                remove_damaged(store, opts.progress, log)
+            else:
+                refuse_missing_chunks(store)
             pending = pending_keys(store, keys, name)
         else:
             FeatureStore.check_creatable(opts.store)
@@ -150,7 +160,10 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
         store_crops = wants_crops(store, source, opts)
         if not pending:
             return summary
-        settings = EncodeSettings(tuple(opts.grids), opts.batch_size, opts.image_size, name, store_crops)
+        settings = EncodeSettings(
+            tuple(opts.grids), opts.batch_size, opts.image_size, name, store_crops, opts.max_pixels,
+            int(opts.max_file_mb * 2**20),
+        )
         if on_cluster:
             from zeroseg.pipeline.dask_build import build_on_cluster  # Dask only for cluster builds
 
@@ -164,6 +177,32 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
     return summary
 
 
+def remove_damaged(store: FeatureStore, progress: bool, log: Callable[[str], None]) -> None:
+    """Un-commit every shard that verify finds damaged, so that its images are pending again: this build
+    caches those of its source, a build of their own source the others."""
+    from zeroseg.pipeline.check import find_damage
+
+    damage = find_damage(store, progress)
+    if damage.unrepairable:
+        raise UserError(f"cannot repair store '{store.path}': {damage.unrepairable[0]}")
+    for shard, problems in sorted(damage.shards.items()):
+        store.remove_shard(shard)
+        log(f"repair: shard {shard} is damaged ({problems[0]}): redoing it")
+    if not damage.shards:
+        log(f"repair: store '{store.path}' has no damaged shard")
+
+
+def refuse_missing_chunks(store: FeatureStore) -> None:
+    """A store whose commit records name chunk files that are gone is not "up to date": say how to repair it."""
+    for shard, path in store.parts().items():
+        lost = missing_chunks(store.path, store.chunk_record(path) or {})
+        if lost:
+            raise UserError(
+                f"store '{store.path}': shard {shard} lost chunk {lost[0]}"
+                f"{f' and {len(lost) - 1} more' if len(lost) > 1 else ''}: run zs-cache build --repair to redo it"
+            )
+
+
 def _encode_here(
     store: FeatureStore,
     source: Source,
@@ -174,7 +213,7 @@ def _encode_here(
 ) -> Encoded:
     started, encoded = time.perf_counter(), Encoded()
     decoded = prefetch_map(
-        lambda key: decode_item(source, key, opts.image_size),
+        lambda key: decode_item(source, key, opts.image_size, settings.max_pixels, settings.max_bytes),
         (key for shard in shards for key in shard.keys),
         workers=opts.decode_threads,
         ahead=4 * opts.batch_size,

@@ -9,6 +9,8 @@ from zeroseg.pipeline.errors import UserError
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_DECODE_THREADS = min(8, os.cpu_count() or 1)
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; refused from the header, before decoding (decompression bombs)
+DEFAULT_MAX_FILE_MB = 256
 
 
 @dataclass
@@ -33,14 +35,24 @@ class BuildOptions:
     store_crops: bool = False  # keep the crops in the store (implied for tar sources and stores that have them)
     scheduler: str | None = None  # address of a running Dask scheduler to build on
     workers: int = 0  # > 0: build on a local Dask cluster of this many worker processes
+    repair: bool = False  # first redo the shards that zs-cache verify finds damaged
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are error rows, told from their header
+    max_file_mb: float = DEFAULT_MAX_FILE_MB  # larger files are error rows, never read whole
 
 
 def validate(opts: BuildOptions) -> None:
     if not opts.grids or any(g < 1 for g in opts.grids) or len(set(opts.grids)) != len(opts.grids):
         raise UserError(f"--grids must be distinct positive integers, got {opts.grids}")
-    for name in ("batch_size", "chunk_size", "image_size", "decode_threads"):
+    for name in ("batch_size", "chunk_size", "image_size", "decode_threads", "max_pixels"):
         if getattr(opts, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if max(opts.grids) > opts.image_size:
+        raise UserError(
+            f"--grids {max(opts.grids)} splits a {opts.image_size}px crop into cells smaller than a pixel: "
+            f"use grids of at most --image-size"
+        )
+    if not opts.max_file_mb > 0:
+        raise UserError("--max-file-mb must be positive")
     if opts.shard_size is not None and (opts.shard_size < 1 or opts.shard_size % opts.chunk_size):
         raise UserError(f"--shard-size must be a positive multiple of the chunk size {opts.chunk_size}")
     if not 0 <= opts.max_error_fraction <= 1:

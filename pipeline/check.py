@@ -2,6 +2,7 @@
 
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from zeroseg.pipeline.store import FeatureStore
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.integrity import damaged_chunks, has_checksums
+from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore
 
 
 def disk_size(path: Path) -> int:
@@ -44,6 +47,7 @@ def describe(store: FeatureStore) -> list[str]:
     ]
     if meta.stored_crops:
         lines.insert(-1, f"crops      {tuple(store.crops.shape)} uint8, the centre crops the teacher saw")
+    lines.insert(-1, f"checksums  {checksum_line(store)}")
     per_source = value_counts(manifest["source"])
     for name, spec in meta.sources.items():
         lines.append(f"source     {name}: {spec['kind']} {spec['path']} ({per_source.get(name, 0)} images)")
@@ -58,15 +62,80 @@ def value_counts(column) -> dict:
     return {item["values"]: item["counts"] for item in pc.value_counts(column).to_pylist()}
 
 
-def verify(store: FeatureStore, progress: bool = True) -> tuple[list[str], dict]:
-    """Problems found (empty when whole) and counts. Checks that manifest and array agree: every ok
-    row exactly once, inside its shard's rows and the array, with finite, written features.
+@dataclass
+class Damage:
+    """What `find_damage` found: problem lines, the shards they make damaged (redone by zs-cache build --repair),
+    and counts."""
 
-    Column-wise: the manifest's checks are array operations, and the features are read a block of
-    whole chunks at a time (at most VERIFY_BLOCK_BYTES decompressed), so time and memory stay near
-    one pass over the store whatever the number of rows."""
+    problems: list[str] = field(default_factory=list)
+    shards: dict[int, list[str]] = field(default_factory=dict)  # damaged shard -> its problems
+    unrepairable: list[str] = field(default_factory=list)  # problems of no single shard (a stray file, duplicates)
+    counts: dict = field(default_factory=dict)
+
+    def add(self, problem: str, shard: int | None = None) -> None:
+        self.problems.append(problem)
+        if shard is None:
+            self.unrepairable.append(problem)
+        else:
+            self.shards.setdefault(shard, []).append(problem)
+
+
+def verify(store: FeatureStore, progress: bool = True) -> tuple[list[str], dict]:
+    """Problems found (empty when whole) and counts; see `find_damage`."""
+    damage = find_damage(store, progress)
+    return damage.problems, damage.counts
+
+
+def checksum_line(store: FeatureStore) -> str:
+    """Whether the store's chunks and parts can tell damage (stores made before checksums cannot)."""
+    arrays = store.arrays()
+    checked = [name for name, array in arrays.items() if has_checksums(array)]
+    recorded = sum(store.chunk_record(path) is not None for path in store.parts().values())
+    chunks = (f"crc32c on every chunk of {' and '.join(checked)}" if len(checked) == len(arrays)
+              else "chunks UNCHECKED (store made before chunk checksums: damage shows only as bad values)")
+    return f"{chunks}; {recorded} of {len(store.parts())} shards have a commit record"
+
+
+VERIFIED_COLUMNS = ["row", "key", "source", "status", "shard"]
+
+
+def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
+    """Every manifest part readable (page checksums) with its chunk files present and unchanged (commit record);
+    manifest and array agree: every ok row exactly once, inside its shard's rows and the array, with finite,
+    written features that decode (chunk checksums).
+
+    Column-wise: the manifest's checks are array operations, and the features are read a block of whole
+    chunks at a time (at most VERIFY_BLOCK_BYTES decompressed), so time and memory stay near one pass over
+    the store whatever the number of rows."""
+    damage = Damage()
+    try:
+        parts = store.parts()
+    except UserError as exc:
+        damage.add(str(exc))
+        return damage
+    tables, unchecked = [], 0
+    for shard, path in parts.items():
+        try:
+            tables.append(store.read_part(path, VERIFIED_COLUMNS))
+            record = store.chunk_record(path)
+        except UserError as exc:
+            damage.add(str(exc), shard)
+            continue
+        if record is None:
+            unchecked += 1
+        for problem in damaged_chunks(store.path, record or {}):
+            damage.add(f"shard {shard}: {problem}", shard)
+    manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table().select(VERIFIED_COLUMNS)
+    ok_rows = _check_manifest(store, manifest, damage)
+    damage.counts["unchecked_shards"] = unchecked
+    if not damage.problems:
+        _check_features(store, ok_rows, damage, progress)
+    return damage
+
+
+def _check_manifest(store: FeatureStore, manifest: pa.Table, damage: Damage) -> np.ndarray:
+    """Add the manifest's disagreements to `damage` (each row problem with its shard); returns the sorted ok rows."""
     meta = store.meta
-    manifest = store.manifest(["row", "key", "source", "status", "shard"])
     status = manifest["status"]
     has_row = manifest["row"].is_valid().to_numpy(zero_copy_only=False)  # (N,) bool
     rows = manifest["row"].fill_null(-1).to_numpy()  # (N,) int64
@@ -74,7 +143,7 @@ def verify(store: FeatureStore, progress: bool = True) -> tuple[list[str], dict]
     is_ok = pc.fill_null(pc.equal(status, "ok"), False).to_numpy(zero_copy_only=False)
     is_error = pc.fill_null(pc.equal(status, "error"), False).to_numpy(zero_copy_only=False)
     ok_rows = np.sort(rows[is_ok & has_row])
-    counts = {"ok": int(is_ok.sum()), "error": int(is_error.sum()), "shards": len(np.unique(shard))}
+    damage.counts.update(ok=int(is_ok.sum()), error=int(is_error.sum()), shards=len(np.unique(shard)))
 
     length = store.features.shape[0]
     first_row = shard * meta.shard_size
@@ -95,34 +164,56 @@ def verify(store: FeatureStore, progress: bool = True) -> tuple[list[str], dict]
     unregistered = pc.invert(pc.is_in(manifest["source"], pa.array(list(meta.sources), pa.string())))
     found += [(int(i), f"source '{manifest['source'][int(i)].as_py()}' is not registered in the store metadata")
               for i in np.flatnonzero(unregistered.to_numpy(zero_copy_only=False))]  # fmt: skip
-    problems = [f"{manifest['source'][i].as_py()}/{manifest['key'][i].as_py()}: {text}" for i, text in sorted(found)]
+    for i, text in sorted(found):
+        damage.add(f"{manifest['source'][i].as_py()}/{manifest['key'][i].as_py()}: {text}", int(shard[i]))
     repeated_rows, times = np.unique(ok_rows, return_counts=True)
-    problems += [f"row {row} is claimed by {n} manifest rows" for row, n in zip(repeated_rows, times) if n > 1]
+    for row, n in zip(repeated_rows, times):
+        if n > 1:
+            damage.add(f"row {row} is claimed by {n} manifest rows")
     names = pc.binary_join_element_wise(manifest["source"], manifest["key"], "/")
     repeats = pc.value_counts(names)
-    repeats = repeats.filter(pc.greater(repeats.field("counts"), 1))
-    problems += [f"{r['values']} appears {r['counts']} times" for r in repeats.to_pylist()]
-    if problems:
-        return problems, counts
-    return _feature_problems(store, ok_rows, progress), counts
+    for repeat in repeats.filter(pc.greater(repeats.field("counts"), 1)).to_pylist():
+        damage.add(f"{repeat['values']} appears {repeat['counts']} times")
+    return ok_rows
 
 
 VERIFY_BLOCK_BYTES = 64 * 2**20
 
 
-def _feature_problems(store: FeatureStore, ok_rows: np.ndarray, progress: bool) -> list[str]:
-    """Rows among the sorted `ok_rows` whose features hold NaN/Inf or were never written."""
-    features, chunk = store.features, store.meta.chunk_size
+def _check_features(store: FeatureStore, ok_rows: np.ndarray, damage: Damage, progress: bool) -> None:
+    """Decode every chunk holding one of the sorted `ok_rows` (checksums checked by Zarr), a block of whole chunks
+    per read; those rows finite and written. A block that fails to decode is read again chunk by chunk, so each
+    problem names its damaged chunk."""
+    features, chunk, shard_size = store.features, store.meta.chunk_size, store.meta.shard_size
     row_bytes = int(np.prod(features.shape[1:])) * features.dtype.itemsize
     block = chunk * max(1, VERIFY_BLOCK_BYTES // (row_bytes * chunk))  # rows per read, whole chunks
-    problems: list[str] = []
-    starts = np.unique(ok_rows // block) * block
-    for start in tqdm(starts, desc="verify", unit="block", disable=not progress):
+    for start in tqdm(np.unique(ok_rows // block) * block, desc="verify", unit="block", disable=not progress):
         lo, hi = np.searchsorted(ok_rows, [start, start + block])
         wanted = ok_rows[lo:hi]
-        values = features[int(start) : int(wanted[-1]) + 1][wanted - start]  # (n, V, D)
-        bad = ~np.isfinite(values).all(axis=(1, 2))
-        empty = ~np.any(values, axis=(1, 2))
-        problems += [f"row {row}: NaN or Inf in features" for row in wanted[bad]]
-        problems += [f"row {row}: features never written (all zero)" for row in wanted[empty]]
-    return problems
+        try:
+            values = features[int(start) : int(wanted[-1]) + 1][wanted - start]  # (n, V, D)
+        except ValueError:  # some chunk of the block does not decode: find which
+            values = None
+        if values is not None:
+            _check_values(wanted, values, shard_size, damage)
+            continue
+        for index in np.unique(wanted // chunk):
+            first = int(index) * chunk
+            rows = wanted[(wanted >= first) & (wanted < first + chunk)]
+            try:
+                values = features[first : int(rows[-1]) + 1][rows - first]  # (n, V, D)
+            except ValueError as exc:
+                damage.add(f"shard {first // shard_size}: chunk {index} of features does not decode ({exc})",
+                           first // shard_size)  # fmt: skip
+                continue
+            _check_values(rows, values, shard_size, damage)
+
+
+def _check_values(rows: np.ndarray, values: np.ndarray, shard_size: int, damage: Damage) -> None:
+    """Rows whose features `values` (n, V, D) hold NaN/Inf or were never written."""
+    bad = ~np.isfinite(values).all(axis=(1, 2))
+    empty = ~np.any(values, axis=(1, 2))
+    for row in rows[bad]:
+        damage.add(f"row {row}: NaN or Inf in features", int(row) // shard_size)
+    for row in rows[empty]:
+        damage.add(f"row {row}: features never written (all zero)", int(row) // shard_size)

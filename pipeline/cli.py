@@ -84,6 +84,16 @@ def build(
         help="Build on a local Dask cluster of N worker processes (one per GPU, or splitting the CPU cores); "
         "0: in this process."
     ),
+    max_pixels: int = typer.Option(
+        DEFAULT.max_pixels, help="Images of more pixels (width x height, read from the header before decoding) are "
+        "error rows."
+    ),
+    max_file_mb: float = typer.Option(
+        DEFAULT.max_file_mb, help="Files larger than this (MiB) are error rows, never read whole."
+    ),
+    repair: bool = typer.Option(
+        DEFAULT.repair, help="First check the store as zs-cache verify does and redo exactly the shards found damaged."
+    ),
 ) -> None:
     """Cache teacher features of every image in SOURCE not yet in the store (resumable, incremental)."""
     from zeroseg.pipeline.build import run_build
@@ -93,7 +103,8 @@ def build(
         quick_gelu=quick_gelu, batch_size=batch_size, device=device, shard_size=shard_size,
         chunk_size=chunk_size, image_size=image_size, max_error_fraction=max_error_fraction,
         decode_threads=decode_threads, source_name=source_name, column=column, compile=compile, progress=progress,
-        store_crops=store_crops, scheduler=scheduler, workers=workers,
+        store_crops=store_crops, scheduler=scheduler, workers=workers, repair=repair,
+        max_pixels=max_pixels, max_file_mb=max_file_mb,
     )
     summary = run_build(opts, log=lambda line: typer.echo(line, err=True))
     typer.echo(summary.line())
@@ -147,7 +158,11 @@ def verify(
     if problems:
         typer.echo(f"store {store} is NOT consistent: {len(problems)} problems", err=True)
         raise typer.Exit(1)
-    typer.echo(f"store {store} verified: {counts['ok']} ok rows, {counts['error']} errors, {counts['shards']} shards")
+    unchecked = counts["unchecked_shards"]
+    note = f" ({unchecked} shards without a commit record: their chunk files are unchecked)" if unchecked else ""
+    typer.echo(
+        f"store {store} verified: {counts['ok']} ok rows, {counts['error']} errors, {counts['shards']} shards{note}"
+    )
 
 
 

@@ -33,9 +33,10 @@ def centre_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.array(crop, dtype=np.uint8)
 
 
-def crop_from_bytes(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode image bytes and centre-crop them: (crop (size, size, 3) uint8, (width, height))."""
-    image = decode_image(data)
+def crop_from_bytes(data: bytes, size: int, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode image bytes (at most max_pixels pixels) and centre-crop them: (crop (size, size, 3) uint8, (width,
+    height))."""
+    image = decode_image(data, max_pixels)
     return centre_crop(image, size), image.size
 
 

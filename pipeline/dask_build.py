@@ -160,15 +160,16 @@ def describe_teacher_on_worker(spec: TeacherSpec) -> dict | WorkerUserError:
         return WorkerUserError(str(exc))
 
 
-def encode_shard_on_worker(job: ShardJob) -> list[dict] | WorkerUserError:
-    """Encode one shard, write its chunks, return its manifest records (the client commits them)."""
+def encode_shard_on_worker(job: ShardJob) -> tuple[list[dict], dict] | WorkerUserError:
+    """Encode one shard, write its chunks, return its manifest records and commit record (the client commits
+    them)."""
     try:
         return _encode_shard_on_worker(job)
     except UserError as exc:
         return WorkerUserError(str(exc))
 
 
-def _encode_shard_on_worker(job: ShardJob) -> list[dict]:
+def _encode_shard_on_worker(job: ShardJob) -> tuple[list[dict], dict]:
     _require_path(job.store, "store")
     source = worker_source(job.source)
     teacher = worker_teacher(job.teacher)
@@ -179,13 +180,16 @@ def _encode_shard_on_worker(job: ShardJob) -> list[dict]:
         done[0] += images
         worker.log_event(job.progress_topic, (job.shard.id, done[0]))
 
-    decode = partial(decode_item, source, crop_size=job.settings.image_size)
+    settings = job.settings
+    decode = partial(
+        decode_item, source, crop_size=settings.image_size, max_pixels=settings.max_pixels, max_bytes=settings.max_bytes
+    )
     ahead = 4 * job.settings.batch_size
     with _teacher_turn, closing(prefetch_map(decode, job.shard.keys, job.decode_threads, ahead)) as decoded:
         features, crops, records = encode_shard(job.shard, decoded, teacher, job.settings, report)
-    store.write_shard(job.shard.id, features, crops)  # outside the turn: the next shard encodes meanwhile
+    record = store.write_shard(job.shard.id, features, crops)  # outside the turn: the next shard encodes meanwhile
     _counts["shards_encoded"] += 1
-    return records
+    return records, record
 
 
 # --- on the client -------------------------------------------------------------------------------
@@ -338,13 +342,13 @@ def _run_shards(
         for future in as_completed(futures):
             shard = futures.pop(future)  # released below: a lost worker must not recompute committed shards
             try:
-                records = raise_user_error(future.result())  # inputs not visible, teacher not loadable: stop
+                records, record = raise_user_error(future.result())  # inputs not visible, teacher not loadable: stop
             except (CancelledError, CommClosedError):
                 raise  # the cluster went away: build_on_cluster says so
             except Exception as exc:  # the shard killed too many workers, or a bug: let the other shards finish
                 failures.append(f"shard {shard.id}: {type(exc).__name__}: {first_line(exc)}")
                 continue
-            store.commit(shard.id, manifest_rows(shard.id, store.shard_rows(shard.id), records))
+            store.commit(shard.id, manifest_rows(shard.id, store.shard_rows(shard.id), records), record)
             progress.update(shard.id, len(records), committed=True)
             encoded.shards.append(records)
             future.release()

@@ -15,20 +15,28 @@ class ImageDecodeError(ValueError):
     """The bytes are not a readable image; the message is the reason stored in the manifest."""
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode encoded image bytes to an 8-bit RGB image with its EXIF orientation applied.
 
     Conversions: 16-bit and 32-bit integer greyscale are scaled from 0..65535 to 0..255;
     float greyscale is clipped to 0..255; images with transparency (RGBA, LA, PA, palette with a
     transparent colour) are composited over white; CMYK, YCbCr, LAB, palette, 1-bit and greyscale go
-    through Pillow's conversion. Raises ImageDecodeError for empty, truncated or non-image data.
+    through Pillow's conversion. Raises ImageDecodeError for empty, truncated or non-image data, and for
+    images of more than `max_pixels` pixels, told from the header before anything is decoded.
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image too large: {width}x{height} = {width * height} pixels, more than --max-pixels {max_pixels}"
+                )
             opened.load()
             image = ImageOps.exif_transpose(opened)
+    except ImageDecodeError:
+        raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:

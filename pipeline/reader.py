@@ -1,7 +1,7 @@
 """Reading the images behind a store's rows, exactly as the teacher saw them (for stage two)."""
 
 import hashlib
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +9,7 @@ import zarr
 
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.integrity import checked_read
 from zeroseg.pipeline.sources import Source, source_from_spec
 from zeroseg.pipeline.store import CROPS, StoreMeta
 
@@ -23,10 +24,12 @@ class CropReader:
     workers before first use).
     """
 
-    def __init__(self, meta: StoreMeta, store: str | Path | None = None):
+    def __init__(self, meta: StoreMeta, store: str | Path | None = None, required: set[int] | frozenset = frozenset()):
+        """required: indices of the crops chunks that must exist (FeatureStore.required_chunks)."""
         self.source_specs = dict(meta.sources)
         self.crop_size = int(meta.preprocessing["crop_size"])
         self.store = str(store) if store is not None and meta.stored_crops else None
+        self.required = set(required)
 
     @property
     def reads_stored_crops(self) -> bool:
@@ -60,5 +63,7 @@ class CropReader:
         when given)."""
         if self.reads_stored_crops:
             rows, order = np.unique([r["row"] for r in records], return_inverse=True)
-            return self.stored.oindex[rows][order]  # each chunk is read and decompressed once
+            read = partial(self.stored.oindex.__getitem__, rows)
+            stored = checked_read(Path(self.store), CROPS, self.stored, self.required, rows, read)
+            return stored[order]  # each chunk is read and decompressed once
         return np.stack([self.crop(r["source"], r["key"], r.get("sha256")) for r in records])

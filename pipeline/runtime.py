@@ -1,6 +1,7 @@
 """Run-time helpers every stage shares: the device a process computes on, how a command turns a UserError
 into one line and an exit code, the first line of an exception, and an ordered thread-pool map."""
 
+import errno
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -72,6 +73,11 @@ def user_message(exc: UserError) -> str:
     return first_line(exc) or type(exc).__name__
 
 
+INTERRUPTED = 130
+# Failures of the place a command writes to, not of the program: one line, exit 1.
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
 def run_cli(typer_app: typer.Typer) -> None:
     """Run a Typer app, turning UserError into one line on stderr and exit code 2."""
     try:
@@ -81,12 +87,20 @@ def run_cli(typer_app: typer.Typer) -> None:
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(INTERRUPTED)
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRORS:
+            raise
+        reason = "no space left on device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+        typer.echo(f"error: {reason}" + (f": {exc.filename}" if exc.filename else ""), err=True)
+        sys.exit(1)
     except Exception as exc:
         if isinstance(exc, click.ClickException):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if result == INTERRUPTED:  # typer returns Ctrl-C (KeyboardInterrupt) as exit code 130
+        typer.echo("interrupted", err=True)
     sys.exit(result if isinstance(result, int) else 0)

@@ -36,6 +36,8 @@ class EncodeSettings:
     image_size: int
     source_name: str
     store_crops: bool
+    max_pixels: int | None = None  # images of more pixels are error rows (from their header)
+    max_bytes: int | None = None  # files of more bytes are error rows
 
 
 @dataclass
@@ -77,15 +79,18 @@ def plan_shards(
     return shards
 
 
-def decode_item(source: Source, key: str, crop_size: int) -> Decoded:
-    """Read, hash, decode and crop one image; any failure becomes an error reason, never an exception."""
+def decode_item(
+    source: Source, key: str, crop_size: int, max_pixels: int | None = None, max_bytes: int | None = None
+) -> Decoded:
+    """Read (a regular file of at most max_bytes), hash, decode (at most max_pixels) and crop one image; any
+    failure becomes an error reason, never an exception."""
     try:
-        data = source.read(key)
+        data = source.read(key, max_bytes)
     except OSError as exc:
         return Decoded(key, error=f"unreadable: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        crop, (width, height) = crop_from_bytes(data, crop_size)
+        crop, (width, height) = crop_from_bytes(data, crop_size, max_pixels)
     except ImageDecodeError as exc:
         return Decoded(key, sha256=digest, error=str(exc))
     except Exception as exc:  # a decoder bug on one odd file must not end a long build
@@ -171,6 +176,7 @@ def new_store_meta(identity: TeacherIdentity, teacher: dict, opts: BuildOptions,
         shard_size=opts.shard_size or DEFAULT_SHARD_SIZE,
         chunk_size=opts.chunk_size,
         stored_crops=store_crops,
+        commit_records=True,
     )
 
 
@@ -205,5 +211,5 @@ def plan_and_reserve(store: FeatureStore, source: Source, pending: list[str]) ->
 def write_and_commit(
     store: FeatureStore, shard: int, features: np.ndarray, crops: np.ndarray | None, records: list[dict]
 ) -> None:
-    store.write_shard(shard, features, crops)
-    store.commit(shard, manifest_rows(shard, store.shard_rows(shard), records))
+    record = store.write_shard(shard, features, crops)
+    store.commit(shard, manifest_rows(shard, store.shard_rows(shard), records), record)

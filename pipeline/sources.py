@@ -1,4 +1,4 @@
-"""Where images come from: a folder tree, webdataset tar shards, an HDF5 file of encoded images, or a
+r"""Where images come from: a folder tree, webdataset tar shards, an HDF5 file of encoded images, or a
 list of paths.
 
 Every source lists its images as string keys in a deterministic order and reads a key's encoded
@@ -16,10 +16,20 @@ members of one sample share a key: `000000042.jpg`, `000000042.json`, `000000042
 `<tar file name>/<member key>` (`00000.tar/000000042`). A folder that directly holds `*.tar` files is
 a tar-shard source. The trainer cannot read tars at random, so a store caches such images only
 together with their crops (`--store-crops`).
+
+Keys are text (Parquet strings must be UTF-8) but POSIX names are bytes: a name that is not valid UTF-8
+gets each undecodable byte written as `\xNN` (Python's backslashreplace: `bad\xff.jpg`), and `read`
+maps such a key back to the bytes (a name that literally holds `\xNN` text is tried first). Folder
+sources follow symbolic links once per real directory and real file (device and inode): a loop or a
+second link to a listed folder or file adds nothing (see `FolderSource.duplicates`). Files are read
+only when they are regular files (not FIFOs or devices), and at most `max_bytes` of them.
 """
 
+import errno
 import json
 import os
+import re
+import stat
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,25 +63,87 @@ class SourceSpec:
         return cls(spec["kind"], spec["path"], spec.get("column"))
 
 
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def escape_name(name: str) -> str:
+    r"""A file name as a key: undecodable bytes (surrogates from os.fsdecode) as `\xNN`."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def unescape_path(base: Path, key: str) -> Path:
+    """The path of a key made by escape_name (a path that literally holds the key's text wins)."""
+    literal = base / key
+    if "\\x" not in key or literal.exists():
+        return literal
+    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)  # surrogateescape of the byte
+    return base / raw
+
+
+def read_regular_file(path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file, refusing FIFOs, devices and sockets (never blocking on them) and files of
+    more than max_bytes, with an OSError whose strerror says why."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "FIFO" if stat.S_ISFIFO(info.st_mode) else "device" if stat.S_ISCHR(info.st_mode) else "special file"
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})")
+        if max_bytes is None:
+            return handle.read()
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"file larger than the size cap of {max_bytes} bytes (--max-file-mb)")
+    return data
+
+
 class FolderSource:
-    """Every file with an image extension under a root, recursively; key = POSIX path relative to root."""
+    """Every file with an image extension under a root, recursively; key = POSIX path relative to root (names
+    escaped as the module docstring says)."""
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec
         self.root = Path(spec.path)
+        self.duplicates: dict[str, str] = {}  # after keys(): skipped path -> the key of the same real file/folder
 
     def keys(self) -> list[str]:
-        found = []
+        """Walk the tree in sorted order, following each real directory and listing each real file once."""
+        root = self.root.stat()
+        found, seen_dirs, seen_files = [], {(root.st_dev, root.st_ino): "."}, {}
         for directory, subdirs, files in os.walk(self.root, followlinks=True):
-            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
             relative = Path(directory).relative_to(self.root)
-            for name in files:
-                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append((relative / name).as_posix())
+            kept = []
+            for name in sorted(d for d in subdirs if not d.startswith(".")):
+                path = Path(directory) / name
+                try:
+                    info = path.stat()
+                except OSError:  # a dangling link or a loop the kernel refuses: nothing to list
+                    continue
+                here = escape_name((relative / name).as_posix())
+                if (info.st_dev, info.st_ino) in seen_dirs:
+                    self.duplicates[here + "/"] = seen_dirs[(info.st_dev, info.st_ino)] + "/"
+                    continue
+                seen_dirs[(info.st_dev, info.st_ino)] = here
+                kept.append(name)
+            subdirs[:] = kept
+            for name in sorted(files):
+                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                key = escape_name((relative / name).as_posix())
+                try:
+                    info = (Path(directory) / name).stat()
+                except OSError:
+                    found.append(key)  # dangling: an error row when read
+                    continue
+                if (info.st_dev, info.st_ino) in seen_files:
+                    self.duplicates[key] = seen_files[(info.st_dev, info.st_ino)]
+                    continue
+                seen_files[(info.st_dev, info.st_ino)] = key
+                found.append(key)
         return sorted(found)
 
-    def read(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        return read_regular_file(unescape_path(self.root, key), max_bytes)
 
 
 TAR_INDEX_DIR = ".zs-tar-index"  # in a tar-shard folder: one member index per tar (see tar_members)
@@ -87,8 +159,8 @@ def tar_members(path: str) -> dict[str, tuple[int, int]]:
     process). A truncated tar (an interrupted download) keeps the members listed before the break.
     """
     tar = Path(path)
-    stat = tar.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    info = tar.stat()
+    stamp = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
     index = tar.parent / TAR_INDEX_DIR / f"{tar.name}.json"
     try:
         saved = json.loads(index.read_text())
@@ -111,7 +183,7 @@ def scan_tar(path: str) -> dict[str, tuple[int, int]]:
     try:
         with tarfile.open(path, "r:") as archive:
             for info in archive:
-                folder, _, name = info.name.rpartition("/")
+                folder, _, name = escape_name(info.name).rpartition("/")
                 stem, _, extension = name.partition(".")  # webdataset: the key ends at the first dot
                 if info.isfile() and f".{extension.lower()}" in IMAGE_EXTENSIONS:
                     key = f"{folder}/{stem}" if folder else stem
@@ -138,9 +210,11 @@ class TarShardSource:
             listed = list(pool.map(lambda name: tar_members(str(self.root / name)), names))
         return [f"{name}/{member}" for name, members in zip(names, listed) for member in members]
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
         name, member = key.split("/", 1)
         offset, size = tar_members(str(self.root / name))[member]
+        if max_bytes is not None and size > max_bytes:
+            raise OSError(errno.EFBIG, f"member larger than the size cap of {max_bytes} bytes (--max-file-mb)")
         with open(self.root / name, "rb") as handle:
             handle.seek(offset)
             return handle.read(size)
@@ -177,7 +251,7 @@ class H5Source:
         self._index = {key: i for i, key in enumerate(keys)}
         return keys
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
         if self._index is None:
             self.keys()
         return self._open()["images"][self._index[key]].tobytes()
@@ -200,12 +274,12 @@ class ListSource:
                 raise UserError(f"{path}: no column '{column}' (columns: {', '.join(schema.names)}); use --column")
             keys = [str(k) for k in pq.read_table(path, columns=[column]).column(column).to_pylist() if k]
         else:
-            lines = path.read_text(encoding="utf-8").splitlines()
-            keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+            keys = [escape_name(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
         return list(dict.fromkeys(keys))
 
-    def read(self, key: str) -> bytes:
-        return (self.base / key).read_bytes()
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        return read_regular_file(unescape_path(self.base, key), max_bytes)
 
 
 Source = FolderSource | TarShardSource | H5Source | ListSource

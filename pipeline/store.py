@@ -2,10 +2,13 @@
 
 Layout of a store directory (readable with plain zarr and pyarrow):
   zarr.json              Zarr group; attribute "zeroseg" holds the metadata (see `StoreMeta`)
-  features/              Zarr array (N, V, D) float16, chunks of `chunk_size` whole images, zstd
+  features/              Zarr array (N, V, D) float16, chunks of `chunk_size` whole images, zstd + crc32c
   crops/                 only in stores made with --store-crops: Zarr array (N, S, S, 3) uint8, the centre
                          crops the teacher saw, chunked and compressed like features
-  manifest/shard-*.parquet  one part per committed shard; their union is the manifest
+  manifest/shard-NNNNNN.parquet  one part per committed shard (Parquet page checksums; the shard's chunk
+                         files and their crc32c in the key-value metadata, see pipeline.integrity); their
+                         union is the manifest. Any other non-dot file there is refused: a stray copy of a
+                         part would duplicate its rows.
   .lock                  held by the one builder allowed at a time
 
 Shards. Shard k owns rows [k * shard_size, (k + 1) * shard_size): a whole number of chunks that no
@@ -19,6 +22,7 @@ not store chunks that were never written, so those gaps cost no disk.
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -29,14 +33,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 from filelock import FileLock, Timeout
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from zeroseg import __version__
 from zeroseg.pipeline.atomic import atomic_path
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.integrity import chunk_key, decode_record, encode_record, shard_record
+from zeroseg.pipeline.runtime import first_line
 
 FORMAT_VERSION = 1
 MANIFEST_DIR = "manifest"
@@ -44,6 +51,7 @@ LOCK_FILE = ".lock"
 FEATURES = "features"
 CROPS = "crops"
 MANIFEST_READERS = 8  # threads reading manifest parts
+PART_NAME = re.compile(r"shard-(\d{6,})\.parquet")
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -75,6 +83,7 @@ class StoreMeta:
     normalized: bool = False  # raw projected embeddings; the trainer normalises
     sources: dict[str, dict] = field(default_factory=dict)  # name -> pipeline.sources.SourceSpec dict
     stored_crops: bool = False  # the store keeps the (S, S, 3) uint8 crops in array "crops"; fixed at creation
+    commit_records: bool = False  # every part carries a commit record (stores made since pipeline.integrity)
     format_version: int = FORMAT_VERSION
     package_version: str = __version__
 
@@ -96,7 +105,10 @@ class FeatureStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             return False
-        metadata = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        try:
+            metadata = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        except (ValueError, AttributeError):
+            raise UserError(f"'{path / 'zarr.json'}' is damaged (not Zarr JSON metadata)") from None
         return "zeroseg" in metadata or not cls._leftovers_only(path)
 
     @staticmethod
@@ -110,6 +122,8 @@ class FeatureStore:
         """UserError unless `path` is missing, empty, or an unfinished creation: a new store never
         overwrites other files."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"store '{path}' is a file, not a folder: give --store a new or empty folder")
         if path.is_dir() and not cls._leftovers_only(path):
             others = sorted({entry.name for entry in path.iterdir()} - {LOCK_FILE})
             raise UserError(
@@ -121,8 +135,12 @@ class FeatureStore:
     def open(cls, path: str | Path, writable: bool = False) -> "FeatureStore":
         if not cls.exists(path):
             raise UserError(f"'{path}' is not a feature store (no zarr.json); build one with zs-cache build")
-        group = zarr.open_group(str(path), mode="r+" if writable else "r", use_consolidated=False)
-        if "zeroseg" not in group.attrs:
+        try:
+            group = zarr.open_group(str(path), mode="r+" if writable else "r", use_consolidated=False)
+            arrays = [group[name] for name in (FEATURES, CROPS) if name in group]  # parses their zarr.json
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            raise UserError(f"store '{path}' has damaged Zarr metadata ({first_line(exc)})") from None
+        if "zeroseg" not in group.attrs or not arrays:
             raise UserError(f"'{path}' is a Zarr group but not a zeroseg feature store")
         version = group.attrs["zeroseg"].get("format_version")
         if version != FORMAT_VERSION:
@@ -147,7 +165,7 @@ class FeatureStore:
             shape=(0, meta.num_views, meta.embed_dim),
             chunks=(meta.chunk_size, meta.num_views, meta.embed_dim),
             dtype="float16",
-            compressors=ZstdCodec(level=3),
+            compressors=[ZstdCodec(level=3), Crc32cCodec()],
             fill_value=0,
         )
         if meta.stored_crops:
@@ -157,7 +175,7 @@ class FeatureStore:
                 shape=(0, size, size, 3),
                 chunks=(meta.chunk_size, size, size, 3),
                 dtype="uint8",
-                compressors=ZstdCodec(level=3),
+                compressors=[ZstdCodec(level=3), Crc32cCodec()],
                 fill_value=0,
             )
         group.attrs["zeroseg"] = asdict(meta)
@@ -180,28 +198,93 @@ class FeatureStore:
     def part_path(self, shard: int) -> Path:
         return self.path / MANIFEST_DIR / f"shard-{shard:06d}.parquet"
 
+    def parts(self) -> dict[int, Path]:
+        """Committed shard -> its manifest part. UserError for any other (non-dot) file in manifest/."""
+        found = {}
+        for path in sorted((self.path / MANIFEST_DIR).iterdir()):
+            if path.name.startswith("."):  # partial writes (pipeline.atomic)
+                continue
+            match = PART_NAME.fullmatch(path.name)
+            if match is None or not path.is_file():
+                raise UserError(
+                    f"'{path}' is not a manifest part (parts are named shard-NNNNNN.parquet): move it out of the "
+                    f"store; a copy of a part would duplicate its images"
+                )
+            found[int(match.group(1))] = path
+        return found
+
     def committed_shards(self) -> set[int]:
-        names = (p.name for p in (self.path / MANIFEST_DIR).glob("shard-*.parquet"))
-        return {int(name[len("shard-") : -len(".parquet")]) for name in names}
+        return set(self.parts())
+
+    def read_part(self, path: Path, columns: list[str] | None = None) -> pa.Table:
+        """One manifest part, its page checksums verified and its columns exactly the manifest's (a damaged
+        footer could rename one, which a schema-evolving read would fill with nulls); UserError naming it."""
+        try:
+            part = pq.ParquetFile(path, page_checksum_verification=True)
+            found = [(f.name, f.type) for f in part.schema_arrow]
+            if found != [(f.name, f.type) for f in MANIFEST_SCHEMA]:
+                raise ValueError(f"its columns are {', '.join(f'{name}: {kind}' for name, kind in found)}")
+            return part.read(columns=columns)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise damaged_part(path, exc) from None
+
+    def chunk_record(self, path: Path) -> dict[str, dict[str, str]] | None:
+        """The part's commit record (pipeline.integrity), None for a part written before records existed."""
+        try:
+            metadata = pq.read_metadata(path).metadata
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise damaged_part(path, exc) from None
+        record = decode_record(metadata, path)
+        if record is None and self.meta.commit_records:
+            raise UserError(f"manifest part '{path}' is damaged (it lacks the chunk record of this store's parts)")
+        return record
 
     def manifest(
-        self, columns: list[str] | None = None, each: Callable[[pa.Table, Path], pa.Table] | None = None
+        self,
+        columns: list[str] | None = None,
+        each: Callable[[pa.Table, Path], pa.Table] | None = None,
+        unique: bool = True,
     ) -> pa.Table:
         """The union of all committed parts in shard order (an empty table with the schema when there are
         none). Parts are read by a thread pool (Parquet decoding releases the GIL; on a network filesystem
-        the reads overlap), each with only the wanted columns and passed through `each(table, part path)`
-        (a filter or a compact encoding, so the whole manifest never exists in its plain form)."""
-        parts = sorted((self.path / MANIFEST_DIR).glob("shard-*.parquet"))
+        the reads overlap), each checked by `read_part`, with only the wanted columns and passed through
+        `each(table, part path)` (a filter or a compact encoding, so the whole manifest never exists in its
+        plain form). unique: refuse (UserError) an image or a row that two manifest rows claim, when the
+        columns to tell are read."""
+        parts = self.parts()
         each = each or (lambda table, part: table)
         if not parts:
             empty = MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
             return each(empty, self.path / MANIFEST_DIR)
 
         def read(part: Path) -> pa.Table:
-            return each(pq.read_table(part, columns=columns, schema=MANIFEST_SCHEMA), part)
+            return each(self.read_part(part, columns), part)
 
         with ThreadPoolExecutor(MANIFEST_READERS) as pool:
-            return pa.concat_tables(list(pool.map(read, parts)))
+            table = pa.concat_tables(list(pool.map(read, parts.values())))
+        if unique:
+            refuse_duplicates(self.path, table)
+        return table
+
+    def required_chunks(self, ok_rows: np.ndarray) -> dict[str, set[int]]:
+        """Array -> indices of the chunks whose files must exist (Zarr would read a lost one as zeros): those in
+        the commit records; for shards committed before records existed, the features chunks of `ok_rows`."""
+        required: dict[str, set[int]] = {name: set() for name in self.arrays()}
+        chunk, per_shard = self.meta.chunk_size, self.meta.shard_size // self.meta.chunk_size
+        legacy = set()
+        for shard, path in self.parts().items():
+            record = self.chunk_record(path)
+            if record is None:
+                legacy.add(shard)
+                continue
+            for name, array in self.arrays().items():
+                files = record.get(name, {})
+                first = shard * per_shard
+                required[name].update(i for i in range(first, first + per_shard) if chunk_key(array, i) in files)
+        rows = np.asarray(ok_rows)
+        legacy_rows = rows[np.isin(rows // self.meta.shard_size, list(legacy))]
+        required[FEATURES].update(int(i) for i in np.unique(legacy_rows // chunk))
+        return required
 
     # --- writing shards -------------------------------------------------------------------------
 
@@ -215,29 +298,72 @@ class FeatureStore:
             if array.shape[0] < needed:
                 array.resize((needed, *array.shape[1:]))
 
-    def write_shard(self, shard: int, features: np.ndarray, crops: np.ndarray | None) -> None:
-        """A shard's features (n, V, D) and, in stores that keep them, its crops (n, S, S, 3)."""
+    def arrays(self) -> dict[str, zarr.Array]:
+        """The chunked arrays a shard writes: features, and crops in stores that keep them."""
+        return {name: self.group[name] for name in ((FEATURES, CROPS) if self.meta.stored_crops else (FEATURES,))}
+
+    def write_shard(self, shard: int, features: np.ndarray, crops: np.ndarray | None) -> dict:
+        """Write a shard's features (n, V, D) and, in stores that keep them, its crops (n, S, S, 3); returns
+        its commit record (the chunk files written and their crc32c, for `commit`)."""
         start = self.shard_rows(shard)
         arrays = [(FEATURES, features)] + ([(CROPS, crops)] if self.meta.stored_crops else [])
         for name, values in arrays:
             self.group[name][start : start + len(values)] = values
             self._sync_chunks(name, start, len(values))
+        chunk = self.meta.chunk_size
+        return shard_record(self.path, self.arrays(), range(start // chunk, (start + len(features) - 1) // chunk + 1))
+
+    def remove_shard(self, shard: int) -> None:
+        """Un-commit a shard (its part first: from then on the shard does not exist), then delete its chunk files."""
+        self.part_path(shard).unlink(missing_ok=True)
+        start, chunk = self.shard_rows(shard), self.meta.chunk_size
+        for name, array in self.arrays().items():
+            for index in range(start // chunk, (start + self.meta.shard_size) // chunk):
+                (self.path / name / chunk_key(array, index)).unlink(missing_ok=True)
 
     def _sync_chunks(self, name: str, start: int, count: int) -> None:
         """Flush a row range's chunk files to disk, so a part committed after them survives a power loss."""
         array, chunk = self.group[name], self.meta.chunk_size
         for index in range(start // chunk, (start + count - 1) // chunk + 1):
-            key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
-            path = self.path / name / key
+            path = self.path / name / chunk_key(array, index)
             if path.exists():  # Zarr writes no file for a chunk of fill values (a shard of failed images)
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())
 
-    def commit(self, shard: int, rows: pa.Table) -> None:
-        """Publish a shard: its manifest part appears atomically, after its features."""
+    def commit(self, shard: int, rows: pa.Table, record: dict) -> None:
+        """Publish a shard: its manifest part, with page checksums and the commit record `record` (from
+        write_shard), appears atomically, after its features."""
         final = self.part_path(shard)
+        table = rows.cast(MANIFEST_SCHEMA).replace_schema_metadata(encode_record(record))
         with atomic_path(final) as partial:
-            pq.write_table(rows.cast(MANIFEST_SCHEMA), partial)
+            pq.write_table(table, partial, write_page_checksum=True)
+
+
+def damaged_part(path: Path, exc: Exception) -> UserError:
+    return UserError(f"manifest part '{path}' is damaged ({first_line(exc)}): run zs-cache build --repair")
+
+
+def refuse_duplicates(path: Path, table: pa.Table) -> None:
+    """UserError when two manifest rows hold the same image (source, key) or the same features row."""
+    names = set(table.column_names)
+    if {"source", "key"} <= names:
+        pairs = table.group_by(["source", "key"]).aggregate([([], "count_all")])
+        repeated = pairs.filter(pc.greater(pairs["count_all"], 1))
+        if repeated.num_rows:
+            first = repeated.slice(0, 1).to_pylist()[0]
+            raise UserError(
+                f"store '{path}': image {first['source']}/{first['key']} appears {first['count_all']} times in the "
+                f"manifest ({repeated.num_rows} duplicated images): run zs-cache verify"
+            )
+    if "row" in names:
+        rows = table["row"].drop_null()
+        if len(pc.unique(rows)) != len(rows):
+            counts = pc.value_counts(rows)
+            repeated_rows = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+            raise UserError(
+                f"store '{path}': features row {repeated_rows[0]} is claimed by several manifest rows: "
+                f"run zs-cache verify"
+            )
 
 
 def manifest_rows(shard: int, first_row: int, records: list[dict]) -> pa.Table:

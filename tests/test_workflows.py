@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,24 @@ def test_yaml_specs_parse():
     assert {"work_dir", "store", "sources", "train", "eval"} <= set(example)
     for config in (REPO / "configs").glob("*.yaml"):
         assert isinstance(yaml.safe_load(config.read_text()), dict)
+
+
+def test_sigterm_to_the_runner_reaches_zs_train_which_checkpoints_before_the_runner_exits(nightly):
+    config_path, config = nightly
+    config["train"]["steps_per_night"] = 5000
+    config["train"]["args"] += ["--set", "run.checkpoint_every=100000", "--set", "run.log_every=1"]
+    config_path.write_text(yaml.safe_dump(config))
+    runner = subprocess.Popen([sys.executable, str(NIGHTLY), "--config", str(config_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = Path(config["train"]["run_dir"]) / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.is_file() or not metrics.read_text()):
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGTERM)  # to the runner only, as `kill PID` would
+    out, err = runner.communicate(timeout=120)
+    assert runner.returncode == 143, err[-2000:]
+    assert "nightly: SIGTERM passed on to train, which exited 143; the next run continues" in out
+    [checkpoint] = sorted((Path(config["train"]["run_dir"]) / "checkpoints").glob("step-*.pt"))
+    assert int(checkpoint.stem.split("-")[1]) >= 1
+    trainers = subprocess.run(["pgrep", "-f", "--", f"--run-dir {config['train']['run_dir']}"], capture_output=True)
+    assert trainers.returncode == 1 and trainers.stdout == b""  # no orphan left training

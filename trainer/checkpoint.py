@@ -15,11 +15,15 @@ A checkpoint is one `torch.save` file of tensors and plain Python values, so it 
     rng           global RNG states of rank 0: torch CPU, CUDA, numpy, python. The masking and Gumbel noise
                   comes from a generator reseeded for every device batch from (seed, step, batch index)
                   (trainer.train), so the step alone restores it.
+    checksum      sha256 over every other entry (`payload_digest`): a flipped byte in a tensor, which torch.load
+                  would read without a word, makes the checkpoint "damaged"; checkpoints without one still load.
 
 Files are RUN_DIR/checkpoints/step-00001000.pt, each written under a temporary name, flushed to disk, then
 renamed: a run killed while saving leaves the previous checkpoints untouched.
 """
 
+import errno
+import hashlib
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -93,15 +97,49 @@ def save_checkpoint(
     run_dir, keep_last = cfg.run.dir, cfg.run.keep_last
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as partial:
-        torch.save(payload, partial)
+    try:
+        with atomic_path(path) as partial:
+            torch.save({**payload, "checksum": payload_digest(payload)}, partial)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as "unexpected pos ..."
+        failed_write = "unexpected pos" in str(exc) or "write failed" in str(exc)
+        if getattr(exc, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not failed_write:
+            raise
+        raise UserError(
+            f"no space left on device: checkpoint '{path}' could not be written; the earlier checkpoints are kept"
+        ) from None
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink()
     return path
 
 
+def payload_digest(payload: dict[str, Any]) -> str:
+    """sha256 of a payload's keys, tensors (dtype, shape, bytes) and plain values, its "checksum" left out."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}".encode())
+            for key, item in value.items():
+                digest.update(repr(key).encode())
+                add(item)
+        elif isinstance(value, list | tuple):
+            digest.update(f"{type(value).__name__} {len(value)}".encode())
+            for item in value:
+                add(item)
+        else:
+            digest.update(repr(value).encode())
+
+    add({key: value for key, value in payload.items() if key != "checksum"})
+    return digest.hexdigest()
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The payload of a checkpoint file (tensors on the CPU); UserError when it is missing or unreadable."""
+    """The payload of a checkpoint file (tensors on the CPU); UserError when it is missing, unreadable (e.g.
+    truncated) or damaged (its checksum differs)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
@@ -111,6 +149,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint '{path}' cannot be read: {type(exc).__name__}: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a zeroseg checkpoint of format {FORMAT}")
+    if "checksum" in payload and payload["checksum"] != payload_digest(payload):
+        raise UserError(f"checkpoint '{path}' is damaged: its contents do not match its checksum")
     if "norm_pix_loss" in payload["model_config"]:  # written before norm_pix_loss moved to the loss config
         payload["loss_config"].setdefault("norm_pix_loss", payload["model_config"].pop("norm_pix_loss"))
     return payload
@@ -119,17 +159,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def resume_payload(cfg: TrainConfig, samples: StoreSamples, resume: bool, log: Callable[[str], None]) -> dict | None:
     """The checkpoint to continue from (resume), after checking it fits this run's model, loss and store;
     None for a fresh run (whose run directory must then hold no checkpoint)."""
-    latest = latest_checkpoint(cfg.run.dir)
     if not resume:
+        latest = latest_checkpoint(cfg.run.dir)
         if latest is not None:
             raise UserError(
                 f"run directory '{cfg.run.dir}' already holds checkpoints (latest {latest.name}): "
                 f"pass --resume to continue it, or choose another --run-dir"
             )
         return None
-    if latest is None:
+    good = read_latest_good(cfg.run.dir, log)
+    if good is None:
         raise UserError(f"nothing to resume: run directory '{cfg.run.dir}' holds no checkpoint")
-    payload = read_checkpoint(latest)
+    latest, payload = good
     for name, current in (("model", cfg.model.to_dict()), ("loss", cfg.loss.to_dict())):
         saved = payload[f"{name}_config"]
         changed = sorted(key for key in current if _plain(current[key]) != _plain(saved.get(key)))
@@ -165,6 +206,25 @@ def check_effective_batch(payload: dict[str, Any], effective_batch: int) -> None
             f"the checkpoint was trained with an effective batch of {payload['effective_batch']}; this run "
             f"has {effective_batch} (batch_size x accum_steps x processes): keep it to resume"
         )
+
+
+def read_latest_good(run_dir: str | Path, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of a run that reads whole, and its payload; each damaged newer one is reported in
+    one line (`log`). None when the run holds none; UserError when none of them reads."""
+    found = list_checkpoints(run_dir)
+    errors = []
+    for path in reversed(found):
+        try:
+            payload = read_checkpoint(path)
+        except UserError as exc:
+            errors.append(str(exc))
+            continue
+        for error in errors:
+            log(f"{error}: resuming from the previous checkpoint {path.name} instead")
+        return path, payload
+    if errors:
+        raise UserError(f"no checkpoint of run directory '{run_dir}' is readable ({errors[0]})")
+    return None
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,6 +17,7 @@ import os
 import signal
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zeroseg.pipeline.crops import channel_stats, to_model_input
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.integrity import checked_read
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import CROPS, FEATURES, FeatureStore, StoreMeta
 from zeroseg.trainer.losses import LossConfig
@@ -56,6 +58,7 @@ class StoreSamples:
     keys: pa.Array | None  # (N,) string
     sources: pa.DictionaryArray | None  # (N,) source names
     hashes: np.ndarray | None  # (N, 32) uint8, sha256 of each image's bytes (all zero: none recorded)
+    required: dict[str, set[int]]  # array -> chunks whose files must exist (FeatureStore.required_chunks)
 
     @classmethod
     def open(cls, path: str | Path) -> "StoreSamples":
@@ -66,13 +69,14 @@ class StoreSamples:
         if table.num_rows == 0:
             raise UserError(f"store '{path}' has no usable images (no manifest row with status ok)")
         rows = table["row"].to_numpy().astype(np.int64)
+        required = store.required_chunks(rows)
         if stored:
-            return cls(Path(path), store.meta, rows, None, None, None)
+            return cls(Path(path), store.meta, rows, None, None, None, required)
         CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
         keys = table["key"].combine_chunks()
         sources = table["source"].combine_chunks().dictionary_encode()
         hashes = np.frombuffer(table["sha256"].combine_chunks().buffers()[1], np.uint8).reshape(-1, 32)
-        return cls(Path(path), store.meta, rows, keys, sources, hashes)
+        return cls(Path(path), store.meta, rows, keys, sources, hashes, required)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -168,7 +172,7 @@ class StoreBatches(Dataset):
         self.samples = samples
         self.plan = plan
         self.order = SampleOrder(samples.chunk_of, window, seed)
-        self.reader = CropReader(samples.meta, samples.path)  # the store's own crops when it keeps them
+        self.reader = CropReader(samples.meta, samples.path)  # decodes the source images of a store without crops
         self.arrays = (FEATURES, CROPS) if self.reader.reads_stored_crops else (FEATURES,)
         self.chunk_size = samples.meta.chunk_size
         self.cache_size = 2 * window
@@ -208,7 +212,15 @@ class StoreBatches(Dataset):
 
     def read_chunk(self, index: int) -> dict[str, np.ndarray]:
         start = index * self.chunk_size
-        return {name: array[start : start + self.chunk_size] for name, array in self._arrays.items()}
+        """Chunk `index` of each read array, one Zarr read each through pipeline.integrity.checked_read: a chunk
+        file that must exist but is gone, or one failing its checksum, is a UserError naming it and its rows."""
+        start = index * self.chunk_size
+        chunks = {}
+        for name, array in self._arrays.items():
+            rows = np.array([start, min(start + self.chunk_size, array.shape[0]) - 1])  # the chunk's first, last row
+            read = partial(array.__getitem__, slice(start, start + self.chunk_size))
+            chunks[name] = checked_read(self.samples.path, name, array, self.samples.required[name], rows, read)
+        return chunks
 
 
 def make_loader(dataset: StoreBatches, first: int, last: int, workers: int, prefetch: int, pin: bool) -> DataLoader:

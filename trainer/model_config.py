@@ -5,6 +5,7 @@ A frozen dataclass of plain values, so it round-trips through `dataclasses.asdic
 a checkpoint that loads with `torch.load(weights_only=True)`.
 """
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,6 +51,16 @@ class ModelConfig:
     mask_ratio: float = 0.6
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                     "decoder_num_heads", "seg_embed_dim", "seg_num_heads", "proj_hidden_dim", "teacher_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.decoder_depth < 0 or min(self.seg_depths, default=0) < 0:
+            raise ValueError(f"model.decoder_depth and model.seg_depths must be >= 0, got {self.decoder_depth}, "
+                             f"{self.seg_depths}")
+        for name in ("mlp_ratio", "gumbel_tau"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be a positive number, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"

@@ -15,16 +15,18 @@ number of processes, and resuming at a step restores it exactly.
 
 import gc
 import math
+import os
 import signal
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -50,6 +52,7 @@ from zeroseg.trainer.sampling import BatchPlan
 from zeroseg.trainer.schedule import make_schedule
 
 STEP_VALUES = ("total", *LOSS_TERMS)  # what each step averages over its passes and the processes
+LOCK_FILE = ".lock"
 
 
 class TrainingDiverged(Exception):
@@ -100,6 +103,43 @@ def run_training(
         raise UserError("no feature store given: pass --store or set data.store")
     if not cfg.run.dir:
         raise UserError("no run directory given: pass --run-dir or set run.dir")
+    with run_dir_lock(cfg.run.dir):
+        return _train_locked(cfg, resume, stop_at, log, progress)
+
+
+@contextmanager
+def run_dir_lock(run_dir: str | Path):
+    """One trainer per run directory: the first process (rank 0, or the only one) holds an OS file lock on
+    RUN_DIR/.lock for the whole run (released by the kernel if it dies); a second is refused in one line."""
+    run_dir = Path(run_dir)
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run directory '{run_dir}' is a file: choose another --run-dir")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(run_dir / LOCK_FILE), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"run directory '{run_dir}' is in use by another zs-train: wait for it or choose another --run-dir"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot write run directory '{run_dir}': {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if created and [entry.name for entry in run_dir.iterdir()] == [LOCK_FILE]:  # refused before any output
+            (run_dir / LOCK_FILE).unlink()
+            run_dir.rmdir()
+
+
+def _train_locked(
+    cfg: TrainConfig, resume: bool, stop_at: int | None, log: Callable[[str], None], progress: bool
+) -> TrainResult:
     samples = StoreSamples.open(cfg.data.store)
     check_store(samples, cfg.model, cfg.loss, cfg.data.resize)
     payload = resume_payload(cfg, samples, resume, log)

@@ -23,6 +23,7 @@ Config (YAML): see workflows/nightly.example.yaml. Stage commands run in this Py
 import argparse
 import datetime
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -51,9 +52,31 @@ def stage(module: str, *args) -> list[str]:
 def run_step(name: str, command: list[str], durable: Callable[[], bool]) -> None:
     """Run one stage command; a failed one ends the night. `durable()` says whether the stage has committed
     something yet (what a crash mid-way would leave behind; tests/nightly_crash.py kills the stage then)."""
-    result = subprocess.run(command)
-    if result.returncode:
-        sys.exit(f"nightly: {name} failed (exit {result.returncode}): {' '.join(command)}")
+    returncode = run_forwarding_sigterm(name, command)
+    if returncode:
+        sys.exit(f"nightly: {name} failed (exit {returncode}): {' '.join(command)}")
+
+
+def run_forwarding_sigterm(name: str, command: list[str]) -> int:
+    """Run a stage command and return its exit code. A SIGTERM to the runner (a scheduler stopping the job) is
+    passed on to the stage, which stops cleanly (zs-train checkpoints first); once it has exited, the runner
+    exits 143 too, so no stage is left running beside the next night's."""
+    child = subprocess.Popen(command)
+    received: list[int] = []
+
+    def forward(number: int, frame) -> None:
+        received.append(number)
+        child.send_signal(number)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        returncode = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:
+        print(f"nightly: SIGTERM passed on to {name}, which exited {returncode}; the next run continues", flush=True)
+        sys.exit(128 + signal.SIGTERM)
+    return returncode
 
 
 def ok_rows(store: str) -> int:

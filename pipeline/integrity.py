@@ -1,0 +1,123 @@
+"""Damage detection in a feature store: per-shard commit records and checked chunk reads.
+
+Three layers make a damaged store loud wherever it is read:
+  chunks         new stores encode every chunk of `features` and `crops` as zstd followed by Zarr v3's
+                 `crc32c` codec, so a changed byte fails decoding (`read_rows` turns that into one line).
+  commit record  each manifest part carries, in its Parquet key-value metadata under RECORD_KEY, the
+                 chunk files its shard wrote and their crc32c: {"features": {"c/3/0/0": "1a2b3c4d"}, ...}.
+                 A chunk of only fill values is never written and not listed. Zarr reads a missing chunk
+                 as fill values (zeros), so readers check the listed files exist (`missing_chunks`), and
+                 `verify` compares their checksums (`damaged_chunks`) without decoding them.
+  parts          manifest parts are written with Parquet page checksums and read with verification.
+
+Stores made before this (no crc32c codec, parts without a record) still open; `zs-cache inspect`
+says their chunks are unchecked, and readers fall back to "a chunk holding an ok row must exist".
+"""
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import zarr
+
+from zeroseg.pipeline.errors import UserError
+
+RECORD_KEY = b"zeroseg.chunks"
+RECORD_CRC_KEY = b"zeroseg.chunks.crc32c"  # of the record's bytes: a flip inside it that still parses is refused
+
+
+def file_crc32c(path: Path) -> str:
+    return f"{google_crc32c.value(path.read_bytes()):08x}"
+
+
+def chunk_key(array: zarr.Array, index: int) -> str:
+    """The file name, relative to the array folder, of chunk `index` along the first axis."""
+    return array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+
+
+def has_checksums(array: zarr.Array) -> bool:
+    return any(type(codec).__name__ == "Crc32cCodec" for codec in array.metadata.codecs)
+
+
+def shard_record(store_path: Path, arrays: dict[str, zarr.Array], chunks: Iterable[int]) -> dict[str, dict[str, str]]:
+    """The commit record of a shard whose chunks `chunks` were just written: array -> chunk key -> crc32c."""
+    record: dict[str, dict[str, str]] = {}
+    indices = list(chunks)
+    for name, array in arrays.items():
+        files = {key: store_path / name / key for key in (chunk_key(array, i) for i in indices)}
+        record[name] = {key: file_crc32c(path) for key, path in files.items() if path.exists()}
+    return record
+
+
+def encode_record(record: dict) -> dict[bytes, bytes]:
+    """The Parquet key-value metadata holding a commit record."""
+    encoded = json.dumps(record, sort_keys=True).encode()
+    return {RECORD_KEY: encoded, RECORD_CRC_KEY: f"{google_crc32c.value(encoded):08x}".encode()}
+
+
+def decode_record(metadata: dict[bytes, bytes] | None, part: Path) -> dict[str, dict[str, str]] | None:
+    """The commit record of a part (None for parts written before records existed)."""
+    if not metadata or RECORD_KEY not in metadata:
+        return None
+    if metadata.get(RECORD_CRC_KEY) != f"{google_crc32c.value(metadata[RECORD_KEY]):08x}".encode():
+        raise UserError(f"manifest part '{part}' is damaged (its chunk record fails its crc32c)")
+    try:
+        record = json.loads(metadata[RECORD_KEY])
+    except ValueError:
+        raise UserError(f"manifest part '{part}' is damaged (its chunk record is not JSON)") from None
+    if not isinstance(record, dict) or not all(isinstance(files, dict) for files in record.values()):
+        raise UserError(f"manifest part '{part}' is damaged (its chunk record is malformed)")
+    return record
+
+
+def missing_chunks(store_path: Path, record: dict[str, dict[str, str]]) -> list[str]:
+    """'array/key' of every recorded chunk file that is not there."""
+    return [
+        f"{name}/{key}" for name, files in record.items() for key in files if not (store_path / name / key).is_file()
+    ]
+
+
+def damaged_chunks(store_path: Path, record: dict[str, dict[str, str]]) -> list[str]:
+    """One problem line per recorded chunk file that is missing or whose crc32c changed."""
+    problems = []
+    for name, files in record.items():
+        for key, expected in files.items():
+            path = store_path / name / key
+            if not path.is_file():
+                problems.append(f"chunk {name}/{key} is missing")
+            elif file_crc32c(path) != expected:
+                problems.append(f"chunk {name}/{key} is damaged (crc32c differs from its commit record)")
+    return problems
+
+
+def require_chunks(store_path: Path, name: str, array: zarr.Array, required: set[int], indices: Iterable[int]) -> None:
+    """UserError naming the chunk and its rows when a chunk of `indices` that must exist (in `required`) is
+    missing from store array `name`: Zarr would read it as fill values."""
+    chunk = array.chunks[0]
+    for index in sorted(set(indices) & required):
+        key = chunk_key(array, index)
+        if not (store_path / name / key).is_file():
+            raise UserError(
+                f"store '{store_path}': chunk {name}/{key} (rows {index * chunk}-{(index + 1) * chunk - 1}) is "
+                f"missing: run zs-cache verify, then zs-cache build --repair"
+            )
+
+
+def checked_read(
+    store_path: Path, name: str, array: zarr.Array, required: set[int], rows: np.ndarray, read: Callable[[], np.ndarray]
+) -> np.ndarray:
+    """read() of `rows` of store array `name`, after `require_chunks`; a chunk failing its checksum is one line
+    naming the rows."""
+    require_chunks(store_path, name, array, required, (int(row) // array.chunks[0] for row in rows))
+    try:
+        return read()
+    except ValueError as exc:
+        if "checksum" not in str(exc):
+            raise
+        first, last = int(np.min(rows)), int(np.max(rows))
+        raise UserError(
+            f"store '{store_path}': a chunk of {name} holding rows {first}-{last} is damaged (crc32c mismatch): "
+            f"run zs-cache verify, then zs-cache build --repair"
+        ) from None

@@ -1,0 +1,94 @@
+"""Sources a careful user should not have to clean first: odd names, link loops, bombs, FIFOs, devices."""
+
+import os
+import struct
+import zlib
+
+import numpy as np
+
+from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+from zeroseg.pipeline.cli import main as zs_cache
+from zeroseg.pipeline.crops import crop_from_bytes
+from zeroseg.pipeline.reader import CropReader
+from zeroseg.pipeline.sources import FolderSource, SourceSpec
+from zeroseg.pipeline.store import FeatureStore
+
+TINY_BUILD = ("--teacher", TINY_TEACHER, "--pretrained", "none", "--device", "cpu", "--image-size", "32",
+              "--shard-size", "4", "--chunk-size", "2", "--no-progress", "--max-error-fraction", "1")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height greyscale pixels but holds only the first rows: decoding it would
+    allocate the whole image before failing; refusing it from the header allocates nothing."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(bytes(4 * (width + 1)))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
+
+
+def hostile_folder(root):
+    root.mkdir()
+    (root / "sub").mkdir()
+    (root / "a.jpg").write_bytes(PHOTOS[0].read_bytes())
+    (root / "sub" / "b.jpg").write_bytes(PHOTOS[1].read_bytes())
+    with open(os.path.join(os.fsencode(root), b"bad\xff.jpg"), "wb") as handle:  # not UTF-8
+        handle.write(PHOTOS[2].read_bytes())
+    os.symlink(".", root / "self")  # a loop
+    os.symlink("..", root / "sub" / "up")  # a second loop
+    os.symlink("a.jpg", root / "link.jpg")  # a second name of a listed file
+    os.mkfifo(root / "pipe.jpg")
+    os.symlink("/dev/zero", root / "zero.jpg")
+    (root / "bomb.png").write_bytes(png_bomb_header(18000, 18000))
+    (root / "big.jpg").write_bytes(PHOTOS[3].read_bytes() + bytes(2 * 2**20))
+    return root
+
+
+def test_a_hostile_folder_builds_to_ordinary_and_error_rows(tmp_path):
+    source = hostile_folder(tmp_path / "src")
+    built = run_cli("zeroseg.pipeline.cli", "build", source, "--store", tmp_path / "store", *TINY_BUILD,
+                    "--max-file-mb", "1", "--max-pixels", "100000000", timeout=240)
+    assert built.returncode == 0, built.stderr
+    assert "Traceback" not in built.stderr
+    assert "source: 3 paths reach files or folders already listed (links), cached once" in built.stderr
+    store = FeatureStore.open(tmp_path / "store")
+    rows = {r["key"]: r for r in store.manifest().to_pylist()}
+    assert sorted(rows) == ["a.jpg", "bad\\xff.jpg", "big.jpg", "bomb.png", "pipe.jpg", "sub/b.jpg", "zero.jpg"]
+    assert {k for k, r in rows.items() if r["status"] == "ok"} == {"a.jpg", "bad\\xff.jpg", "sub/b.jpg"}
+    assert rows["pipe.jpg"]["error"] == "unreadable: not a regular file (FIFO)"
+    assert rows["zero.jpg"]["error"] == "unreadable: not a regular file (device)"
+    assert rows["big.jpg"]["error"].startswith("unreadable: file larger than the size cap of 1048576 bytes")
+    assert rows["bomb.png"]["error"] == (
+        "image too large: 18000x18000 = 324000000 pixels, more than --max-pixels 100000000"
+    )
+    odd = rows["bad\\xff.jpg"]
+    crop = CropReader(store.meta).crop(odd["source"], odd["key"], odd["sha256"])  # the key finds its file again
+    np.testing.assert_array_equal(crop, crop_from_bytes(PHOTOS[2].read_bytes(), 32)[0])
+    assert run_cli("zeroseg.pipeline.cli", "verify", tmp_path / "store", "--no-progress").returncode == 0
+
+
+def test_links_are_followed_once_per_real_folder(tmp_path):
+    root = tmp_path / "src"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "x.jpg").write_bytes(b"x")
+    os.symlink("real", root / "alias")
+    os.symlink("..", root / "real" / "loop")
+    source = FolderSource(SourceSpec("folder", str(root)))
+    assert source.keys() == ["alias/x.jpg"]  # sorted walk: "alias" is reached first
+    assert source.duplicates == {"alias/loop/": "./", "real/": "alias/"}
+
+
+def test_impossible_grids_or_sizes_are_refused_before_anything_is_created(photos, tmp_path):
+    refusals = {
+        ("--grids", "1,100", "--image-size", "64"): "error: --grids 100 splits a 64px crop into cells smaller",
+        ("--image-size", "1"): "error: --grids 4 splits a 1px crop into cells smaller than a pixel",
+        ("--max-pixels", "0"): "error: --max-pixels must be positive",
+    }
+    for args, message in refusals.items():
+        built = invoke(zs_cache, "build", photos, "--store", tmp_path / "store", "--teacher", TINY_TEACHER,
+                       "--pretrained", "none", "--device", "cpu", *args)
+        assert built.returncode == 2 and built.stderr.startswith(message), built.stderr
+        assert len(built.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "store").exists()

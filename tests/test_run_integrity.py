@@ -1,0 +1,96 @@
+"""A run directory is trusted only when whole: checkpoint checksums with fallback on --resume, one trainer per run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from filelock import FileLock
+
+from tests.conftest import invoke, make_store
+from tests.test_train import REPO, TINY_RUN, train
+from zeroseg.pipeline.errors import UserError
+from zeroseg.trainer.checkpoint import list_checkpoints, load_trained_model, payload_digest, read_checkpoint
+from zeroseg.trainer.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("runs"), count=4)
+
+
+def two_checkpoints(store, run_dir):
+    result = train(store, run_dir, "--steps", "3", "--set", "run.checkpoint_every=1", "--set", "run.keep_last=2")
+    assert result.returncode == 0, result.stderr
+    return list_checkpoints(run_dir)
+
+
+def test_checkpoints_carry_a_checksum_of_their_contents(store, tmp_path):
+    _, latest = two_checkpoints(store, tmp_path / "run")
+    payload = torch.load(latest, map_location="cpu", weights_only=True)
+    assert payload["checksum"] == payload_digest(payload) and len(payload["checksum"]) == 64
+    name = next(iter(payload["model"]))
+    payload["model"][name].view(-1)[0] += 1
+    assert payload_digest(payload) != payload["checksum"]
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_a_damaged_latest_checkpoint_is_one_line_and_resume_falls_back_to_the_previous(store, tmp_path, damage):
+    previous, latest = two_checkpoints(store, tmp_path / "run")
+    data = bytearray(latest.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # inside the largest tensor's bytes, which torch.load alone would read back changed
+        payload = torch.load(latest, map_location="cpu", weights_only=True)
+        tensor = max(payload["model"].values(), key=lambda t: t.numel())
+        needle = tensor.reshape(-1)[: tensor.numel() // 2].numpy().tobytes()
+        position = bytes(data).index(needle) + len(needle) // 2
+        data[position] ^= 0x40
+    latest.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="damaged|cannot be read"):
+        read_checkpoint(latest)
+    evaluated = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--steps", "4", "--no-progress")
+    assert evaluated.returncode == 0, evaluated.stderr
+    [reported] = [line for line in evaluated.stderr.splitlines() if "resuming from the previous" in line]
+    assert reported.startswith(f"checkpoint '{latest}' ")
+    assert reported.endswith(f"resuming from the previous checkpoint {previous.name} instead")
+    assert "trained steps 2..4 of 4" in evaluated.stdout
+    model, meta = load_trained_model(tmp_path / "run")
+    assert meta["step"] == 4
+
+
+def test_a_second_trainer_on_one_run_directory_is_refused_in_one_line(store, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "zeroseg.trainer.cli", "run", "--store", str(store), "--run-dir", str(run_dir),
+               *TINY_RUN, "--steps", "5000", "--set", "run.checkpoint_every=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = run_dir / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not log.is_file() or not log.read_text()):
+            time.sleep(0.05)
+        second = invoke(main, "run", "--store", store, "--run-dir", run_dir, *TINY_RUN, "--steps", "2")
+        assert second.returncode == 2
+        assert second.stderr.strip() == (
+            f"error: run directory '{run_dir}' is in use by another zs-train: wait for it or choose another --run-dir"
+        )
+        resumed = invoke(main, "run", "--run-dir", run_dir, "--resume", "--no-progress")
+        assert resumed.returncode == 2 and "is in use by another zs-train" in resumed.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 143
+    with FileLock(str(run_dir / ".lock"), timeout=0):  # released with the first trainer
+        pass

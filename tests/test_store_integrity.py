@@ -1,0 +1,197 @@
+"""A damaged store is loud wherever it is read: chunk checksums, commit records, checked manifest parts, repair."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import invoke, make_store
+from tests.test_train import TINY_RUN
+from zeroseg.pipeline.build import BuildOptions, run_build
+from zeroseg.pipeline.check import find_damage
+from zeroseg.pipeline.cli import main as zs_cache
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.integrity import encode_record, file_crc32c
+from zeroseg.pipeline.store import FeatureStore
+from zeroseg.trainer.cli import main as zs_train
+from zeroseg.trainer.data import StoreBatches, StoreSamples
+from zeroseg.trainer.sampling import BatchPlan
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """10 photos, crops kept: shards of 4 images in chunks of 2 -> 3 shards, 5 chunks per array."""
+    return make_store(tmp_path_factory.mktemp("pristine"), store_crops=True)
+
+
+@pytest.fixture
+def store(pristine, tmp_path):
+    shutil.copytree(pristine.parent, tmp_path / "copy")
+    return tmp_path / "copy" / "store"
+
+
+def flip_byte(path, position=None):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if position is None else position] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def read_every_batch(store_path):
+    samples = StoreSamples.open(store_path)
+    dataset = StoreBatches(samples, BatchPlan(batch=2, accum=1, world=1, rank=0), window=2, seed=0)
+    return [dataset[j] for j in range(len(samples) // 2)]
+
+
+def build_args(store_path) -> list[str]:
+    """zs-cache build arguments that bring the store up to date with its own source and teacher."""
+    meta = FeatureStore.open(store_path).meta
+    return [meta.sources["photos"]["path"], "--store", str(store_path), "--teacher", meta.teacher["config"],
+            "--pretrained", "none", "--device", "cpu", "--image-size", "32", "--no-progress"]
+
+
+def rebuild(store_path, **overrides):
+    meta = FeatureStore.open(store_path).meta
+    opts = BuildOptions(
+        source=meta.sources["photos"]["path"], store=str(store_path), teacher=meta.teacher["config"],
+        pretrained="none", device="cpu", batch_size=10, image_size=32, progress=False, **overrides,
+    )  # fmt: skip
+    lines = []
+    summary = run_build(opts, log=lines.append)
+    return summary, lines
+
+
+def test_new_stores_checksum_every_chunk_and_record_each_shards_chunks(store):
+    for array in ("features", "crops"):
+        codecs = json.loads((store / array / "zarr.json").read_text())["codecs"]
+        assert [c["name"] for c in codecs] == ["bytes", "zstd", "crc32c"]
+    part = pq.ParquetFile(store / "manifest" / "shard-000001.parquet")
+    record = json.loads(part.metadata.metadata[b"zeroseg.chunks"])
+    assert sorted(record) == ["crops", "features"] and sorted(record["features"]) == ["c/2/0/0", "c/3/0/0"]
+    assert all(len(crc) == 8 for crc in record["crops"].values())
+    assert part.metadata.row_group(0).column(0).statistics is not None
+    shown = invoke(zs_cache, "inspect", store)
+    assert "checksums  crc32c on every chunk of features and crops; 3 of 3 shards have a commit record" in shown.stdout
+
+
+def test_a_flipped_byte_in_a_features_chunk_fails_verify_training_and_is_repaired(store, tmp_path):
+    before = FeatureStore.open(store).features[:]
+    flip_byte(store / "features" / "c" / "1" / "0" / "0")
+    verified = invoke(zs_cache, "verify", store, "--no-progress")
+    assert verified.returncode == 1
+    assert "shard 0: chunk features/c/1/0/0 is damaged (crc32c differs from its commit record)" in verified.stderr
+    with pytest.raises(UserError, match=r"a chunk of features holding rows 2-3 is damaged \(crc32c mismatch\)"):
+        read_every_batch(store)
+    # 5 steps of 2 are one epoch of the 10 images: every chunk is read, whatever the sample order
+    trained = invoke(zs_train, "run", "--store", store, "--run-dir", tmp_path / "run", *TINY_RUN, "--steps", "5")
+    assert trained.returncode == 2 and "is damaged (crc32c mismatch)" in trained.stderr
+    assert "Traceback" not in trained.stderr
+    parts = {p.name: p.read_bytes() for p in (store / "manifest").iterdir()}
+    summary, lines = rebuild(store, repair=True)
+    assert lines[0].startswith("repair: shard 0 is damaged (shard 0: chunk features/c/1/0/0 is damaged")
+    assert (summary.processed, summary.shards) == (4, 1)
+    after = {p.name: p.read_bytes() for p in (store / "manifest").iterdir()}
+    assert after["shard-000001.parquet"] == parts["shard-000001.parquet"]  # nothing else redone
+    assert after["shard-000002.parquet"] == parts["shard-000002.parquet"]
+    assert invoke(zs_cache, "verify", store, "--no-progress").returncode == 0
+    np.testing.assert_array_equal(FeatureStore.open(store).features[:], before)
+
+
+def test_verify_names_a_chunk_that_fails_decoding_though_its_commit_record_agrees(store):
+    chunk = store / "features" / "c" / "1" / "0" / "0"
+    flip_byte(chunk)
+    part = store / "manifest" / "shard-000000.parquet"
+    record = FeatureStore.open(store).chunk_record(part)
+    record["features"]["c/1/0/0"] = file_crc32c(chunk)  # damaged before it was recorded: only decoding tells
+    pq.write_table(pq.read_table(part).replace_schema_metadata(encode_record(record)), part, write_page_checksum=True)
+    damage = find_damage(FeatureStore.open(store), progress=False)
+    assert len(damage.problems) == 1 and damage.problems[0].startswith("shard 0: chunk 1 of features does not decode")
+    assert list(damage.shards) == [0] and not damage.unrepairable  # the other chunks of its verify block read fine
+
+
+def test_a_missing_chunk_is_an_error_naming_it_never_zeros_and_a_rerun_points_to_repair(store):
+    (store / "crops" / "c" / "4" / "0" / "0" / "0").unlink()
+    (store / "features" / "c" / "2" / "0" / "0").unlink()
+    verified = invoke(zs_cache, "verify", store, "--no-progress")
+    assert "shard 1: chunk features/c/2/0/0 is missing" in verified.stderr
+    assert "shard 2: chunk crops/c/4/0/0/0 is missing" in verified.stderr
+    with pytest.raises(UserError, match=r"chunk features/c/2/0/0 \(rows 4-5\) is missing"):
+        read_every_batch(store)
+    samples = StoreSamples.open(store)
+    with pytest.raises(UserError, match=r"chunk crops/c/4/0/0/0 \(rows 8-9\) is missing"):
+        StoreBatches(samples, BatchPlan(2, 1, 1, 0), 2, 0).chunk(4)  # features and crops of rows 8-9
+    rerun = invoke(zs_cache, "build", *build_args(store))
+    assert rerun.returncode == 2
+    assert "shard 1 lost chunk features/c/2/0/0: run zs-cache build --repair to redo it" in rerun.stderr
+    summary, lines = rebuild(store, repair=True)
+    assert [line.split(" is damaged")[0] for line in lines[:2]] == ["repair: shard 1", "repair: shard 2"]
+    assert (summary.processed, summary.shards) == (6, 2)
+    assert invoke(zs_cache, "verify", store, "--no-progress").returncode == 0
+    assert len(read_every_batch(store)) == 5
+
+
+def test_stray_manifest_files_and_duplicate_rows_are_refused(store, tmp_path):
+    shutil.copy(store / "manifest" / "shard-000001.parquet", store / "manifest" / "shard-000001 (copy).parquet")
+    for result in (invoke(zs_cache, "inspect", store), invoke(zs_cache, "verify", store, "--no-progress")):
+        assert result.returncode in (1, 2)
+        assert "shard-000001 (copy).parquet' is not a manifest part (parts are named shard-NNNNNN.parquet)" in (
+            result.stderr
+        )
+    with pytest.raises(UserError, match="is not a manifest part"):
+        StoreSamples.open(store)
+    (store / "manifest" / "shard-000001 (copy).parquet").rename(store / "manifest" / "shard-000007.parquet")
+    with pytest.raises(UserError, match=r"appears 2 times in the manifest \(4 duplicated images\)"):
+        FeatureStore.open(store).manifest()
+    with pytest.raises(UserError, match=r"features row 4 is claimed by several manifest rows"):
+        StoreSamples.open(store)  # a store with crops: the trainer reads only the rows of its manifest
+    repaired = invoke(zs_cache, "build", *build_args(store), "--repair")
+    assert repaired.returncode == 2 and "cannot repair store" in repaired.stderr
+
+
+def test_every_single_bit_flip_in_a_manifest_part_is_refused_or_harmless(store):
+    part = store / "manifest" / "shard-000002.parquet"
+    original = part.read_bytes()
+    fs = FeatureStore.open(store)
+    expected, record = fs.read_part(part), fs.chunk_record(part)
+    silent = []
+    for position in range(len(original)):
+        data = bytearray(original)
+        data[position] ^= 1 << (position % 8)
+        part.write_bytes(bytes(data))
+        try:
+            same = fs.read_part(part).equals(expected) and fs.chunk_record(part) == record
+        except UserError:
+            continue
+        if not same:
+            silent.append(position)
+    part.write_bytes(original)
+    assert silent == []
+
+
+def test_stores_made_before_checksums_still_open_and_say_they_are_unchecked(store):
+    group_path = store / "zarr.json"
+    group = json.loads(group_path.read_text())
+    del group["attributes"]["zeroseg"]["commit_records"]
+    group_path.write_text(json.dumps(group))
+    for array in ("features", "crops"):
+        meta_path = store / array / "zarr.json"
+        metadata = json.loads(meta_path.read_text())
+        metadata["codecs"] = [c for c in metadata["codecs"] if c["name"] != "crc32c"]
+        meta_path.write_text(json.dumps(metadata))
+        for chunk in (store / array / "c").rglob("0"):
+            if chunk.is_file():
+                chunk.write_bytes(chunk.read_bytes()[:-4])  # the crc32c codec appends 4 bytes
+    for part in (store / "manifest").glob("*.parquet"):
+        pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)
+    shown = invoke(zs_cache, "inspect", store)
+    assert "chunks UNCHECKED (store made before chunk checksums" in shown.stdout
+    assert "0 of 3 shards have a commit record" in shown.stdout
+    verified = invoke(zs_cache, "verify", store, "--no-progress")
+    assert verified.returncode == 0 and "3 shards without a commit record" in verified.stdout
+    batches = read_every_batch(store)
+    assert all(torch.any(batch.features != 0) for batch in batches)
+    (store / "features" / "c" / "3" / "0" / "0").unlink()
+    with pytest.raises(UserError, match=r"chunk features/c/3/0/0 \(rows 6-7\) is missing"):
+        read_every_batch(store)
