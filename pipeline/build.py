@@ -159,7 +159,8 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
             teacher = Teacher(identity, device, compile=opts.compile)
             store = prepare_store(store, source, identity, describe_teacher(teacher), settings, opts)
             shards = plan_and_reserve(store, source, pending)
-            log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards on {device}")
+            log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards on {device}, "
+                f"teacher {identity.describe()}")
             summary.add(_encode_here(store, source, shards, teacher, settings, opts))
     return summary
 

@@ -17,7 +17,7 @@ class BuildOptions:
     store: str
     grids: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     teacher: str = "ViT-L-14"
-    pretrained: str = "openai"
+    pretrained: str | None = None  # None: the 'openai' tag, or the weights an hf-hub:/local-dir: teacher brings
     quick_gelu: bool | None = None
     batch_size: int = 64
     device: str = "auto"

@@ -300,7 +300,7 @@ def build_on_cluster(
             store = prepare_store(store, source, identity, description, settings, opts)
             shards = plan_and_reserve(store, source, pending)
             log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards "
-                f"on {len(client.nthreads())} Dask workers")
+                f"on {len(client.nthreads())} Dask workers, teacher {identity.describe()}")
             job = partial(ShardJob, store=store_path, source=source.spec.to_dict(), teacher=teacher,
                           settings=settings, decode_threads=setup.decode_threads)
             _run_shards(client, store, shards, job, opts.progress, encoded)
