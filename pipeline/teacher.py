@@ -44,6 +44,10 @@ class TeacherIdentity:
     def __post_init__(self):
         if isinstance(self.config, dict):  # as read back from a store or checkpoint
             object.__setattr__(self, "config", canonical_json(self.config))
+        elif isinstance(self.config, str) and not self.config.startswith("{"):  # the path older stores recorded
+            legacy = Path(self.config)
+            content = canonical_json(json.loads(legacy.read_text())) if legacy.is_file() else None
+            object.__setattr__(self, "config", content)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "config": json.loads(self.config) if self.config else None}

@@ -6,6 +6,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import open_clip
 import pytest
@@ -113,6 +114,25 @@ def write_open_clip_folder(folder: Path, seed: int, **model_changes) -> Path:
     return folder / "open_clip_pytorch_model.bin"
 
 
+def hub_cache_entry(cache: Path, repo: str, folder: Path) -> None:
+    """`folder` as a Hugging Face cache entry: models--ORG--REPO/snapshots/<revision>/..., refs/main."""
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, entry / "snapshots" / revision)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(revision)
+
+
+def test_hub_repos_tagged_openai_get_quick_gelu(tmp_path, monkeypatch):
+    write_open_clip_folder(tmp_path / "folder", seed=3)
+    for repo in ("zs-test/tiny-clip.openai", "zs-test/tiny-clip.laion2b"):
+        hub_cache_entry(tmp_path / "hub", repo, tmp_path / "folder")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_identity("hf-hub:zs-test/tiny-clip.openai").quick_gelu is True
+    assert resolve_identity("hf-hub:zs-test/tiny-clip.laion2b").quick_gelu is False
+    assert resolve_identity("hf-hub:zs-test/tiny-clip.openai", quick_gelu=False).quick_gelu is False
+
+
 def test_local_dir_and_hf_hub_teachers_load_their_own_weights(photos, tmp_path, monkeypatch):
     weights = write_open_clip_folder(tmp_path / "folder", seed=7, quick_gelu=True)
     local = invoke(zs_cache, "build", photos, "--store", tmp_path / "local", "--teacher",
@@ -124,12 +144,7 @@ def test_local_dir_and_hf_hub_teachers_load_their_own_weights(photos, tmp_path, 
     assert meta.teacher["weights_sha256"] == sha256_file(weights)
     assert meta.preprocessing["mean"] == [0.5, 0.5, 0.5] and meta.preprocessing["std"] == [0.25, 0.25, 0.25]
 
-    # the same files as a Hugging Face cache entry: models--ORG--REPO/snapshots/<revision>/..., refs/main
-    repo = tmp_path / "hub" / "models--zs-test--tiny-clip"
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(tmp_path / "folder", repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
+    hub_cache_entry(tmp_path / "hub", "zs-test/tiny-clip", tmp_path / "folder")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     hub = run_cli("zeroseg.pipeline.cli", "build", photos, "--store", tmp_path / "hub-store",
@@ -190,8 +205,10 @@ def test_timm_tower_through_cache_train_and_eval_from_the_recorded_config(photos
 
 
 def test_a_config_path_the_user_passes_wins_over_the_recorded_one(tmp_path):
-    recorded = resolve_identity(str(tiny_with(tmp_path, "zs-tiny-recorded", embed_dim=16)), "none")
+    path = tiny_with(tmp_path, "zs-tiny-recorded", embed_dim=16)
+    recorded = resolve_identity(str(path), "none")
     assert TeacherIdentity(**recorded.to_dict()) == recorded  # the dict a store / checkpoint holds
+    assert TeacherIdentity(**{**recorded.to_dict(), "config": str(path)}) == recorded  # older stores: the path
     assert _text_teacher(recorded, ModelOptions()) == recorded
     other = _text_teacher(recorded, ModelOptions(teacher=str(TINY_TEACHER), pretrained="none"))
     assert other.model == "zs-tiny-clip" and json.loads(other.config) == json.loads(TINY_TEACHER.read_text())
