@@ -253,7 +253,14 @@ class Teacher:
     def _output_size(self) -> int:
         """The embedding size, from one forward pass: only some towers have an output_dim attribute."""
         probe = torch.zeros(1, 3, self.view_size, self.view_size, device=self.device, dtype=self.dtype)
-        return int(self.tower(probe).shape[-1])
+        try:
+            output = self.tower(probe)  # (1, D)
+        except Exception as exc:  # e.g. a timm trunk built for another input size than the config's image_size
+            raise UserError(
+                f"teacher {self.identity.model}: its image tower fails on {self.view_size}px input, the size its "
+                f"preprocess config gives: {first_line(exc)}"
+            ) from None
+        return int(output.shape[-1])
 
     def preprocessing(self) -> dict:
         return {"view_size": self.view_size, "mean": list(self.mean), "std": list(self.std)}

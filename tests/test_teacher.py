@@ -182,7 +182,7 @@ def test_timm_tower_through_cache_train_and_eval_from_the_recorded_config(photos
                    "--pretrained", "none", "--batch-size", "5", *COMMON, "--grids", "1,2,3,4")  # fmt: skip
     assert built.returncode == 0, built.stderr
     meta = FeatureStore.open(tmp_path / "store").meta
-    assert meta.embed_dim == 32 and meta.preprocessing["view_size"] == 160
+    assert meta.embed_dim == 32 and meta.preprocessing["view_size"] == 32
     assert meta.teacher["config"] == json.loads(TIMM_TEACHER.read_text())
     shutil.rmtree(config.parent)
 
@@ -253,3 +253,11 @@ def test_unknown_or_broken_teachers_are_one_line_errors(tmp_path):
         resolve_identity(str(tmp_path / "other.json"), "none")
     with pytest.raises(UserError, match="no open_clip_config.json"):
         resolve_identity(f"local-dir:{tmp_path}")
+
+
+def test_a_tower_that_cannot_take_its_configured_size_is_refused_when_built(tmp_path):
+    config = json.loads(TIMM_TEACHER.read_text())
+    config["vision_cfg"]["image_size"] = 100  # not a multiple of test_vit's 16 px patches
+    (tmp_path / "zs-tiny-timm-100.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="its image tower fails on 100px input"):
+        Teacher(resolve_identity(str(tmp_path / "zs-tiny-timm-100.json"), "none"), CPU)
