@@ -17,7 +17,6 @@ from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.loading import ModelOptions, _text_teacher
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import GPU_JOB_VARIABLES, resolve_device
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import (
     BOTH_KINDS,
@@ -216,21 +215,6 @@ def test_a_config_path_the_user_passes_wins_over_the_recorded_one(tmp_path):
     (tmp_path / "edited").mkdir()
     edited = resolve_identity(str(tiny_with(tmp_path / "edited", "zs-tiny-recorded", embed_dim=24)), "none")
     assert not edited.same_teacher(recorded)  # same name, other content: another teacher
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for a job without a visible GPU")
-def test_auto_device_warns_when_the_job_asked_for_gpus(monkeypatch, capsys, photos, tmp_path):
-    for name in GPU_JOB_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    assert resolve_device("auto") == CPU and capsys.readouterr().err == ""
-    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
-    assert resolve_device("auto") == CPU
-    warning = capsys.readouterr().err
-    assert warning.startswith("WARNING: --device auto runs on the CPU") and "SLURM_GPUS_ON_NODE=4" in warning
-    cuda = invoke(zs_cache, "build", photos, "--store", tmp_path / "s", "--teacher", TINY_TEACHER,
-                  "--pretrained", "none", *COMMON, "--device", "cuda")  # fmt: skip
-    one_line_error(cuda, "device 'cuda' asked for, but no CUDA GPU is visible")
-    assert not (tmp_path / "s").exists()
 
 
 def test_a_build_whose_teacher_fails_leaves_nothing(photos, tmp_path):
