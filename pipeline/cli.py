@@ -88,6 +88,11 @@ def build(
         DEFAULT.scheduler,
         help="Build on a running Dask cluster, e.g. tcp://HOST:8786 (inputs and store on a shared filesystem)."
     ),
+    scheduler_file: str | None = typer.Option(
+        DEFAULT.scheduler_file,
+        help="Build on the Dask cluster whose scheduler writes this JSON file (dask scheduler --scheduler-file); "
+        "waits for the file to appear.",
+    ),
     workers: int = typer.Option(
         DEFAULT.workers,
         help="Build on a local Dask cluster of N worker processes (one per GPU, or splitting the CPU cores); "
@@ -102,7 +107,7 @@ def build(
         quick_gelu=quick_gelu, batch_size=batch_size, device=device, shard_size=shard_size,
         chunk_size=chunk_size, image_size=image_size, max_error_fraction=max_error_fraction,
         decode_threads=decode_threads, source_name=source_name, column=column, compile=compile, progress=progress,
-        store_crops=store_crops, scheduler=scheduler, workers=workers,
+        store_crops=store_crops, scheduler=scheduler, scheduler_file=scheduler_file, workers=workers,
     )
     summary = run_build(opts, log=lambda line: typer.echo(line, err=True))
     typer.echo(summary.line())
