@@ -36,15 +36,17 @@ in the same softmax and a pixel is also background where its best class scores b
 class. Thresholds per dataset: the method's, else the paper's 0.95 VOC / 0.05 Context / 0.35 COCO, or
 --bg-threshold.
 
-Method defaults (every one an option; evaluation/baseline_settings.py). zeroseg: the groupvit rule, the
+Method defaults (each an option; evaluation/baseline_settings.py). zeroseg: the groupvit rule, the
 CLIP's logit scale, the paper's thresholds, one prompt, short side 448, slide 448/224; maskclip the same
 with the softmax rule. The others, from their code, all with the softmax rule:
-  sclip      temperature 65 VOC / 50 Context, COCO; threshold 0.1; openai80 prompts; short side 336,
-             slide 224 / 112; background names: 26 stuff names (VOC, COCO), 'background' (Context)
-  clearclip  temperature 50; threshold 0.5 VOC / 0.15 Context / 0.4 COCO; openai80; short side 448,
-             slide 448 / 224; background name 'background'
-  naclip     temperature 40; threshold 0.1; openai80; short side 336, whole image (VOC) or slide
-             224 / 112; background names as sclip; Gaussian std 5 patches
+
+\b
+  sclip      temperature 65 VOC, 50 Context/COCO; threshold 0.1; openai80; short side 336, slide 224/112;
+             background names: 26 stuff names (VOC, COCO), 'background' (Context)
+  clearclip  temperature 50; threshold 0.5 VOC, 0.15 Context, 0.4 COCO; openai80; short side 448,
+             slide 448/224; background name 'background'
+  naclip     temperature 40; threshold 0.1; openai80; short side 336, whole (VOC) or slide 224/112;
+             background names as sclip; Gaussian std 5 patches
 
 Geometry. Images are resized keeping their aspect ratio to --short-side (long side capped at
 --max-long-side), bicubic, sides rounded to a multiple of the patch size, and normalised with the

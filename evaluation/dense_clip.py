@@ -24,7 +24,13 @@ from torch import nn
 
 from zeroseg.pipeline.errors import UserError
 
-METHODS = ("maskclip", "sclip", "clearclip", "naclip")
+LAST_BLOCKS = {  # what each method's last block computes, recorded in its reports
+    "maskclip": "x + Attn(I), then + mlp(ln_2(.))",
+    "sclip": "x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.))",
+    "clearclip": "Attn(softmax(q q^T * scale)); no residual, no mlp",
+    "naclip": "Attn(softmax(k k^T * scale + gaussian_prior)); no residual, no mlp",
+}
+METHODS = tuple(LAST_BLOCKS)
 NACLIP_GAUSSIAN_STD = 5.0  # patches: NACLIP's default neighbourhood width
 
 

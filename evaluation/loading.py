@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from zeroseg.evaluation.baseline_settings import method_settings
+from zeroseg.evaluation.dense_clip import LAST_BLOCKS, NACLIP_GAUSSIAN_STD
 from zeroseg.evaluation.dense_clip import METHODS as DENSE_METHODS
-from zeroseg.evaluation.dense_clip import NACLIP_GAUSSIAN_STD
 from zeroseg.evaluation.labeling_rule import LabelingRule
 from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, Segmenter, ZeroSegScorer
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
@@ -164,7 +164,7 @@ def _load_dense_clip(options: ModelOptions, templates: tuple[str, ...], device: 
     identity = resolve_identity(options.teacher, options.pretrained, options.quick_gelu)
     clip = create_clip(identity, device)
     config = clip.visual.preprocess_cfg
-    description = {"model": model, "teacher": identity.to_dict()}
+    description = {"model": model, "teacher": identity.to_dict(), "last_block": LAST_BLOCKS[model]}
     if model == "maskclip":
         description["method"] = MASKCLIP_NOTE
     gaussian_std = options.gaussian_std or NACLIP_GAUSSIAN_STD

@@ -72,6 +72,7 @@ def test_each_method_runs_through_the_evaluator_with_its_papers_settings(runs):
     assert clear_voc["labeling"]["temperature"] == pytest.approx(50.0) and clear_voc["geometry"]["crop_size"] == 448
     na_voc, na_coco = report(naclip, "voc")["config"], report(naclip, "coco")["config"]
     assert na_voc["geometry"]["mode"] == "whole" and na_coco["geometry"]["mode"] == "slide"
+    assert na_voc["last_block"].startswith("Attn(softmax(k k^T * scale + gaussian_prior))")
     assert na_voc["gaussian_std"] == 5.0 and na_voc["labeling"]["temperature"] == pytest.approx(40.0)
 
 
