@@ -9,13 +9,7 @@ import torch
 
 from tests.conftest import TINY_TEACHER
 from zeroseg.evaluation.dense_clip import attend, dense_features, head_projections, tokens_before_last_block
-from zeroseg.evaluation.labeling_rule import (
-    DenseWindowScores,
-    LabelingRule,
-    background_values,
-    class_scores,
-    combine_windows,
-)
+from zeroseg.evaluation.labeling_rule import LabelingRule, class_scores, combine_windows
 from zeroseg.pipeline.teacher import create_clip, resolve_identity
 
 
@@ -135,8 +129,8 @@ def test_a_background_class_competes_in_the_softmax_and_makes_pixels_background(
     torch.testing.assert_close(background, together[:, :2].max(dim=-1).values)
 
     box = (0, 0, 2, 3)  # a footprint of the token grid's own size: the bilinear resize is the identity
-    values = background_values(background.view(2, 3), box, 0.2)
-    window = DenseWindowScores(box, values, foreground.T.reshape(3, 2, 3))
+    window = rule.dense_window(box, foreground.T.reshape(3, 2, 3), background.view(2, 3))
+    torch.testing.assert_close(window.threshold, background.view(2, 3).clamp(min=0.2))
     labels, _ = combine_windows([window], 2, 3, num_fg=3)
     best, best_class = foreground.max(dim=-1)
     expected = torch.where((best < background) | (best < 0.2), 0, best_class + 1)
