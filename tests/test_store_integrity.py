@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import invoke, make_store
+from tests.conftest import TINY_TEACHER, invoke, make_store
 from tests.test_train import TINY_RUN
 from zeroseg.pipeline.build import BuildOptions, run_build
 from zeroseg.pipeline.check import find_damage
@@ -48,14 +48,14 @@ def read_every_batch(store_path):
 def build_args(store_path) -> list[str]:
     """zs-cache build arguments that bring the store up to date with its own source and teacher."""
     meta = FeatureStore.open(store_path).meta
-    return [meta.sources["photos"]["path"], "--store", str(store_path), "--teacher", meta.teacher["config"],
+    return [meta.sources["photos"]["path"], "--store", str(store_path), "--teacher", str(TINY_TEACHER),
             "--pretrained", "none", "--device", "cpu", "--image-size", "32", "--no-progress"]
 
 
 def rebuild(store_path, **overrides):
     meta = FeatureStore.open(store_path).meta
     opts = BuildOptions(
-        source=meta.sources["photos"]["path"], store=str(store_path), teacher=meta.teacher["config"],
+        source=meta.sources["photos"]["path"], store=str(store_path), teacher=str(TINY_TEACHER),
         pretrained="none", device="cpu", batch_size=10, image_size=32, progress=False, **overrides,
     )  # fmt: skip
     lines = []
