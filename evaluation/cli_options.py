@@ -14,3 +14,7 @@ SHORT_SIDE = typer.Option(448, help="Short side of the resized image.")
 MAX_LONG_SIDE = typer.Option(2048, help="Cap on the resized long side.")
 CROP_SIZE = typer.Option(448, help="Slide window side (a multiple of the patch size).")
 STRIDE = typer.Option(224, help="Slide window stride.")
+CHECKPOINT_HELP = (
+    "A checkpoint (.pt) written by zs-train, a run folder (its latest checkpoint) or a folder written by "
+    "zs-train export."
+)

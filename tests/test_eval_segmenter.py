@@ -12,7 +12,7 @@ from zeroseg.evaluation import windows as windows_module
 from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
 from zeroseg.evaluation.labeling import class_scores, compose_assignments
 from zeroseg.evaluation.maskclip import maskclip_features
-from zeroseg.evaluation.segmenter import LabelingRule, MaskClipScorer, Segmenter, ZeroSegScorer, describe_segments
+from zeroseg.evaluation.segmenter import LabelingRule, MaskClipScorer, WindowSegmenter, ZeroSegScorer, describe_segments
 from zeroseg.evaluation.text import class_text_embeddings
 from zeroseg.evaluation.windows import (
     DenseWindowScores,
@@ -49,8 +49,8 @@ def student():
     return ZeroSeg(model_preset("tiny")).eval()
 
 
-def segmenter(scorer, rule, **geometry) -> Segmenter:
-    return Segmenter(scorer, rule, Geometry(**geometry), (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+def segmenter(scorer, rule, **geometry) -> WindowSegmenter:
+    return WindowSegmenter(scorer, rule, Geometry(**geometry), (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
 
 
 def test_resize_keeps_the_ratio_caps_the_long_side_and_rounds_to_the_patch():
