@@ -38,3 +38,9 @@ def check_rule(rule: str, top_k: int) -> None:
         raise UserError(f"--rule '{rule}' is not one of {', '.join(RULES)}")
     if top_k < 1:
         raise UserError(f"--top-k must be positive, got {top_k}")
+
+
+CHECKPOINT_HELP = (
+    "A checkpoint (.pt) written by zs-train, a run folder (its latest checkpoint) or a folder written by "
+    "zs-train export."
+)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from zeroseg.evaluation.labeling_rule import LabelingRule
-from zeroseg.evaluation.segmenter import MaskClipScorer, Scorer, Segmenter, ZeroSegScorer
+from zeroseg.evaluation.segmenter import MaskClipScorer, Scorer, WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.errors import UserError
@@ -53,15 +53,17 @@ class LoadedModel:
     device: torch.device
     description: dict  # what was loaded, for the results' config
 
-    def segmenter(self, class_names: Sequence[str], bg_threshold: float | None) -> Segmenter:
-        """A segmenter for a vocabulary whose index 0 is background (only names 1.. go through CLIP)."""
+    def segmenter(self, class_names: Sequence[str], bg_threshold: float | None) -> WindowSegmenter:
+        """A segmenter for a vocabulary whose index 0 is 'background' (only names 1.. go through CLIP)."""
+        if not class_names or class_names[0] != "background":
+            raise ValueError(f"a vocabulary starts with 'background' (label 0), got {list(class_names[:1])}")
         text = class_text_embeddings(
             self.clip, self.identity, list(class_names[1:]), self.templates, cache_dir=self.options.text_cache
         )
         options = self.options
         scale = float(self.clip.logit_scale.item())
         rule = LabelingRule(text, scale, bg_threshold, options.keep_best_group, options.rule, options.top_k)
-        return Segmenter(
+        return WindowSegmenter(
             self.scorer, rule, self.options.geometry, self.mean, self.std, self.device, self.options.window_batch
         )
 

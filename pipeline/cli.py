@@ -1,17 +1,17 @@
 """`zs-cache`: stage one of zeroseg, the teacher feature store."""
 
 import os
+from functools import partial
 
 import typer
 
 from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import run_cli
+from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
 
 app = typer.Typer(
     help="Stage one of zeroseg: run a CLIP teacher over grid views of centre-cropped images and keep the "
     "features in a chunked Zarr store with a Parquet manifest.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -47,7 +47,7 @@ def build(
     batch_size: int = typer.Option(
         DEFAULT.batch_size, help="Images per teacher step (each gives one view per grid cell)."
     ),
-    device: str = typer.Option(DEFAULT.device, help="auto, cpu or cuda:K."),
+    device: str = typer.Option(DEFAULT.device, help=DEVICE_HELP),
     shard_size: int | None = typer.Option(
         DEFAULT.shard_size,
         help=f"Images per shard, the unit of atomic commit and resume (default {DEFAULT_SHARD_SIZE}; fixed per store)."
@@ -84,6 +84,9 @@ def build(
         help="Build on a local Dask cluster of N worker processes (one per GPU, or splitting the CPU cores); "
         "0: in this process."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Count the images to cache and print the store's size; compute and write nothing."
+    ),
 ) -> None:
     """Cache teacher features of every image in SOURCE not yet in the store (resumable, incremental)."""
     from zeroseg.pipeline.build import run_build
@@ -95,6 +98,12 @@ def build(
         decode_threads=decode_threads, source_name=source_name, column=column, compile=compile, progress=progress,
         store_crops=store_crops, scheduler=scheduler, workers=workers,
     )
+    if dry_run:
+        from zeroseg.pipeline.dry_run import dry_run as plan
+
+        for line in plan(opts):
+            typer.echo(line)
+        return
     summary = run_build(opts, log=lambda line: typer.echo(line, err=True))
     typer.echo(summary.line())
     if summary.processed and summary.ok == 0:
@@ -153,7 +162,7 @@ def verify(
 
 def main() -> None:
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
-    run_cli(app)
+    run_cli(partial(app, prog_name="zs-cache"))
 
 
 if __name__ == "__main__":

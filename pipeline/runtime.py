@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import click
 import typer
 
 from zeroseg.pipeline.errors import UserError
@@ -19,6 +18,9 @@ if TYPE_CHECKING:
 def first_line(exc: BaseException) -> str:
     """The first non-blank line of an exception's message ("" when it has none)."""
     return (str(exc).strip().splitlines() or [""])[0]
+
+
+DEVICE_HELP = "auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda (= cuda:LOCAL_RANK) or cuda:K."
 
 
 def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> "torch.device":
@@ -72,8 +74,34 @@ def user_message(exc: UserError) -> str:
     return first_line(exc) or type(exc).__name__
 
 
+def renamed_option(new_value, old_value, new: str, old: str):
+    """The value of an option given by its new name or by an old spelling kept for a release (with a note)."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise UserError(f"{old} is the old spelling of {new}: give only {new}")
+    typer.echo(f"note: {old} is deprecated and will be removed; use {new}", err=True)
+    return old_value
+
+
+def usage_line(exc: Exception) -> str:
+    """One line for a click/typer usage mistake: the command, the reason and where help is."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else ""
+    reason = " ".join(exc.format_message().split())
+    subcommands = sorted(getattr(ctx.command, "commands", None) or {}) if ctx is not None else []
+    if subcommands and reason.startswith("Missing command"):
+        reason = f"give a command ({', '.join(subcommands)})"
+    hint = f" (see '{command} --help')" if command else ""
+    return f"error: {command + ': ' if command else ''}{reason}{hint}"
+
+
 def run_cli(typer_app: typer.Typer) -> None:
-    """Run a Typer app, turning UserError into one line on stderr and exit code 2."""
+    """Run a Typer app: UserError and every command-line usage mistake become one line on stderr and exit code 2;
+    other click errors print their message with their own exit code. typer 0.29 raises the exceptions of the
+    click it bundles (typer._click), not the installed click's."""
+    from typer._click.exceptions import ClickException
+
     try:
         result = typer_app(standalone_mode=False)
     except UserError as exc:
@@ -84,9 +112,10 @@ def run_cli(typer_app: typer.Typer) -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except ClickException as exc:
+        if getattr(exc, "exit_code", 1) == 2:
+            typer.echo(usage_line(exc), err=True)
+            sys.exit(2)
+        typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
     sys.exit(result if isinstance(result, int) else 0)

@@ -43,14 +43,25 @@ class TeacherIdentity:
 
 
 
-def resolve_model_name(teacher: str) -> str:
-    """An open_clip model name, or the path of a model-config JSON (registered under its file stem)."""
+def teacher_config_file(teacher: str) -> Path | None:
+    """The model-config JSON a --teacher names: a path, or a config shipped with zeroseg (zs-tiny-clip) by its
+    name; None for an open_clip model name."""
+    from zeroseg.configs import TEACHER_SUFFIXES, shipped_config
+
     if teacher.endswith(".json") or os.sep in teacher:
         path = Path(teacher)
         if not path.is_file():
             raise UserError(f"teacher config '{teacher}' does not exist")
-        open_clip.add_model_config(path)
-        teacher = path.stem
+        return path
+    return shipped_config(teacher, TEACHER_SUFFIXES)
+
+
+def resolve_model_name(teacher: str) -> str:
+    """An open_clip model name, or a model-config JSON (a path or a shipped name; registered under its stem)."""
+    config = teacher_config_file(teacher)
+    if config is not None:
+        open_clip.add_model_config(config)
+        teacher = config.stem
     if teacher not in open_clip.list_models():
         raise UserError(f"unknown teacher '{teacher}': not an open_clip model name nor a config JSON path")
     return teacher
@@ -80,7 +91,8 @@ def resolve_identity(teacher: str, pretrained: str, quick_gelu: bool | None = No
     QuickGELU as OpenAI's were, or the file is an OpenAI TorchScript archive).
     """
     model = resolve_model_name(teacher)
-    config = str(Path(teacher).resolve()) if model != teacher else None
+    config_file = teacher_config_file(teacher)
+    config = str(config_file.resolve()) if config_file is not None else None
     auto_quick_gelu = model.endswith("-quickgelu")
     if pretrained.lower() in ("none", ""):
         tag, sha = None, None
