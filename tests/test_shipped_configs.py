@@ -25,10 +25,10 @@ def test_paper_config_by_name_from_any_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("name", "differs"),
     [
-        ("ablation-loss-base", {("loss", "w_match"): 0.0, ("loss", "distill_grids"): (1,)}),
-        ("ablation-loss-multiscale", {("loss", "w_match"): 0.0}),
-        ("ablation-grids-1-3", {("loss", "grids"): (1, 3)}),
-        ("ablation-mask-ratio-0", {("model", "mask_ratio"): 0.0}),
+        ("table4-base", {("loss", "w_match"): 0.0, ("loss", "grids"): (1,)}),
+        ("table4-multiscale", {("loss", "w_match"): 0.0}),
+        ("table3-grids-13", {("loss", "grids"): (1, 3)}),
+        ("table5-mask-00", {("model", "mask_ratio"): 0.0}),
     ],
 )
 def test_each_ablation_is_the_paper_run_with_its_change(name, differs):
@@ -40,12 +40,12 @@ def test_each_ablation_is_the_paper_run_with_its_change(name, differs):
         mine, theirs = vars(getattr(ablation, section)), vars(getattr(paper, section))
         changed = {key for key in mine if mine[key] != theirs[key]}
         assert changed == {key for (where, key) in differs if where == section}
-    assert ablation.run.dir == f"runs/{name}"
+    assert ablation.run.dir == f"runs/ablations/{name}"
 
 
 def test_unknown_config_name_lists_the_shipped_ones():
-    assert {"zeroseg-imagenet", "tiny-cpu", "ablation-loss-base"} <= set(shipped_names(TRAIN_SUFFIXES))
-    with pytest.raises(UserError, match="shipped with zeroseg, by name: ablation-grids-1-3, .*zeroseg-imagenet"):
+    assert {"zeroseg-imagenet", "tiny-cpu", "table4-base", "w-match-2"} <= set(shipped_names(TRAIN_SUFFIXES))
+    with pytest.raises(UserError, match="shipped with zeroseg, by name: table3-grids-1, .*zeroseg-imagenet"):
         read_config_file("zeroseg-imagenett")
 
 
