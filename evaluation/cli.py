@@ -66,7 +66,8 @@ def evaluate(
         None, help="Score saved label PNGs instead (<image id>.png in DIR/<dataset>/ if present, else DIR)."
     ),
     teacher: str | None = typer.Option(
-        None, help="open_clip name or config JSON of the CLIP for the text side (default: the checkpoint's)."
+        None, help="open_clip name, hf-hub:ORG/REPO, local-dir:FOLDER or config JSON of the CLIP for the text side "
+        "(default: the checkpoint's)."
     ),
     pretrained: str | None = typer.Option(
         None, help="Its weights: open_clip tag, weights file or 'none' (default: the checkpoint's; maskclip: openai)."

@@ -12,7 +12,7 @@ from zeroseg.evaluation.segmenter import MaskClipScorer, Scorer, WindowSegmenter
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.teacher import TeacherIdentity, create_clip, resolve_identity
+from zeroseg.pipeline.teacher import TeacherIdentity, create_clip, has_schema, register_config, resolve_identity
 
 MODELS = ("zeroseg", "maskclip")
 MASKCLIP_NOTE = (
@@ -129,7 +129,7 @@ def _load_maskclip(options: ModelOptions, templates: tuple[str, ...], device: to
         raise UserError("--model maskclip is training-free: it takes no --checkpoint, only --teacher/--pretrained")
     if options.teacher is None:
         raise UserError("--model maskclip needs --teacher (an open_clip ViT name or config JSON) and --pretrained")
-    identity = resolve_identity(options.teacher, options.pretrained or "openai", options.quick_gelu)
+    identity = resolve_identity(options.teacher, options.pretrained, options.quick_gelu)
     clip = create_clip(identity, device)
     config = clip.visual.preprocess_cfg
     description = {"model": "maskclip", "method": MASKCLIP_NOTE, "teacher": identity.to_dict()}
@@ -140,17 +140,23 @@ def _load_maskclip(options: ModelOptions, templates: tuple[str, ...], device: to
 
 
 def _text_teacher(recorded: TeacherIdentity, options: ModelOptions) -> TeacherIdentity:
-    """The checkpoint's teacher, or the --teacher / --pretrained / --quick-gelu overrides."""
+    """The checkpoint's teacher (a config-JSON one rebuilt from the config it records), or the --teacher /
+    --pretrained / --quick-gelu overrides (a --teacher config path wins over the recorded config)."""
+    weights = recorded.pretrained
     if options.teacher is None and options.pretrained is None:
-        weights = recorded.pretrained
-        if weights is not None and Path(weights).is_absolute() and not Path(weights).is_file():
+        if not has_schema(recorded.model) and weights and Path(weights).is_absolute() and not Path(weights).is_file():
             raise UserError(
                 f"teacher weights {weights} recorded in the checkpoint are not on this machine; "
                 "pass --pretrained (and --teacher) to say where they are"
             )
-    recorded_model = recorded.config if recorded.config and Path(recorded.config).is_file() else recorded.model
-    model = options.teacher or recorded_model
-    pretrained = options.pretrained or recorded.pretrained or "none"
+        if options.quick_gelu is None or options.quick_gelu == recorded.quick_gelu:
+            return recorded
+    if recorded.config:
+        register_config(recorded.model, recorded.config)
+    model = options.teacher or recorded.model
+    pretrained = options.pretrained
+    if pretrained is None and options.teacher is None and not has_schema(model):
+        pretrained = weights or "none"
     quick_gelu = options.quick_gelu
     if quick_gelu is None and options.teacher is None:
         quick_gelu = recorded.quick_gelu

@@ -133,7 +133,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
     if not keys:
         raise UserError(f"no images found in '{opts.source}'")
     identity = resolve_identity(opts.teacher, opts.pretrained, opts.quick_gelu)
-    on_cluster = bool(opts.scheduler or opts.workers)
+    on_cluster = bool(opts.scheduler or opts.scheduler_file or opts.workers)
     device = None if on_cluster else resolve_device(opts.device)
     summary = BuildSummary(store=opts.store, total_in_source=len(keys))
     if not FeatureStore.exists(opts.store):
@@ -159,7 +159,8 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
             teacher = Teacher(identity, device, compile=opts.compile)
             store = prepare_store(store, source, identity, describe_teacher(teacher), settings, opts)
             shards = plan_and_reserve(store, source, pending)
-            log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards on {device}")
+            log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards on {device}, "
+                f"teacher {identity.describe()}")
             summary.add(_encode_here(store, source, shards, teacher, settings, opts))
     return summary
 

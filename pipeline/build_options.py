@@ -17,7 +17,7 @@ class BuildOptions:
     store: str
     grids: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     teacher: str = "ViT-L-14"
-    pretrained: str = "openai"
+    pretrained: str | None = None  # None: the 'openai' tag, or the weights an hf-hub:/local-dir: teacher brings
     quick_gelu: bool | None = None
     batch_size: int = 64
     device: str = "auto"
@@ -32,6 +32,7 @@ class BuildOptions:
     progress: bool = True
     store_crops: bool = False  # keep the crops in the store (implied for tar sources and stores that have them)
     scheduler: str | None = None  # address of a running Dask scheduler to build on
+    scheduler_file: str | None = None  # or the JSON file such a scheduler writes (dask scheduler --scheduler-file)
     workers: int = 0  # > 0: build on a local Dask cluster of this many worker processes
 
 
@@ -49,3 +50,5 @@ def validate(opts: BuildOptions) -> None:
         raise UserError("--workers must be 0 (build in this process) or a positive number of Dask workers")
     if opts.scheduler and opts.workers:
         raise UserError("--scheduler and --workers exclude each other: build on a running cluster or start a local one")
+    if opts.scheduler_file and (opts.scheduler or opts.workers):
+        raise UserError("--scheduler-file names the cluster to build on: give it without --scheduler or --workers")

@@ -36,13 +36,19 @@ def build(
     grids: str = typer.Option(
         ",".join(map(str, DEFAULT.grids)), help="Grids of views per crop: g gives g x g cells (1,2,3,4 = 30 views)."
     ),
-    teacher: str = typer.Option(DEFAULT.teacher, help="open_clip model name, or the path of a model-config JSON."),
-    pretrained: str = typer.Option(
-        DEFAULT.pretrained, help="open_clip tag (downloads), a local weights file, or 'none' for random weights."
+    teacher: str = typer.Option(
+        DEFAULT.teacher, help="open_clip model name, hf-hub:ORG/REPO (from the Hugging Face cache), local-dir:FOLDER "
+        "(open_clip_config.json + weights), or the path of a model-config JSON (stored in the store by content)."
+    ),
+    pretrained: str | None = typer.Option(
+        DEFAULT.pretrained, help="open_clip tag (downloads), a local weights file, or 'none' for random weights "
+        "(default: openai; hf-hub:/local-dir: teachers bring their own weights)."
     ),
     quick_gelu: bool | None = typer.Option(
         DEFAULT.quick_gelu, "--quick-gelu/--no-quick-gelu",
-        help="Force the activation; default: QuickGELU for OpenAI weights and *-quickgelu models.",
+        help="The activation the weights were trained with: --quick-gelu for OpenAI's weights, --no-quick-gelu "
+        "for LAION/DataComp/... ones. Default: automatic where certain (openai tag, -quickgelu names, OpenAI "
+        "TorchScript archives, the hub config); required for a weights file of an architecture OpenAI released.",
     ),
     batch_size: int = typer.Option(
         DEFAULT.batch_size, help="Images per teacher step (each gives one view per grid cell)."
@@ -79,6 +85,11 @@ def build(
         DEFAULT.scheduler,
         help="Build on a running Dask cluster, e.g. tcp://HOST:8786 (inputs and store on a shared filesystem)."
     ),
+    scheduler_file: str | None = typer.Option(
+        DEFAULT.scheduler_file,
+        help="Build on the Dask cluster whose scheduler writes this JSON file (dask scheduler --scheduler-file); "
+        "waits for the file to appear.",
+    ),
     workers: int = typer.Option(
         DEFAULT.workers,
         help="Build on a local Dask cluster of N worker processes (one per GPU, or splitting the CPU cores); "
@@ -96,7 +107,7 @@ def build(
         quick_gelu=quick_gelu, batch_size=batch_size, device=device, shard_size=shard_size,
         chunk_size=chunk_size, image_size=image_size, max_error_fraction=max_error_fraction,
         decode_threads=decode_threads, source_name=source_name, column=column, compile=compile, progress=progress,
-        store_crops=store_crops, scheduler=scheduler, workers=workers,
+        store_crops=store_crops, scheduler=scheduler, scheduler_file=scheduler_file, workers=workers,
     )
     if dry_run:
         from zeroseg.pipeline.dry_run import dry_run as plan

@@ -22,6 +22,7 @@ Sources and the store must be on a filesystem that every worker mounts at the sa
 that cannot see them stops the build with a one-line error naming the worker.
 """
 
+import json
 import logging
 import os
 import threading
@@ -216,16 +217,17 @@ def local_cluster(workers: int, device: str, decode_threads: int) -> tuple[Local
 
 @contextmanager
 def dask_client(opts: BuildOptions, log: Callable[[str], None]) -> Iterator[tuple[Client, WorkerSetup]]:
-    """A client of the cluster at --scheduler, or of a local cluster of --workers processes."""
-    if opts.scheduler:
+    """A client of the cluster at --scheduler (or in --scheduler-file), or of a local cluster of --workers processes."""
+    if opts.scheduler or opts.scheduler_file:
+        address = opts.scheduler or scheduler_address(opts.scheduler_file)
         try:
-            client = Client(opts.scheduler)  # gives up after Dask's distributed.comm.timeouts.connect
+            client = Client(address)  # gives up after Dask's distributed.comm.timeouts.connect
         except (OSError, TimeoutError, ValueError) as exc:
-            raise UserError(f"cannot reach the Dask scheduler at {opts.scheduler}: {first_line(exc)}") from None
+            raise UserError(f"cannot reach the Dask scheduler at {address}: {first_line(exc)}") from None
         setup = WorkerSetup(opts.device, None, opts.decode_threads, f"device {opts.device}")
         with client:
-            _wait_for_workers(client, 1, opts.scheduler)
-            log(f"Dask dashboard: {client.dashboard_link} ({len(client.nthreads())} workers at {opts.scheduler})")
+            _wait_for_workers(client, 1, address)
+            log(f"Dask dashboard: {client.dashboard_link} ({len(client.nthreads())} workers at {address})")
             yield client, setup
         return
     cluster, setup = local_cluster(opts.workers, opts.device, opts.decode_threads)
@@ -233,6 +235,21 @@ def dask_client(opts: BuildOptions, log: Callable[[str], None]) -> Iterator[tupl
         _wait_for_workers(client, opts.workers, "the local cluster")
         log(f"Dask dashboard: {client.dashboard_link} ({opts.workers} local workers, {setup.description})")
         yield client, setup
+
+
+def scheduler_address(path: str, timeout_s: float = WORKERS_TIMEOUT_S) -> str:
+    """The address in the JSON file a Dask scheduler writes at start (waiting up to timeout_s for it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return json.loads(Path(path).read_text())["address"]
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise UserError(f"no Dask scheduler wrote '{path}' within {timeout_s:.0f} s") from None
+        except (ValueError, KeyError, TypeError):  # a scheduler that is still writing it, or not a scheduler file
+            if time.monotonic() > deadline:
+                raise UserError(f"'{path}' is not a Dask scheduler file (JSON with an 'address')") from None
+        time.sleep(0.2)
 
 
 def raise_user_error(result):
@@ -300,7 +317,7 @@ def build_on_cluster(
             store = prepare_store(store, source, identity, description, settings, opts)
             shards = plan_and_reserve(store, source, pending)
             log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards "
-                f"on {len(client.nthreads())} Dask workers")
+                f"on {len(client.nthreads())} Dask workers, teacher {identity.describe()}")
             job = partial(ShardJob, store=store_path, source=source.spec.to_dict(), teacher=teacher,
                           settings=settings, decode_threads=setup.decode_threads)
             _run_shards(client, store, shards, job, opts.progress, encoded)

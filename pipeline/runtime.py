@@ -1,6 +1,7 @@
 """Run-time helpers every stage shares: the device a process computes on, how a command turns a UserError
 into one line and an exit code, the first line of an exception, and an ordered thread-pool map."""
 
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -14,26 +15,51 @@ from zeroseg.pipeline.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+# Variables of a job spec (Slurm, PBS) that say the job was given GPUs: --device auto warns without one.
+GPU_JOB_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS", "SLURM_GPUS_PER_NODE",
+                     "SLURM_GPUS_PER_TASK", "SLURM_TRES_PER_TASK", "PBS_NGPUS")
+
 
 def first_line(exc: BaseException) -> str:
     """The first non-blank line of an exception's message ("" when it has none)."""
     return (str(exc).strip().splitlines() or [""])[0]
 
 
-DEVICE_HELP = "auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda (= cuda:LOCAL_RANK) or cuda:K."
+DEVICE_HELP = (
+    "auto (cuda:LOCAL_RANK when a GPU is visible, else cpu; warns when the job asked for GPUs but none is there), "
+    "cpu, cuda (= cuda:LOCAL_RANK; an error without a GPU) or cuda:K."
+)
+
+
+def gpu_job_request() -> str | None:
+    """The job-spec variable (e.g. SLURM_GPUS_ON_NODE=4) saying this process was given GPUs, if any."""
+    for name in GPU_JOB_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value and value not in ("0", "(null)") and (name != "SLURM_TRES_PER_TASK" or "gpu" in value):
+            return f"{name}={value}"
+    return None
 
 
 def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> "torch.device":
     """The device a process computes on, checked to exist.
 
-    auto: cuda:LOCAL_RANK when a GPU is visible, else cpu; cuda: cuda:LOCAL_RANK; cuda:K: that GPU (a
-    single process only: under torchrun every rank takes its own); cpu. (torch is imported here, so that a
-    command's --help stays fast.)
+    auto: cuda:LOCAL_RANK when a GPU is visible, else cpu, with a loud warning on stderr when the job
+    asked for GPUs (see GPU_JOB_VARIABLES); cuda: cuda:LOCAL_RANK; cuda:K: that GPU (a single process
+    only: under torchrun every rank takes its own); cpu. cuda without a visible GPU is an error. (torch is
+    imported here, so that a command's --help stays fast.)
     """
     import torch
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+        request = gpu_job_request() if name == "cpu" else None
+        if request:
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA GPU visible"
+            print(
+                f"WARNING: --device auto runs on the CPU ({build}) although the job asked for GPUs ({request}): "
+                "this is ~100x slower; check CUDA_VISIBLE_DEVICES and the driver, or pass --device cpu",
+                file=sys.stderr,
+            )
     if name == "cpu":
         return torch.device("cpu")
     try:
@@ -43,7 +69,8 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> "torc
     if device.type != "cuda":
         raise UserError(f"unsupported device '{name}' (use auto, cpu, cuda or cuda:K)")
     if not torch.cuda.is_available():
-        raise UserError(f"device '{name}' asked for, but no CUDA GPU is visible")
+        build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+        raise UserError(f"device '{name}' asked for, but no CUDA GPU is visible{build}: use --device cpu or auto")
     if device.index is not None and world_size > 1:
         raise UserError(f"device '{name}' names one GPU; under torchrun use cuda or auto (one GPU per rank)")
     index = local_rank if device.index is None else device.index

@@ -272,10 +272,13 @@ def builder_lock(path: str | Path):
     """Exclusive right to write a store; a second builder is refused at once with a clear message.
 
     The lock is an OS file lock, released by the kernel when its process dies, so a killed build
-    never leaves the store locked.
+    never leaves the store locked. A build that ends before creating the store (its teacher failed
+    to load, say) removes the lock file, and the folder when it made it: it leaves nothing behind.
     """
-    Path(path).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(Path(path) / LOCK_FILE), timeout=0)
+    path = Path(path)
+    made_folder = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path / LOCK_FILE), timeout=0)
     try:
         lock.acquire()
     except Timeout:
@@ -283,4 +286,8 @@ def builder_lock(path: str | Path):
     try:
         yield
     finally:
+        if {entry.name for entry in path.iterdir()} == {LOCK_FILE}:
+            (path / LOCK_FILE).unlink()
+            if made_folder:
+                path.rmdir()
         lock.release()

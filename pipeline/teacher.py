@@ -1,9 +1,12 @@
-"""The CLIP teacher: loading an open_clip model (name or config JSON; tag, weights file or none) and
-turning batches of centre crops into the (B, V, D) grid-view features of the store."""
+"""The CLIP teacher: loading an open_clip model (name, config JSON, hf-hub:ORG/REPO or local-dir:FOLDER;
+tag, weights file or none) and turning batches of centre crops into the (B, V, D) grid-view features of
+the store."""
 
 import hashlib
+import json
 import logging
 import os
+import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -11,27 +14,43 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.pretrained import get_pretrained_cfg
+from open_clip.factory import _find_checkpoint_in_dir  # the weights file open_clip loads from a local-dir:
+from open_clip.pretrained import download_pretrained_from_hf, get_pretrained_cfg
 
 from zeroseg.pipeline.crops import grid_views
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.runtime import first_line
 
 RANDOM_TEACHER_SEED = 0
+SCHEMAS = ("hf-hub:", "local-dir:")  # names whose config and weights open_clip reads from the hub cache / a folder
+# Architectures OpenAI released QuickGELU weights for, which others also trained with GELU: a bare
+# weights file for one of them can be either kind.
+BOTH_KINDS = frozenset(
+    model for model, tag in open_clip.list_pretrained() if tag == "openai" and not model.endswith("-quickgelu")
+)
+_REGISTERED: dict[str, str] = {}  # config-JSON teachers registered with open_clip here: name -> canonical JSON
 
 
 @dataclass(frozen=True)
 class TeacherIdentity:
     """What a store records about its teacher; two builds must agree on it to share a store."""
 
-    model: str
+    model: str  # open_clip name, config stem, hf-hub:ORG/REPO or local-dir:/ABSOLUTE/FOLDER
     pretrained: str | None  # open_clip tag, absolute weights path, or None for random weights
     weights_sha256: str | None
     quick_gelu: bool
-    config: str | None = None  # absolute path of the model-config JSON when the model is not built in
+    config: str | None = None  # canonical JSON of the model config when it came from a config file
+
+    def __post_init__(self):
+        if isinstance(self.config, dict):  # as read back from a store or checkpoint
+            object.__setattr__(self, "config", canonical_json(self.config))
+        elif isinstance(self.config, str) and not self.config.startswith("{"):  # the path older stores recorded
+            legacy = Path(self.config)
+            content = canonical_json(json.loads(legacy.read_text())) if legacy.is_file() else None
+            object.__setattr__(self, "config", content)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "config": json.loads(self.config) if self.config else None}
 
     def same_teacher(self, other: "TeacherIdentity") -> bool:
         """Weights files are compared by content, so a moved file is still the same teacher."""
@@ -39,8 +58,32 @@ class TeacherIdentity:
             same_weights = self.weights_sha256 == other.weights_sha256
         else:
             same_weights = self.pretrained == other.pretrained
-        return self.model == other.model and same_weights and self.quick_gelu == other.quick_gelu
+        same_config = self.config == other.config or None in (self.config, other.config)
+        return self.model == other.model and same_weights and self.quick_gelu == other.quick_gelu and same_config
 
+    def describe(self) -> str:
+        """One line for logs: model, weights and activation."""
+        weights = self.pretrained or "none (random weights)"
+        return f"{self.model} pretrained={weights} quick_gelu={self.quick_gelu}"
+
+
+def canonical_json(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def has_schema(model: str) -> bool:
+    return model.startswith(SCHEMAS)
+
+
+def register_config(name: str, config: str) -> None:
+    """Make a config-JSON teacher known to open_clip under `name`, from its content (no file needed)."""
+    if _REGISTERED.get(name) == config:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(config)
+        open_clip.add_model_config(path)  # open_clip keeps the parsed config after the file is gone
+    _REGISTERED[name] = config
 
 
 def teacher_config_file(teacher: str) -> Path | None:
@@ -56,15 +99,36 @@ def teacher_config_file(teacher: str) -> Path | None:
     return shipped_config(teacher, TEACHER_SUFFIXES)
 
 
-def resolve_model_name(teacher: str) -> str:
-    """An open_clip model name, or a model-config JSON (a path or a shipped name; registered under its stem)."""
-    config = teacher_config_file(teacher)
-    if config is not None:
-        open_clip.add_model_config(config)
-        teacher = config.stem
+def resolve_model(teacher: str) -> tuple[str, str | None]:
+    """(model name, canonical config JSON or None) for an open_clip name, hf-hub:ORG/REPO, local-dir:FOLDER,
+    or a model-config JSON, a path or a shipped name (registered under its file stem)."""
+    if teacher.startswith("local-dir:"):
+        folder = Path(teacher.removeprefix("local-dir:")).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise UserError(f"teacher '{teacher}': no open_clip_config.json in {folder}")
+        return f"local-dir:{folder.resolve()}", None
+    if teacher.startswith("hf-hub:"):
+        try:
+            open_clip.get_model_config(teacher)
+        except Exception as exc:
+            raise UserError(
+                f"teacher '{teacher}': its open_clip_config.json is not in the Hugging Face cache "
+                f"(HF_HUB_CACHE; offline?): {first_line(exc)}"
+            ) from None
+        return teacher, None
+    path = teacher_config_file(teacher)
+    if path is not None:
+        try:
+            config = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"teacher config '{teacher}' is not valid JSON: {exc}") from None
+        if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
+            raise UserError(f"teacher config '{teacher}' is not an open_clip config (embed_dim, vision_cfg, text_cfg)")
+        register_config(path.stem, canonical_json(config))
+        return path.stem, _REGISTERED[path.stem]
     if teacher not in open_clip.list_models():
-        raise UserError(f"unknown teacher '{teacher}': not an open_clip model name nor a config JSON path")
-    return teacher
+        raise UserError(f"unknown teacher '{teacher}': not an open_clip name, hf-hub:, local-dir: nor a config JSON")
+    return teacher, _REGISTERED.get(teacher)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -83,55 +147,84 @@ def is_openai_archive(path: str | Path) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
-def resolve_identity(teacher: str, pretrained: str, quick_gelu: bool | None = None) -> TeacherIdentity:
-    """Work out which weights and activation the teacher will use, before loading anything.
+def schema_weights(model: str) -> str:
+    """The weights file open_clip loads for an hf-hub: or local-dir: model (refused when there is none:
+    open_clip would go on with random weights)."""
+    if model.startswith("local-dir:"):
+        found = _find_checkpoint_in_dir(Path(model.removeprefix("local-dir:")))
+        if found is None:
+            raise UserError(f"teacher '{model}': no weights (*.safetensors, *.bin, *.pth) in the folder")
+        return str(Path(found).resolve())
+    try:
+        return download_pretrained_from_hf(model.removeprefix("hf-hub:"))
+    except Exception as exc:
+        raise UserError(f"teacher '{model}': no weights in the Hugging Face cache: {first_line(exc)}") from None
 
-    pretrained: 'none' (random weights, real architecture), a weights file, or an open_clip tag.
-    quick_gelu: None = automatic (the model name ends in -quickgelu, the tag was trained with
-    QuickGELU as OpenAI's were, or the file is an OpenAI TorchScript archive).
+
+def resolve_identity(teacher: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> TeacherIdentity:
+    """Work out which weights and activation the teacher will use, before loading its weights.
+
+    pretrained: None (the 'openai' tag; for hf-hub:/local-dir: names the weights that come with them),
+    'none' (random weights, real architecture), a weights file, or an open_clip tag.
+    quick_gelu: None = automatic where it is certain: the model config says so (-quickgelu names, hub
+    configs), the tag was trained with QuickGELU, the hub repo's tag is openai, or the file is an OpenAI
+    TorchScript archive. A bare weights file for an architecture OpenAI released (BOTH_KINDS) can be
+    either kind: refused unless quick_gelu is given.
     """
-    model = resolve_model_name(teacher)
-    config_file = teacher_config_file(teacher)
-    config = str(config_file.resolve()) if config_file is not None else None
-    auto_quick_gelu = model.endswith("-quickgelu")
-    if pretrained.lower() in ("none", ""):
+    model, config = resolve_model(teacher)
+    auto_quick_gelu = bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
+    if has_schema(model):
+        if pretrained is not None:
+            raise UserError(f"--pretrained does not apply to '{teacher}', which brings its own weights: leave it out")
+        tag = schema_weights(model)
+        sha = sha256_file(tag)
+        auto_quick_gelu = auto_quick_gelu or model.lower().endswith(".openai")
+    elif pretrained is not None and pretrained.lower() in ("none", ""):
         tag, sha = None, None
-    elif Path(pretrained).is_file():
+    elif pretrained is not None and Path(pretrained).is_file():
         tag, sha = str(Path(pretrained).resolve()), sha256_file(pretrained)
-        auto_quick_gelu = auto_quick_gelu or is_openai_archive(pretrained)
-    elif get_pretrained_cfg(model, pretrained):
-        tag, sha = pretrained, None
-        auto_quick_gelu = auto_quick_gelu or bool(get_pretrained_cfg(model, pretrained).get("quick_gelu"))
+        openai_archive = is_openai_archive(pretrained)
+        if quick_gelu is None and model in BOTH_KINDS and not openai_archive:
+            raise UserError(
+                f"--pretrained {pretrained}: {model} weights exist with QuickGELU (OpenAI's, also as "
+                f"open_clip_pytorch_model.bin on the hub) and with GELU (LAION, DataComp, ...): pass --quick-gelu "
+                f"for OpenAI weights, --no-quick-gelu for the others"
+            )
+        auto_quick_gelu = auto_quick_gelu or openai_archive
     else:
-        known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none known"
-        raise UserError(
-            f"--pretrained '{pretrained}' is neither a weights file nor an open_clip tag of {model} ({known})"
-        )
+        pretrained = pretrained or "openai"
+        tag_cfg = get_pretrained_cfg(model, pretrained)
+        if not tag_cfg:
+            known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none known"
+            raise UserError(
+                f"--pretrained '{pretrained}' is neither a weights file nor an open_clip tag of {model} ({known})"
+            )
+        tag, sha = pretrained, None
+        auto_quick_gelu = auto_quick_gelu or bool(tag_cfg.get("quick_gelu"))
     return TeacherIdentity(model, tag, sha, auto_quick_gelu if quick_gelu is None else quick_gelu, config)
 
 
 def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Module:
     """The whole open_clip model (image and text towers) in eval mode, fp32, on `device`.
 
-    Random weights (pretrained None) are drawn from a fixed seed, so every process that asks for
-    the same random teacher (a resumed build, a Dask worker, a test) gets the same one.
+    A config-JSON teacher is rebuilt from the config content the identity holds. Random weights
+    (pretrained None) are drawn from a fixed seed, so every process that asks for the same random
+    teacher (a resumed build, a Dask worker, a test) gets the same one.
     """
-    if identity.model not in open_clip.list_models():
-        if not identity.config or not Path(identity.config).is_file():
-            raise UserError(
-                f"teacher '{identity.model}' is not an open_clip model and its config JSON "
-                f"'{identity.config}' is not reachable: pass --teacher CONFIG.json"
-            )
-        open_clip.add_model_config(identity.config)
+    if identity.config:
+        register_config(identity.model, identity.config)
+    elif not has_schema(identity.model) and identity.model not in open_clip.list_models():
+        raise UserError(
+            f"teacher '{identity.model}' is not an open_clip model and no config was recorded with it: "
+            "pass --teacher CONFIG.json"
+        )
+    pretrained = None if has_schema(identity.model) else identity.pretrained
     logging.disable(logging.ERROR)  # open_clip logs what we report as one line below, and its info chatter
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_TEACHER_SEED)
             model = open_clip.create_model(
-                identity.model,
-                pretrained=identity.pretrained,
-                force_quick_gelu=identity.quick_gelu,
-                device=device,
+                identity.model, pretrained=pretrained, device=device, quick_gelu=identity.quick_gelu
             )
     except Exception as exc:  # a missing download, a corrupt file or another architecture's weights
         reason = first_line(exc) or type(exc).__name__
@@ -157,12 +250,28 @@ class Teacher:
         self.device = device
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.tower = clip.visual.to(self.dtype)
-        cfg = clip.visual.preprocess_cfg
-        self.view_size = int(cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"])
+        cfg = clip.visual.preprocess_cfg  # set by open_clip for every tower, timm ones included
+        height, width = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
+        if height != width:
+            raise UserError(f"teacher {identity.model} takes {height}x{width} images; zs-cache feeds square views")
+        self.view_size = int(height)
         self.mean = tuple(float(m) for m in cfg["mean"])
         self.std = tuple(float(s) for s in cfg["std"])
-        self.embed_dim = int(clip.visual.output_dim)
+        self.embed_dim = self._output_size()
         self.forward = torch.compile(self.tower) if compile and device.type == "cuda" else self.tower
+
+    @torch.inference_mode()
+    def _output_size(self) -> int:
+        """The embedding size, from one forward pass: only some towers have an output_dim attribute."""
+        probe = torch.zeros(1, 3, self.view_size, self.view_size, device=self.device, dtype=self.dtype)
+        try:
+            output = self.tower(probe)  # (1, D)
+        except Exception as exc:  # e.g. a timm trunk built for another input size than the config's image_size
+            raise UserError(
+                f"teacher {self.identity.model}: its image tower fails on {self.view_size}px input, the size its "
+                f"preprocess config gives: {first_line(exc)}"
+            ) from None
+        return int(output.shape[-1])
 
     def preprocessing(self) -> dict:
         return {"view_size": self.view_size, "mean": list(self.mean), "std": list(self.std)}

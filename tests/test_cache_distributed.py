@@ -28,6 +28,7 @@ from zeroseg.pipeline.dask_build import (
     WorkerUserError,
     encode_shard_on_worker,
     require_visible,
+    scheduler_address,
     worker_counts,
 )
 from zeroseg.pipeline.errors import UserError
@@ -94,6 +95,21 @@ def test_two_workers_match_single_process(cluster, photos, tmp_path):
     assert two.meta.teacher == one.meta.teacher and two.meta.preprocessing == one.meta.preprocessing
     assert invoke(zs_cache, "verify", tmp_path / "two", "--no-progress").returncode == 0
     assert build(photos, tmp_path / "two", scheduler=cluster.scheduler.address).processed == 0
+
+
+def test_scheduler_file_names_the_cluster(cluster, photos, tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    cluster.write_scheduler_file(str(scheduler_file))
+    summary = build(photos, tmp_path / "store", scheduler_file=str(scheduler_file))
+    assert (summary.processed, summary.ok, summary.shards) == (10, 10, 3)
+    with pytest.raises(UserError, match="no Dask scheduler wrote '.*absent.json' within 0 s"):
+        scheduler_address(str(tmp_path / "absent.json"), timeout_s=0)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(UserError, match="broken.json' is not a Dask scheduler file"):
+        scheduler_address(str(tmp_path / "broken.json"), timeout_s=0)
+    common = ["--store", tmp_path / "other", "--teacher", TINY_TEACHER, "--pretrained", "none", "--no-progress"]
+    both = invoke(zs_cache, "build", photos, *common, "--scheduler-file", scheduler_file, "--workers", "2")
+    assert both.returncode == 2 and "--scheduler-file names the cluster to build on" in both.stderr
 
 
 def test_teacher_is_built_once_per_worker(cluster, photos, tmp_path):

@@ -5,8 +5,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 from filelock import FileLock
@@ -18,6 +20,7 @@ from zeroseg.pipeline.store import FeatureStore
 REPO = Path(__file__).resolve().parents[1]
 NIGHTLY = REPO / "workflows" / "nightly.py"
 NIGHTLY_CRASH = REPO / "tests" / "nightly_crash.py"  # the runner with a crash injected into one step
+IMAGE_ROOT = Path("/opt/zeroseg")  # where the Dockerfile puts the repository
 SHELL_SCRIPTS = sorted((REPO / "workflows").rglob("*.sbatch")) + [REPO / "demo.sh", REPO / ".ci" / "run"]
 
 
@@ -117,12 +120,49 @@ def test_shell_scripts_parse_and_pass_shellcheck(script):
     assert result.returncode == 0, result.stdout
 
 
+def cronjob_spec() -> dict:
+    return yaml.safe_load((REPO / "workflows" / "k8s" / "nightly-cronjob.yaml").read_text())
+
+
 def test_yaml_specs_parse():
-    cronjob = yaml.safe_load((REPO / "workflows" / "k8s" / "nightly-cronjob.yaml").read_text())
+    cronjob = cronjob_spec()
     assert cronjob["kind"] == "CronJob" and cronjob["spec"]["concurrencyPolicy"] == "Forbid"
-    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:2] == ["python", "workflows/nightly.py"]
     example = yaml.safe_load((REPO / "workflows" / "nightly.example.yaml").read_text())
     assert {"work_dir", "store", "sources", "train", "eval"} <= set(example)
+    assert Path(example["train"]["args"][1]).relative_to(IMAGE_ROOT).as_posix() == "configs/zeroseg-imagenet.yaml"
     for config in (REPO / "configs").glob("*.yaml"):
         assert isinstance(yaml.safe_load(config.read_text()), dict)
+
+
+def test_cronjob_validates_against_the_kubernetes_schemas():
+    cronjob = cronjob_spec()
+    version = kubernetes_validate.latest_version()
+    kubernetes_validate.validate(cronjob, version, strict=True)
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    pod["containers"][0]["workDir"] = pod["containers"][0].pop("workingDir")  # a misspelt field is caught
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(cronjob, version, strict=True)
+
+
+def test_cronjob_runs_the_image_the_dockerfile_builds():
+    """Absolute paths that the Dockerfile puts in the image, a pinned tag, GPU requests, /dev/shm in memory."""
+    pod = cronjob_spec()["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    dockerfile = (REPO / "Dockerfile").read_text().splitlines()
+    assert any(line.startswith("FROM pytorch/pytorch:") and "cuda" in line for line in dockerfile)
+    assert f"WORKDIR {IMAGE_ROOT}" in dockerfile and container["workingDir"] == str(IMAGE_ROOT)
+    copied = {line.split()[1] for line in dockerfile if line.startswith("COPY ")}
+    assert {"configs", "workflows", "pipeline", "trainer", "evaluation", "src"} <= copied
+    assert all((REPO / path).exists() for path in copied)
+    assert any(line.startswith("RUN pip install .") for line in dockerfile)
+    script = Path(container["command"][1])
+    assert container["command"][0] == "python" and script.is_absolute()
+    assert (REPO / script.relative_to(IMAGE_ROOT)).is_file() and script.relative_to(IMAGE_ROOT).parts[0] in copied
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert container["image"].rsplit(":", 1)[1] == version
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "zeroseg-data"

@@ -9,7 +9,7 @@ config.json holds no absolute path:
                     name, pretrained tag (None for random weights or a weights file), weights_file (the file's
                     name) and weights_sha256 when trained from a file, quick_gelu, and config: "teacher/<model>.json" (a
                     copy, named so open_clip registers it under the same model name) when the teacher is a
-                    model-config JSON rather than a built-in open_clip name
+                    model-config JSON rather than a built-in open_clip name (the content the checkpoint recorded)
     preprocessing   the input normalisation (mean, std) and image_size of training
     step            optimizer steps of the checkpoint exported; source: that checkpoint's file name
 
@@ -23,7 +23,6 @@ segment_blocks, seg_norm) and the projections into the teacher's space (segment_
 """
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from zeroseg.pipeline.atomic import atomic_path, write_atomically
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.teacher import TeacherIdentity
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import ModelConfig
 
@@ -53,13 +53,13 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher = dict(meta["store"]["teacher"])
-    config_path = teacher.get("config")
+    config = TeacherIdentity(**teacher).config  # canonical JSON (older checkpoints recorded a path: read here)
     config_copy = f"teacher/{teacher['model']}.json"
-    if config_path:
-        if not Path(config_path).is_file():
-            raise UserError(f"the teacher's model config {config_path} recorded in the checkpoint is not here")
+    if teacher.get("config") and config is None:
+        raise UserError(f"the teacher's model config {teacher['config']} recorded in the checkpoint is not here")
+    if config:
         (out / config_copy).parent.mkdir(exist_ok=True)
-        shutil.copyfile(config_path, out / config_copy)
+        write_atomically(out / config_copy, json.dumps(json.loads(config), indent=1) + "\n")
     pretrained = teacher.get("pretrained")
     from_file = pretrained is not None and Path(pretrained).is_absolute()
     document = {
@@ -71,7 +71,7 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
             "weights_file": Path(pretrained).name if from_file else None,
             "weights_sha256": teacher.get("weights_sha256"),
             "quick_gelu": teacher["quick_gelu"],
-            "config": config_copy if config_path else None,
+            "config": config_copy if config else None,
         },
         "preprocessing": {**(meta["store"].get("preprocessing") or {}), "image_size": model.cfg.image_size},
         "step": meta.get("step"),
@@ -113,9 +113,16 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[Z
         "pretrained": str((path / weights).resolve()) if weights else exported["pretrained"],
         "weights_sha256": exported["weights_sha256"],
         "quick_gelu": exported["quick_gelu"],
-        "config": str((path / exported["config"]).resolve()) if exported["config"] else None,
+        "config": _read_teacher_config(path / exported["config"]) if exported["config"] else None,
     }
     preprocessing = {key: value for key, value in document["preprocessing"].items() if key != "image_size"}
     store = {"teacher": teacher, "preprocessing": preprocessing}
     return model, {"step": document.get("step"), "model_config": document["model_config"], "store": store,
                    "path": str(path)}
+
+
+def _read_teacher_config(config_file: Path) -> dict:
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"exported teacher config {config_file} cannot be read: {exc}") from None
