@@ -17,31 +17,48 @@ HELP = """
 Labeling rules (--rule). Class names (index 0 'background' excluded) go through the text tower of the
 teacher CLIP recorded in the checkpoint (or --teacher/--pretrained), one embedding per class: the mean
 of the L2-normalised prompt embeddings, normalised again. With s = min(exp(logit_scale), 100) of that
-CLIP, A = softmax over the foreground classes of cos(e, t_c) * s.
-groupvit (default, GroupViT's protocol, which the paper follows): per window, the top-k classes
-(--top-k, 5) of the image embedding z's softmax are the image prior; every segment's A restricted to
-them and softmaxed again, times A, is its score P; pixels take the scores of their argmax segment
-(soft assignments of the grouping stages, chained and resized bilinearly); a pixel's background
+CLIP (or --temperature), A = softmax over the foreground classes of cos(e, t_c) * s.
+groupvit (zeroseg's default, GroupViT's protocol, which the paper follows): per window, the top-k
+classes (--top-k, 5) of the image embedding z's softmax are the image prior; every segment's A
+restricted to them and softmaxed again, times A, is its score P; pixels take the scores of their argmax
+segment (soft assignments of the grouping stages, chained and resized bilinearly); a pixel's background
 channel is 1 where its best score < min(threshold, best P of the window). Windows are fused as mmseg
 does: [background, class scores] averaged over the windows covering a pixel, argmax (background wins
-ties). softmax (the rule before, to reproduce old numbers): scores A, no prior; background where the
-best score is strictly below the threshold (--keep-best-group caps it at the window's best score),
-scores and thresholds averaged over windows. MaskCLIP (Zhou et al., ECCV 2022; not the "MaskCLIP" row
-of the ZeroSeg paper's Table 1, Dong et al.): every patch token scores A, maps resized bilinearly,
-same background and fusion as the rule chosen. Thresholds per dataset: the paper's 0.95 VOC / 0.05
-Context / 0.35 COCO, or --bg-threshold.
+ties). softmax (the training-free methods' default, and the rule before, to reproduce old numbers):
+scores A, no prior; background where the best score is strictly below the threshold (--keep-best-group
+caps it at the window's best score), scores and thresholds averaged over windows.
+MaskCLIP, SCLIP, ClearCLIP, NACLIP (training-free, the CLIP's last image block changed as each paper
+defines it; MaskCLIP is Zhou et al., ECCV 2022, not the "MaskCLIP" row of the ZeroSeg paper's Table 1,
+Dong et al.): every patch token scores A, maps resized bilinearly, no image prior, background and
+fusion as the rule chosen. With background names the background class is scored in the same softmax
+and a pixel is also background where its best class scores below the background class. Thresholds per
+dataset: the method's, else the paper's 0.95 VOC / 0.05 Context / 0.35 COCO, or --bg-threshold.
+
+Method defaults (each an option). zeroseg: the groupvit rule, the CLIP's logit scale, the paper's
+thresholds, one prompt, short side 448, slide 448/224; maskclip the same with the softmax rule. The
+others, from their code, all with the softmax rule:
+
+\b
+  sclip      temperature 65 VOC, 50 Context/COCO; threshold 0.1; openai80; short side 336, slide 224/112;
+             background names: 26 stuff names (VOC, COCO), 'background' (Context)
+  clearclip  temperature 50; threshold 0.5 VOC, 0.15 Context, 0.4 COCO; openai80; short side 448,
+             slide 448/224; background name 'background'
+  naclip     temperature 40; threshold 0.1; openai80; short side 336, whole (VOC) or slide 224/112;
+             background names as sclip; Gaussian std 5 patches
 
 Geometry. Images are resized keeping their aspect ratio to --short-side (long side capped at
 --max-long-side), bicubic, sides rounded to a multiple of the patch size, and normalised with the
-checkpoint's mean/std (MaskCLIP: the CLIP's). slide (default, GroupViT's setting for VOC, Context
-and COCO): --crop-size windows every --stride pixels, fused as the rule says. whole: one forward of
-the resized image. Scores are produced at the original image size, where the metric is computed.
+checkpoint's mean/std (the training-free methods: the CLIP's). slide (zeroseg's and maskclip's default,
+GroupViT's setting for VOC, Context and COCO): --crop-size windows every --stride pixels, fused as the
+rule says. whole: one forward of the resized image. Scores are produced at the original image size,
+where the metric is computed.
 
 Metric. One int64 confusion matrix over the whole split (ignore label left out); per-class IoU, mIoU
 over the classes present in ground truth or prediction (the others are listed as absent), pixel
 accuracy. Run under torchrun to shard images over processes; their matrices are summed.
 
-COCO-Object label maps from an instances JSON: zs-eval prepare coco --help.
+COCO-Object label maps from an instances JSON: zs-eval prepare coco --help. One table from several
+reports (methods as rows, datasets as columns): zs-eval compare --help.
 """
 
 NO_REWRAP_LAYOUT = DATA_LAYOUT.replace("\n\n", "\n\n\b\n", 1)  # click keeps a paragraph after \b as written
@@ -61,7 +78,9 @@ def evaluate(
         ..., "--data-root", help="Folder holding VOCdevkit/ and coco/ (Data layout below)."
     ),
     checkpoint: str | None = typer.Option(None, help=cli_options.CHECKPOINT_HELP),
-    model: str = typer.Option("zeroseg", help="zeroseg (needs --checkpoint) or maskclip (training-free baseline)."),
+    model: str = typer.Option(
+        "zeroseg", help="zeroseg (needs --checkpoint), or training-free: maskclip, sclip, clearclip, naclip."
+    ),
     predictions: Path | None = typer.Option(
         None, help="Score saved label PNGs instead (<image id>.png in DIR/<dataset>/ if present, else DIR)."
     ),
@@ -70,19 +89,30 @@ def evaluate(
         "(default: the checkpoint's)."
     ),
     pretrained: str | None = typer.Option(
-        None, help="Its weights: open_clip tag, weights file or 'none' (default: the checkpoint's; maskclip: openai)."
+        None, help="Its weights: open_clip tag, weights file or 'none' (default: the checkpoint's; baselines: openai)."
     ),
     quick_gelu: bool | None = cli_options.QUICK_GELU,
-    templates: str = cli_options.TEMPLATES,
+    templates: str | None = typer.Option(None, help="Prompts: single, openai80, or a file (default: the method's)."),
     text_cache: Path | None = cli_options.TEXT_CACHE,
-    rule: str = cli_options.RULE,
+    rule: str | None = typer.Option(
+        None, help="Labeling rule: groupvit (GroupViT's, the paper's protocol) or softmax (default: the method's)."
+    ),
     top_k: int = cli_options.TOP_K,
-    mode: str = typer.Option("slide", help="slide or whole (see Geometry below)."),
-    short_side: int = cli_options.SHORT_SIDE,
+    mode: str | None = typer.Option(None, help="slide or whole (default: the method's; zeroseg: slide)."),
+    short_side: int | None = typer.Option(None, help="Short side of the resized image (default: method's, 448)."),
     max_long_side: int = cli_options.MAX_LONG_SIDE,
-    crop_size: int = cli_options.CROP_SIZE,
-    stride: int = cli_options.STRIDE,
-    bg_threshold: float | None = typer.Option(None, help="Background threshold for every dataset (default: paper's)."),
+    crop_size: int | None = typer.Option(None, help="Slide window side (default: the method's, 448)."),
+    stride: int | None = typer.Option(None, help="Slide window stride (default: the method's, 224)."),
+    bg_threshold: float | None = typer.Option(
+        None, help="Background threshold for every dataset (default: the method's, else the paper's)."
+    ),
+    temperature: float | None = typer.Option(
+        None, help="Multiplies cosines before the class softmax (default: the method's; zeroseg: the CLIP's)."
+    ),
+    background_names: str | None = typer.Option(
+        None, help="Dense models: comma-separated names scored as the background class, or 'none'."
+    ),
+    gaussian_std: float | None = typer.Option(None, help="NACLIP: neighbourhood prior std in patches (default 5)."),
     keep_best_group: bool = typer.Option(
         False, help="softmax rule: never make a window's best-scoring segment background (groupvit always)."
     ),
@@ -112,11 +142,13 @@ def evaluate(
     opened = [(open_dataset(name, data_root, split), split or DEFAULT_SPLITS.get(name)) for name in datasets]
     if predictions is not None and checkpoint is not None:
         raise UserError("--predictions scores saved label maps; it takes no --checkpoint")
-    geometry = cli_options.geometry_or_exit(mode, short_side, max_long_side, crop_size, stride)
+    given = {"mode": mode, "short_side": short_side, "max_long_side": max_long_side, "crop_size": crop_size}
+    geometry = {name: value for name, value in {**given, "stride": stride}.items() if value is not None}
+    cli_options.check_geometry(geometry)
     cli_options.check_rule(rule, top_k)
     options = ModelOptions(
         model, checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
-        geometry, keep_best_group, window_batch, rule, top_k,
+        geometry, keep_best_group, window_batch, rule, top_k, temperature, background_names, gaussian_std,
     )  # fmt: skip
     out_dir = out or _default_output(options, predictions)
     process = process_group.setup(device)
@@ -132,7 +164,7 @@ def evaluate(
                 confusion = score_saved_predictions(dataset, folder, process, progress)
                 config = {"model": "predictions", "predictions": str(folder.resolve())}
             else:
-                threshold = dataset.bg_threshold if bg_threshold is None else bg_threshold
+                threshold = loaded.default_bg_threshold(dataset) if bg_threshold is None else bg_threshold
                 saving = [folder / dataset.name if folder else None for folder in (save_predictions, save_vis)]
                 confusion, config = _segment_dataset(
                     loaded, dataset, threshold, process, saving, decode_threads, progress
@@ -156,7 +188,7 @@ def _segment_dataset(loaded, dataset, threshold, process, saving, decode_threads
     """(confusion matrix, config) of one dataset; its segmenter is released on return."""
     from zeroseg.evaluation.evaluate import segment_split
 
-    segmenter = loaded.segmenter(dataset.class_names, threshold)
+    segmenter = loaded.segmenter(dataset.class_names, threshold, dataset.name)
     confusion = segment_split(dataset, segmenter, process, *saving, workers=decode_threads, progress=progress)
     config = {
         **loaded.description,
@@ -226,11 +258,33 @@ def prepare_coco(
     typer.echo(f"wrote {written} COCO-Object label maps to {target}")
 
 
+compare_app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+
+
+@compare_app.command()
+def compare(
+    reports: list[Path] = typer.Argument(
+        ..., metavar="REPORT", help="zs-eval results JSONs (<dataset>.json).", show_default=False
+    ),
+    out: Path = typer.Option(Path("zs-eval-compare"), help="Write OUT.md (the table) and OUT.png (a bar chart)."),
+) -> None:
+    """One mIoU table from REPORT... (methods as rows, datasets as columns), printed, as Markdown and PNG."""
+    from zeroseg.evaluation.compare import comparison_table, format_table, write_comparison
+
+    methods, datasets, cells = comparison_table(reports)
+    typer.echo(format_table(methods, datasets, cells, markdown=False))
+    markdown_path, png_path = write_comparison(methods, datasets, cells, out)
+    typer.echo(f"table: {markdown_path} and {png_path}")
+
+
 def main() -> None:
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
     if sys.argv[1:2] == ["prepare"]:
         sys.argv = [sys.argv[0], *sys.argv[2:]]
         run_cli(partial(prepare_app, prog_name="zs-eval prepare"))
+    if sys.argv[1:2] == ["compare"]:
+        sys.argv = [sys.argv[0], *sys.argv[2:]]
+        run_cli(partial(compare_app, prog_name="zs-eval compare"))
     run_cli(partial(app, prog_name="zs-eval"))
 
 

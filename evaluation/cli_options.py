@@ -31,10 +31,16 @@ def geometry_or_exit(mode: str, short_side: int, max_long_side: int, crop_size: 
         raise UserError(str(exc)) from None
 
 
-def check_rule(rule: str, top_k: int) -> None:
+def check_geometry(given: dict) -> None:
+    """UserError naming the bad one of the Geometry fields `given` (the others left at their defaults)."""
+    geometry_or_exit(**{**vars(Geometry()), **given})
+
+
+def check_rule(rule: str | None, top_k: int) -> None:
+    """UserError for an unknown rule (None: the method's own) or a top-k below 1."""
     from zeroseg.evaluation.labeling_rule import RULES  # torch: imported once a command runs
 
-    if rule not in RULES:
+    if rule is not None and rule not in RULES:
         raise UserError(f"--rule '{rule}' is not one of {', '.join(RULES)}")
     if top_k < 1:
         raise UserError(f"--top-k must be positive, got {top_k}")

@@ -25,6 +25,12 @@ covering a pixel, which takes its best class, or background where that is strict
 background value.
 
 Both: without bg_threshold no pixel is background; class ties go to the lower class index.
+
+Background class (dense scorers with background names, SCLIP's protocol): the softmax runs over those
+names and the foreground classes together; the background probability of a patch is the highest of
+the names', resized bilinearly to the window, and a pixel's background value is the larger of that and
+the window's threshold (`background_values`, a per-pixel [h, w] threshold; both rules compare it
+elementwise with the pixel's best foreground score).
 """
 
 import math
@@ -91,7 +97,7 @@ class WindowScores(Protocol):
     """One window's class scores over its footprint `box` (top, left, height, width) of the original image."""
 
     box: tuple[int, int, int, int]
-    threshold: float  # the window's background value (groupvit: below it the background channel is 1)
+    threshold: float | torch.Tensor  # the window's background value, or one per pixel [h, w] (`background_values`)
 
     @property
     def device(self) -> torch.device: ...
@@ -126,10 +132,11 @@ class GroupWindowScores:
 
 @dataclass
 class DenseWindowScores:
-    """Dense scorers (MaskCLIP): per-patch scores resized bilinearly (align_corners=False) to the footprint."""
+    """Dense scorers (MaskCLIP, SCLIP, ClearCLIP, NACLIP): per-patch scores resized bilinearly
+    (align_corners=False) to the footprint."""
 
     box: tuple[int, int, int, int]
-    threshold: float
+    threshold: float | torch.Tensor  # or per pixel [h, w] (`background_values`)
     patch_scores: torch.Tensor  # [C_fg, h_tokens, w_tokens]
 
     @property
@@ -142,6 +149,13 @@ class DenseWindowScores:
 
     def best(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _running_best(self.class_scores, len(self.patch_scores), self.box[2:], self.device)
+
+
+def background_values(patch_background: torch.Tensor, box: tuple[int, int, int, int], threshold: float) -> torch.Tensor:
+    """Per-pixel background values of a window whose background class scores patch_background [h_t, w_t]:
+    those scores resized bilinearly to the footprint, raised to `threshold` where lower -> [h, w]."""
+    resized = F.interpolate(patch_background[None, None], size=box[2:], mode="bilinear", align_corners=False)[0, 0]
+    return resized.clamp(min=threshold)
 
 
 def window_threshold(scores: torch.Tensor, bg_threshold: float | None, keep_best_group: bool) -> float:
@@ -245,6 +259,8 @@ class LabelingRule:
     keep_best_group: bool = False  # softmax rule; groupvit always keeps the best group
     name: str = "groupvit"
     top_k: int = 5
+    background_names: tuple[str, ...] = ()  # dense scorers: names scored as the background class
+    background_text: torch.Tensor | None = None  # [len(background_names), D]
 
     def __post_init__(self) -> None:
         if self.name not in RULES:
@@ -257,6 +273,16 @@ class LabelingRule:
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         """A: [..., D] -> [..., C_fg] (dense scorers' per-patch scores under both rules)."""
         return class_scores(embeddings, self.text.to(embeddings.device), self.logit_scale)
+
+    def dense_scores(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[..., D] -> (foreground A [..., C_fg], background probability [...] or None without background text):
+        with background text the softmax runs over the background names and the classes together."""
+        if self.background_text is None:
+            return self.scores(embeddings), None
+        names = len(self.background_text)
+        text = torch.cat([self.background_text, self.text]).to(embeddings.device)  # [names + C_fg, D]
+        scores = class_scores(embeddings, text, self.logit_scale)  # [..., names + C_fg]
+        return scores[..., names:], scores[..., :names].amax(dim=-1)
 
     def group_scores(self, groups: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Segment tokens [N, G, D] and image embeddings [N, D] -> [N, G, C_fg]: P (groupvit) or A (softmax)."""
@@ -272,9 +298,15 @@ class LabelingRule:
         """owner [h, w] group per footprint pixel, group_scores [G, C_fg] from `group_scores`."""
         return GroupWindowScores(box, self.threshold(group_scores), owner, group_scores)
 
-    def dense_window(self, box: tuple, patch_scores: torch.Tensor) -> DenseWindowScores:
-        """patch_scores [C_fg, h_tokens, w_tokens] (e.g. `scores` of patch features), resized to the box."""
-        return DenseWindowScores(box, self.threshold(patch_scores.flatten(1).T), patch_scores)
+    def dense_window(
+        self, box: tuple, patch_scores: torch.Tensor, patch_background: torch.Tensor | None = None
+    ) -> DenseWindowScores:
+        """patch_scores [C_fg, h_tokens, w_tokens] and, with background names, the background class's
+        patch_background [h_tokens, w_tokens] (both from `dense_scores`), resized to the box."""
+        threshold = self.threshold(patch_scores.flatten(1).T)
+        if patch_background is not None:
+            threshold = background_values(patch_background, box, threshold)  # [h, w]
+        return DenseWindowScores(box, threshold, patch_scores)
 
     def decide(self, windows: list[WindowScores], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels [H, W] int64 and best averaged foreground scores [H, W] of an image's windows."""
@@ -290,8 +322,10 @@ class LabelingRule:
             "score": "top-k image prior softmax * softmax (GroupViT)" if groupvit else cosine,
             "top_k": min(self.top_k, len(self.text)) if groupvit else None,
             "logit_scale": self.logit_scale,
+            "temperature": None if self.logit_scale is None else _scale(self.logit_scale),
             "bg_threshold": self.bg_threshold,
             "keep_best_group": self.keep_best_group or groupvit,
+            "background_names": list(self.background_names),
             "window_fusion": "mean of [background 0/1, class scores], argmax (mmseg)"
             if groupvit
             else "mean of class scores and background values",

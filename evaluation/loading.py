@@ -1,20 +1,25 @@
-"""From command-line choices to segmenters: the student checkpoint (or MaskCLIP), the teacher CLIP whose
-text tower and logit_scale label the segments, and the class text embeddings of a vocabulary."""
+"""From command-line choices to segmenters: the student checkpoint (or a training-free dense CLIP method),
+the teacher CLIP whose text tower and logit_scale label the segments, and the class text embeddings of a
+vocabulary. Settings left unset take the method's own defaults (evaluation.baseline_settings)."""
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from zeroseg.evaluation.baseline_settings import method_settings
+from zeroseg.evaluation.dense_clip import LAST_BLOCKS, NACLIP_GAUSSIAN_STD
+from zeroseg.evaluation.dense_clip import METHODS as DENSE_METHODS
 from zeroseg.evaluation.labeling_rule import LabelingRule
-from zeroseg.evaluation.segmenter import MaskClipScorer, Scorer, WindowSegmenter, ZeroSegScorer
+from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.teacher import TeacherIdentity, create_clip, has_schema, register_config, resolve_identity
 
-MODELS = ("zeroseg", "maskclip")
+MODELS = ("zeroseg", *DENSE_METHODS)
 MASKCLIP_NOTE = (
     "MaskCLIP of Zhou et al., ECCV 2022 (Extract Free Dense Labels from CLIP); not the 'MaskCLIP' row of the"
     " ZeroSeg paper's Table 1, which is Dong et al.'s masked self-distillation"
@@ -23,20 +28,24 @@ MASKCLIP_NOTE = (
 
 @dataclass
 class ModelOptions:
-    """What to segment with. teacher / pretrained / quick_gelu None = as recorded in the checkpoint."""
+    """What to segment with. teacher / pretrained / quick_gelu None = as recorded in the checkpoint; templates,
+    geometry fields absent from `geometry`, temperature, background_names, gaussian_std None = the method's."""
 
     model: str = "zeroseg"
     checkpoint: str | None = None
     teacher: str | None = None
     pretrained: str | None = None
     quick_gelu: bool | None = None
-    templates: str = "single"
+    templates: str | None = None
     text_cache: str | None = None
-    geometry: Geometry = field(default_factory=Geometry)
+    geometry: dict = field(default_factory=dict)  # Geometry fields given on the command line
     keep_best_group: bool = False
     window_batch: int = 8
-    rule: str = "groupvit"  # evaluation.labeling_rule.RULES
+    rule: str | None = None  # evaluation.labeling_rule.RULES
     top_k: int = 5
+    temperature: float | None = None  # cosines are multiplied by it before the softmax (CLIP: exp(logit_scale))
+    background_names: str | None = None  # comma-separated names of a background class, or 'none'
+    gaussian_std: float | None = None  # NACLIP's neighbourhood prior, in patches
 
 
 @dataclass
@@ -53,19 +62,37 @@ class LoadedModel:
     device: torch.device
     description: dict  # what was loaded, for the results' config
 
-    def segmenter(self, class_names: Sequence[str], bg_threshold: float | None) -> WindowSegmenter:
-        """A segmenter for a vocabulary whose index 0 is 'background' (only names 1.. go through CLIP)."""
+    def segmenter(
+        self, class_names: Sequence[str], bg_threshold: float | None, dataset: str | None = None
+    ) -> WindowSegmenter:
+        """A segmenter for a vocabulary whose index 0 is background (only names 1.. go through CLIP), with the
+        method's settings for `dataset` (voc, context, coco) where the options leave them unset."""
         if not class_names or class_names[0] != "background":
             raise ValueError(f"a vocabulary starts with 'background' (label 0), got {list(class_names[:1])}")
-        text = class_text_embeddings(
-            self.clip, self.identity, list(class_names[1:]), self.templates, cache_dir=self.options.text_cache
-        )
         options = self.options
-        scale = float(self.clip.logit_scale.item())
-        rule = LabelingRule(text, scale, bg_threshold, options.keep_best_group, options.rule, options.top_k)
-        return WindowSegmenter(
-            self.scorer, rule, self.options.geometry, self.mean, self.std, self.device, self.options.window_batch
-        )
+        settings = method_settings(options.model, dataset)
+        try:
+            geometry = Geometry(**{**settings.geometry(), **options.geometry})
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        temperature = options.temperature or settings.temperature
+        logit_scale = float(self.clip.logit_scale.item()) if temperature is None else math.log(temperature)
+        background = settings.background_names
+        if options.background_names is not None:
+            background = _background_names(options.background_names)
+        rule = LabelingRule(
+            self._embed(class_names[1:]), logit_scale, bg_threshold, options.keep_best_group,
+            options.rule or settings.rule, options.top_k, background, self._embed(background) if background else None,
+        )  # fmt: skip
+        return WindowSegmenter(self.scorer, rule, geometry, self.mean, self.std, self.device, options.window_batch)
+
+    def default_bg_threshold(self, dataset) -> float:
+        """The method's background threshold on a SegmentationDataset, else the dataset's (ZeroSeg paper's)."""
+        threshold = method_settings(self.options.model, dataset.name).bg_threshold
+        return dataset.bg_threshold if threshold is None else threshold
+
+    def _embed(self, names: Sequence[str]):
+        return class_text_embeddings(self.clip, self.identity, list(names), self.templates, self.options.text_cache)
 
 
 def read_templates(choice: str) -> tuple[str, ...]:
@@ -85,9 +112,15 @@ def read_templates(choice: str) -> tuple[str, ...]:
 def load_eval_model(options: ModelOptions, device: torch.device) -> LoadedModel:
     if options.model not in MODELS:
         raise UserError(f"unknown --model '{options.model}' (choose from {', '.join(MODELS)})")
-    templates = read_templates(options.templates)
-    if options.model == "maskclip":
-        return _load_maskclip(options, templates, device)
+    if options.temperature is not None and not 0 < options.temperature <= 100:
+        raise UserError(f"--temperature must be in (0, 100] (scores cap it at 100), got {options.temperature}")
+    if options.gaussian_std is not None and (options.model != "naclip" or options.gaussian_std <= 0):
+        raise UserError("--gaussian-std is NACLIP's neighbourhood width (--model naclip), a positive number of patches")
+    if options.background_names is not None and options.model == "zeroseg":
+        raise UserError("--background-names is for the dense CLIP models (maskclip, sclip, clearclip, naclip)")
+    templates = read_templates(options.templates or method_settings(options.model, None).templates)
+    if options.model in DENSE_METHODS:
+        return _load_dense_clip(options, templates, device)
     return _load_zeroseg(options, templates, device)
 
 
@@ -124,19 +157,35 @@ def _normalisation(store: dict, clip: torch.nn.Module) -> tuple[tuple[float, ...
     return tuple(config["mean"]), tuple(config["std"]), "teacher CLIP preprocess_cfg"
 
 
-def _load_maskclip(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
+def _load_dense_clip(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
+    model = options.model
     if options.checkpoint is not None:
-        raise UserError("--model maskclip is training-free: it takes no --checkpoint, only --teacher/--pretrained")
+        raise UserError(f"--model {model} is training-free: it takes no --checkpoint, only --teacher/--pretrained")
     if options.teacher is None:
-        raise UserError("--model maskclip needs --teacher (an open_clip ViT name or config JSON) and --pretrained")
+        raise UserError(f"--model {model} needs --teacher (an open_clip ViT name or config JSON) and --pretrained")
     identity = resolve_identity(options.teacher, options.pretrained, options.quick_gelu)
     clip = create_clip(identity, device)
     config = clip.visual.preprocess_cfg
-    description = {"model": "maskclip", "method": MASKCLIP_NOTE, "teacher": identity.to_dict()}
+    description = {"model": model, "teacher": identity.to_dict(), "last_block": LAST_BLOCKS[model]}
+    if model == "maskclip":
+        description["method"] = MASKCLIP_NOTE
+    gaussian_std = options.gaussian_std or NACLIP_GAUSSIAN_STD
+    if model == "naclip":
+        description["gaussian_std"] = gaussian_std
     return LoadedModel(
-        MaskClipScorer(clip.visual), tuple(config["mean"]), tuple(config["std"]),
+        DenseClipScorer(clip.visual, model, gaussian_std), tuple(config["mean"]), tuple(config["std"]),
         clip, identity, templates, options, device, description,
     )  # fmt: skip
+
+
+def _background_names(choice: str) -> tuple[str, ...]:
+    """'none' -> no background class; else the comma-separated names."""
+    if choice.strip().lower() == "none":
+        return ()
+    names = tuple(name.strip() for name in choice.split(",") if name.strip())
+    if not names:
+        raise UserError("--background-names needs comma-separated names, or 'none'")
+    return names
 
 
 def _text_teacher(recorded: TeacherIdentity, options: ModelOptions) -> TeacherIdentity:

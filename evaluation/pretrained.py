@@ -55,17 +55,18 @@ class Segmenter:
         text_cache: str | Path | None = None,
         geometry: Geometry | None = None,
         keep_best_group: bool = False,
-        rule: str = "groupvit",
+        rule: str | None = None,
         top_k: int = 5,
     ) -> "Segmenter":
         """path: a folder written by `zs-train export`, a checkpoint .pt or a run folder (its latest checkpoint).
         teacher / pretrained override the CLIP recorded for the text side (needed when its weights file is not
         on this machine); text_cache: the text-embedding cache folder (default ~/.cache/zeroseg/text);
         geometry: evaluation.windows.Geometry (default: whole image, short side 448); rule, top_k: the labeling
-        rule (evaluation.labeling_rule.RULES: groupvit, GroupViT's with its top-k image prior, or softmax)."""
+        rule (evaluation.labeling_rule.RULES: groupvit, GroupViT's with its top-k image prior, the default, or
+        softmax)."""
         options = ModelOptions(
             "zeroseg", str(path), teacher, pretrained, templates=templates,
-            text_cache=str(text_cache) if text_cache else None, geometry=geometry or Geometry(),
+            text_cache=str(text_cache) if text_cache else None, geometry=vars(geometry or Geometry()),
             keep_best_group=keep_best_group, rule=rule, top_k=top_k,
         )  # fmt: skip
         chosen = device if isinstance(device, torch.device) else resolve_device(device)

@@ -78,7 +78,7 @@ def segment(
     cli_options.check_rule(rule, top_k)
     options = ModelOptions(
         "zeroseg", checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
-        geometry, keep_best_group, rule=rule, top_k=top_k,
+        vars(geometry), keep_best_group, rule=rule, top_k=top_k,
     )  # fmt: skip
     loaded = load_eval_model(options, resolve_device(device))
     segmenter = loaded.segmenter(class_names, bg_threshold)

@@ -8,8 +8,10 @@ Scorers (the rule itself, scores, prior, background and window fusion, is evalua
 - ZeroSeg (`ZeroSegScorer`): the student sees all patches; its segment tokens g and image embedding z
   score every class (`LabelingRule.group_scores`); the soft group assignments of its grouping stages,
   chained and resized bilinearly to the footprint, give every pixel its argmax group (`group_window`).
-- MaskCLIP (`MaskClipScorer`), a dense scorer: each patch token of evaluation.maskclip scores every
-  class; the per-class patch score maps [C_fg, h, w] go to `LabelingRule.dense_window`.
+- MaskCLIP, SCLIP, ClearCLIP, NACLIP (`DenseClipScorer`), dense scorers: each patch token of
+  evaluation.dense_clip scores every class (`LabelingRule.dense_scores`); the per-class patch score maps
+  [C_fg, h, w], and with background names (SCLIP's protocol) the background class's probability map
+  [h, w], go to `LabelingRule.dense_window`.
 """
 
 from collections.abc import Sequence
@@ -20,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from zeroseg.evaluation.dense_clip import NACLIP_GAUSSIAN_STD, check_vit_tower, dense_features
 from zeroseg.evaluation.labeling_rule import LabelingRule, WindowScores, compose_assignments
-from zeroseg.evaluation.maskclip import check_maskclip_tower, maskclip_features
 from zeroseg.evaluation.windows import Geometry, Window, plan_windows, resized_shape
 from zeroseg.trainer.model import ZeroSeg
 
@@ -55,18 +57,25 @@ class ZeroSegScorer:
         return result
 
 
-class MaskClipScorer:
-    def __init__(self, visual: torch.nn.Module):
-        check_maskclip_tower(visual)
+class DenseClipScorer:
+    """A CLIP image tower with its last block changed by `method` (evaluation.dense_clip)."""
+
+    def __init__(self, visual: torch.nn.Module, method: str = "maskclip", gaussian_std: float = NACLIP_GAUSSIAN_STD):
+        check_vit_tower(visual, method)
         self.visual = visual.eval()
+        self.method = method
+        self.gaussian_std = gaussian_std
         self.patch_size = int(visual.patch_size[0])
 
     @torch.inference_mode()
     def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list[WindowScores]:
-        features, (rows, cols) = maskclip_features(self.visual, batch)  # [N, h*w, D]
-        scores = rule.scores(features)  # [N, h*w, C_fg]
+        features, (rows, cols) = dense_features(self.visual, batch, self.method, self.gaussian_std)  # [N, h*w, D]
+        scores, background = rule.dense_scores(features)  # [N, h*w, C_fg], [N, h*w] or None
         patch_maps = scores.transpose(1, 2).reshape(len(batch), -1, rows, cols)  # [N, C_fg, h, w]
-        return [rule.dense_window(box, patch_maps[index]) for index, box in enumerate(boxes)]
+        if background is None:
+            return [rule.dense_window(box, patch_maps[index]) for index, box in enumerate(boxes)]
+        background_maps = background.view(len(batch), rows, cols)  # [N, h, w]
+        return [rule.dense_window(box, patch_maps[i], background_maps[i]) for i, box in enumerate(boxes)]
 
 
 @dataclass

@@ -119,6 +119,9 @@ def test_maskclip_baseline_and_slide_mode_run_through_the_same_evaluator(setup, 
     assert len(results(tmp_path / "m", "coco")["per_class_iou"]) == 81
     assert results(tmp_path / "m", "voc")["config"]["model"] == "maskclip"
     assert "Zhou et al., ECCV 2022" in results(tmp_path / "m", "voc")["config"]["method"]
+    maskclip_config = results(tmp_path / "m", "voc")["config"]
+    assert maskclip_config["labeling"]["rule"] == "softmax" and maskclip_config["labeling"]["keep_best_group"] is False
+    assert maskclip_config["geometry"]["mode"] == "slide"  # zeroseg's geometry, its own per-patch rule
     assert "not the 'MaskCLIP' row" in (tmp_path / "m" / "voc.md").read_text()
 
     whole = invoke(

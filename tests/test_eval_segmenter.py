@@ -11,6 +11,7 @@ from tests.conftest import TINY_TEACHER, VOC_ROOT
 from tests.test_labeling_rule import numpy_groupvit_labels
 from zeroseg.evaluation import labeling_rule as rule_module
 from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
+from zeroseg.evaluation.dense_clip import dense_features
 from zeroseg.evaluation.labeling_rule import (
     DenseWindowScores,
     GroupWindowScores,
@@ -19,8 +20,7 @@ from zeroseg.evaluation.labeling_rule import (
     combine_windows,
     compose_assignments,
 )
-from zeroseg.evaluation.maskclip import maskclip_features
-from zeroseg.evaluation.segmenter import MaskClipScorer, WindowSegmenter, ZeroSegScorer, describe_segments
+from zeroseg.evaluation.segmenter import DenseClipScorer, WindowSegmenter, ZeroSegScorer, describe_segments
 from zeroseg.evaluation.text import class_text_embeddings
 from zeroseg.evaluation.windows import Geometry, plan_windows, resized_shape, window_starts
 from zeroseg.pipeline.teacher import create_clip, resolve_identity
@@ -135,7 +135,7 @@ def test_maskclip_features_are_the_last_block_with_self_only_attention(clip):
     visual = clip[1].visual
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        features, grid = maskclip_features(visual, images)
+        features, grid = dense_features(visual, images)
         tokens = visual._embeds(images)
         for block in visual.transformer.resblocks[:-1]:
             tokens = block(tokens)
@@ -145,7 +145,7 @@ def test_maskclip_features_are_the_last_block_with_self_only_attention(clip):
     assert features.shape == (2, 4 * 4, 32) and grid == (4, 4)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        other, other_grid = maskclip_features(visual, torch.randn(1, 3, 48, 64))  # positions resized to 6 x 8
+        other, other_grid = dense_features(visual, torch.randn(1, 3, 48, 64))  # positions resized to 6 x 8
     assert other.shape == (1, 6 * 8, 32) and other_grid == (6, 8)
 
 
@@ -205,7 +205,7 @@ def test_slide_with_one_window_equals_whole_and_maskclip_segments(clip, text, st
     assert np.array_equal(whole.labels, one_window.labels)
 
     for mode in ("whole", "slide"):
-        result = segmenter(MaskClipScorer(clip[1].visual), rule, mode=mode, **SMALL).segment(image)
+        result = segmenter(DenseClipScorer(clip[1].visual), rule, mode=mode, **SMALL).segment(image)
         assert result.labels.shape == (366, 500) and 0 <= result.labels.min() and result.labels.max() <= 20
         segments = describe_segments(result, VOC_CLASS_NAMES)
         assert math.isclose(sum(s["pixel_share"] for s in segments), 1.0)

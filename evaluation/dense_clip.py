@@ -1,0 +1,131 @@
+"""Training-free dense CLIP features: the image tower with its last block changed, for `--model maskclip`,
+`sclip`, `clearclip` and `naclip`.
+
+The CLIP ViT runs unchanged up to its last block (positional embedding resized bicubically to the
+input's token grid, so any size whose sides are multiples of the patch size works). The last block
+is replaced as each paper defines it; ln_post and the visual projection `proj` then map every patch
+token into CLIP's joint space -> [B, h*w, D], compared there with the class text embeddings.
+
+With x the last block's input [B, 1+h*w, width], y = ln_1(x), per head q, k, v the block's own
+in-projections of y (head_dim d, scale = d^-1/2) and Attn(A) = out_proj(heads of A @ v concatenated):
+- maskclip (Zhou et al., ECCV 2022): A = I (each token keeps its own value); residual and MLP kept:
+  x' = x + Attn(I), out = x' + mlp(ln_2(x')).
+- sclip (Wang et al., 2024, correlative self-attention): A = softmax(q q^T * scale) + softmax(k k^T * scale);
+  residual and MLP kept as in maskclip.
+- clearclip (Lan et al., ECCV 2024): A = softmax(q q^T * scale); no residual, no MLP: out = Attn(A).
+- naclip (Hajimiri et al., WACV 2025): A = softmax(k k^T * scale + G), G the Gaussian neighbourhood prior
+  of `gaussian_prior` (std 5 patches by default); no residual, no MLP: out = Attn(A).
+"""
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+from zeroseg.pipeline.errors import UserError
+
+LAST_BLOCKS = {  # what each method's last block computes, recorded in its reports
+    "maskclip": "x + Attn(I), then + mlp(ln_2(.))",
+    "sclip": "x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.))",
+    "clearclip": "Attn(softmax(q q^T * scale)); no residual, no mlp",
+    "naclip": "Attn(softmax(k k^T * scale + gaussian_prior)); no residual, no mlp",
+}
+METHODS = tuple(LAST_BLOCKS)
+NACLIP_GAUSSIAN_STD = 5.0  # patches: NACLIP's default neighbourhood width
+
+
+def check_vit_tower(visual: nn.Module, method: str) -> None:
+    """UserError unless `visual` is an open_clip ViT whose blocks use nn.MultiheadAttention."""
+    if not isinstance(visual, VisionTransformer):
+        raise UserError(f"--model {method} needs a ViT CLIP image tower; this teacher has a {type(visual).__name__}")
+    last = visual.transformer.resblocks[-1]
+    if not isinstance(last, ResidualAttentionBlock) or not last.attn._qkv_same_embed_dim:
+        raise UserError(f"--model {method} needs open_clip's standard attention blocks (no custom attention)")
+    if getattr(visual, "attn_pool", None) is not None or not getattr(visual.transformer, "batch_first", True):
+        raise UserError(f"--model {method} needs a ViT with a class token and no attentional pooling")
+
+
+def resized_positional_embedding(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
+    """[1 + h*w, width]: the class position, then the patch positions resized bicubically to `grid`."""
+    embedding = visual.positional_embedding  # [1 + h0*w0, width]
+    base = tuple(visual.grid_size)
+    if tuple(grid) == base:
+        return embedding
+    patches = embedding[1:].reshape(1, *base, -1).permute(0, 3, 1, 2)  # [1, width, h0, w0]
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([embedding[:1], patches.flatten(2)[0].T])
+
+
+def tokens_before_last_block(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """images [B, 3, H, W] normalised -> (the last block's input [B, 1 + h*w, width], token grid (h, w))."""
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # [B, width, h, w]
+    grid = tuple(x.shape[-2:])
+    x = x.flatten(2).transpose(1, 2)  # [B, h*w, width]
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + resized_positional_embedding(visual, grid).to(x.dtype)  # [B, 1+h*w, width]
+    x = visual.ln_pre(x)
+    for block in visual.transformer.resblocks[:-1]:
+        x = block(x)
+    return x, grid
+
+
+def dense_features(
+    visual: VisionTransformer, images: torch.Tensor, method: str = "maskclip", gaussian_std: float = NACLIP_GAUSSIAN_STD
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """images [B, 3, H, W] normalised (H, W multiples of the patch size) -> ([B, h*w, D], (h, w)),
+    patch tokens in row-major order, D the CLIP embedding dim (not normalised)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown dense CLIP method '{method}' (choose from {', '.join(METHODS)})")
+    x, grid = tokens_before_last_block(visual, images)
+    block = visual.transformer.resblocks[-1]
+    if method == "maskclip":
+        x = _with_residual_and_mlp(block, x, _value_path(block, block.ln_1(x)))
+    else:
+        q, k, v = head_projections(block, block.ln_1(x))  # each [B, heads, N, d]
+        scale = q.shape[-1] ** -0.5
+        if method == "sclip":
+            weights = ((q @ q.transpose(-1, -2)) * scale).softmax(-1) + ((k @ k.transpose(-1, -2)) * scale).softmax(-1)
+            x = _with_residual_and_mlp(block, x, attend(block, weights, v))
+        elif method == "clearclip":
+            x = attend(block, ((q @ q.transpose(-1, -2)) * scale).softmax(-1), v)
+        else:
+            prior = gaussian_prior(grid, gaussian_std).to(q)  # [N, N]
+            x = attend(block, ((k @ k.transpose(-1, -2)) * scale + prior).softmax(-1), v)
+    return visual.ln_post(x[:, 1:]) @ visual.proj, grid
+
+
+def head_projections(block: ResidualAttentionBlock, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """y [B, N, width] -> q, k, v [B, heads, N, head_dim] from the block's packed in-projection."""
+    attention = block.attn
+    heads = attention.num_heads
+    qkv = F.linear(y, attention.in_proj_weight, attention.in_proj_bias)  # [B, N, 3 * width]
+    qkv = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, head_dim]
+    return qkv[0], qkv[1], qkv[2]
+
+
+def attend(block: ResidualAttentionBlock, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """weights [B, heads, N, N], v [B, heads, N, head_dim] -> out_proj of the heads concatenated [B, N, width]."""
+    mixed = (weights @ v).transpose(1, 2).flatten(2)  # [B, N, heads * head_dim]
+    return block.attn.out_proj(mixed)
+
+
+def gaussian_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
+    """[1 + h*w, 1 + h*w]: exp(-|pos_p - pos_p'|^2 / (2 std^2)) between patch positions (row, column) of
+    the token grid, in patch units; 0 in the class token's row and column (NACLIP's neighbourhood prior)."""
+    rows, cols = grid
+    positions = torch.cartesian_prod(torch.arange(rows), torch.arange(cols)).float()  # [h*w, 2] row-major
+    prior = torch.exp(-torch.cdist(positions, positions).square() / (2 * std**2))  # [h*w, h*w]
+    return F.pad(prior, (1, 0, 1, 0))
+
+
+def _value_path(block: ResidualAttentionBlock, y: torch.Tensor) -> torch.Tensor:
+    """Attn(I): each token's own value through out_proj, [B, N, width]."""
+    width = y.shape[-1]
+    attention = block.attn
+    bias = attention.in_proj_bias[2 * width :] if attention.in_proj_bias is not None else None
+    return attention.out_proj(F.linear(y, attention.in_proj_weight[2 * width :], bias))
+
+
+def _with_residual_and_mlp(block: ResidualAttentionBlock, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    x = x + block.ls_1(attended)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))

@@ -1,0 +1,121 @@
+"""zs-eval --model sclip / clearclip / naclip end to end on the VOC and COCO-Object fixtures with the tiny random
+CLIP, each method's own settings recorded in its report, and `zs-eval compare` over the reports."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import COCO_ROOT, FIXTURES, TINY_TEACHER, invoke
+from zeroseg.evaluation.baseline_settings import STUFF_BACKGROUND
+from zeroseg.evaluation.cli import main as zs_eval
+
+METHODS = ("sclip", "clearclip", "naclip")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """A data root (VOC fixture, COCO-Object prepared from the fixture instances) and zs-eval runs of each
+    method on voc (the method's own prompts) and coco (one prompt, to keep the text encoding short); the
+    method's own geometry is kept small by --short-side only."""
+    root = tmp_path_factory.mktemp("baselines")
+    data = root / "data"
+    (data / "coco").mkdir(parents=True)
+    (data / "VOCdevkit").symlink_to(FIXTURES / "VOCdevkit", target_is_directory=True)
+    shutil.copytree(COCO_ROOT / "val2017", data / "coco" / "val2017")
+    instances = COCO_ROOT / "annotations" / "icevision_samples_annotations.json"
+    prepared = invoke(zs_eval, "prepare", "coco", "--instances", instances, "--data-root", data, "--no-progress")
+    assert prepared.returncode == 0, prepared.stderr
+    common = (
+        "--data-root", data, "--teacher", TINY_TEACHER, "--pretrained", "none", "--text-cache", root / "text",
+        "--no-progress", "--short-side", "96",
+    )  # fmt: skip
+    outputs = {}
+    for method in METHODS:
+        outputs[method] = root / method
+        voc = invoke(zs_eval, "voc", "--model", method, *common, "--output", outputs[method])
+        assert voc.returncode == 0, voc.stderr
+        coco = invoke(zs_eval, "coco", "--model", method, *common, "--templates", "single", "--output", outputs[method])
+        assert coco.returncode == 0, coco.stderr
+        assert "voc val (2 images): mIoU" in voc.stdout and "coco val2017 (5 images): mIoU" in coco.stdout
+    return {"root": root, "data": data, "common": common, "outputs": outputs}
+
+
+def report(folder, dataset: str) -> dict:
+    return json.loads((folder / f"{dataset}.json").read_text())
+
+
+def test_each_method_runs_through_the_evaluator_with_its_papers_settings(runs):
+    sclip, clearclip, naclip = (runs["outputs"][m] for m in METHODS)
+    for method, folder in runs["outputs"].items():
+        for dataset, classes in (("voc", 21), ("coco", 81)):
+            document = report(folder, dataset)
+            assert document["config"]["model"] == method and len(document["per_class_iou"]) == classes
+            assert np.asarray(document["confusion_matrix"]).sum() == document["num_pixels"] > 0
+            assert len(document["config"]["templates"]) == (80 if dataset == "voc" else 1)  # voc: openai80
+            assert document["config"]["geometry"]["short_side"] == 96  # given; the rest is the method's
+            labeling = document["config"]["labeling"]
+            assert labeling["rule"] == "softmax" and labeling["keep_best_group"] is False  # each pixel alone
+    voc, coco = report(sclip, "voc")["config"], report(sclip, "coco")["config"]
+    assert voc["labeling"]["temperature"] == pytest.approx(65.0) and coco["labeling"]["temperature"] == pytest.approx(
+        50
+    )
+    assert voc["labeling"]["bg_threshold"] == 0.1 and voc["labeling"]["background_names"] == list(STUFF_BACKGROUND)
+    assert voc["geometry"] | {"short_side": 336} == {
+        "mode": "slide", "short_side": 336, "max_long_side": 2048, "crop_size": 224, "stride": 112,
+    }  # fmt: skip
+    clear_voc, clear_coco = report(clearclip, "voc")["config"], report(clearclip, "coco")["config"]
+    assert clear_voc["labeling"]["bg_threshold"] == 0.5 and clear_coco["labeling"]["bg_threshold"] == 0.4
+    assert clear_voc["labeling"]["background_names"] == ["background"]
+    assert clear_voc["labeling"]["temperature"] == pytest.approx(50.0) and clear_voc["geometry"]["crop_size"] == 448
+    na_voc, na_coco = report(naclip, "voc")["config"], report(naclip, "coco")["config"]
+    assert na_voc["geometry"]["mode"] == "whole" and na_coco["geometry"]["mode"] == "slide"
+    assert na_voc["last_block"].startswith("Attn(softmax(k k^T * scale + gaussian_prior))")
+    assert na_voc["gaussian_std"] == 5.0 and na_voc["labeling"]["temperature"] == pytest.approx(40.0)
+
+
+def test_every_setting_is_an_option(runs, tmp_path):
+    done = invoke(
+        zs_eval, "voc", "--model", "naclip", *runs["common"], "--output", tmp_path, "--gaussian-std", "2",
+        "--temperature", "20", "--bg-threshold", "0.3", "--background-names", "none", "--templates", "single",
+        "--mode", "slide", "--crop-size", "64", "--stride", "32",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config = report(tmp_path, "voc")["config"]
+    assert config["gaussian_std"] == 2.0 and config["labeling"]["temperature"] == pytest.approx(20.0)
+    assert config["labeling"]["bg_threshold"] == 0.3 and config["labeling"]["background_names"] == []
+    assert config["templates"] == ["a photo of a {}."] and config["geometry"]["crop_size"] == 64
+
+    wrong = invoke(zs_eval, "voc", "--model", "sclip", *runs["common"], "--gaussian-std", "2")
+    assert wrong.returncode == 2 and "--gaussian-std is NACLIP's" in wrong.stderr
+    too_hot = invoke(zs_eval, "voc", "--model", "clearclip", *runs["common"], "--temperature", "500")
+    assert too_hot.returncode == 2 and "--temperature must be in (0, 100]" in too_hot.stderr
+
+
+def test_compare_prints_one_table_of_methods_by_datasets_and_writes_markdown_and_png(runs, tmp_path):
+    outputs = runs["outputs"]
+    reports = [outputs["sclip"] / "voc.json", outputs["clearclip"] / "coco.json", outputs["naclip"] / "voc.json"]
+    reports.append(outputs["naclip"] / "coco.json")
+    done = invoke(zs_eval, "compare", *reports, "--out", tmp_path / "table")
+    assert done.returncode == 0, done.stderr
+    header, *rows = done.stdout.splitlines()[:4]
+    assert header.split() == ["method", "voc", "coco"]
+    name = f"{TINY_TEACHER.stem} none"
+    miou = {m: {d: report(outputs[m], d)["mIoU"] for d in ("voc", "coco")} for m in METHODS}
+    assert rows[0].split() == ["sclip", *name.split(), f"{miou['sclip']['voc']:.2f}", "-"]
+    assert rows[1].split() == ["clearclip", *name.split(), "-", f"{miou['clearclip']['coco']:.2f}"]
+    assert rows[2].split() == ["naclip", *name.split(), f"{miou['naclip']['voc']:.2f}", f"{miou['naclip']['coco']:.2f}"]
+    markdown = (tmp_path / "table.md").read_text().splitlines()
+    assert markdown[2:4] == ["| method | voc | coco |", "|---|---:|---:|"]
+    assert markdown[4] == f"| sclip {name} | {miou['sclip']['voc']:.2f} | - |"
+    with Image.open(tmp_path / "table.png") as picture:
+        assert picture.format == "PNG" and picture.width > 100
+
+    twice = invoke(zs_eval, "compare", reports[0], reports[0])
+    assert twice.returncode == 2 and f"two reports of sclip {name} on voc" in twice.stderr
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    foreign = invoke(zs_eval, "compare", tmp_path / "other.json")
+    assert foreign.returncode == 2 and str(tmp_path / "other.json") in foreign.stderr
+    assert foreign.stderr.count("\n") == 1
