@@ -17,6 +17,7 @@ from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.teacher import TeacherIdentity
 from zeroseg.trainer.checkpoint import load_trained_model
 from zeroseg.trainer.cli import main as zs_train
 from zeroseg.trainer.export import load_export
@@ -71,9 +72,11 @@ def test_export_holds_weights_and_a_config_without_absolute_paths(trained):
 
 
 def test_exported_model_gives_the_checkpoints_outputs(trained):
-    original, _ = load_trained_model(trained["run"])
+    original, recorded = load_trained_model(trained["run"])
     exported, meta = load_trained_model(trained["export"])
-    assert meta["step"] == 2 and meta["store"]["teacher"]["config"].endswith("exported/teacher/zs-tiny-clip.json")
+    teacher = TeacherIdentity(**meta["store"]["teacher"])
+    assert meta["step"] == 2 and teacher.config == TeacherIdentity(**recorded["store"]["teacher"]).config
+    assert json.loads(teacher.config)["embed_dim"] == json.loads(TINY_TEACHER.read_text())["embed_dim"]
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want, got = original(images, mask_ratio=0.0), exported(images, mask_ratio=0.0)
