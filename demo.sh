@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-demo-out}
 fixtures=tests/fixtures
-teacher=(--teacher "$fixtures/zs-tiny-clip.json" --pretrained none)
+teacher=(--teacher zs-tiny-clip --pretrained none)
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 rm -rf "$out"
 mkdir -p "$out/data/coco"
@@ -28,7 +28,7 @@ zs-train plot "$out/run"
 echo "== evaluation: zero-shot mIoU on the VOC and COCO samples, open-vocabulary overlays"
 zs-eval prepare coco --instances "$fixtures/coco/annotations/icevision_samples_annotations.json" \
     --data-root "$out/data" --no-progress
-zs-eval voc coco --checkpoint "$out/run" --data-root "$out/data" --output "$out/eval" \
+zs-eval voc coco --checkpoint "$out/run" --data-root "$out/data" --out "$out/eval" \
     --device cpu --no-progress
 zs-segment "$fixtures/coco/val2017" --checkpoint "$out/run" --vocabulary coco --out "$out/segment" --device cpu
 
@@ -42,5 +42,5 @@ demo finished:
 The teacher here has random weights, so the classes it gives are meaningless: this shows the
 machinery, not the method. For real results cache with CLIP weights, e.g.
   zs-cache build IMAGES --store STORE --teacher ViT-L-14 --pretrained openai   (or a local weights file)
-and train with configs/zeroseg-imagenet.yaml.
+and train with --config zeroseg-imagenet.
 DONE

@@ -22,7 +22,7 @@ from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
 from zeroseg.evaluation.datasets import open_dataset
 from zeroseg.evaluation.evaluate import segment_split
 from zeroseg.evaluation.labeling_rule import LabelingRule
-from zeroseg.evaluation.segmenter import Segmenter, ZeroSegScorer
+from zeroseg.evaluation.segmenter import WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.runtime import resolve_device
 from zeroseg.trainer.model import ZeroSeg
@@ -51,7 +51,7 @@ def main() -> None:
     text = torch.nn.functional.normalize(torch.randn(len(VOC_CLASS_NAMES) - 1, model.cfg.teacher_dim), dim=-1)
     rule = LabelingRule(text, math.log(100.0), dataset.bg_threshold)
     geometry = Geometry(mode=args.mode, short_side=args.short_side)
-    segmenter = Segmenter(ZeroSegScorer(model), rule, geometry, CLIP_MEAN, CLIP_STD, device)
+    segmenter = WindowSegmenter(ZeroSegScorer(model), rule, geometry, CLIP_MEAN, CLIP_STD, device)
     process = Process(0, 1, 0, device)
 
     segmenter.segment(dataset[0][1])  # warm-up

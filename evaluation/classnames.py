@@ -7,8 +7,6 @@ encoder, so scores stay comparable with it: VOC's diningtable / pottedplant / tv
 official category names. ImageNet-1k names come from open_clip (the CLIP paper's cleaned list).
 """
 
-import open_clip
-
 VOC_CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "table", "dog", "horse", "motorbike", "person", "plant", "sheep", "sofa", "train", "monitor",
@@ -47,11 +45,12 @@ COCO_CATEGORY_TO_INDEX = {category: index for index, (category, _) in enumerate(
 
 COCO_OBJECT_CLASS_NAMES = ("background",) + tuple(name for _, name in COCO_THING_CATEGORIES)
 
-IMAGENET_CLASS_NAMES = ("background",) + tuple(open_clip.IMAGENET_CLASSNAMES)
+VOCABULARIES = {"voc": VOC_CLASS_NAMES, "context": CONTEXT_CLASS_NAMES, "coco": COCO_OBJECT_CLASS_NAMES}
+IMAGENET_VOCABULARY_NAMES = ("imagenet", "imagenet1k")
 
-VOCABULARIES = {
-    "voc": VOC_CLASS_NAMES,
-    "context": CONTEXT_CLASS_NAMES,
-    "coco": COCO_OBJECT_CLASS_NAMES,
-    "imagenet": IMAGENET_CLASS_NAMES,
-}
+
+def imagenet_class_names() -> tuple[str, ...]:
+    """('background', the 1000 ImageNet-1k names); imports open_clip (and torch), so only when asked for."""
+    import open_clip
+
+    return ("background",) + tuple(open_clip.IMAGENET_CLASSNAMES)

@@ -9,16 +9,15 @@ from pathlib import Path
 import typer
 
 from zeroseg.evaluation import cli_options
-from zeroseg.evaluation.datasets import DATASET_NAMES, DEFAULT_SPLITS, open_dataset, prepared_coco_dir
+from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DEFAULT_SPLITS, open_dataset, prepared_coco_dir
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import run_cli
+from zeroseg.pipeline.runtime import DEVICE_HELP, renamed_option, run_cli
 
 HELP = """
-Labeling rules (--rule; the whole rule is evaluation/labeling_rule.py). Class names (index 0
-'background' excluded) go through the text tower of the teacher CLIP recorded in the checkpoint (or
---teacher/--pretrained), one embedding per class: the mean of the L2-normalised prompt embeddings,
-normalised again. With s = min(exp(logit_scale), 100) of that CLIP (or --temperature), A = softmax over
-the foreground classes of cos(e, t_c) * s.
+Labeling rules (--rule). Class names (index 0 'background' excluded) go through the text tower of the
+teacher CLIP recorded in the checkpoint (or --teacher/--pretrained), one embedding per class: the mean
+of the L2-normalised prompt embeddings, normalised again. With s = min(exp(logit_scale), 100) of that
+CLIP (or --temperature), A = softmax over the foreground classes of cos(e, t_c) * s.
 groupvit (zeroseg's default, GroupViT's protocol, which the paper follows): per window, the top-k
 classes (--top-k, 5) of the image embedding z's softmax are the image prior; every segment's A
 restricted to them and softmaxed again, times A, is its score P; pixels take the scores of their argmax
@@ -29,16 +28,15 @@ ties). softmax (the training-free methods' default, and the rule before, to repr
 scores A, no prior; background where the best score is strictly below the threshold (--keep-best-group
 caps it at the window's best score), scores and thresholds averaged over windows.
 MaskCLIP, SCLIP, ClearCLIP, NACLIP (training-free, the CLIP's last image block changed as each paper
-defines it, evaluation/dense_clip.py; MaskCLIP is Zhou et al., ECCV 2022, not the "MaskCLIP" row of the
-ZeroSeg paper's Table 1, Dong et al.): every patch token scores A, maps resized bilinearly, no image
-prior, background and fusion as the rule chosen. With background names the background class is scored
-in the same softmax and a pixel is also background where its best class scores below the background
-class. Thresholds per dataset: the method's, else the paper's 0.95 VOC / 0.05 Context / 0.35 COCO, or
---bg-threshold.
+defines it; MaskCLIP is Zhou et al., ECCV 2022, not the "MaskCLIP" row of the ZeroSeg paper's Table 1,
+Dong et al.): every patch token scores A, maps resized bilinearly, no image prior, background and
+fusion as the rule chosen. With background names the background class is scored in the same softmax
+and a pixel is also background where its best class scores below the background class. Thresholds per
+dataset: the method's, else the paper's 0.95 VOC / 0.05 Context / 0.35 COCO, or --bg-threshold.
 
-Method defaults (each an option; evaluation/baseline_settings.py). zeroseg: the groupvit rule, the
-CLIP's logit scale, the paper's thresholds, one prompt, short side 448, slide 448/224; maskclip the same
-with the softmax rule. The others, from their code, all with the softmax rule:
+Method defaults (each an option). zeroseg: the groupvit rule, the CLIP's logit scale, the paper's
+thresholds, one prompt, short side 448, slide 448/224; maskclip the same with the softmax rule. The
+others, from their code, all with the softmax rule:
 
 \b
   sclip      temperature 65 VOC, 50 Context/COCO; threshold 0.1; openai80; short side 336, slide 224/112;
@@ -63,21 +61,23 @@ COCO-Object label maps from an instances JSON: zs-eval prepare coco --help. One 
 reports (methods as rows, datasets as columns): zs-eval compare --help.
 """
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+NO_REWRAP_LAYOUT = DATA_LAYOUT.replace("\n\n", "\n\n\b\n", 1)  # click keeps a paragraph after \b as written
+
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 prepare_app = typer.Typer(
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None
+    pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None
 )
 
 
-@app.command(help=f"Zero-shot segmentation mIoU of DATASET... (voc, context, coco).\n{HELP}")
+@app.command(help=f"Zero-shot segmentation mIoU of DATASET... (voc, context, coco).\n{HELP}\n{NO_REWRAP_LAYOUT}")
 def evaluate(
     datasets: list[str] = typer.Argument(
         ..., metavar="DATASET", help=f"One or more of {', '.join(DATASET_NAMES)}.", show_default=False
     ),
     data_root: Path = typer.Option(
-        ..., "--data-root", help="Folder holding VOCdevkit/ and coco/ (layout: evaluation/datasets.py)."
+        ..., "--data-root", help="Folder holding VOCdevkit/ and coco/ (Data layout below)."
     ),
-    checkpoint: str | None = typer.Option(None, help="ZeroSeg checkpoint (.pt) written by zs-train."),
+    checkpoint: str | None = typer.Option(None, help=cli_options.CHECKPOINT_HELP),
     model: str = typer.Option(
         "zeroseg", help="zeroseg (needs --checkpoint), or training-free: maskclip, sclip, clearclip, naclip."
     ),
@@ -117,13 +117,17 @@ def evaluate(
         False, help="softmax rule: never make a window's best-scoring segment background (groupvit always)."
     ),
     split: str | None = typer.Option(None, help="Split (default: val for VOC/Context, val2017 for COCO)."),
-    output: Path | None = typer.Option(
+    out: Path | None = typer.Option(
         None, help="Results folder (default: <checkpoint>-eval/ next to it, or ./zs-eval-results/<model>)."
     ),
+    old_output: Path | None = typer.Option(None, "--output", hidden=True),
     save_predictions: Path | None = typer.Option(None, help="Write label PNGs to DIR/<dataset>/<image id>.png."),
-    save_vis: Path | None = typer.Option(None, help="Write colour overlays with a legend to DIR/<dataset>/."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda:K (torchrun: cuda:LOCAL_RANK)."),
-    workers: int = typer.Option(2, help="Threads decoding images ahead of the model."),
+    save_vis: Path | None = typer.Option(
+        None, help="Write DIR/<dataset>/<image id>.png: ground truth beside prediction, legend of pixel shares."
+    ),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    decode_threads: int | None = typer.Option(None, help="Threads decoding images ahead of the model [default: 2]."),
+    old_workers: int | None = typer.Option(None, "--workers", hidden=True),
     window_batch: int = typer.Option(8, help="Windows per forward pass in slide mode."),
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
@@ -132,6 +136,9 @@ def evaluate(
     from zeroseg.evaluation.scores import format_results
     from zeroseg.trainer import process_group
 
+    out = renamed_option(out, old_output, "--out", "--output")
+    decode_threads = renamed_option(decode_threads, old_workers, "--decode-threads", "--workers")
+    decode_threads = 2 if decode_threads is None else decode_threads
     opened = [(open_dataset(name, data_root, split), split or DEFAULT_SPLITS.get(name)) for name in datasets]
     if predictions is not None and checkpoint is not None:
         raise UserError("--predictions scores saved label maps; it takes no --checkpoint")
@@ -143,9 +150,9 @@ def evaluate(
         model, checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
         geometry, keep_best_group, window_batch, rule, top_k, temperature, background_names, gaussian_std,
     )  # fmt: skip
-    out_dir = output or _default_output(options, predictions)
+    out_dir = out or _default_output(options, predictions)
     cli_options.check_bg_threshold(bg_threshold)
-    for folder, option in ((out_dir, "--output"), (save_predictions, "--save-predictions"), (save_vis, "--save-vis")):
+    for folder, option in ((out_dir, "--out"), (save_predictions, "--save-predictions"), (save_vis, "--save-vis")):
         if folder is not None:
             cli_options.check_writable_folder(folder, option)
     process = process_group.setup(device)
@@ -163,7 +170,9 @@ def evaluate(
             else:
                 threshold = loaded.default_bg_threshold(dataset) if bg_threshold is None else bg_threshold
                 saving = [folder / dataset.name if folder else None for folder in (save_predictions, save_vis)]
-                confusion, config = _segment_dataset(loaded, dataset, threshold, process, saving, workers, progress)
+                confusion, config = _segment_dataset(
+                    loaded, dataset, threshold, process, saving, decode_threads, progress
+                )
             if process.is_main:
                 config = {**config, "data_root": str(data_root.resolve()), "world_size": process.world_size}
                 document = results_document(dataset, dataset_split, confusion, config)
@@ -171,18 +180,20 @@ def evaluate(
                 typer.echo(_summary_line(document))
                 typer.echo(format_results(document, markdown=False))
                 typer.echo(f"results: {json_path} (and .md)")
+                if loaded is not None and options.model == "zeroseg":
+                    _log_to_run(checkpoint, document, loaded.description.get("step"))
     finally:
         del loaded
         gc.collect()
         process_group.shutdown(process)
 
 
-def _segment_dataset(loaded, dataset, threshold, process, saving, workers: int, progress: bool):
+def _segment_dataset(loaded, dataset, threshold, process, saving, decode_threads: int, progress: bool):
     """(confusion matrix, config) of one dataset; its segmenter is released on return."""
     from zeroseg.evaluation.evaluate import segment_split
 
     segmenter = loaded.segmenter(dataset.class_names, threshold, dataset.name)
-    confusion = segment_split(dataset, segmenter, process, *saving, workers=workers, progress=progress)
+    confusion = segment_split(dataset, segmenter, process, *saving, workers=decode_threads, progress=progress)
     config = {
         **loaded.description,
         "labeling": segmenter.rule.to_dict(),
@@ -191,6 +202,20 @@ def _segment_dataset(loaded, dataset, threshold, process, saving, workers: int, 
         "normalisation": {"mean": list(loaded.mean), "std": list(loaded.std)},
     }
     return confusion, config
+
+
+def _log_to_run(checkpoint: str, document: dict, step: int | None) -> None:
+    """Scores of a checkpoint of a run folder go into the run's TensorBoard events at the checkpoint's step."""
+    from zeroseg.trainer.checkpoint import run_dir_of
+    from zeroseg.trainer.metrics_log import log_scalars
+
+    run_dir = run_dir_of(checkpoint)
+    scores = {key: document[key] for key in ("mIoU", "pixel_accuracy") if document[key] is not None}
+    if run_dir is None or step is None or not scores:
+        return
+    tags = {f"eval/{document['dataset']}/{key}": value for key, value in scores.items()}
+    if log_scalars(run_dir, tags, step):
+        typer.echo(f"logged {', '.join(tags)} at step {step} to {run_dir}/tensorboard")
 
 
 def _default_output(options, predictions: Path | None) -> Path:

@@ -65,3 +65,9 @@ def check_writable_folder(folder: Path, option: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise UserError(f"{option} '{folder}' is not writable: {exc.strerror or exc}") from None
+
+
+CHECKPOINT_HELP = (
+    "A checkpoint (.pt) written by zs-train, a run folder (its latest checkpoint) or a folder written by "
+    "zs-train export."
+)

@@ -1,19 +1,6 @@
 """Readers for the three benchmarks, each a list of (image id, image file, label file) triples.
 
-Layout expected under --data-root (DATA_ROOT):
-
-  voc      DATA_ROOT/VOCdevkit/VOC2012/  JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette PNGs,
-           0 background, 1..20, 255 ignored), ImageSets/Segmentation/<split>.txt (one id a line).
-  context  DATA_ROOT/VOCdevkit/VOC2010/  as mmsegmentation's PASCAL Context converter writes it:
-           JPEGImages/<id>.jpg, SegmentationClassContext/<id>.png (0 background, 1..59, 255 ignored),
-           ImageSets/SegmentationContext/<split>.txt.
-  coco     DATA_ROOT/coco/  <split>/<id>.jpg (COCO's val2017 folder) and label maps, the first of
-             coco_object/<split>/<id>.png   written by `prepare_coco_object` (0 background, 1..80), or
-             stuffthingmaps_trainval2017/<split>/<id>.png   COCO-Stuff-164k maps, converted on reading:
-               value v <= 90 is COCO category v + 1 -> its class index 1..80; every other value
-               (the 11 unused thing ids, stuff 91..181, unlabelled 255) -> background 0.
-           The split's ids are the .jpg stems in the image folder; each needs a label map.
-           prepare_coco_object(instances_val2017.json, prepared_coco_dir(DATA_ROOT)) makes the former.
+The layout expected under --data-root: DATA_LAYOUT below (also in `zs-eval --help`).
 
 Labels are returned as [H, W] uint8 arrays of class indices, images as RGB PIL images of the same size.
 EXIF orientation is not applied: the benchmarks' label maps are drawn on the stored pixels.
@@ -40,6 +27,23 @@ DEFAULT_SPLITS = {"voc": "val", "context": "val", "coco": "val2017"}
 DEFAULT_BG_THRESHOLDS = {"voc": 0.95, "context": 0.05, "coco": 0.35}
 IGNORE_INDEX = 255
 _LABEL_MODES = ("P", "L", "I;16", "I")
+
+
+DATA_LAYOUT = """Data layout under --data-root (DATA_ROOT):
+
+  voc      DATA_ROOT/VOCdevkit/VOC2012/  JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette PNGs,
+           0 background, 1..20, 255 ignored), ImageSets/Segmentation/<split>.txt (one id a line).
+  context  DATA_ROOT/VOCdevkit/VOC2010/  as mmsegmentation's PASCAL Context converter writes it:
+           JPEGImages/<id>.jpg, SegmentationClassContext/<id>.png (0 background, 1..59, 255 ignored),
+           ImageSets/SegmentationContext/<split>.txt.
+  coco     DATA_ROOT/coco/  <split>/<id>.jpg (COCO's val2017 folder) and label maps, the first of
+             coco_object/<split>/<id>.png   written by `zs-eval prepare coco` (0 background, 1..80), or
+             stuffthingmaps_trainval2017/<split>/<id>.png   COCO-Stuff-164k maps, converted on reading:
+               value v <= 90 is COCO category v + 1 -> its class index 1..80; every other value
+               (the 11 unused thing ids, stuff 91..181, unlabelled 255) -> background 0.
+           The split's ids are the .jpg stems in the image folder; each needs a label map.
+           `zs-eval prepare coco --instances instances_val2017.json --data-root DATA_ROOT` makes the former.
+"""
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def prepared_coco_dir(data_root: str | Path, split: str = "val2017") -> Path:
 
 def _read_id_list(path: Path) -> list[str]:
     if not path.is_file():
-        raise UserError(f"split list {path} not found (see evaluation/datasets.py for the expected layout)")
+        raise UserError(f"split list {path} not found (the expected layout: zs-eval --help, Data layout)")
     ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     malformed = next((line for line in ids if len(line.split()) != 1), None)
     if malformed is not None:

@@ -37,39 +37,86 @@ def overlay(
     alpha: float = 0.5,
     ignore_index: int = 255,
 ) -> Image.Image:
-    """The image with label colours blended in (alpha) and, to its right, a legend of present classes.
+    """The image with label colours blended in (alpha) and, to its right, a legend of the present classes, each
+    with its share of the labelled pixels ("dog 41.2%").
 
     labels: [H, W] class indices, the image's size; ignore pixels keep the image's own colour.
     """
+    picture, shares = _blend(image, labels, len(class_names), alpha, ignore_index)
+    entries = [(index, f"{class_names[index]} {share:.1%}") for index, share in shares.items()]
+    return _with_legend(picture, entries, len(class_names))
+
+
+def comparison(
+    image: Image.Image,
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.5,
+    ignore_index: int = 255,
+) -> Image.Image:
+    """The ground truth (left) beside the prediction (right), both blended over the image under a caption,
+    and a legend of every class in either with its pixel share in each ("dog: truth 40.1%, predicted 41.2%")."""
+    left, truth_shares = _blend(image, truth, len(class_names), alpha, ignore_index)
+    right, predicted_shares = _blend(image, predicted, len(class_names), alpha, ignore_index)
+    caption, gap = 16, 4
+    canvas = Image.new("RGB", (left.width * 2 + gap, left.height + caption), "white")
+    canvas.paste(left, (0, caption))
+    canvas.paste(right, (left.width + gap, caption))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((2, 2), "ground truth", fill="black", font=font)
+    draw.text((left.width + gap + 2, 2), "prediction", fill="black", font=font)
+    present = sorted(set(truth_shares) | set(predicted_shares))
+    entries = [
+        (index, f"{class_names[index]}: truth {truth_shares.get(index, 0):.1%}, "
+                f"predicted {predicted_shares.get(index, 0):.1%}")
+        for index in present
+    ]  # fmt: skip
+    return _with_legend(canvas, entries, len(class_names))
+
+
+def _blend(
+    image: Image.Image, labels: np.ndarray, num_classes: int, alpha: float, ignore_index: int
+) -> tuple[Image.Image, dict[int, float]]:
+    """(the image with label colours blended in, {class index: share of the labelled pixels})."""
     labels = np.asarray(labels)
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H, W, 3]
     if labels.shape != rgb.shape[:2]:
         raise ValueError(f"labels {labels.shape} do not match image {rgb.shape[:2]}")
-    colours = palette(len(class_names)).astype(np.float32)
+    colours = palette(num_classes).astype(np.float32)
     labelled = labels != ignore_index
     blended = rgb.copy()
     blended[labelled] = (1 - alpha) * rgb[labelled] + alpha * colours[labels[labelled]]
-    present = [int(c) for c in np.unique(labels[labelled])]
-    return _with_legend(Image.fromarray(blended.round().astype(np.uint8)), present, class_names)
+    return Image.fromarray(blended.round().astype(np.uint8)), pixel_shares(labels, ignore_index)
 
 
-def _with_legend(picture: Image.Image, present: list[int], class_names: Sequence[str]) -> Image.Image:
+def pixel_shares(labels: np.ndarray, ignore_index: int = 255) -> dict[int, float]:
+    """{class index: its share of the pixels that are not ignore_index}, by class index."""
+    labels = np.asarray(labels)
+    kept = labels[labels != ignore_index]
+    indices, counts = np.unique(kept, return_counts=True)
+    return {int(index): int(count) / kept.size for index, count in zip(indices, counts)}
+
+
+def _with_legend(picture: Image.Image, entries: list[tuple[int, str]], num_classes: int) -> Image.Image:
+    """picture with, to its right, one line per (class index, text): the class colour and the text."""
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(picture)
     line, pad = 16, 6
-    text_width = max([measure.textbbox((0, 0), class_names[c], font=font)[2] for c in present], default=0)
+    text_width = max([measure.textbbox((0, 0), text, font=font)[2] for _, text in entries], default=0)
     legend_width = pad * 3 + line + text_width
-    height = max(picture.height, pad + line * len(present))
+    height = max(picture.height, pad + line * len(entries))
     canvas = Image.new("RGB", (picture.width + legend_width, height), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    colours = palette(len(class_names))
-    for row, class_index in enumerate(present):
+    colours = palette(num_classes)
+    for row, (class_index, text) in enumerate(entries):
         top = pad + row * line
         left = picture.width + pad
         swatch = tuple(int(v) for v in colours[class_index])
         draw.rectangle((left, top, left + line - 4, top + line - 4), fill=swatch)
-        draw.text((left + line + pad, top), class_names[class_index], fill="black", font=font)
+        draw.text((left + line + pad, top), text, fill="black", font=font)
     return canvas
 
 

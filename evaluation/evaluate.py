@@ -10,10 +10,10 @@ from tqdm import tqdm
 
 from zeroseg import __version__
 from zeroseg.evaluation.datasets import SegmentationDataset
-from zeroseg.evaluation.drawing import label_image, overlay, save_png
+from zeroseg.evaluation.drawing import comparison, label_image, save_png
 from zeroseg.evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
 from zeroseg.evaluation.scores import ConfusionMatrix, format_results, segmentation_results
-from zeroseg.evaluation.segmenter import Segmenter
+from zeroseg.evaluation.segmenter import WindowSegmenter
 from zeroseg.pipeline.atomic import write_atomically
 from zeroseg.pipeline.runtime import prefetch_map
 from zeroseg.trainer.process_group import Process
@@ -21,7 +21,7 @@ from zeroseg.trainer.process_group import Process
 
 def segment_split(
     dataset: SegmentationDataset,
-    segmenter: Segmenter,
+    segmenter: WindowSegmenter,
     process: Process,
     save_predictions: Path | None = None,
     save_vis: Path | None = None,
@@ -50,7 +50,8 @@ def segment_split(
         if save_predictions is not None:
             save_png(label_image(predicted), save_predictions / f"{image_id}.png")
         if save_vis is not None:
-            save_png(overlay(image, predicted, dataset.class_names), save_vis / f"{image_id}.png")
+            picture = comparison(image, labels, predicted, dataset.class_names, ignore_index=dataset.ignore_index)
+            save_png(picture, save_vis / f"{image_id}.png")
         bar.update()
     bar.close()
     confusion.all_reduce()
@@ -94,8 +95,34 @@ def write_results(document: dict, out_dir: Path) -> tuple[Path, Path]:
     note = f"\n\nLeft out of the mean (in neither ground truth nor prediction): {', '.join(absent)}." if absent else ""
     if "method" in document["config"]:
         note += f"\n\nMethod: {document['config']['method']}."
-    write_atomically(markdown_path, summary + format_results(document) + note + "\n")
+    produced = "\n".join(provenance(document["config"]))
+    write_atomically(markdown_path, summary + produced + "\n\n" + format_results(document) + note + "\n")
     return json_path, markdown_path
+
+
+def provenance(config: dict) -> list[str]:
+    """Markdown bullets saying what produced the scores: model, checkpoint and step, teacher, the labeling rule
+    with its thresholds, and the geometry's mode (every labeling and geometry field the config holds)."""
+    lines = [f"- model: {config.get('model')}"]
+    if "checkpoint" in config:
+        lines.append(f"- checkpoint: `{config['checkpoint']}`, step {config.get('step')}")
+    if "predictions" in config:
+        lines.append(f"- predictions: `{config['predictions']}`")
+    teacher = config.get("teacher")
+    if teacher:
+        lines.append(f"- teacher: {teacher['model']} ({teacher.get('pretrained') or 'random weights'})")
+    labeling = dict(config.get("labeling") or {})
+    if labeling:
+        threshold = labeling.pop("bg_threshold", None)
+        lines.append(f"- background threshold: {'none' if threshold is None else threshold}")
+        name = labeling.pop("rule", "softmax")  # reports before the groupvit rule existed have no name
+        details = ", ".join(f"{key} {value}" for key, value in labeling.items() if value is not None)
+        lines.append(f"- rule: {name} ({details})")
+    geometry = dict(config.get("geometry") or {})
+    if geometry:
+        mode = geometry.pop("mode", None)
+        lines.append(f"- mode: {mode} (" + ", ".join(f"{key} {value}" for key, value in geometry.items()) + ")")
+    return lines
 
 
 def _json_with_matrix_rows(document: dict) -> str:

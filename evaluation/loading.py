@@ -13,7 +13,7 @@ from zeroseg.evaluation.baseline_settings import method_settings
 from zeroseg.evaluation.dense_clip import LAST_BLOCKS, NACLIP_GAUSSIAN_STD
 from zeroseg.evaluation.dense_clip import METHODS as DENSE_METHODS
 from zeroseg.evaluation.labeling_rule import LabelingRule
-from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, Segmenter, ZeroSegScorer
+from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.errors import UserError
@@ -64,9 +64,11 @@ class LoadedModel:
 
     def segmenter(
         self, class_names: Sequence[str], bg_threshold: float | None, dataset: str | None = None
-    ) -> Segmenter:
+    ) -> WindowSegmenter:
         """A segmenter for a vocabulary whose index 0 is background (only names 1.. go through CLIP), with the
         method's settings for `dataset` (voc, context, coco) where the options leave them unset."""
+        if not class_names or class_names[0] != "background":
+            raise ValueError(f"a vocabulary starts with 'background' (label 0), got {list(class_names[:1])}")
         options = self.options
         settings = method_settings(options.model, dataset)
         try:
@@ -82,7 +84,7 @@ class LoadedModel:
             self._embed(class_names[1:]), logit_scale, bg_threshold, options.keep_best_group,
             options.rule or settings.rule, options.top_k, background, self._embed(background) if background else None,
         )  # fmt: skip
-        return Segmenter(self.scorer, rule, geometry, self.mean, self.std, self.device, options.window_batch)
+        return WindowSegmenter(self.scorer, rule, geometry, self.mean, self.std, self.device, options.window_batch)
 
     def default_bg_threshold(self, dataset) -> float:
         """The method's background threshold on a SegmentationDataset, else the dataset's (ZeroSeg paper's)."""

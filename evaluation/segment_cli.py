@@ -10,14 +10,12 @@ from pathlib import Path
 import typer
 
 from zeroseg.evaluation import cli_options
-from zeroseg.evaluation.classnames import VOCABULARIES
+from zeroseg.evaluation.classnames import IMAGENET_VOCABULARY_NAMES, VOCABULARIES, imagenet_class_names
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import run_cli
+from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
 from zeroseg.pipeline.sources import IMAGE_EXTENSIONS
 
-VOCABULARY_NAMES = {**VOCABULARIES, "imagenet1k": VOCABULARIES["imagenet"]}
-
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 
 
 @app.command(
@@ -40,7 +38,7 @@ Unreadable images are reported one line each and skipped; the exit code is then 
 )
 def segment(
     images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders.", show_default=False),
-    checkpoint: str = typer.Option(..., help="ZeroSeg checkpoint (.pt) or run folder written by zs-train."),
+    checkpoint: str = typer.Option(..., help=cli_options.CHECKPOINT_HELP),
     classes: str | None = typer.Option(None, help='Comma-separated class names, e.g. "cat,dog,grass,sky".'),
     vocabulary: str | None = typer.Option(
         None, help="imagenet1k, voc, context, coco, or a text file with one class name per line."
@@ -62,7 +60,7 @@ def segment(
     max_long_side: int = cli_options.MAX_LONG_SIDE,
     crop_size: int = cli_options.CROP_SIZE,
     stride: int = cli_options.STRIDE,
-    device: str = typer.Option("auto", help="auto, cpu or cuda:K."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     from tqdm import tqdm
@@ -117,12 +115,14 @@ def read_vocabulary(classes: str | None, vocabulary: str | None) -> tuple[str, .
     """('background', class 1, class 2, ...) from --classes or --vocabulary (exactly one of them)."""
     if (classes is None) == (vocabulary is None):
         raise UserError('give exactly one of --classes "a,b,c" and --vocabulary NAME_OR_FILE')
-    if vocabulary is not None and vocabulary in VOCABULARY_NAMES:
-        return VOCABULARY_NAMES[vocabulary]
+    if vocabulary in IMAGENET_VOCABULARY_NAMES:
+        return imagenet_class_names()
+    if vocabulary is not None and vocabulary in VOCABULARIES:
+        return VOCABULARIES[vocabulary]
     if vocabulary is not None:
         path = Path(vocabulary)
         if not path.is_file():
-            known = ", ".join(VOCABULARY_NAMES)
+            known = ", ".join([*IMAGENET_VOCABULARY_NAMES, *VOCABULARIES])
             raise UserError(f"--vocabulary '{vocabulary}' is neither a file nor one of {known}")
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         source = str(path)

@@ -84,7 +84,7 @@ class Segmentation:
     scores: np.ndarray  # [H, W] float32: the pixel's best (window-averaged) foreground score
 
 
-class Segmenter:
+class WindowSegmenter:
     """Segments PIL images with a scorer, a labeling rule and a geometry; `window_batch` windows per forward."""
 
     def __init__(

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import damaged_chunks, has_checksums
+from zeroseg.pipeline.sizes import human_size
 from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore
 
 
@@ -43,7 +44,7 @@ def describe(store: FeatureStore) -> list[str]:
         f"views      grids {','.join(map(str, meta.grids))} -> {meta.num_views} views of "
         f"{meta.preprocessing['view_size']}px from {meta.preprocessing['crop_size']}px centre crops",
         f"features   {tuple(store.features.shape)} float16, dim {meta.embed_dim}, chunks of {meta.chunk_size} images",
-        f"disk       {disk_size(store.path) / 2**20:.1f} MiB",
+        f"disk       {human_size(disk_size(store.path))}",
     ]
     if meta.stored_crops:
         lines.insert(-1, f"crops      {tuple(store.crops.shape)} uint8, the centre crops the teacher saw")

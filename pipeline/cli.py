@@ -1,17 +1,17 @@
 """`zs-cache`: stage one of zeroseg, the teacher feature store."""
 
 import os
+from functools import partial
 
 import typer
 
 from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import run_cli
+from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
 
 app = typer.Typer(
     help="Stage one of zeroseg: run a CLIP teacher over grid views of centre-cropped images and keep the "
     "features in a chunked Zarr store with a Parquet manifest.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -53,10 +53,7 @@ def build(
     batch_size: int = typer.Option(
         DEFAULT.batch_size, help="Images per teacher step (each gives one view per grid cell)."
     ),
-    device: str = typer.Option(
-        DEFAULT.device, help="auto (a GPU when visible; warns when the job asked for GPUs but none is there), cpu, "
-        "cuda (an error without a GPU) or cuda:K."
-    ),
+    device: str = typer.Option(DEFAULT.device, help=DEVICE_HELP),
     shard_size: int | None = typer.Option(
         DEFAULT.shard_size,
         help=f"Images per shard, the unit of atomic commit and resume (default {DEFAULT_SHARD_SIZE}; fixed per store)."
@@ -108,6 +105,9 @@ def build(
     repair: bool = typer.Option(
         DEFAULT.repair, help="First check the store as zs-cache verify does and redo exactly the shards found damaged."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Count the images to cache and print the store's size; compute and write nothing."
+    ),
 ) -> None:
     """Cache teacher features of every image in SOURCE not yet in the store (resumable, incremental)."""
     from zeroseg.pipeline.build import run_build
@@ -120,6 +120,12 @@ def build(
         store_crops=store_crops, scheduler=scheduler, scheduler_file=scheduler_file, workers=workers, repair=repair,
         max_pixels=max_pixels, max_file_mb=max_file_mb,
     )
+    if dry_run:
+        from zeroseg.pipeline.dry_run import dry_run as plan
+
+        for line in plan(opts):
+            typer.echo(line)
+        return
     summary = run_build(opts, log=lambda line: typer.echo(line, err=True))
     typer.echo(summary.line())
     if summary.processed and summary.ok == 0:
@@ -182,7 +188,7 @@ def verify(
 
 def main() -> None:
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
-    run_cli(app)
+    run_cli(partial(app, prog_name="zs-cache"))
 
 
 if __name__ == "__main__":

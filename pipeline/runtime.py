@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import click
 import typer
 
 from zeroseg.pipeline.errors import UserError
@@ -25,6 +24,12 @@ GPU_JOB_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", 
 def first_line(exc: BaseException) -> str:
     """The first non-blank line of an exception's message ("" when it has none)."""
     return (str(exc).strip().splitlines() or [""])[0]
+
+
+DEVICE_HELP = (
+    "auto (cuda:LOCAL_RANK when a GPU is visible, else cpu; warns when the job asked for GPUs but none is there), "
+    "cpu, cuda (= cuda:LOCAL_RANK; an error without a GPU) or cuda:K."
+)
 
 
 def gpu_job_request() -> str | None:
@@ -102,8 +107,34 @@ INTERRUPTED = 130
 ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
 
 
+def renamed_option(new_value, old_value, new: str, old: str):
+    """The value of an option given by its new name or by an old spelling kept for a release (with a note)."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise UserError(f"{old} is the old spelling of {new}: give only {new}")
+    typer.echo(f"note: {old} is deprecated and will be removed; use {new}", err=True)
+    return old_value
+
+
+def usage_line(exc: Exception) -> str:
+    """One line for a click/typer usage mistake: the command, the reason and where help is."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else ""
+    reason = " ".join(exc.format_message().split())
+    subcommands = sorted(getattr(ctx.command, "commands", None) or {}) if ctx is not None else []
+    if subcommands and reason.startswith("Missing command"):
+        reason = f"give a command ({', '.join(subcommands)})"
+    hint = f" (see '{command} --help')" if command else ""
+    return f"error: {command + ': ' if command else ''}{reason}{hint}"
+
+
 def run_cli(typer_app: typer.Typer) -> None:
-    """Run a Typer app, turning UserError into one line on stderr and exit code 2."""
+    """Run a Typer app: UserError and every command-line usage mistake become one line on stderr and exit code 2;
+    other click errors print their message with their own exit code. typer 0.29 raises the exceptions of the
+    click it bundles (typer._click), not the installed click's."""
+    from typer._click.exceptions import ClickException
+
     try:
         result = typer_app(standalone_mode=False)
     except UserError as exc:
@@ -120,11 +151,12 @@ def run_cli(typer_app: typer.Typer) -> None:
         reason = "no space left on device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
         typer.echo(f"error: {reason}" + (f": {exc.filename}" if exc.filename else ""), err=True)
         sys.exit(1)
-    except Exception as exc:
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except ClickException as exc:
+        if getattr(exc, "exit_code", 1) == 2:
+            typer.echo(usage_line(exc), err=True)
+            sys.exit(2)
+        typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
     if result == INTERRUPTED:  # typer returns Ctrl-C (KeyboardInterrupt) as exit code 130
         typer.echo("interrupted", err=True)
     sys.exit(result if isinstance(result, int) else 0)

@@ -2,9 +2,11 @@
 
 Layout of a store directory (readable with plain zarr and pyarrow):
   zarr.json              Zarr group; attribute "zeroseg" holds the metadata (see `StoreMeta`)
-  features/              Zarr array (N, V, D) float16, chunks of `chunk_size` whole images, zstd + crc32c
-  crops/                 only in stores made with --store-crops: Zarr array (N, S, S, 3) uint8, the centre
-                         crops the teacher saw, chunked and compressed like features
+  features/              Zarr array (N, V, D) float16, dimensions (image, view, dim), chunks of `chunk_size`
+                         whole images, zstd + crc32c
+  crops/                 only in stores made with --store-crops: Zarr array (N, S, S, 3) uint8, dimensions
+                         (image, y, x, channel), the centre crops the teacher saw, chunked and compressed
+                         like features
   manifest/shard-NNNNNN.parquet  one part per committed shard (Parquet page checksums; the shard's chunk
                          files and their crc32c in the key-value metadata, see pipeline.integrity); their
                          union is the manifest. Any other non-dot file there is refused: a stray copy of a
@@ -16,8 +18,9 @@ other shard touches, so shards can be written by different processes at once. It
 crops) are written first, then its manifest part under a dot-prefixed
 temporary name (ignored by Parquet readers) which is renamed last: a shard without a part does not
 exist, so a build killed at any instant is resumed by redoing the shards that have no part. Rows
-that no manifest row points to (failed images, the tail of a short shard) are never read; Zarr does
-not store chunks that were never written, so those gaps cost no disk.
+that no manifest row points to (failed images, the tail of a short shard) are never read and hold
+zeros; Zarr does not store chunks that were never written, so those gaps cost no disk. Valid rows are
+the manifest's `row` where `status == "ok"`.
 """
 
 import json
@@ -47,6 +50,9 @@ from zeroseg.pipeline.runtime import first_line
 
 FORMAT_VERSION = 1
 MANIFEST_DIR = "manifest"
+# Zarr dimension names, so that xarray.open_zarr(store) reads both arrays
+FEATURE_DIMENSIONS = ("image", "view", "dim")
+CROP_DIMENSIONS = ("image", "y", "x", "channel")
 LOCK_FILE = ".lock"
 FEATURES = "features"
 CROPS = "crops"
@@ -167,6 +173,7 @@ class FeatureStore:
             dtype="float16",
             compressors=[ZstdCodec(level=3), Crc32cCodec()],
             fill_value=0,
+            dimension_names=FEATURE_DIMENSIONS,
         )
         if meta.stored_crops:
             size = meta.preprocessing["crop_size"]
@@ -177,6 +184,7 @@ class FeatureStore:
                 dtype="uint8",
                 compressors=[ZstdCodec(level=3), Crc32cCodec()],
                 fill_value=0,
+                dimension_names=CROP_DIMENSIONS,
             )
         group.attrs["zeroseg"] = asdict(meta)
         (Path(path) / MANIFEST_DIR).mkdir(exist_ok=True)

@@ -86,9 +86,22 @@ def register_config(name: str, config: str) -> None:
     _REGISTERED[name] = config
 
 
+def teacher_config_file(teacher: str) -> Path | None:
+    """The model-config JSON a --teacher names: a path, or a config shipped with zeroseg (zs-tiny-clip) by its
+    name; None for an open_clip model name."""
+    from zeroseg.configs import TEACHER_SUFFIXES, shipped_config
+
+    if teacher.endswith(".json") or os.sep in teacher:
+        path = Path(teacher)
+        if not path.is_file():
+            raise UserError(f"teacher config '{teacher}' does not exist")
+        return path
+    return shipped_config(teacher, TEACHER_SUFFIXES)
+
+
 def resolve_model(teacher: str) -> tuple[str, str | None]:
     """(model name, canonical config JSON or None) for an open_clip name, hf-hub:ORG/REPO, local-dir:FOLDER,
-    or the path of a model-config JSON (registered under its file stem)."""
+    or a model-config JSON, a path or a shipped name (registered under its file stem)."""
     if teacher.startswith("local-dir:"):
         folder = Path(teacher.removeprefix("local-dir:")).expanduser()
         if not (folder / "open_clip_config.json").is_file():
@@ -103,10 +116,8 @@ def resolve_model(teacher: str) -> tuple[str, str | None]:
                 f"(HF_HUB_CACHE; offline?): {first_line(exc)}"
             ) from None
         return teacher, None
-    if teacher.endswith(".json") or os.sep in teacher:
-        path = Path(teacher)
-        if not path.is_file():
-            raise UserError(f"teacher config '{teacher}' does not exist")
+    path = teacher_config_file(teacher)
+    if path is not None:
         try:
             config = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

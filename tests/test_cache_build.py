@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import plan_shards
+from zeroseg.pipeline.sizes import human_size
 from zeroseg.pipeline.sources import pack_h5
 from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore, builder_lock
 from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
@@ -329,7 +331,8 @@ def test_inspect_and_verify_output(tmp_path):
     assert "images     9 ok, 3 errors, 3 shards (shard size 4)" in shown.stdout
     assert "teacher    zs-tiny-clip pretrained=none (random weights) quick_gelu=False" in shown.stdout
     assert "grids 1,2,3,4 -> 30 views of 32px from 64px centre crops" in shown.stdout
-    assert "errors     1 x empty file (0 bytes)" in shown.stdout and "MiB" in shown.stdout
+    assert "errors     1 x empty file (0 bytes)" in shown.stdout
+    assert re.search(r"^disk       \d+\.\d (KiB|MiB)$", shown.stdout, re.M) and "0.0 MiB" not in shown.stdout
     verified = invoke(zs_cache, "verify", tmp_path / "store", "--no-progress")
     assert verified.returncode == 0
     assert verified.stdout.strip() == f"store {tmp_path / 'store'} verified: 9 ok rows, 3 errors, 3 shards"
@@ -410,3 +413,24 @@ def test_a_new_store_never_overwrites_a_folder_and_keeps_its_lock_while_it_is_cr
             pass
     builder.join()
     assert FeatureStore.open(tmp_path / "new").manifest().num_rows == len(list(photos.rglob("*.jpg")))
+
+
+def test_dry_run_counts_images_and_sizes_the_store_without_writing(photos, tmp_path):
+    args = ["build", photos, "--store", tmp_path / "store", "--teacher", "zs-tiny-clip", "--pretrained", "none",
+            "--image-size", "64", "--shard-size", "4", "--chunk-size", "2", "--dry-run"]
+    planned = invoke(zs_cache, *args, "--store-crops")
+    assert planned.returncode == 0, planned.stderr
+    lines = planned.stdout.splitlines()
+    assert lines[0].endswith("10 images in " + str(photos) + ", 0 already in the store, 10 to cache in 3 shards of 4")
+    assert lines[1] == "features 10 x 30 views x 32 float16 = 18.8 KiB"  # 10 * 30 * 32 * 2 bytes
+    assert lines[2].startswith("crops    10 x 64x64x3 uint8 = 120.0 KiB before zstd")
+    assert not (tmp_path / "store").exists()
+    build(photos, tmp_path / "store")
+    again = invoke(zs_cache, *args)
+    assert "10 already in the store, 0 to cache" in again.stdout and "= 0 B" in again.stdout
+
+
+@pytest.mark.parametrize(("count", "shown"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"),
+                                              (59_036_175_360, "55.0 GiB"), (3 * 2**40, "3.0 TiB")])
+def test_sizes_are_printed_in_the_unit_that_fits(count, shown):
+    assert human_size(count) == shown

@@ -1,10 +1,10 @@
-"""Label maps as pictures: the VOC palette, palette PNGs, overlays with a legend."""
+"""Label maps as pictures: the VOC palette, palette PNGs, overlays with a legend, truth beside prediction."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from zeroseg.evaluation.drawing import label_image, overlay, palette
+from zeroseg.evaluation.drawing import comparison, label_image, overlay, palette, pixel_shares
 
 
 def test_palette_is_the_voc_colormap():
@@ -39,3 +39,22 @@ def test_overlay_blends_colours_and_adds_a_legend_of_present_classes():
     assert pixels[5, 30].tolist() == [50, 114, 50]  # half dog (0, 128, 0)
     with pytest.raises(ValueError, match="do not match"):
         overlay(image, labels[:10], ["background", "cat", "dog"])
+
+
+def test_comparison_puts_ground_truth_beside_prediction_and_legends_pixel_shares():
+    image = Image.new("RGB", (40, 30), (100, 100, 100))
+    truth = np.full((30, 40), 2, dtype=np.uint8)
+    truth[:, :10] = 1
+    truth[0, :] = 255
+    predicted = np.full((30, 40), 2, dtype=np.uint8)
+    assert pixel_shares(truth) == {1: 0.25, 2: 0.75} and pixel_shares(predicted) == {2: 1.0}
+    names = ["background", "cat", "dog"]
+    picture = np.asarray(comparison(image, truth, predicted, names, alpha=0.5))
+    caption, gap = 16, 4
+    assert picture.shape[1] > 2 * 40 + gap and picture.shape[0] >= 30 + caption
+    assert picture[caption + 5, 5].tolist() == [114, 50, 50]  # truth: half cat (128, 0, 0)
+    assert picture[caption + 5, 40 + gap + 5].tolist() == [50, 114, 50]  # prediction: half dog (0, 128, 0)
+    assert picture[caption, 20].tolist() == [100, 100, 100]  # an ignored truth pixel keeps the image colour
+    one_class = overlay(image, predicted, names)
+    two_classes = overlay(image, truth, names)
+    assert two_classes.height >= one_class.height and two_classes.width >= 40

@@ -61,7 +61,7 @@ def results(folder: Path, dataset: str) -> dict:
 
 def test_ground_truth_as_predictions_scores_100(tmp_path):
     labels = VOC_ROOT / "SegmentationClass"
-    out = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--output", tmp_path)
+    out = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--out", tmp_path)
     assert out.returncode == 0, out.stderr
     document = results(tmp_path, "voc")
     assert document["mIoU"] == 100.0 and document["pixel_accuracy"] == 100.0
@@ -72,7 +72,7 @@ def test_ground_truth_as_predictions_scores_100(tmp_path):
 
 def test_zeroseg_checkpoint_on_voc_and_coco_and_its_saved_predictions_score_the_same(setup, tmp_path):
     out = invoke(
-        zs_eval, "voc", "coco", "--checkpoint", setup["checkpoint"], *setup["common"], "--output", tmp_path / "res",
+        zs_eval, "voc", "coco", "--checkpoint", setup["checkpoint"], *setup["common"], "--out", tmp_path / "res",
         "--save-predictions", tmp_path / "pred", "--save-vis", tmp_path / "vis",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -87,11 +87,25 @@ def test_zeroseg_checkpoint_on_voc_and_coco_and_its_saved_predictions_score_the_
     assert sorted(p.stem for p in (tmp_path / "pred" / "coco").iterdir()) == sorted(
         p.stem for p in COCO_ROOT.glob("val2017/*.jpg")
     )
-    assert len(list((tmp_path / "vis" / "voc").glob("*.png"))) == 2
+    visuals = sorted((tmp_path / "vis" / "voc").glob("*.png"))
+    assert len(visuals) == 2
+    image_width = Image.open(VOC_ROOT / "JPEGImages" / f"{visuals[0].stem}.jpg").width
+    assert Image.open(visuals[0]).width > 2 * image_width  # ground truth | prediction | legend
+    report = (tmp_path / "res" / "voc.md").read_text()
+    assert f"- checkpoint: `{setup['checkpoint'].resolve()}`, step 2" in report
+    assert "- background threshold: 0.95" in report and "- mode: slide (short_side 64" in report
+    assert "- rule: groupvit (score top-k image prior softmax * softmax (GroupViT), top_k 5, logit_scale" in report
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(setup["root"] / "run" / "tensorboard"))
+    events.Reload()
+    (logged,) = events.Scalars("eval/coco/mIoU")
+    assert logged.step == 2 and logged.value == pytest.approx(coco["mIoU"])
+    assert "eval/voc/pixel_accuracy" in events.Tags()["scalars"]
 
     rescored = invoke(
         zs_eval, "voc", "coco", "--data-root", setup["data"], "--predictions", tmp_path / "pred",
-        "--output", tmp_path / "rescored", "--no-progress",
+        "--out", tmp_path / "rescored", "--no-progress",
     )  # fmt: skip
     assert rescored.returncode == 0, rescored.stderr
     for dataset in ("voc", "coco"):
@@ -100,7 +114,7 @@ def test_zeroseg_checkpoint_on_voc_and_coco_and_its_saved_predictions_score_the_
 
 
 def test_maskclip_baseline_and_slide_mode_run_through_the_same_evaluator(setup, tmp_path):
-    maskclip = invoke(zs_eval, "voc", "coco", "--model", "maskclip", *setup["common"], "--output", tmp_path / "m")
+    maskclip = invoke(zs_eval, "voc", "coco", "--model", "maskclip", *setup["common"], "--out", tmp_path / "m")
     assert maskclip.returncode == 0, maskclip.stderr
     assert len(results(tmp_path / "m", "coco")["per_class_iou"]) == 81
     assert results(tmp_path / "m", "voc")["config"]["model"] == "maskclip"
@@ -112,13 +126,16 @@ def test_maskclip_baseline_and_slide_mode_run_through_the_same_evaluator(setup, 
 
     whole = invoke(
         zs_eval, "voc", "--checkpoint", setup["checkpoint"], *setup["common"], "--mode", "whole", "--rule", "softmax",
-        "--keep-best-group", "--bg-threshold", "0.5", "--output", tmp_path / "s",
+        "--keep-best-group", "--bg-threshold", "0.5", "--out", tmp_path / "s",
     )  # fmt: skip
     assert whole.returncode == 0, whole.stderr
     config = results(tmp_path / "s", "voc")["config"]
     assert config["geometry"]["mode"] == "whole" and config["labeling"]["keep_best_group"] is True
     assert config["labeling"]["bg_threshold"] == 0.5 and config["labeling"]["rule"] == "softmax"
     assert config["labeling"]["top_k"] is None
+    report = (tmp_path / "s" / "voc.md").read_text()
+    assert "- rule: softmax (score softmax(cosine * min(exp(logit_scale), 100)), logit_scale" in report
+    assert "top_k" not in report and "- mode: whole (" in report
 
 
 def test_softmax_rule_gives_the_numbers_of_the_release_before_the_groupvit_rule(setup, tmp_path):
@@ -128,7 +145,7 @@ def test_softmax_rule_gives_the_numbers_of_the_release_before_the_groupvit_rule(
     for mode in ("whole", "slide"):
         out = invoke(
             zs_eval, "voc", "coco", "--model", "maskclip", *setup["common"], "--rule", "softmax", "--mode", mode,
-            "--output", tmp_path / mode,
+            "--out", tmp_path / mode,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         for dataset in ("voc", "coco"):
@@ -143,11 +160,11 @@ def free_port() -> int:
 
 def test_two_gloo_processes_give_the_confusion_matrix_of_one(setup, tmp_path):
     arguments = ["coco", "--checkpoint", setup["checkpoint"], *setup["common"], "--device", "cpu"]
-    single = invoke(zs_eval, *arguments, "--output", tmp_path / "one")
+    single = invoke(zs_eval, *arguments, "--out", tmp_path / "one")
     assert single.returncode == 0, single.stderr
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "zeroseg.evaluation.cli", *map(str, arguments), "--output", str(tmp_path / "two"),
+        "-m", "zeroseg.evaluation.cli", *map(str, arguments), "--out", str(tmp_path / "two"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=Path(__file__).parents[1])

@@ -20,7 +20,7 @@ from zeroseg.evaluation.labeling_rule import (
     combine_windows,
     compose_assignments,
 )
-from zeroseg.evaluation.segmenter import DenseClipScorer, Segmenter, ZeroSegScorer, describe_segments
+from zeroseg.evaluation.segmenter import DenseClipScorer, WindowSegmenter, ZeroSegScorer, describe_segments
 from zeroseg.evaluation.text import class_text_embeddings
 from zeroseg.evaluation.windows import Geometry, plan_windows, resized_shape, window_starts
 from zeroseg.pipeline.teacher import create_clip, resolve_identity
@@ -49,8 +49,8 @@ def student():
     return ZeroSeg(model_preset("tiny")).eval()
 
 
-def segmenter(scorer, rule, **geometry) -> Segmenter:
-    return Segmenter(scorer, rule, Geometry(**geometry), (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+def segmenter(scorer, rule, **geometry) -> WindowSegmenter:
+    return WindowSegmenter(scorer, rule, Geometry(**geometry), (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
 
 
 def test_resize_keeps_the_ratio_caps_the_long_side_and_rounds_to_the_patch():

@@ -76,7 +76,8 @@ def test_wheel_holds_only_the_zeroseg_namespace(tmp_path):
     tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert tops == {"zeroseg"}
     for module in ("zeroseg/__main__.py", "zeroseg/pipeline/store.py", "zeroseg/trainer/model.py",
-                   "zeroseg/evaluation/cli.py"):
+                   "zeroseg/evaluation/cli.py", "zeroseg/configs/zeroseg-imagenet.yaml",
+                   "zeroseg/configs/ablations/table4-base.yaml", "zeroseg/configs/zs-tiny-clip.json"):
         assert module in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "zs-train = zeroseg.trainer.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -77,11 +77,11 @@ def test_impossible_model_values_are_refused(store, tmp_path, setting):
 def test_eval_checks_its_threshold_and_output_before_evaluating(tmp_path):
     labels = VOC_ROOT / "SegmentationClass"
     nan = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--bg-threshold", "nan",
-                 "--output", tmp_path / "out")
+                 "--out", tmp_path / "out")
     assert one_line(nan) == "error: --bg-threshold must be a finite number, got nan"
     with tmpfs(tmp_path / "ro", "size=1m,ro") as readonly:
-        refused = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--output", readonly)
-        assert one_line(refused) == f"error: --output '{readonly}' is not writable: Read-only file system"
+        refused = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--out", readonly)
+        assert one_line(refused) == f"error: --out '{readonly}' is not writable: Read-only file system"
 
 
 def test_a_full_disk_during_a_build_and_a_checkpoint_says_so(store, photos, tmp_path):

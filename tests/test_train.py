@@ -271,3 +271,15 @@ def test_a_checkpoint_with_norm_pix_loss_in_its_model_config_still_loads(finishe
     torch.save(payload, old)
     model, meta = load_trained_model(old, "cpu")
     assert meta["loss_config"]["norm_pix_loss"] is True and "norm_pix_loss" not in meta["model_config"]
+
+
+def test_tensorboard_after_a_crash_and_resume_has_one_point_per_step(store, tmp_path):
+    assert train(store, tmp_path / "run", "--steps", "4", "--set", "run.checkpoint_every=2").returncode == 0
+    (tmp_path / "run" / "checkpoints" / "step-00000004.pt").unlink()  # crashed after logging 3, 4: resume from 2
+    resumed = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4]

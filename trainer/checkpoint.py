@@ -53,6 +53,16 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt"))
 
 
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run directory a checkpoint path names: the folder itself, or RUN of RUN/checkpoints/step-*.pt."""
+    path = Path(path)
+    if path.is_dir() and (path / CHECKPOINT_DIR).is_dir():
+        return path
+    if path.is_file() and path.parent.name == CHECKPOINT_DIR:
+        return path.parent.parent
+    return None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -254,10 +264,15 @@ def restore_rng(state: dict[str, Any]) -> None:
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
     """A trained ZeroSeg in eval mode on `device`, and the checkpoint's metadata.
 
-    path: a checkpoint file, or a run directory (its latest checkpoint). The metadata dict holds step,
-    effective_batch, world_size, config, model_config, loss_config, store and path (the file read).
+    path: a checkpoint file, a run directory (its latest checkpoint) or a folder written by `zs-train export`
+    (trainer.export). The metadata dict holds step, model_config, store and path (the file read), and for a
+    checkpoint also effective_batch, world_size, config and loss_config.
     """
+    from zeroseg.trainer.export import is_export, load_export
+
     path = Path(path)
+    if is_export(path):
+        return load_export(path, device)
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:

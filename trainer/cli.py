@@ -5,20 +5,21 @@
     torchrun --nproc_per_node 8 -m zeroseg.trainer.cli run ...      (one process per GPU; gloo on the CPU)
     zs-train config [--config FILE] [--set ...]              (print the effective configuration)
     zs-train plot RUN                                        (RUN/curves.png from RUN/metrics.jsonl)
+    zs-train export RUN_OR_CKPT --out DIR                    (DIR/model.safetensors + DIR/config.json)
 """
 
 import os
+from functools import partial
 
 import typer
 
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import run_cli
+from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
 
 app = typer.Typer(
     help="Stage two of zeroseg: distill the CLIP teacher's cached grid features into the ZeroSeg student "
     "(masked ViT encoder, MAE decoder, grouping head). Configuration: a YAML/TOML file with sections model, "
     "loss, data, optim, schedule, run, overridden by --set section.key=value; see `zs-train config`.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -43,7 +44,7 @@ def run(
     epochs: float | None = typer.Option(None, help="Total passes over the store (schedule.epochs); excludes --steps."),
     batch_size: int | None = typer.Option(None, help="Images per process per pass (data.batch_size)."),
     workers: int | None = typer.Option(None, help="DataLoader worker processes per process (data.workers)."),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:K (run.device)."),
+    device: str | None = typer.Option(None, help=f"{DEVICE_HELP} (run.device)"),
     overrides: list[str] = SET_OPTION,
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run directory's latest checkpoint with its config.yaml (plus --set)."
@@ -116,9 +117,21 @@ def plot(
     typer.echo(f"wrote {plot_metrics(run_dir, out)}")
 
 
+@app.command("export")
+def export(
+    source: str = typer.Argument(..., help="Checkpoint (.pt) or run folder (its latest checkpoint)."),
+    out: str = typer.Option(..., "--out", help="Folder to write model.safetensors and config.json to."),
+) -> None:
+    """Export the trained model: DIR/model.safetensors (weights) and DIR/config.json (model config, teacher,
+    preprocessing; no absolute paths). zs-eval/zs-segment --checkpoint DIR and Segmenter.from_pretrained load it."""
+    from zeroseg.trainer.export import export_model
+
+    typer.echo(f"exported {source} to {export_model(source, out)}")
+
+
 def main() -> None:
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
-    run_cli(app)
+    run_cli(partial(app, prog_name="zs-train"))
 
 
 if __name__ == "__main__":

@@ -143,10 +143,16 @@ SECTIONS = tuple(SECTION_TYPES)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The nested dict of a .yaml/.yml or .toml file."""
+    """The nested dict of a .yaml/.yml or .toml file, or of a config shipped with zeroseg named without its
+    suffix (zeroseg-imagenet, the ablations, tiny-cpu: see zeroseg.configs)."""
+    from zeroseg.configs import TRAIN_SUFFIXES, shipped_config, shipped_names
+
     path = Path(path)
+    if not path.is_file() and path.suffix not in TRAIN_SUFFIXES and len(path.parts) == 1:
+        path = shipped_config(str(path), TRAIN_SUFFIXES) or path
     if not path.is_file():
-        raise UserError(f"config file '{path}' does not exist")
+        shipped = ", ".join(shipped_names(TRAIN_SUFFIXES))
+        raise UserError(f"config file '{path}' does not exist (configs shipped with zeroseg, by name: {shipped})")
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(path.read_text())

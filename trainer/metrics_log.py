@@ -1,5 +1,7 @@
 """Training metrics: one JSON line per logging interval in RUN_DIR/metrics.jsonl, plus TensorBoard event files
-in RUN_DIR/tensorboard when the optional `tensorboard` package is installed.
+in RUN_DIR/tensorboard when the optional `tensorboard` package is installed (train/<key> per step; a resumed run
+purges the points after its checkpoint, so a crash and resume leaves no duplicates; zs-eval adds
+eval/<dataset>/{mIoU,pixel_accuracy} at the evaluated checkpoint's step).
 
 Keys of every line (loss terms and grad_norm averaged over the optimizer steps of the interval and over
 the processes):
@@ -25,6 +27,7 @@ from zeroseg.pipeline.errors import UserError
 from zeroseg.trainer.losses import LOSS_TERMS
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 METRIC_KEYS = ("step", "epoch", "lr", "loss", *LOSS_TERMS, "grad_norm", "images_per_s", "data_wait", "elapsed_s")
 
 
@@ -37,7 +40,8 @@ class MetricsLog:
         if resumed_step is not None and self.path.exists():
             kept = [line for line in _records(self.path.read_text()) if json.loads(line)["step"] <= resumed_step]
         write_atomically(self.path, "".join(f"{line}\n" for line in kept))
-        self.tensorboard = _tensorboard_writer(Path(run_dir) / "tensorboard")
+        purge_step = None if resumed_step is None else resumed_step + 1  # points of steps > the checkpoint's go
+        self.tensorboard = _tensorboard_writer(Path(run_dir) / TENSORBOARD_DIR, purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
@@ -61,12 +65,23 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _tensorboard_writer(folder: Path):
+def log_scalars(run_dir: str | Path, scalars: dict[str, float], step: int) -> bool:
+    """Add scalars at `step` to the run's TensorBoard events; False when tensorboard is not installed."""
+    writer = _tensorboard_writer(Path(run_dir) / TENSORBOARD_DIR, None)
+    if writer is None:
+        return False
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, step)
+    writer.close()
+    return True
+
+
+def _tensorboard_writer(folder: Path, purge_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), purge_step=purge_step)
 
 
 def _records(text: str) -> list[str]:

@@ -137,7 +137,7 @@ def evaluate(config: dict, work_dir: Path) -> Path | None:
         print(f"eval: {checkpoint.stem} already evaluated", flush=True)
         return out
     print(f"eval: {checkpoint.stem} on {', '.join(datasets)}", flush=True)
-    args = [*datasets, "--checkpoint", checkpoint, "--data-root", config["eval"]["data_root"], "--output", out,
+    args = [*datasets, "--checkpoint", checkpoint, "--data-root", config["eval"]["data_root"], "--out", out,
             "--no-progress", *config["eval"].get("args", [])]
     run_step("eval", stage("zeroseg.evaluation.cli", *args), lambda: False)
     return out

@@ -14,9 +14,12 @@ USAGE = "usage: python -m zeroseg {cache,train,eval,segment} ...  (= zs-cache, z
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(f"error: give a command; {USAGE}", file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
-        sys.exit(0 if argv else 2)
+        sys.exit(0)
     command = argv[0].removeprefix("zs-")
     if command not in COMMANDS:
         print(f"error: unknown command '{argv[0]}'; {USAGE}", file=sys.stderr)

@@ -1,0 +1,79 @@
+"""Every command-line usage mistake on every command: one line on stderr naming the command, exit code 2."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES, VOC_ROOT, invoke, run_cli
+from zeroseg.evaluation.cli import main as zs_eval
+
+CACHE, TRAIN, EVAL, SEGMENT = (
+    "zeroseg.pipeline.cli", "zeroseg.trainer.cli", "zeroseg.evaluation.cli", "zeroseg.evaluation.segment_cli"
+)  # fmt: skip
+
+SOURCE_FILE = re.compile(r"\b\w+\.py\b")
+MISTAKES = [
+    # (module, arguments, words the one line must hold)
+    (CACHE, [], ["zs-cache", "give a command", "build"]),
+    (CACHE, ["fly"], ["zs-cache", "No such command 'fly'"]),
+    (CACHE, ["build", ".", "--store", "s", "--bogus"], ["zs-cache build", "--bogus"]),
+    (CACHE, ["build", "."], ["zs-cache build", "--store"]),
+    (CACHE, ["build", ".", "--store", "s", "--batch-size", "many"], ["zs-cache build", "--batch-size", "integer"]),
+    (TRAIN, [], ["zs-train", "give a command", "run"]),
+    (TRAIN, ["fly"], ["zs-train", "No such command 'fly'"]),
+    (TRAIN, ["run", "--bogus"], ["zs-train run", "--bogus"]),
+    (TRAIN, ["config", "optim.lr=1e-3"], ["zs-train config", "optim.lr=1e-3"]),
+    (TRAIN, ["run", "--steps", "ten"], ["zs-train run", "--steps", "integer"]),
+    (TRAIN, ["plot"], ["zs-train plot", "Missing argument"]),
+    (EVAL, [], ["zs-eval", "Missing argument 'DATASET'"]),
+    (EVAL, ["voc"], ["zs-eval", "--data-root"]),
+    (EVAL, ["voc", "--data-root", ".", "--bogus"], ["zs-eval", "--bogus"]),
+    (EVAL, ["voc", "--data-root", ".", "--short-side", "big"], ["zs-eval", "--short-side", "integer"]),
+    (EVAL, ["prepare"], ["zs-eval prepare", "give a command", "coco"]),
+    (EVAL, ["prepare", "fly"], ["zs-eval prepare", "No such command 'fly'"]),
+    (SEGMENT, [], ["zs-segment", "Missing argument 'IMAGE'"]),
+    (SEGMENT, ["a.jpg"], ["zs-segment", "--checkpoint"]),
+    (SEGMENT, ["a.jpg", "--checkpoint", "c", "--bogus"], ["zs-segment", "--bogus"]),
+    (SEGMENT, ["a.jpg", "--checkpoint", "c", "--stride", "wide"], ["zs-segment", "--stride", "integer"]),
+]
+
+
+@pytest.mark.parametrize(("module", "args", "words"), MISTAKES, ids=lambda value: " ".join(value) or "bare"
+                         if isinstance(value, list) else None)
+def test_usage_mistake_is_one_line_and_exit_code_2(module, args, words):
+    result = run_cli(module, *args, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "--help" in lines[0]
+    assert all(word in lines[0] for word in words), lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_old_spellings_still_work_with_a_deprecation_note(tmp_path):
+    common = ("voc", "--data-root", FIXTURES, "--predictions", VOC_ROOT / "SegmentationClass")
+    old = invoke(zs_eval, *common, "--output", tmp_path / "old", "--workers", "1")
+    assert old.returncode == 0, old.stderr
+    assert "note: --output is deprecated and will be removed; use --out" in old.stderr
+    assert "note: --workers is deprecated and will be removed; use --decode-threads" in old.stderr
+    assert (tmp_path / "old" / "voc.json").is_file()
+    both = invoke(zs_eval, *common, "--output", tmp_path / "a", "--out", tmp_path / "b")
+    assert both.returncode == 2 and "error: --output is the old spelling of --out: give only --out" in both.stderr
+
+
+def test_no_error_message_or_help_text_points_at_a_source_file():
+    """A user who installed from PyPI has no evaluation/datasets.py to look at."""
+    repo = Path(__file__).parents[1]
+    found = []
+    for path in [*repo.glob("pipeline/*.py"), *repo.glob("trainer/*.py"), *repo.glob("evaluation/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            texts = [*node.args] if name == "UserError" else [kw.value for kw in node.keywords if kw.arg == "help"]
+            for text in texts:
+                strings = [part.value for part in ast.walk(text) if isinstance(part, ast.Constant)]
+                found += [f"{path.name}: {s}" for s in strings if isinstance(s, str) and SOURCE_FILE.search(s)]
+    assert found == []

@@ -1,0 +1,143 @@
+"""`zs-train export` and the Python API: the exported folder gives the checkpoint's outputs, loads into timm,
+and Segmenter.from_pretrained / zs-segment --checkpoint read it."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from tests.conftest import PHOTOS, TINY_TEACHER, invoke
+from zeroseg.evaluation.pretrained import Segmenter
+from zeroseg.evaluation.segment_cli import main as zs_segment
+from zeroseg.evaluation.windows import Geometry
+from zeroseg.pipeline.build import run_build
+from zeroseg.pipeline.build_options import BuildOptions
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.teacher import TeacherIdentity
+from zeroseg.trainer.checkpoint import load_trained_model
+from zeroseg.trainer.cli import main as zs_train
+from zeroseg.trainer.export import load_export
+from zeroseg.trainer.vit import interpolate_pos_embed
+
+GEOMETRY = Geometry("whole", 64, 128, 64, 32)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A 2-step tiny run on a store of the fixture photos, exported with `zs-train export`."""
+    root = tmp_path_factory.mktemp("export")
+    photos = root / "photos"
+    photos.mkdir()
+    for path in PHOTOS[:4]:
+        shutil.copy(path, photos / path.name)
+    options = BuildOptions(
+        source=str(photos), store=str(root / "store"), teacher=str(TINY_TEACHER), pretrained="none",
+        device="cpu", batch_size=4, image_size=32, progress=False,
+    )  # fmt: skip
+    run_build(options, log=lambda line: None)
+    run = invoke(
+        zs_train, "run", "--store", root / "store", "--run-dir", root / "run", "--preset", "tiny", "--steps", "2",
+        "--batch-size", "4", "--workers", "0", "--device", "cpu", "--set", "schedule.warmup_steps=1", "--no-progress",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    exported = invoke(zs_train, "export", root / "run", "--out", root / "exported")
+    assert exported.returncode == 0, exported.stderr
+    return {"root": root, "run": root / "run", "export": root / "exported"}
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_export_holds_weights_and_a_config_without_absolute_paths(trained):
+    export = trained["export"]
+    files = sorted(str(p.relative_to(export)) for p in export.rglob("*") if p.is_file())
+    assert files == ["config.json", "model.safetensors", "teacher/zs-tiny-clip.json"]
+    document = json.loads((export / "config.json").read_text())
+    assert document["format"] == "zeroseg-export-1" and document["step"] == 2
+    assert document["teacher"]["config"] == "teacher/zs-tiny-clip.json" and document["teacher"]["pretrained"] is None
+    assert {"mean", "std", "image_size"} <= set(document["preprocessing"])
+    assert not [text for text in _strings(document) if text.startswith("/") or str(trained["root"]) in text]
+
+
+def test_exported_model_gives_the_checkpoints_outputs(trained):
+    original, recorded = load_trained_model(trained["run"])
+    exported, meta = load_trained_model(trained["export"])
+    teacher = TeacherIdentity(**meta["store"]["teacher"])
+    assert meta["step"] == 2 and teacher.config == TeacherIdentity(**recorded["store"]["teacher"]).config
+    assert json.loads(teacher.config)["embed_dim"] == json.loads(TINY_TEACHER.read_text())["embed_dim"]
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = original(images, mask_ratio=0.0), exported(images, mask_ratio=0.0)
+    assert torch.equal(want.g, got.g) and torch.equal(want.z, got.z)
+
+
+def test_encoder_keys_load_strictly_into_timm_vision_transformer(trained):
+    student, _ = load_export(trained["export"])
+    cfg = student.cfg
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, class_token=False, pos_embed="none", global_pool="",
+        num_classes=0,
+    )  # fmt: skip
+    encoder_parts = ("patch_embed", "blocks", "norm")
+    encoder = {key: value for key, value in student.state_dict().items() if key.split(".")[0] in encoder_parts}
+    vit.load_state_dict(encoder, strict=True)
+    vit.eval()
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1))
+    grid = student.base_grid
+    with torch.inference_mode():
+        want = student.forward_encoder(images, mask_ratio=0.0)[0]  # (B, L, D)
+        tokens = vit.patch_embed(images) + interpolate_pos_embed(student.pos_embed, grid, grid)
+        got = vit.norm(vit.blocks(tokens))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_segmenter_from_pretrained_labels_only_the_given_classes(trained, tmp_path):
+    image = Image.open(PHOTOS[0]).convert("RGB")
+    kwargs = {"device": "cpu", "text_cache": tmp_path / "text", "geometry": GEOMETRY}
+    from_export = Segmenter.from_pretrained(trained["export"], **kwargs)
+    from_run = Segmenter.from_pretrained(trained["run"], **kwargs)
+    assert from_export.loaded.description["teacher_matches_checkpoint"]
+    result = from_export(image, classes=["cat", "dog"])
+    assert result.class_names == ("background", "cat", "dog")
+    assert result.labels.shape == (image.height, image.width) and set(np.unique(result.labels)) <= {1, 2}
+    assert np.array_equal(result.labels, from_run(np.asarray(image), classes=["cat", "dog"]).labels)
+    assert sum(segment["pixel_share"] for segment in result.segments) == pytest.approx(1.0)
+    assert all(segment["class"] in ("cat", "dog") and 0 <= segment["score"] <= 1 for segment in result.segments)
+    best_segment_kept = from_export(PHOTOS[0], classes=["cat", "dog"], background=1.01)
+    assert (best_segment_kept.labels != 0).any()  # groupvit: the best segment is never background
+    softmax_rule = Segmenter.from_pretrained(trained["export"], rule="softmax", **kwargs)
+    everything_background = softmax_rule(PHOTOS[0], classes=["cat", "dog"], background=1.01)
+    assert (everything_background.labels == 0).all()
+    assert everything_background.segments == [{"class": "background", "index": 0, "pixel_share": 1.0, "score": None}]
+    with pytest.raises(ValueError, match="distinct"):
+        from_export(image, classes=["cat", "cat"])
+
+
+def test_zs_segment_reads_an_exported_folder(trained, tmp_path):
+    out = invoke(
+        zs_segment, PHOTOS[0], "--checkpoint", trained["export"], "--classes", "cat,dog", "--out", tmp_path / "out",
+        "--text-cache", tmp_path / "text", "--short-side", "64", "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "out" / "zs-segment.json").read_text())["step"] == 2
+
+
+def test_damaged_export_is_one_error_naming_the_file(trained, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained["export"], damaged)
+    (damaged / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="model.safetensors cannot be read"):
+        load_trained_model(damaged)

@@ -1,0 +1,54 @@
+"""Other tools open a feature store: xarray through the Zarr dimension names, and the README's valid-row
+selection with pandas and duckdb (run as written in the README)."""
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import xarray
+
+from tests.conftest import PHOTOS, TINY_TEACHER
+from zeroseg.pipeline.build import run_build
+from zeroseg.pipeline.build_options import BuildOptions
+from zeroseg.pipeline.store import FeatureStore
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _store_with_a_failed_image(tmp_path: Path) -> Path:
+    source = tmp_path / "photos"
+    source.mkdir()
+    for path in PHOTOS[:3]:
+        shutil.copy(path, source / path.name)
+    (source / "broken.jpg").write_bytes(b"not an image")
+    options = BuildOptions(
+        source=str(source), store=str(tmp_path / "store"), teacher=str(TINY_TEACHER), pretrained="none",
+        device="cpu", batch_size=4, image_size=32, shard_size=4, chunk_size=2, store_crops=True,
+        max_error_fraction=1.0, progress=False,
+    )  # fmt: skip
+    run_build(options, log=lambda line: None)
+    return tmp_path / "store"
+
+
+def test_xarray_opens_the_store_and_the_readme_selects_only_valid_rows(tmp_path):
+    store_path = _store_with_a_failed_image(tmp_path)
+    store = FeatureStore.open(store_path)
+    dataset = xarray.open_zarr(store_path, consolidated=False)
+    assert dataset["features"].dims == ("image", "view", "dim")
+    assert dataset["crops"].dims == ("image", "y", "x", "channel")
+    assert np.array_equal(dataset["features"].values, store.features[:])
+
+    manifest = store.manifest().to_pylist()
+    ok_rows = sorted(record["row"] for record in manifest if record["status"] == "ok")
+    assert len(ok_rows) == 3 and len(manifest) == 4
+    gap = sorted(set(range(store.features.shape[0])) - set(ok_rows))
+    assert gap and not store.features.get_orthogonal_selection((np.array(gap),)).any()  # failed rows are zeros
+
+    (snippet,) = re.findall(r"<!-- valid-rows:.*?-->\n\s*```python\n(.*?)```", README.read_text(), re.S)
+    code = "\n".join(line.removeprefix("  ") for line in snippet.splitlines())
+    namespace: dict = {}
+    exec(code.replace('"/data/zs-store"', repr(str(store_path))), namespace)
+    assert namespace["rows"].tolist() == ok_rows
+    assert np.array_equal(namespace["valid"], store.features[:][ok_rows])
+    assert all(np.abs(view).sum() > 0 for view in namespace["valid"])

@@ -1,0 +1,128 @@
+"""A trained model that leaves zeroseg: `zs-train export` writes DIR/model.safetensors and DIR/config.json.
+
+model.safetensors holds the weights only: the state dict of ZeroSeg (trainer.model), float tensors as trained.
+config.json holds no absolute path:
+
+    format          EXPORT_FORMAT ("zeroseg-export-1")
+    model_config    ModelConfig dict (rebuilds the architecture)
+    teacher         the CLIP whose space g and z live in, whose text tower labels segments: open_clip model
+                    name, pretrained tag (None for random weights or a weights file), weights_file (the file's
+                    name) and weights_sha256 when trained from a file, quick_gelu, and config: "teacher/<model>.json" (a
+                    copy, named so open_clip registers it under the same model name) when the teacher is a
+                    model-config JSON rather than a built-in open_clip name (the content the checkpoint recorded)
+    preprocessing   the input normalisation (mean, std) and image_size of training
+    step            optimizer steps of the checkpoint exported; source: that checkpoint's file name
+
+Encoder key layout. The keys `patch_embed.proj.*`, `blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`
+and `norm.*` are a plain pre-norm ViT without class token: they load with strict=True into
+`timm.models.vision_transformer.VisionTransformer(patch_size=p, embed_dim=D, depth=L, num_heads=H,
+class_token=False, pos_embed="none", global_pool="", num_classes=0)`. The positional embedding is the fixed
+2-D sin-cos of trainer.vit.sincos_pos_embed_2d (not a weight): add it to timm's patch_embed output. The other keys
+are the reconstruction decoder (decoder_*, mask_token), the grouping head (seg_embed, grouping_stages,
+segment_blocks, seg_norm) and the projections into the teacher's space (segment_proj, global_*).
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from zeroseg.pipeline.atomic import atomic_path, write_atomically
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.teacher import TeacherIdentity
+from zeroseg.trainer.model import ZeroSeg
+from zeroseg.trainer.model_config import ModelConfig
+
+EXPORT_FORMAT = "zeroseg-export-1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def export_model(source: str | Path, out_dir: str | Path) -> Path:
+    """Write the model of a checkpoint (or a run folder's latest one) to out_dir; returns out_dir."""
+    from zeroseg.trainer.checkpoint import load_trained_model
+
+    model, meta = load_trained_model(source, "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = dict(meta["store"]["teacher"])
+    config = TeacherIdentity(**teacher).config  # canonical JSON (older checkpoints recorded a path: read here)
+    config_copy = f"teacher/{teacher['model']}.json"
+    if teacher.get("config") and config is None:
+        raise UserError(f"the teacher's model config {teacher['config']} recorded in the checkpoint is not here")
+    if config:
+        (out / config_copy).parent.mkdir(exist_ok=True)
+        write_atomically(out / config_copy, json.dumps(json.loads(config), indent=1) + "\n")
+    pretrained = teacher.get("pretrained")
+    from_file = pretrained is not None and Path(pretrained).is_absolute()
+    document = {
+        "format": EXPORT_FORMAT,
+        "model_config": model.cfg.to_dict(),
+        "teacher": {
+            "model": teacher["model"],
+            "pretrained": None if from_file else pretrained,
+            "weights_file": Path(pretrained).name if from_file else None,
+            "weights_sha256": teacher.get("weights_sha256"),
+            "quick_gelu": teacher["quick_gelu"],
+            "config": config_copy if config else None,
+        },
+        "preprocessing": {**(meta["store"].get("preprocessing") or {}), "image_size": model.cfg.image_size},
+        "step": meta.get("step"),
+        "source": Path(meta["path"]).name,
+    }
+    state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    with atomic_path(out / WEIGHTS_FILE) as partial:
+        save_file(state, str(partial), metadata={"format": EXPORT_FORMAT})
+    write_atomically(out / CONFIG_FILE, json.dumps(document, indent=1) + "\n")
+    return out
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
+    """An exported ZeroSeg in eval mode, and metadata shaped like trainer.checkpoint.load_trained_model's: step, path,
+    model_config and store (teacher identity with paths resolved inside the export folder, preprocessing)."""
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    try:
+        document = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"exported model config {config_file} cannot be read: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{config_file} is not a zeroseg export of format {EXPORT_FORMAT}")
+    try:
+        state = load_file(str(weights_file))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"exported weights {weights_file} cannot be read: {exc}") from None
+    model = ZeroSeg(ModelConfig.from_dict(document["model_config"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"exported weights {weights_file} do not fit its config.json: {first}") from None
+    model.to(device).eval()
+    exported = document["teacher"]
+    weights = exported["weights_file"]
+    teacher = {
+        "model": exported["model"],
+        "pretrained": str((path / weights).resolve()) if weights else exported["pretrained"],
+        "weights_sha256": exported["weights_sha256"],
+        "quick_gelu": exported["quick_gelu"],
+        "config": _read_teacher_config(path / exported["config"]) if exported["config"] else None,
+    }
+    preprocessing = {key: value for key, value in document["preprocessing"].items() if key != "image_size"}
+    store = {"teacher": teacher, "preprocessing": preprocessing}
+    return model, {"step": document.get("step"), "model_config": document["model_config"], "store": store,
+                   "path": str(path)}
+
+
+def _read_teacher_config(config_file: Path) -> dict:
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"exported teacher config {config_file} cannot be read: {exc}") from None
