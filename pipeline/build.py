@@ -125,14 +125,19 @@ def pending_keys(store: FeatureStore, keys: list[str], name: str) -> list[str]:
     return list(compress(keys, ~seen))
 
 
-def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSummary:
-    """Bring the store up to date with the source; returns what was done (raises UserError on misuse)."""
+def open_build_source(opts: BuildOptions) -> tuple[Source, str, list[str]]:
+    """The source of validated options, its name inside the store and its keys (UserError when it has none)."""
     validate(opts)
     source = open_source(opts.source, opts.column)
-    name = opts.source_name or Path(source.spec.path).stem
     keys = source.keys()
     if not keys:
         raise UserError(f"no images found in '{opts.source}'")
+    return source, opts.source_name or Path(source.spec.path).stem, keys
+
+
+def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSummary:
+    """Bring the store up to date with the source; returns what was done (raises UserError on misuse)."""
+    source, name, keys = open_build_source(opts)
     duplicates = getattr(source, "duplicates", {})
     if duplicates:
         path, same = next(iter(duplicates.items()))

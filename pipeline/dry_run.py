@@ -6,27 +6,19 @@ fixture photos).
 """
 
 import math
-from pathlib import Path
 
 import open_clip
 
-from zeroseg.pipeline.build import check_compatible, wants_crops
-from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions, validate
-from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.build import check_compatible, open_build_source, wants_crops
+from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
 from zeroseg.pipeline.sizes import human_size
-from zeroseg.pipeline.sources import open_source
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import resolve_identity
 
 
 def dry_run(opts: BuildOptions) -> list[str]:
     """Lines saying how many images a build would cache and the size of what it would store."""
-    validate(opts)
-    source = open_source(opts.source, opts.column)
-    name = opts.source_name or Path(source.spec.path).stem
-    keys = source.keys()
-    if not keys:
-        raise UserError(f"no images found in '{opts.source}'")
+    source, name, keys = open_build_source(opts)
     identity = resolve_identity(opts.teacher, opts.pretrained, opts.quick_gelu)
     store = FeatureStore.open(opts.store) if FeatureStore.exists(opts.store) else None
     cached = 0
