@@ -3,6 +3,7 @@
 import gc
 import os
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -191,9 +192,14 @@ def evaluate(
 def _segment_dataset(loaded, dataset, threshold, process, saving, decode_threads: int, progress: bool):
     """(confusion matrix, config) of one dataset; its segmenter is released on return."""
     from zeroseg.evaluation.evaluate import segment_split
+    from zeroseg.evaluation.score_predictions import write_run_record
 
     segmenter = loaded.segmenter(dataset.class_names, threshold, dataset.name)
+    started = time.time()
     confusion = segment_split(dataset, segmenter, process, *saving, workers=decode_threads, progress=progress)
+    if saving[0] is not None and process.is_main:
+        run = {key: loaded.description.get(key) for key in ("model", "checkpoint", "step")}
+        write_run_record(saving[0], dataset.name, started, run)
     config = {
         **loaded.description,
         "labeling": segmenter.rule.to_dict(),

@@ -2,6 +2,7 @@
 the scores, and the files (results JSON + Markdown, prediction PNGs, overlays)."""
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,12 @@ from tqdm import tqdm
 from zeroseg import __version__
 from zeroseg.evaluation.datasets import SegmentationDataset
 from zeroseg.evaluation.drawing import comparison, label_image, save_png
-from zeroseg.evaluation.score_predictions import add_prediction, prediction_paths, read_prediction
+from zeroseg.evaluation.score_predictions import (
+    add_prediction,
+    mixed_runs_warning,
+    prediction_paths,
+    read_prediction,
+)
 from zeroseg.evaluation.scores import ConfusionMatrix, format_results, segmentation_results
 from zeroseg.evaluation.segmenter import WindowSegmenter
 from zeroseg.pipeline.atomic import write_atomically
@@ -59,10 +65,18 @@ def segment_split(
 
 
 def score_saved_predictions(
-    dataset: SegmentationDataset, predictions_dir: Path, process: Process, progress: bool = True
+    dataset: SegmentationDataset,
+    predictions_dir: Path,
+    process: Process,
+    progress: bool = True,
+    warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> ConfusionMatrix:
-    """The confusion matrix of saved <image id>.png label maps (any method's), sharded like segment_split."""
+    """The confusion matrix of saved <image id>.png label maps (any method's), sharded like segment_split;
+    `warn` hears when the folder's run record says some maps come from another run."""
     paths = prediction_paths(dataset, predictions_dir)
+    note = mixed_runs_warning(predictions_dir, paths) if process.is_main else None
+    if note:
+        warn(note)
     confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=process.device)
     indices = process.shard(range(len(dataset)))
     for index in tqdm(indices, desc=f"scoring {dataset.name}", disable=not (progress and process.is_main)):

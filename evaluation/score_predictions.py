@@ -3,15 +3,24 @@
 DIR holds one PNG per image of the split, named <image id>.png, palette or greyscale (8 or 16 bit),
 pixel values = class indices of the dataset's vocabulary. Pixels whose ground truth is the ignore
 label are not scored, so their predicted value does not matter.
+
+`zs-eval --save-predictions` also writes RUN_RECORD into each folder: which model saved the maps and
+when. Scoring warns when some maps were written outside that run (a folder mixing two runs' files).
 """
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from zeroseg.evaluation.datasets import SegmentationDataset, read_label_png
 from zeroseg.evaluation.scores import ConfusionMatrix
+from zeroseg.pipeline.atomic import write_atomically
 from zeroseg.pipeline.errors import UserError
+
+RUN_RECORD = "zs-eval-run.json"
+CLOCK_SLACK_S = 2.0  # file-system timestamps vs time.time(), and ranks that start a moment apart
 
 
 def prediction_paths(dataset: SegmentationDataset, predictions_dir: str | Path) -> list[Path]:
@@ -42,3 +51,32 @@ def add_prediction(confusion: ConfusionMatrix, labels: np.ndarray, predicted: np
         confusion.update(labels, predicted)
     except ValueError as exc:
         raise UserError(f"prediction {source}: {exc}") from None
+
+
+def write_run_record(folder: Path, dataset: str, started: float, run: dict) -> None:
+    """Record in `folder` that the maps saved there since `started` (time.time()) come from `run`."""
+    record = {"dataset": dataset, "started": started, "finished": time.time(), "run": run}
+    write_atomically(folder / RUN_RECORD, json.dumps(record, indent=1))
+
+
+def mixed_runs_warning(folder: Path, paths: list[Path]) -> str | None:
+    """A warning line when some of `paths` were not written by the run recorded in `folder`, else None."""
+    try:
+        record = json.loads((folder / RUN_RECORD).read_text())
+        started, finished = float(record["started"]), float(record["finished"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return f"warning: {folder / RUN_RECORD} is damaged: cannot tell whether all predictions come from one run"
+    outside = [
+        path for path in paths
+        if not started - CLOCK_SLACK_S <= path.stat().st_mtime <= finished + CLOCK_SLACK_S
+    ]  # fmt: skip
+    if not outside:
+        return None
+    saved_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    return (
+        f"warning: {len(outside)} of {len(paths)} predictions in {folder} were not written by the run that saved "
+        f"this folder ({record.get('run', {}).get('model', '?')} at {saved_at}), e.g. {outside[0].name}: "
+        "the folder mixes files of different runs"
+    )

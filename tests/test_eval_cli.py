@@ -84,7 +84,7 @@ def test_zeroseg_checkpoint_on_voc_and_coco_and_its_saved_predictions_score_the_
     assert coco["config"]["labeling"]["bg_threshold"] == 0.35 and voc["config"]["teacher_matches_checkpoint"]
     assert voc["config"]["labeling"]["rule"] == "groupvit" and voc["config"]["labeling"]["top_k"] == 5
     assert voc["config"]["labeling"]["keep_best_group"] and voc["config"]["geometry"]["mode"] == "slide"
-    assert sorted(p.stem for p in (tmp_path / "pred" / "coco").iterdir()) == sorted(
+    assert sorted(p.stem for p in (tmp_path / "pred" / "coco").glob("*.png")) == sorted(
         p.stem for p in COCO_ROOT.glob("val2017/*.jpg")
     )
     visuals = sorted((tmp_path / "vis" / "voc").glob("*.png"))
@@ -108,9 +108,20 @@ def test_zeroseg_checkpoint_on_voc_and_coco_and_its_saved_predictions_score_the_
         "--out", tmp_path / "rescored", "--no-progress",
     )  # fmt: skip
     assert rescored.returncode == 0, rescored.stderr
+    assert "warning" not in rescored.stderr
     for dataset in ("voc", "coco"):
         again = results(tmp_path / "rescored", dataset)
         assert again["confusion_matrix"] == results(tmp_path / "res", dataset)["confusion_matrix"]
+
+    record = json.loads((tmp_path / "pred" / "voc" / "zs-eval-run.json").read_text())
+    assert record["dataset"] == "voc" and record["run"]["step"] == 2 and record["run"]["model"] == "zeroseg"
+    older = sorted((tmp_path / "pred" / "voc").glob("*.png"))[0]
+    os.utime(older, (record["started"] - 3600, record["started"] - 3600))  # a map left by an earlier run
+    mixed = invoke(zs_eval, "voc", "--data-root", setup["data"], "--predictions", tmp_path / "pred",
+                   "--out", tmp_path / "mixed", "--no-progress")
+    assert mixed.returncode == 0, mixed.stderr
+    assert f"warning: 1 of 2 predictions in {tmp_path / 'pred' / 'voc'} were not written by the run" in mixed.stderr
+    assert older.name in mixed.stderr
 
 
 def test_maskclip_baseline_and_slide_mode_run_through_the_same_evaluator(setup, tmp_path):
