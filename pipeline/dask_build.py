@@ -11,6 +11,10 @@ invisible; the scheduler reruns the task on a live worker (worker deaths count a
 still fails is reported once the others are committed; if the whole cluster goes away the committed
 shards stay, and running the same command again resumes.
 
+Ctrl-C: it reaches the local workers too (one process group); they ignore it (`dask_setup`, Dask's preload
+hook) and the client closes the cluster, so the user sees one line 'interrupted' and exit 130; the committed
+shards stay and a rerun resumes.
+
 Worker state: a worker process builds one Teacher per (teacher, device) at its first task and keeps
 it for all later ones (the module-level cache below, counted in `worker_counts`).
 
@@ -25,6 +29,7 @@ that cannot see them stops the build with a one-line error naming the worker.
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -116,6 +121,12 @@ _counts: Counter = Counter()  # teachers_built, shards_encoded: in this worker p
 def worker_counts() -> dict[str, int]:
     """Teachers built and shards encoded by this worker process (read with client.run)."""
     return dict(_counts)
+
+
+def dask_setup(worker) -> None:
+    """Dask's preload hook in each local worker process: a terminal's Ctrl-C reaches the whole process group, and
+    the client closes the cluster on it, so the worker ignores SIGINT rather than dying with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def worker_teacher(spec: TeacherSpec) -> Teacher:
@@ -212,7 +223,7 @@ def local_cluster(workers: int, device: str, decode_threads: int) -> tuple[Local
         envs = [{"OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores)}] * workers
         setup = WorkerSetup("cpu", cores, min(decode_threads, cores), f"cpu, {cores} torch thread(s) each")
     cluster = LocalCluster(n_workers=0, threads_per_worker=TASKS_PER_WORKER, processes=True,
-                           memory_limit=MEMORY_LIMIT // workers, silence_logs=logging.ERROR)
+                           memory_limit=MEMORY_LIMIT // workers, silence_logs=logging.ERROR, preload=[__name__])
     for index, env in enumerate(envs):
         cluster.worker_spec[index] = {"cls": Nanny, "options": {**cluster.new_spec["options"], "env": env}}
     cluster.scale(workers)
@@ -238,7 +249,11 @@ def dask_client(opts: BuildOptions, log: Callable[[str], None]) -> Iterator[tupl
     with cluster, Client(cluster) as client:
         _wait_for_workers(client, opts.workers, "the local cluster")
         log(f"Dask dashboard: {client.dashboard_link} ({opts.workers} local workers, {setup.description})")
-        yield client, setup
+        try:
+            yield client, setup
+        except KeyboardInterrupt:  # closing the cluster under busy workers makes them log lost heartbeats: hush them
+            client.run(logging.disable, logging.CRITICAL, on_error="ignore")
+            raise
 
 
 def scheduler_address(path: str, timeout_s: float = WORKERS_TIMEOUT_S) -> str:

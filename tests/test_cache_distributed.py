@@ -251,3 +251,29 @@ def test_cluster_arguments_are_one_line_errors(photos, tmp_path):
         nobody = invoke(zs_cache, "build", photos, *common, "--scheduler", "tcp://127.0.0.1:1")
     lines = nobody.stderr.strip().splitlines()
     assert nobody.returncode == 2 and lines[-1].startswith("error: cannot reach the Dask scheduler at tcp://127.0.0.1:1")
+
+
+def test_ctrl_c_stops_the_cluster_quietly_and_a_rerun_resumes(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for copy in range(2):  # 20 images in 5 shards: Ctrl-C lands while the workers are mid-build
+        for path in PHOTOS:
+            (photos / f"{copy}-{path.name}").write_bytes(path.read_bytes())
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "zeroseg.pipeline.cli", "build", str(photos), "--store", str(store), "--teacher",
+               str(TINY_TEACHER), "--pretrained", "none", "--device", "cpu", "--image-size", "32", "--shard-size", "4",
+               "--chunk-size", "2", "--no-progress", "--workers", "2"]
+    build_process = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True)  # its own process group, as a terminal's job
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((store / "manifest").glob("shard-*.parquet")):
+        time.sleep(0.01)
+    os.killpg(build_process.pid, signal.SIGINT)  # what Ctrl-C does: the client and its worker processes get it
+    committed_at_interrupt = len(list((store / "manifest").glob("shard-*.parquet")))
+    _, stderr = build_process.communicate(timeout=120)
+    assert build_process.returncode == 130 and committed_at_interrupt < 5, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr, stderr
+    assert " - distributed." not in stderr, stderr  # no log lines of the workers, nanny or scheduler
+    assert invoke(zs_cache, *command[3:]).returncode == 0
+    verified = invoke(zs_cache, "verify", str(store), "--no-progress")
+    assert verified.returncode == 0 and "20 ok rows, 0 errors, 5 shards" in verified.stdout, verified.stdout
