@@ -195,5 +195,16 @@ class SlurmCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"requeued job {job_id} is {state.state} ({state.reason}), not waiting to start")
             time.sleep(0.5)
+        # squeue shows PD while the node may still be tearing the first run down (its slurmstepd processes, the
+        # node COMPLETING): a launch of the same job id then fails, so wait for the node to be idle again.
+        while self._first_run_lingers(job_id):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the first run of requeued job {job_id} is still ending on the node")
+            time.sleep(0.5)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env, check=True,
                        timeout=60)
+
+    def _first_run_lingers(self, job_id: str) -> bool:
+        steps = subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{job_id}\\."], capture_output=True)
+        node = self._output("sinfo", "-h", "-n", "localhost", "-o", "%T").strip()
+        return steps.returncode == 0 or node != "idle"
