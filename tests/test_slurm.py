@@ -102,7 +102,7 @@ def test_cache_job_builds_a_store_that_verifies_on_dask_workers_over_srun(cache_
 
 REQUEUE_FLAKY = pytest.mark.xfail(
     strict=False,
-    reason="in full CI runs the requeued train job sometimes fails at once (FAILED 1:0, no output); cause not found yet",
+    reason="in full CI runs the requeued train job sometimes fails at once (FAILED 1:0, no output): cause unknown",
 )
 
 
