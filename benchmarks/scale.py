@@ -34,16 +34,17 @@ STEPS = ("plan", "inspect", "verify", "startup", "epoch")
 
 
 def synthesise(path: Path, rows: int, shard_size: int, chunk_size: int, views: int, dim: int, crops: bool) -> None:
-    from zeroseg.pipeline.store import FeatureStore, StoreMeta, manifest_rows
+    from zeroseg.pipeline.sources import SourceSpec
+    from zeroseg.pipeline.store import FeatureStore, ImageRecord, Preprocessing, StoreMeta, manifest_rows
+    from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
     grid = int(round(views**0.5))
     meta = StoreMeta(
-        teacher={"model": "synthetic", "pretrained": None, "weights_sha256": None, "quick_gelu": False},
-        preprocessing={"crop_size": 16, "view_size": 16, "interpolation": "bicubic", "mean": [0.5] * 3,
-                       "std": [0.5] * 3},
+        teacher=TeacherIdentity("synthetic", None, None, False),
+        preprocessing=Preprocessing.of(16, 16, [0.5] * 3, [0.5] * 3),
         grids=[grid], views=[[grid, r, c] for r in range(grid) for c in range(grid)][:views], embed_dim=dim,
         shard_size=shard_size, chunk_size=chunk_size, stored_crops=crops,
-        sources={"synthetic": {"kind": "folder", "path": str(path), "column": None}},
+        sources={"synthetic": SourceSpec("folder", str(path))},
     )  # fmt: skip
     store = FeatureStore.create(path / "store", meta)
     rng = np.random.default_rng(0)
@@ -56,11 +57,9 @@ def synthesise(path: Path, rows: int, shard_size: int, chunk_size: int, views: i
         record = store.write_shard(shard, features, pixels)
         first = shard * shard_size
         records = [
-            {"key": key(first + i), "source": "synthetic", "sha256": rng.bytes(32).hex(), "width": 500,
-             "height": 375, "error": None}
-            for i in range(count)
-        ]  # fmt: skip
-        store.commit(shard, manifest_rows(shard, first, records), record)
+            ImageRecord("synthetic", key(first + i), first + i, rng.bytes(32).hex(), 500, 375) for i in range(count)
+        ]
+        store.commit(shard, manifest_rows(shard, records), record)
 
 
 def key(i: int) -> str:

@@ -24,7 +24,9 @@ import numpy as np
 
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.store import FeatureStore, StoreMeta
+from zeroseg.pipeline.sources import SourceSpec
+from zeroseg.pipeline.store import FeatureStore, ImageRecord, Preprocessing, StoreMeta
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.data import StoreBatches, StoreSamples
 from zeroseg.trainer.sampling import BatchPlan
 
@@ -37,11 +39,10 @@ def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, views: in
     photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
     crops = np.stack([crop_from_bytes(p.read_bytes(), crop_size)[0] for p in photos])  # (P, S, S, 3)
     meta = StoreMeta(
-        teacher={"model": "synthetic", "pretrained": None, "weights_sha256": None, "quick_gelu": False},
-        preprocessing={"crop_size": crop_size, "view_size": crop_size, "interpolation": "bicubic",
-                       "mean": [0.5] * 3, "std": [0.5] * 3},
+        teacher=TeacherIdentity("synthetic", None, None, False),
+        preprocessing=Preprocessing.of(crop_size, crop_size, [0.5] * 3, [0.5] * 3),
         grids=[1], views=[[1, 0, 0]] * views, embed_dim=dim, shard_size=chunk_size * 16, chunk_size=chunk_size,
-        stored_crops=True, sources={"synthetic": {"kind": "folder", "path": str(path), "column": None}},
+        stored_crops=True, sources={"synthetic": SourceSpec("folder", str(path))},
     )  # fmt: skip
     store = FeatureStore.create(path / "store", meta)
     rng = np.random.default_rng(0)
@@ -52,9 +53,9 @@ def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, views: in
         count = min(meta.shard_size, rows - first)
         features = rng.standard_normal((count, views, dim)).astype(np.float16)
         record = store.write_shard(shard, features, crops[(first + np.arange(count)) % len(crops)])
-        records = [{"key": f"{first + i:08d}", "source": "synthetic", "sha256": None, "width": crop_size,
-                    "height": crop_size, "error": None} for i in range(count)]  # fmt: skip
-        store.commit(shard, manifest_rows(shard, first, records), record)
+        records = [ImageRecord("synthetic", f"{first + i:08d}", first + i, None, crop_size, crop_size)
+                   for i in range(count)]  # fmt: skip
+        store.commit(shard, manifest_rows(shard, records), record)
 
 
 def rate(read, images: int) -> tuple[float, float]:
@@ -95,7 +96,7 @@ def main() -> None:
                 ids = reader.order.positions(reader.plan.start(j), args.batch_size)
                 rows = samples.rows[ids]
                 np.stack([reader.chunk(int(r) // args.chunk_size)["features"][int(r) % args.chunk_size] for r in rows])
-                crops.crops([{"row": int(r)} for r in rows])
+                crops.crops([ImageRecord("synthetic", f"{r:08d}", int(r)) for r in rows])
 
         def chunks() -> None:
             store = FeatureStore.open(path)

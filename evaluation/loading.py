@@ -17,7 +17,8 @@ from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, WindowSegmente
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.teacher import TeacherIdentity, create_clip, has_schema, register_config, resolve_identity
+from zeroseg.pipeline.teacher import create_clip, has_schema, register_config, resolve_identity
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
 MODELS = ("zeroseg", *DENSE_METHODS)
 MASKCLIP_NOTE = (
@@ -130,7 +131,7 @@ def _load_zeroseg(options: ModelOptions, templates: tuple[str, ...], device: tor
     if options.checkpoint is None:
         raise UserError("--checkpoint is required for --model zeroseg (MaskCLIP needs none: --model maskclip)")
     model, meta = load_trained_model(options.checkpoint, device)
-    recorded = TeacherIdentity(**meta["store"]["teacher"])
+    recorded = TeacherIdentity.from_dict(meta["store"]["teacher"], f"checkpoint '{meta['path']}': store.teacher")
     identity = _text_teacher(recorded, options)
     clip = create_clip(identity, device)
     mean, std, source = _normalisation(meta["store"], clip)

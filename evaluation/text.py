@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroseg.pipeline.atomic import atomic_path
-from zeroseg.pipeline.teacher import TeacherIdentity
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 OPENAI_TEMPLATES = tuple(template("{}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES)  # 80

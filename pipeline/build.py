@@ -30,7 +30,6 @@ from zeroseg.pipeline.shards import (
     EncodeSettings,
     Shard,
     decode_item,
-    describe_teacher,
     encode_shard,
     plan_and_reserve,
     prepare_store,
@@ -39,7 +38,8 @@ from zeroseg.pipeline.shards import (
 )
 from zeroseg.pipeline.sources import Source, open_source
 from zeroseg.pipeline.store import FeatureStore, StoreMeta, builder_lock
-from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
+from zeroseg.pipeline.teacher import Teacher, resolve_identity
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
 
 @dataclass
@@ -65,8 +65,8 @@ class BuildSummary:
         for records in encoded.shards:
             self.shards += 1
             self.processed += len(records)
-            self.errors += sum(r["error"] is not None for r in records)
-            self.error_reasons.update(r["error"].split(":")[0] for r in records if r["error"])
+            self.errors += sum(not r.ok for r in records)
+            self.error_reasons.update(r.error.split(":")[0] for r in records if not r.ok)
         self.ok = self.processed - self.errors
         self.seconds += encoded.seconds
 
@@ -80,7 +80,7 @@ class BuildSummary:
 
 
 def check_compatible(meta: StoreMeta, identity: TeacherIdentity, opts: BuildOptions) -> None:
-    stored = TeacherIdentity(**meta.teacher)
+    stored = meta.teacher
     if not stored.same_teacher(identity):
         raise UserError(
             f"store '{opts.store}' was built with teacher {stored.model} ({stored.pretrained or 'random weights'}, "
@@ -89,9 +89,9 @@ def check_compatible(meta: StoreMeta, identity: TeacherIdentity, opts: BuildOpti
         )
     if list(meta.grids) != list(opts.grids):
         raise UserError(f"store '{opts.store}' holds grids {meta.grids}; this build asks for {opts.grids}")
-    if meta.preprocessing["crop_size"] != opts.image_size:
+    if meta.preprocessing.crop_size != opts.image_size:
         raise UserError(
-            f"store '{opts.store}' holds {meta.preprocessing['crop_size']}px crops; this build asks for "
+            f"store '{opts.store}' holds {meta.preprocessing.crop_size}px crops; this build asks for "
             f"--image-size {opts.image_size}"
         )
     if opts.shard_size is not None and opts.shard_size != meta.shard_size:
@@ -175,7 +175,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
             summary.add(build_on_cluster(store, source, pending, identity, settings, opts, log))
         else:
             teacher = Teacher(identity, device, compile=opts.compile)
-            store = prepare_store(store, source, identity, describe_teacher(teacher), settings, opts)
+            store = prepare_store(store, source, identity, teacher.format(), settings, opts)
             shards = plan_and_reserve(store, source, pending)
             log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards on {device}, "
                 f"teacher {identity.describe()}")
@@ -229,7 +229,8 @@ def _encode_here(
     with ThreadPoolExecutor(1) as writer:
         previous: Future | None = None
         for shard in shards:
-            features, crops, records = encode_shard(shard, decoded, teacher, settings, bar.update)
+            features, crops, records = encode_shard(shard, store.shard_rows(shard.id), decoded, teacher, settings,
+                                                    bar.update)
             if previous is not None:
                 previous.result()
             previous = writer.submit(write_and_commit, store, shard.id, features, crops, records)

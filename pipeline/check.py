@@ -34,15 +34,14 @@ def describe(store: FeatureStore) -> list[str]:
     manifest = store.manifest(columns=["status", "error", "source", "shard"])
     status = value_counts(manifest["status"])
     teacher = meta.teacher
-    weights = f" sha256={teacher['weights_sha256']}" if teacher["weights_sha256"] else ""
+    weights = f" sha256={teacher.weights_sha256}" if teacher.weights_sha256 else ""
     lines = [
         f"store      {store.path}",
         f"images     {status.get('ok', 0)} ok, {status.get('error', 0)} errors, "
         f"{len(pc.unique(manifest['shard']))} shards (shard size {meta.shard_size})",
-        f"teacher    {teacher['model']} pretrained={teacher['pretrained'] or 'none (random weights)'} "
-        f"quick_gelu={teacher['quick_gelu']}{weights}",
+        f"teacher    {teacher.describe()}{weights}",
         f"views      grids {','.join(map(str, meta.grids))} -> {meta.num_views} views of "
-        f"{meta.preprocessing['view_size']}px from {meta.preprocessing['crop_size']}px centre crops",
+        f"{meta.preprocessing.view_size}px from {meta.preprocessing.crop_size}px centre crops",
         f"features   {tuple(store.features.shape)} float16, dim {meta.embed_dim}, chunks of {meta.chunk_size} images",
         f"disk       {human_size(disk_size(store.path))}",
     ]
@@ -51,7 +50,7 @@ def describe(store: FeatureStore) -> list[str]:
     lines.insert(-1, f"checksums  {checksum_line(store)}")
     per_source = value_counts(manifest["source"])
     for name, spec in meta.sources.items():
-        lines.append(f"source     {name}: {spec['kind']} {spec['path']} ({per_source.get(name, 0)} images)")
+        lines.append(f"source     {name}: {spec.kind} {spec.path} ({per_source.get(name, 0)} images)")
     errors = manifest.filter(pc.equal(manifest.column("status"), "error")).column("error").to_pylist()
     for reason, count in Counter(e.split(":")[0] for e in errors).most_common(10):
         lines.append(f"errors     {count} x {reason}")

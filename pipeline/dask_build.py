@@ -2,7 +2,7 @@
 
 The client (pipeline.build.run_build, holding the store's builder lock) plans the shards and reserves
 their rows before submitting anything. A task decodes, crops and encodes one shard on a worker, writes
-that shard's chunks (no other shard touches them) and returns its manifest records; the client commits
+that shard's chunks (no other shard touches them) and returns its image records; the client commits
 the shard's manifest part when the task completes, so the store's rules hold as in a one-process build.
 
 Faults: a worker killed mid-shard leaves chunks but no manifest part, so the half shard stays
@@ -55,14 +55,14 @@ from zeroseg.pipeline.shards import (
     EncodeSettings,
     Shard,
     decode_item,
-    describe_teacher,
     encode_shard,
     plan_and_reserve,
     prepare_store,
 )
-from zeroseg.pipeline.sources import Source, source_from_spec
-from zeroseg.pipeline.store import FeatureStore, manifest_rows
-from zeroseg.pipeline.teacher import Teacher, TeacherIdentity
+from zeroseg.pipeline.sources import Source, SourceSpec, source_from_spec
+from zeroseg.pipeline.store import FeatureStore, ImageRecord, manifest_rows
+from zeroseg.pipeline.teacher import Teacher, TeacherFormat
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
 RETRIES = 2
 TASKS_PER_WORKER = 2  # Dask threads per local worker: one shard on the teacher while the previous one writes
@@ -85,7 +85,7 @@ class ShardJob:
 
     shard: Shard
     store: str  # absolute path, the same on every worker
-    source: dict  # pipeline.sources.SourceSpec dict
+    source: SourceSpec
     teacher: TeacherSpec
     settings: EncodeSettings
     decode_threads: int
@@ -112,7 +112,7 @@ class WorkerSetup:
 # --- on the workers ------------------------------------------------------------------------------
 
 _teachers: dict[TeacherSpec, Teacher] = {}
-_sources: dict[tuple, Source] = {}
+_sources: dict[SourceSpec, Source] = {}
 _cache_lock = threading.Lock()
 _teacher_turn = threading.Lock()  # one shard at a time decodes and encodes; the others write or wait
 _counts: Counter = Counter()  # teachers_built, shards_encoded: in this worker process
@@ -139,14 +139,13 @@ def worker_teacher(spec: TeacherSpec) -> Teacher:
         return _teachers[spec]
 
 
-def worker_source(spec: dict) -> Source:
+def worker_source(spec: SourceSpec) -> Source:
     """The source, opened once per worker process (an HDF5 or tar index is read once, not per shard)."""
-    key = (spec["kind"], spec["path"], spec.get("column"))
     with _cache_lock:
-        if key not in _sources:
-            _require_path(spec["path"], "source")
-            _sources[key] = source_from_spec(spec)
-        return _sources[key]
+        if spec not in _sources:
+            _require_path(spec.path, "source")
+            _sources[spec] = source_from_spec(spec)
+        return _sources[spec]
 
 
 def _not_visible(worker: str, what: str, path: str) -> str:
@@ -165,15 +164,15 @@ def _missing_paths(paths: dict[str, str]) -> list[str]:
     return [what for what, path in paths.items() if not Path(path).exists()]
 
 
-def describe_teacher_on_worker(spec: TeacherSpec) -> dict | WorkerUserError:
+def describe_teacher_on_worker(spec: TeacherSpec) -> TeacherFormat | WorkerUserError:
     try:
-        return describe_teacher(worker_teacher(spec))
+        return worker_teacher(spec).format()
     except UserError as exc:
         return WorkerUserError(str(exc))
 
 
-def encode_shard_on_worker(job: ShardJob) -> tuple[list[dict], dict] | WorkerUserError:
-    """Encode one shard, write its chunks, return its manifest records and commit record (the client commits
+def encode_shard_on_worker(job: ShardJob) -> tuple[list[ImageRecord], dict] | WorkerUserError:
+    """Encode one shard, write its chunks, return its image records and commit record (the client commits
     them)."""
     try:
         return _encode_shard_on_worker(job)
@@ -181,7 +180,7 @@ def encode_shard_on_worker(job: ShardJob) -> tuple[list[dict], dict] | WorkerUse
         return WorkerUserError(str(exc))
 
 
-def _encode_shard_on_worker(job: ShardJob) -> tuple[list[dict], dict]:
+def _encode_shard_on_worker(job: ShardJob) -> tuple[list[ImageRecord], dict]:
     _require_path(job.store, "store")
     source = worker_source(job.source)
     teacher = worker_teacher(job.teacher)
@@ -198,7 +197,8 @@ def _encode_shard_on_worker(job: ShardJob) -> tuple[list[dict], dict]:
     )
     ahead = 4 * job.settings.batch_size
     with _teacher_turn, closing(prefetch_map(decode, job.shard.keys, job.decode_threads, ahead)) as decoded:
-        features, crops, records = encode_shard(job.shard, decoded, teacher, job.settings, report)
+        first_row = store.shard_rows(job.shard.id)
+        features, crops, records = encode_shard(job.shard, first_row, decoded, teacher, job.settings, report)
     record = store.write_shard(job.shard.id, features, crops)  # outside the turn: the next shard encodes meanwhile
     _counts["shards_encoded"] += 1
     return records, record
@@ -337,7 +337,7 @@ def build_on_cluster(
             shards = plan_and_reserve(store, source, pending)
             log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards "
                 f"on {len(client.nthreads())} Dask workers, teacher {identity.describe()}")
-            job = partial(ShardJob, store=store_path, source=source.spec.to_dict(), teacher=teacher,
+            job = partial(ShardJob, store=store_path, source=source.spec, teacher=teacher,
                           settings=settings, decode_threads=setup.decode_threads)
             _run_shards(client, store, shards, job, opts.progress, encoded)
     except (CancelledError, CommClosedError) as exc:
@@ -380,7 +380,7 @@ def _run_shards(
             except Exception as exc:  # the shard killed too many workers, or a bug: let the other shards finish
                 failures.append(f"shard {shard.id}: {type(exc).__name__}: {first_line(exc)}")
                 continue
-            store.commit(shard.id, manifest_rows(shard.id, store.shard_rows(shard.id), records), record)
+            store.commit(shard.id, manifest_rows(shard.id, records), record)
             progress.update(shard.id, len(records), committed=True)
             encoded.shards.append(records)
             future.release()

@@ -11,7 +11,7 @@ from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
 from zeroseg.pipeline.sources import Source, source_from_spec
-from zeroseg.pipeline.store import CROPS, StoreMeta
+from zeroseg.pipeline.store import CROPS, ImageRecord, StoreMeta
 
 
 class CropReader:
@@ -27,7 +27,7 @@ class CropReader:
     def __init__(self, meta: StoreMeta, store: str | Path | None = None, required: set[int] | frozenset = frozenset()):
         """required: indices of the crops chunks that must exist (FeatureStore.required_chunks)."""
         self.source_specs = dict(meta.sources)
-        self.crop_size = int(meta.preprocessing["crop_size"])
+        self.crop_size = meta.preprocessing.crop_size
         self.store = str(store) if store is not None and meta.stored_crops else None
         self.required = set(required)
 
@@ -58,12 +58,11 @@ class CropReader:
         crop, _ = crop_from_bytes(data, self.crop_size)
         return crop
 
-    def crops(self, records: list[dict]) -> np.ndarray:
-        """(n, S, S, 3) uint8 crops of manifest records (dicts with source, key and row; sha256 checked
-        when given)."""
+    def crops(self, records: list[ImageRecord]) -> np.ndarray:
+        """(n, S, S, 3) uint8 crops of the images of `records` (their sha256 checked when given)."""
         if self.reads_stored_crops:
-            rows, order = np.unique([r["row"] for r in records], return_inverse=True)
+            rows, order = np.unique([r.row for r in records], return_inverse=True)
             read = partial(self.stored.oindex.__getitem__, rows)
             stored = checked_read(Path(self.store), CROPS, self.stored, self.required, rows, read)
             return stored[order]  # each chunk is read and decompressed once
-        return np.stack([self.crop(r["source"], r["key"], r.get("sha256")) for r in records])
+        return np.stack([self.crop(r.source, r.key, r.sha256) for r in records])

@@ -15,10 +15,9 @@ from zeroseg.pipeline.crops import crop_from_bytes, view_layout
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import ImageDecodeError
 from zeroseg.pipeline.sources import Source, tar_of
-from zeroseg.pipeline.store import FeatureStore, StoreMeta, manifest_rows
-from zeroseg.pipeline.teacher import Teacher, TeacherIdentity
-
-CROP_RULE = "centre square of side min(W, H), resized to crop_size (see pipeline.crops)"
+from zeroseg.pipeline.store import FeatureStore, ImageRecord, Preprocessing, StoreMeta, manifest_rows
+from zeroseg.pipeline.teacher import Teacher, TeacherFormat
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
 
 @dataclass(frozen=True)
@@ -52,9 +51,9 @@ class Decoded:
 
 @dataclass
 class Encoded:
-    """What a driver returns: the manifest records of each shard it committed, and the seconds it took."""
+    """What a driver returns: the image records of each shard it committed, and the seconds it took."""
 
-    shards: list[list[dict]] = field(default_factory=list)
+    shards: list[list[ImageRecord]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -101,17 +100,18 @@ def decode_item(
 
 def encode_shard(
     shard: Shard,
+    first_row: int,
     decoded: Iterator[Decoded],
     teacher: Teacher,
     settings: EncodeSettings,
     on_image: Callable[[int], None] = lambda n: None,
-) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
-    """Features (n, V, D) float16, crops (n, S, S, 3) uint8 (None unless stored) and manifest records
-    of one shard, taking its n images from `decoded`. Rows of failed images stay zero."""
+) -> tuple[np.ndarray, np.ndarray | None, list[ImageRecord]]:
+    """Features (n, V, D) float16, crops (n, S, S, 3) uint8 (None unless stored) and image records of one
+    shard whose rows start at first_row, taking its n images from `decoded`. Rows of failed images stay zero."""
     count, size = len(shard.keys), settings.image_size
     features = np.zeros((count, len(view_layout(settings.grids)), teacher.embed_dim), dtype=np.float16)
     crops = np.zeros((count, size, size, 3), dtype=np.uint8) if settings.store_crops else None
-    records: list[dict] = []
+    records: list[ImageRecord] = []
     batch: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
@@ -127,10 +127,9 @@ def encode_shard(
 
     for index in range(count):
         item = next(decoded)
-        records.append(
-            {"key": item.key, "source": settings.source_name, "sha256": item.sha256,
-             "width": item.width, "height": item.height, "error": item.error}
-        )
+        row = first_row + index if item.error is None else None
+        record = ImageRecord(settings.source_name, item.key, row, item.sha256, item.width, item.height, item.error)
+        records.append(record)
         if item.error is None:
             batch.append((index, item.crop))
             if len(batch) == settings.batch_size:
@@ -143,36 +142,23 @@ def encode_shard(
 
 
 def register_source(meta: StoreMeta, source: Source, name: str) -> None:
-    spec = source.spec.to_dict()
     known = meta.sources.get(name)
-    if known is not None and known != spec:
+    if known is not None and known != source.spec:
         raise UserError(
-            f"source name '{name}' already stands for {known['path']} in this store; pass --source-name"
+            f"source name '{name}' already stands for {known.path} in this store; pass --source-name"
         )
-    meta.sources[name] = spec
+    meta.sources[name] = source.spec
 
 
-def describe_teacher(teacher: Teacher) -> dict:
-    """What a new store records about the teacher's input and output: view_size, mean, std, embed_dim."""
-    return {**teacher.preprocessing(), "embed_dim": teacher.embed_dim}
-
-
-def new_store_meta(identity: TeacherIdentity, teacher: dict, opts: BuildOptions, store_crops: bool) -> StoreMeta:
+def new_store_meta(
+    identity: TeacherIdentity, teacher: TeacherFormat, opts: BuildOptions, store_crops: bool
+) -> StoreMeta:
     return StoreMeta(
-        teacher=identity.to_dict(),
-        preprocessing={
-            "crop": CROP_RULE,
-            "crop_size": opts.image_size,
-            "interpolation": "bicubic",
-            "antialias": True,
-            "cell_boundaries": "floor(k * crop_size / grid)",
-            "view_size": teacher["view_size"],
-            "mean": teacher["mean"],
-            "std": teacher["std"],
-        },
+        teacher=identity,
+        preprocessing=Preprocessing.of(opts.image_size, teacher.view_size, teacher.mean, teacher.std),
         grids=list(opts.grids),
         views=[list(v) for v in view_layout(opts.grids)],
-        embed_dim=teacher["embed_dim"],
+        embed_dim=teacher.embed_dim,
         shard_size=opts.shard_size or DEFAULT_SHARD_SIZE,
         chunk_size=opts.chunk_size,
         stored_crops=store_crops,
@@ -184,17 +170,17 @@ def prepare_store(
     store: FeatureStore | None,
     source: Source,
     identity: TeacherIdentity,
-    teacher: dict,
+    teacher: TeacherFormat,
     settings: EncodeSettings,
     opts: BuildOptions,
 ) -> FeatureStore:
-    """The store to write, created on first use; `teacher` as given by describe_teacher."""
+    """The store to write, created on first use for the loaded teacher's `teacher` format."""
     if store is None:
         meta = new_store_meta(identity, teacher, opts, settings.store_crops)
         register_source(meta, source, settings.source_name)
         store = FeatureStore.create(opts.store, meta)
-    elif store.meta.preprocessing["view_size"] != teacher["view_size"]:
-        raise UserError(f"store '{opts.store}' was built for {store.meta.preprocessing['view_size']}px views")
+    elif store.meta.preprocessing.view_size != teacher.view_size:
+        raise UserError(f"store '{opts.store}' was built for {store.meta.preprocessing.view_size}px views")
     store.save_meta()
     return store
 
@@ -209,7 +195,7 @@ def plan_and_reserve(store: FeatureStore, source: Source, pending: list[str]) ->
 
 
 def write_and_commit(
-    store: FeatureStore, shard: int, features: np.ndarray, crops: np.ndarray | None, records: list[dict]
+    store: FeatureStore, shard: int, features: np.ndarray, crops: np.ndarray | None, records: list[ImageRecord]
 ) -> None:
     record = store.write_shard(shard, features, crops)
-    store.commit(shard, manifest_rows(shard, store.shard_rows(shard), records), record)
+    store.commit(shard, manifest_rows(shard, records), record)

@@ -3,8 +3,8 @@ list of paths.
 
 Every source lists its images as string keys in a deterministic order and reads a key's encoded
 bytes; decoding happens later (pipeline.images), so a broken file is a per-image error, never a
-failed listing. A source is described by a small dict (its spec) that the store records, so the
-trainer can reopen it by name.
+failed listing. A source is described by its `SourceSpec`, which the store records, so the trainer can
+reopen it by name.
 
 HDF5 layout (what `zs-cache pack-h5` writes): two one-dimensional datasets of equal length,
   /keys    variable-length UTF-8 strings, unique (the image keys, e.g. relative paths)
@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from zeroseg.pipeline.atomic import atomic_path, write_atomically
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.recorded import recorded_fields
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -59,8 +60,12 @@ class SourceSpec:
         return {"kind": self.kind, "path": self.path, "column": self.column}
 
     @classmethod
-    def from_dict(cls, spec: dict) -> "SourceSpec":
-        return cls(spec["kind"], spec["path"], spec.get("column"))
+    def from_dict(cls, spec: dict, where: str) -> "SourceSpec":
+        """As a store records it (`where` names it in a UserError)."""
+        spec = SourceSpec(**recorded_fields(cls, spec, where))
+        if spec.kind not in _SOURCE_TYPES:
+            raise UserError(f"{where} is damaged: unknown source kind '{spec.kind}'")
+        return spec
 
 
 _ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
@@ -301,12 +306,11 @@ def open_source(path: str | Path, column: str | None = None) -> Source:
     return ListSource(SourceSpec("list", str(resolved), column))
 
 
-def source_from_spec(spec: dict) -> Source:
+def source_from_spec(spec: SourceSpec) -> Source:
     """Reopen a source recorded in a store."""
-    parsed = SourceSpec.from_dict(spec)
-    if not Path(parsed.path).exists():
-        raise UserError(f"image source '{parsed.path}' recorded in the store is not reachable from here")
-    return _SOURCE_TYPES[parsed.kind](parsed)
+    if not Path(spec.path).exists():
+        raise UserError(f"image source '{spec.path}' recorded in the store is not reachable from here")
+    return _SOURCE_TYPES[spec.kind](spec)
 
 
 def pack_h5(folder: str | Path, out: str | Path, progress: bool = True) -> int:

@@ -1,7 +1,7 @@
 """The feature store: a Zarr array of grid-view features plus a Parquet manifest, shard by shard.
 
 Layout of a store directory (readable with plain zarr and pyarrow):
-  zarr.json              Zarr group; attribute "zeroseg" holds the metadata (see `StoreMeta`)
+  zarr.json              Zarr group; attribute "zeroseg" holds the metadata (`StoreMeta.to_attribute`)
   features/              Zarr array (N, V, D) float16, dimensions (image, view, dim), chunks of `chunk_size`
                          whole images, zstd + crc32c
   crops/                 only in stores made with --store-crops: Zarr array (N, S, S, 3) uint8, dimensions
@@ -28,10 +28,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,10 @@ from zeroseg import __version__
 from zeroseg.pipeline.atomic import atomic_path
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import chunk_key, decode_record, encode_record, shard_record
+from zeroseg.pipeline.recorded import recorded_fields
 from zeroseg.pipeline.runtime import first_line
+from zeroseg.pipeline.sources import SourceSpec
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
 FORMAT_VERSION = 1
 MANIFEST_DIR = "manifest"
@@ -75,19 +78,52 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+CROP_RULE = "centre square of side min(W, H), resized to crop_size (see pipeline.crops)"
+CELL_RULE = "floor(k * crop_size / grid)"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the teacher's views were made from each image (the geometry of pipeline.crops), as a store records it."""
+
+    crop: str  # the centre crop rule, in words (CROP_RULE)
+    crop_size: int  # S: side of the centre crop, px
+    interpolation: str  # of the crop and the view resizes
+    antialias: bool
+    cell_boundaries: str  # grid cell edges (CELL_RULE)
+    view_size: int  # side of each view the teacher sees, px
+    mean: tuple[float, ...]  # per channel, 0..1 units
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, crop_size: int, view_size: int, mean: Sequence[float], std: Sequence[float]) -> "Preprocessing":
+        """pipeline.crops' geometry for crops of crop_size px and a teacher taking view_size px views so normalised."""
+        return cls(CROP_RULE, crop_size, "bicubic", True, CELL_RULE, view_size, tuple(mean), tuple(std))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str) -> "Preprocessing":
+        """As a store records it (`where` names it in a UserError)."""
+        values = recorded_fields(cls, values, where)
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+
 @dataclass
 class StoreMeta:
-    """Everything a reader needs to interpret the features; stored as the group attribute "zeroseg"."""
+    """Everything a reader needs to interpret the features; stored as the group attribute "zeroseg", a JSON
+    object of these keys (teacher, preprocessing and each source as their to_dict gives them)."""
 
-    teacher: dict  # pipeline.teacher.TeacherIdentity as a dict
-    preprocessing: dict  # crop rule, crop_size, view_size, interpolation, mean, std
+    teacher: TeacherIdentity
+    preprocessing: Preprocessing
     grids: list[int]
     views: list[list[int]]  # (grid, row, col) per stored view, in order
     embed_dim: int
     shard_size: int
     chunk_size: int
     normalized: bool = False  # raw projected embeddings; the trainer normalises
-    sources: dict[str, dict] = field(default_factory=dict)  # name -> pipeline.sources.SourceSpec dict
+    sources: dict[str, SourceSpec] = field(default_factory=dict)  # name (the manifest's source) -> where
     stored_crops: bool = False  # the store keeps the (S, S, 3) uint8 crops in array "crops"; fixed at creation
     commit_records: bool = False  # every part carries a commit record (stores made since pipeline.integrity)
     format_version: int = FORMAT_VERSION
@@ -97,12 +133,61 @@ class StoreMeta:
     def num_views(self) -> int:
         return len(self.views)
 
+    def to_attribute(self) -> dict:
+        """The group attribute "zeroseg" (plain JSON values)."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {
+            **plain,
+            "teacher": self.teacher.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "grids": list(self.grids),
+            "views": [list(view) for view in self.views],
+            "sources": {name: spec.to_dict() for name, spec in self.sources.items()},
+        }
+
+    @classmethod
+    def from_attribute(cls, values: dict, store: str | Path) -> "StoreMeta":
+        """From the group attribute of store `store` (stores made before stored crops or commit records lack
+        those keys); UserError naming the store for an unknown or missing key."""
+        where = f"store '{store}': attribute zeroseg"
+        values = recorded_fields(cls, values, where)
+        sources = values.get("sources", {})
+        if not isinstance(sources, dict):
+            raise UserError(f"{where}.sources is damaged: expected a JSON object")
+        return cls(**{
+            **values,
+            "teacher": TeacherIdentity.from_dict(values["teacher"], f"{where}.teacher"),
+            "preprocessing": Preprocessing.from_dict(values["preprocessing"], f"{where}.preprocessing"),
+            "sources": {name: SourceSpec.from_dict(spec, f"{where}.sources.{name}") for name, spec in sources.items()},
+        })  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the manifest, what the build found and what readers look up: a manifest row without its
+    status (ok when error is None), shard and time. Rows of the Arrow manifest: `manifest_rows`, `image_records`."""
+
+    source: str  # the source's name in StoreMeta.sources
+    key: str  # stable image id within its source
+    row: int | None = None  # index into features; None for a failed image
+    sha256: str | None = None  # hash of the encoded image bytes; None when unreadable (or not checked)
+    width: int | None = None  # original size after EXIF rotation; None for failed images
+    height: int | None = None
+    error: str | None = None  # why the image failed
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+RECORD_FIELDS = [f.name for f in fields(ImageRecord)]
+
 
 class FeatureStore:
     def __init__(self, path: str | Path, group: zarr.Group):
         self.path = Path(path)
         self.group = group
-        self.meta = StoreMeta(**group.attrs["zeroseg"])
+        self.meta = StoreMeta.from_attribute(group.attrs["zeroseg"], path)
 
     @classmethod
     def exists(cls, path: str | Path) -> bool:
@@ -148,7 +233,8 @@ class FeatureStore:
             raise UserError(f"store '{path}' has damaged Zarr metadata ({first_line(exc)})") from None
         if "zeroseg" not in group.attrs or not arrays:
             raise UserError(f"'{path}' is a Zarr group but not a zeroseg feature store")
-        version = group.attrs["zeroseg"].get("format_version")
+        recorded = group.attrs["zeroseg"]
+        version = recorded.get("format_version") if isinstance(recorded, dict) else None
         if version != FORMAT_VERSION:
             raise UserError(f"'{path}' has store format {version}; this zeroseg reads format {FORMAT_VERSION}")
         return cls(path, group)
@@ -176,7 +262,7 @@ class FeatureStore:
             dimension_names=FEATURE_DIMENSIONS,
         )
         if meta.stored_crops:
-            size = meta.preprocessing["crop_size"]
+            size = meta.preprocessing.crop_size
             group.create_array(
                 CROPS,
                 shape=(0, size, size, 3),
@@ -186,7 +272,7 @@ class FeatureStore:
                 fill_value=0,
                 dimension_names=CROP_DIMENSIONS,
             )
-        group.attrs["zeroseg"] = asdict(meta)
+        group.attrs["zeroseg"] = meta.to_attribute()
         (Path(path) / MANIFEST_DIR).mkdir(exist_ok=True)
         return cls(path, group)
 
@@ -199,7 +285,7 @@ class FeatureStore:
         return self.group[CROPS]
 
     def save_meta(self) -> None:
-        self.group.attrs["zeroseg"] = asdict(self.meta)
+        self.group.attrs["zeroseg"] = self.meta.to_attribute()
 
     # --- manifest -------------------------------------------------------------------------------
 
@@ -374,23 +460,20 @@ def refuse_duplicates(path: Path, table: pa.Table) -> None:
             )
 
 
-def manifest_rows(shard: int, first_row: int, records: list[dict]) -> pa.Table:
-    """A shard's manifest part from per-image records (key, source, sha256, width, height, error)."""
+def manifest_rows(shard: int, records: list[ImageRecord]) -> pa.Table:
+    """Shard `shard`'s manifest part from the records of its images."""
     now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
-    columns = {name: [] for name in MANIFEST_SCHEMA.names}
-    for i, record in enumerate(records):
-        failed = record.get("error") is not None
-        columns["row"].append(None if failed else first_row + i)
-        columns["key"].append(record["key"])
-        columns["source"].append(record["source"])
-        columns["sha256"].append(record.get("sha256"))
-        columns["width"].append(record.get("width"))
-        columns["height"].append(record.get("height"))
-        columns["status"].append("error" if failed else "ok")
-        columns["error"].append(record.get("error"))
-        columns["shard"].append(shard)
-        columns["time"].append(now)
+    columns = {name: [getattr(record, name) for record in records] for name in RECORD_FIELDS}
+    columns["status"] = ["ok" if record.ok else "error" for record in records]
+    columns["shard"] = [shard] * len(records)
+    columns["time"] = [now] * len(records)
     return pa.table(columns, schema=MANIFEST_SCHEMA)
+
+
+def image_records(table: pa.Table) -> list[ImageRecord]:
+    """The records of manifest rows (any selection of columns holding source and key; the others are None)."""
+    names = [name for name in RECORD_FIELDS if name in table.column_names]
+    return [ImageRecord(**row) for row in table.select(names).to_pylist()]
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -20,6 +20,7 @@ from open_clip.pretrained import download_pretrained_from_hf, get_pretrained_cfg
 from zeroseg.pipeline.crops import grid_views
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.runtime import first_line
+from zeroseg.pipeline.teacher_identity import TeacherIdentity, canonical_json
 
 RANDOM_TEACHER_SEED = 0
 SCHEMAS = ("hf-hub:", "local-dir:")  # names whose config and weights open_clip reads from the hub cache / a folder
@@ -32,43 +33,14 @@ _REGISTERED: dict[str, str] = {}  # config-JSON teachers registered with open_cl
 
 
 @dataclass(frozen=True)
-class TeacherIdentity:
-    """What a store records about its teacher; two builds must agree on it to share a store."""
+class TeacherFormat:
+    """A loaded teacher's input and output, as a new store records them: square views of view_size px,
+    normalised with mean and std (0..1 units), give embed_dim-dim embeddings."""
 
-    model: str  # open_clip name, config stem, hf-hub:ORG/REPO or local-dir:/ABSOLUTE/FOLDER
-    pretrained: str | None  # open_clip tag, absolute weights path, or None for random weights
-    weights_sha256: str | None
-    quick_gelu: bool
-    config: str | None = None  # canonical JSON of the model config when it came from a config file
-
-    def __post_init__(self):
-        if isinstance(self.config, dict):  # as read back from a store or checkpoint
-            object.__setattr__(self, "config", canonical_json(self.config))
-        elif isinstance(self.config, str) and not self.config.startswith("{"):  # the path older stores recorded
-            legacy = Path(self.config)
-            content = canonical_json(json.loads(legacy.read_text())) if legacy.is_file() else None
-            object.__setattr__(self, "config", content)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "config": json.loads(self.config) if self.config else None}
-
-    def same_teacher(self, other: "TeacherIdentity") -> bool:
-        """Weights files are compared by content, so a moved file is still the same teacher."""
-        if self.weights_sha256 or other.weights_sha256:
-            same_weights = self.weights_sha256 == other.weights_sha256
-        else:
-            same_weights = self.pretrained == other.pretrained
-        same_config = self.config == other.config or None in (self.config, other.config)
-        return self.model == other.model and same_weights and self.quick_gelu == other.quick_gelu and same_config
-
-    def describe(self) -> str:
-        """One line for logs: model, weights and activation."""
-        weights = self.pretrained or "none (random weights)"
-        return f"{self.model} pretrained={weights} quick_gelu={self.quick_gelu}"
-
-
-def canonical_json(config: dict) -> str:
-    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+    view_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    embed_dim: int
 
 
 def has_schema(model: str) -> bool:
@@ -273,8 +245,8 @@ class Teacher:
             ) from None
         return int(output.shape[-1])
 
-    def preprocessing(self) -> dict:
-        return {"view_size": self.view_size, "mean": list(self.mean), "std": list(self.std)}
+    def format(self) -> "TeacherFormat":
+        return TeacherFormat(self.view_size, self.mean, self.std, self.embed_dim)
 
     @torch.inference_mode()
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:

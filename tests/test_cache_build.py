@@ -25,7 +25,7 @@ from zeroseg.pipeline.shards import plan_shards
 from zeroseg.pipeline.sizes import human_size
 from zeroseg.pipeline.sources import pack_h5
 from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore, builder_lock
-from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
+from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
 TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,
             batch_size=3, image_size=64, progress=False)
@@ -50,10 +50,10 @@ def test_store_layout_and_metadata(photos, tmp_path):
     assert store.features.dtype == np.float16 and store.features.shape[1:] == (30, 32)
     assert store.features.chunks == (2, 30, 32)
     assert meta.grids == [1, 2, 3, 4] and meta.views[1] == [2, 0, 0] and meta.normalized is False
-    assert meta.teacher == {"model": "zs-tiny-clip", "pretrained": None, "weights_sha256": None,
-                            "quick_gelu": False, "config": json.loads(TINY_TEACHER.read_text())}
-    assert meta.preprocessing["crop_size"] == 64 and meta.preprocessing["view_size"] == 32
-    assert len(meta.preprocessing["mean"]) == 3 and meta.sources["photos"]["kind"] == "folder"
+    assert meta.teacher.to_dict() == {"model": "zs-tiny-clip", "pretrained": None, "weights_sha256": None,
+                                      "quick_gelu": False, "config": json.loads(TINY_TEACHER.read_text())}
+    assert meta.preprocessing.crop_size == 64 and meta.preprocessing.view_size == 32
+    assert len(meta.preprocessing.mean) == 3 and meta.sources["photos"].kind == "folder"
     table = store.manifest()
     assert sorted(table.column("key").to_pylist()) == sorted(f"{p.parent.name}/{p.name}" for p in PHOTOS)
     rows = table.column("row").to_pylist()
@@ -85,7 +85,7 @@ def test_crop_invariant_every_view(photos, tmp_path):
     build(photos, tmp_path / "store")
     store = FeatureStore.open(tmp_path / "store")
     reader = CropReader(store.meta)
-    teacher = Teacher(TeacherIdentity(**store.meta.teacher), torch.device("cpu"))
+    teacher = Teacher(store.meta.teacher, torch.device("cpu"))
     for record in store.manifest().to_pylist()[:4]:
         crop = reader.crop(record["source"], record["key"])
         assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
@@ -302,8 +302,8 @@ def test_local_weights_file_is_loaded_and_recorded(photos, tmp_path):
     torch.save(model.state_dict(), tmp_path / "tiny-weights.pt")
     build(photos, tmp_path / "store", pretrained=str(tmp_path / "tiny-weights.pt"))
     store = FeatureStore.open(tmp_path / "store")
-    assert store.meta.teacher["weights_sha256"] == sha256_file(tmp_path / "tiny-weights.pt")
-    assert store.meta.teacher["pretrained"] == str(tmp_path / "tiny-weights.pt")
+    assert store.meta.teacher.weights_sha256 == sha256_file(tmp_path / "tiny-weights.pt")
+    assert store.meta.teacher.pretrained == str(tmp_path / "tiny-weights.pt")
     record = store.manifest().to_pylist()[0]
     crop = CropReader(store.meta).crop(record["source"], record["key"])
     with torch.inference_mode():

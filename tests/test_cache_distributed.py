@@ -35,8 +35,8 @@ from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import EncodeSettings, Shard
 from zeroseg.pipeline.sources import TAR_INDEX_DIR, open_source, tar_members
-from zeroseg.pipeline.store import FeatureStore
-from zeroseg.pipeline.teacher import Teacher, TeacherIdentity, resolve_identity
+from zeroseg.pipeline.store import FeatureStore, image_records
+from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
 TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,
             batch_size=3, image_size=64, progress=False)
@@ -131,16 +131,16 @@ def test_stored_crops_are_the_decoded_crops(cluster, photos, tmp_path):
     np.testing.assert_array_equal(FeatureStore.open(tmp_path / "here").crops[:], store.crops[:])
     assert store.meta.stored_crops and store.crops.dtype == np.uint8
     assert store.crops.shape == (10, 64, 64, 3) and store.crops.chunks == (2, 64, 64, 3)
-    records = store.manifest().to_pylist()
+    records = image_records(store.manifest())
     decoded = CropReader(store.meta).crops(records)
     stored = CropReader(store.meta, store.path)
     assert stored.reads_stored_crops and not CropReader(store.meta).reads_stored_crops
     np.testing.assert_array_equal(stored.crops(records), decoded)
     np.testing.assert_array_equal(stored.crops(records[::-1]), decoded[::-1])
-    np.testing.assert_array_equal(store.crops[:][[r["row"] for r in records]], decoded)
-    teacher = Teacher(TeacherIdentity(**store.meta.teacher), torch.device("cpu"))
+    np.testing.assert_array_equal(store.crops[:][[r.row for r in records]], decoded)
+    teacher = Teacher(store.meta.teacher, torch.device("cpu"))
     again = teacher.encode_crops(torch.from_numpy(stored.crops(records[:4])), store.meta.grids).float()
-    expected = torch.from_numpy(store.features[:][[r["row"] for r in records[:4]]]).float()
+    expected = torch.from_numpy(store.features[:][[r.row for r in records[:4]]]).float()
     torch.testing.assert_close(again, expected, atol=2e-3, rtol=2e-3)
 
 
@@ -149,7 +149,7 @@ def test_tar_shards_alone_and_combined_with_a_folder(cluster, photos, tmp_path):
     summary = build(tmp_path / "cc", tmp_path / "store", scheduler=cluster.scheduler.address)
     assert (summary.ok, summary.shards) == (10, 3)
     store = FeatureStore.open(tmp_path / "store")
-    assert store.meta.stored_crops and store.meta.sources["cc"]["kind"] == "tar"
+    assert store.meta.stored_crops and store.meta.sources["cc"].kind == "tar"
     records = store.manifest().to_pylist()
     assert {r["key"] for r in records} == set(expected)
     assert all(len({r["key"].split("/")[0] for r in records if r["shard"] == s}) == 1 for s in (0, 1, 2))
@@ -159,7 +159,7 @@ def test_tar_shards_alone_and_combined_with_a_folder(cluster, photos, tmp_path):
         np.testing.assert_array_equal(store.crops[record["row"]], crop_from_bytes(photo, 64)[0])
     build(photos, tmp_path / "store", scheduler=cluster.scheduler.address)
     store = FeatureStore.open(tmp_path / "store")
-    records = store.manifest().to_pylist()
+    records = image_records(store.manifest())
     assert len(records) == 20 and set(store.meta.sources) == {"cc", "photos"}
     decoded = CropReader(store.meta).crops(records)
     np.testing.assert_array_equal(CropReader(store.meta, store.path).crops(records), decoded)
@@ -234,7 +234,7 @@ def test_inputs_a_worker_cannot_see_stop_the_build_with_one_line(cluster, photos
                                         r"store must be on a filesystem that every worker mounts at the same path$"):
         require_visible(cluster, {"store": str(tmp_path), "source": str(tmp_path / "elsewhere")})
     identity = resolve_identity(str(TINY_TEACHER), "none")
-    job = ShardJob(Shard(0, ["a.jpg"]), str(tmp_path / "gone"), open_source(photos).spec.to_dict(),
+    job = ShardJob(Shard(0, ["a.jpg"]), str(tmp_path / "gone"), open_source(photos).spec,
                    TeacherSpec(identity, "cpu"), EncodeSettings((1,), 1, 64, "photos", False),
                    decode_threads=1, progress_topic="unused")
     refused = cluster.submit(encode_shard_on_worker, job, pure=False).result()

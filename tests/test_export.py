@@ -17,7 +17,7 @@ from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.teacher import TeacherIdentity
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.checkpoint import load_trained_model
 from zeroseg.trainer.cli import main as zs_train
 from zeroseg.trainer.export import load_export

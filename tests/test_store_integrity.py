@@ -48,14 +48,14 @@ def read_every_batch(store_path):
 def build_args(store_path) -> list[str]:
     """zs-cache build arguments that bring the store up to date with its own source and teacher."""
     meta = FeatureStore.open(store_path).meta
-    return [meta.sources["photos"]["path"], "--store", str(store_path), "--teacher", str(TINY_TEACHER),
+    return [meta.sources["photos"].path, "--store", str(store_path), "--teacher", str(TINY_TEACHER),
             "--pretrained", "none", "--device", "cpu", "--image-size", "32", "--no-progress"]
 
 
 def rebuild(store_path, **overrides):
     meta = FeatureStore.open(store_path).meta
     opts = BuildOptions(
-        source=meta.sources["photos"]["path"], store=str(store_path), teacher=str(TINY_TEACHER),
+        source=meta.sources["photos"].path, store=str(store_path), teacher=str(TINY_TEACHER),
         pretrained="none", device="cpu", batch_size=10, image_size=32, progress=False, **overrides,
     )  # fmt: skip
     lines = []

@@ -18,14 +18,8 @@ from zeroseg.evaluation.loading import ModelOptions, _text_teacher
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.pipeline.teacher import (
-    BOTH_KINDS,
-    Teacher,
-    TeacherIdentity,
-    create_clip,
-    resolve_identity,
-    sha256_file,
-)
+from zeroseg.pipeline.teacher import BOTH_KINDS, Teacher, create_clip, resolve_identity, sha256_file
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.cli import main as zs_train
 
 TIMM_TEACHER = FIXTURES / "zs-tiny-timm-clip.json"
@@ -91,7 +85,7 @@ def test_quick_gelu_in_the_first_line_the_store_and_inspect(photos, tmp_path):
         f"caching 10 new images of {photos} in 1 shards on cpu, "
         "teacher zs-tiny-clip pretrained=none (random weights) quick_gelu=True"
     )
-    assert FeatureStore.open(tmp_path / "s").meta.teacher["quick_gelu"] is True
+    assert FeatureStore.open(tmp_path / "s").meta.teacher.quick_gelu is True
     shown = invoke(zs_cache, "inspect", tmp_path / "s")
     assert "teacher    zs-tiny-clip pretrained=none (random weights) quick_gelu=True" in shown.stdout
     again = invoke(zs_cache, "build", photos, "--store", tmp_path / "s", "--teacher", TINY_TEACHER,
@@ -138,10 +132,10 @@ def test_local_dir_and_hf_hub_teachers_load_their_own_weights(photos, tmp_path, 
                    f"local-dir:{tmp_path / 'folder'}", *COMMON)  # fmt: skip
     assert local.returncode == 0, local.stderr
     meta = FeatureStore.open(tmp_path / "local").meta
-    assert meta.teacher["model"] == f"local-dir:{(tmp_path / 'folder').resolve()}"
-    assert meta.teacher["pretrained"] == str(weights.resolve()) and meta.teacher["quick_gelu"] is True
-    assert meta.teacher["weights_sha256"] == sha256_file(weights)
-    assert meta.preprocessing["mean"] == [0.5, 0.5, 0.5] and meta.preprocessing["std"] == [0.25, 0.25, 0.25]
+    assert meta.teacher.model == f"local-dir:{(tmp_path / 'folder').resolve()}"
+    assert meta.teacher.pretrained == str(weights.resolve()) and meta.teacher.quick_gelu is True
+    assert meta.teacher.weights_sha256 == sha256_file(weights)
+    assert meta.preprocessing.mean == (0.5, 0.5, 0.5) and meta.preprocessing.std == (0.25, 0.25, 0.25)
 
     hub_cache_entry(tmp_path / "hub", "zs-test/tiny-clip", tmp_path / "folder")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -151,7 +145,7 @@ def test_local_dir_and_hf_hub_teachers_load_their_own_weights(photos, tmp_path, 
     assert hub.returncode == 0, hub.stderr
     assert "teacher hf-hub:zs-test/tiny-clip pretrained=" in hub.stderr.splitlines()[0]
     hub_store, local_store = FeatureStore.open(tmp_path / "hub-store"), FeatureStore.open(tmp_path / "local")
-    assert hub_store.meta.teacher["weights_sha256"] == sha256_file(weights)
+    assert hub_store.meta.teacher.weights_sha256 == sha256_file(weights)
     np.testing.assert_array_equal(hub_store.features[:], local_store.features[:])
 
     random = invoke(zs_cache, "build", photos, "--store", tmp_path / "random", "--teacher", TINY_TEACHER,
@@ -181,8 +175,8 @@ def test_timm_tower_through_cache_train_and_eval_from_the_recorded_config(photos
                    "--pretrained", "none", "--batch-size", "5", *COMMON, "--grids", "1,2,3,4")  # fmt: skip
     assert built.returncode == 0, built.stderr
     meta = FeatureStore.open(tmp_path / "store").meta
-    assert meta.embed_dim == 32 and meta.preprocessing["view_size"] == 32
-    assert meta.teacher["config"] == json.loads(TIMM_TEACHER.read_text())
+    assert meta.embed_dim == 32 and meta.preprocessing.view_size == 32
+    assert json.loads(meta.teacher.config) == json.loads(TIMM_TEACHER.read_text())
     shutil.rmtree(config.parent)
 
     trained = invoke(
@@ -193,7 +187,7 @@ def test_timm_tower_through_cache_train_and_eval_from_the_recorded_config(photos
     assert trained.returncode == 0, trained.stderr
     (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("step-*.pt")
     recorded = torch.load(checkpoint, map_location="cpu", weights_only=False)["store"]["teacher"]
-    assert recorded == meta.teacher
+    assert recorded == meta.teacher.to_dict()
 
     evaluated = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--checkpoint", checkpoint, "--text-cache",
                        tmp_path / "text", "--output", tmp_path / "res", "--short-side", "64", "--crop-size", "64",
@@ -206,8 +200,9 @@ def test_timm_tower_through_cache_train_and_eval_from_the_recorded_config(photos
 def test_a_config_path_the_user_passes_wins_over_the_recorded_one(tmp_path):
     path = tiny_with(tmp_path, "zs-tiny-recorded", embed_dim=16)
     recorded = resolve_identity(str(path), "none")
-    assert TeacherIdentity(**recorded.to_dict()) == recorded  # the dict a store / checkpoint holds
-    assert TeacherIdentity(**{**recorded.to_dict(), "config": str(path)}) == recorded  # older stores: the path
+    assert TeacherIdentity.from_dict(recorded.to_dict(), "test") == recorded  # the dict a store / checkpoint holds
+    older = {**recorded.to_dict(), "config": str(path)}
+    assert TeacherIdentity.from_dict(older, "test") == recorded  # older stores: the path
     assert _text_teacher(recorded, ModelOptions()) == recorded
     other = _text_teacher(recorded, ModelOptions(teacher=str(TINY_TEACHER), pretrained="none"))
     assert other.model == "zs-tiny-clip" and json.loads(other.config) == json.loads(TINY_TEACHER.read_text())

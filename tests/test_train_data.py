@@ -10,7 +10,7 @@ import torch
 from tests.conftest import make_store
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.store import FeatureStore
+from zeroseg.pipeline.store import FeatureStore, ImageRecord
 from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import model_preset
@@ -92,7 +92,7 @@ def test_batches_hold_the_store_rows_and_the_crops_the_teacher_saw(store):
         assert batch.crops.dtype == torch.uint8 and batch.crops.shape == (4, 32, 32, 3)
         assert batch.features.dtype == torch.float16 and batch.features.shape == (4, 30, 32)
         np.testing.assert_array_equal(batch.features.numpy(), features[rows])
-        records = [{"source": "photos", "key": key, "row": row} for key, row in zip(_keys(samples, rows), rows)]
+        records = [ImageRecord("photos", key, int(row)) for key, row in zip(_keys(samples, rows), rows)]
         np.testing.assert_array_equal(batch.crops.numpy(), reader.crops(records))
         seen += rows.tolist()
     assert sorted(seen[:10]) == sorted(seen[10:]) == list(range(10))  # every row once per epoch
@@ -134,7 +134,7 @@ def test_model_input_normalises_and_resizes_on_the_device(store):
     meta = StoreSamples.open(store).meta
     crops = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
     images = ModelInput(meta, 32, torch.device("cpu"))(crops)
-    expected = (1.0 - torch.tensor(meta.preprocessing["mean"])) / torch.tensor(meta.preprocessing["std"])
+    expected = (1.0 - torch.tensor(meta.preprocessing.mean)) / torch.tensor(meta.preprocessing.std)
     assert images.shape == (2, 3, 32, 32)
     torch.testing.assert_close(images[0, :, 5, 7], expected)
     assert ModelInput(meta, 16, torch.device("cpu"))(crops).shape == (2, 3, 16, 16)

@@ -34,6 +34,7 @@ import torch
 
 from zeroseg.pipeline.atomic import atomic_path
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.data import StoreSamples
 from zeroseg.trainer.model import ZeroSeg
@@ -191,10 +192,11 @@ def resume_payload(cfg: TrainConfig, samples: StoreSamples, resume: bool, log: C
                 f"a resumed run keeps the model and loss configuration"
             )
     store = payload["store"]
-    if store["rows"] > len(samples) or store["teacher"] != samples.meta.teacher:
+    trained_teacher = TeacherIdentity.from_dict(store["teacher"], f"checkpoint '{latest}': store.teacher")
+    if store["rows"] > len(samples) or trained_teacher != samples.meta.teacher:
         raise UserError(
-            f"{latest} was trained on {store['rows']} images of a store with teacher {store['teacher']['model']}; "
-            f"'{samples.path}' now holds {len(samples)} with teacher {samples.meta.teacher['model']}: "
+            f"{latest} was trained on {store['rows']} images of a store with teacher {trained_teacher.model}; "
+            f"'{samples.path}' now holds {len(samples)} with teacher {samples.meta.teacher.model}: "
             f"resume on the same store, or start a new run"
         )
     if store["rows"] < len(samples):

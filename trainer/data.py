@@ -32,7 +32,7 @@ from zeroseg.pipeline.crops import channel_stats, to_model_input
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
 from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.store import CROPS, FEATURES, FeatureStore, StoreMeta
+from zeroseg.pipeline.store import CROPS, FEATURES, FeatureStore, ImageRecord, StoreMeta
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import ModelConfig
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
@@ -86,25 +86,22 @@ class StoreSamples:
         """(N,) the Zarr chunk holding each sample's features."""
         return self.rows // self.meta.chunk_size
 
-    def records(self, ids: np.ndarray) -> list[dict]:
-        """Manifest records (source, key, row, sha256) of samples `ids`, for CropReader."""
+    def records(self, ids: np.ndarray) -> list[ImageRecord]:
+        """The image records (source, key, row, sha256) of samples `ids`, for CropReader."""
         keys, sources = (column.take(pa.array(ids)).to_pylist() for column in (self.keys, self.sources))
         hashes = [h.tobytes().hex() if h.any() else None for h in self.hashes[ids]]
-        return [
-            {"source": s, "key": k, "row": int(r), "sha256": h}
-            for s, k, r, h in zip(sources, keys, self.rows[ids], hashes)
-        ]
+        return [ImageRecord(s, k, int(r), h) for s, k, r, h in zip(sources, keys, self.rows[ids], hashes)]
 
     def identity(self) -> dict:
-        """What a checkpoint records of the store it was trained on."""
+        """What a checkpoint records of the store it was trained on (plain values, as in the store's attribute)."""
         return {
             "path": str(self.path.resolve()),
-            "teacher": dict(self.meta.teacher),
+            "teacher": self.meta.teacher.to_dict(),
             "rows": len(self),
             "grids": list(self.meta.grids),
-            "crop_size": int(self.meta.preprocessing["crop_size"]),
+            "crop_size": self.meta.preprocessing.crop_size,
             "embed_dim": int(self.meta.embed_dim),
-            "preprocessing": dict(self.meta.preprocessing),
+            "preprocessing": self.meta.preprocessing.to_dict(),
         }
 
 
@@ -141,13 +138,13 @@ def sha256_bytes(hexes: pa.ChunkedArray, path: Path) -> np.ndarray:
 def check_store(samples: StoreSamples, model: ModelConfig, loss: LossConfig, resize: bool) -> None:
     """UserError when the store's teacher dim, crop size or grids do not fit the configuration."""
     meta, path = samples.meta, samples.path
-    teacher = meta.teacher.get("model", "?")
+    teacher = meta.teacher.model
     if meta.embed_dim != model.teacher_dim:
         raise UserError(
             f"store '{path}' holds {meta.embed_dim}-dim features (teacher {teacher}) but the model's "
             f"teacher_dim is {model.teacher_dim}: set model.teacher_dim={meta.embed_dim} or use a matching store"
         )
-    crop_size = int(meta.preprocessing["crop_size"])
+    crop_size = meta.preprocessing.crop_size
     if crop_size != model.image_size and not resize:
         raise UserError(
             f"store '{path}' holds {crop_size}px crops but the model's image_size is {model.image_size}: "
@@ -250,8 +247,8 @@ class ModelInput:
     mean/std, resized (bicubic, antialiased) to the model's image_size when S differs."""
 
     def __init__(self, meta: StoreMeta, image_size: int, device: torch.device):
-        self.mean = channel_stats(meta.preprocessing["mean"], device)
-        self.std = channel_stats(meta.preprocessing["std"], device)
+        self.mean = channel_stats(meta.preprocessing.mean, device)
+        self.std = channel_stats(meta.preprocessing.std, device)
         self.image_size = image_size
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from zeroseg.pipeline.atomic import atomic_path, write_atomically
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.teacher import TeacherIdentity
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import ModelConfig
 
@@ -53,7 +53,7 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher = dict(meta["store"]["teacher"])
-    config = TeacherIdentity(**teacher).config  # canonical JSON (older checkpoints recorded a path: read here)
+    config = TeacherIdentity.from_dict(teacher, f"checkpoint '{source}': store.teacher").config  # canonical JSON
     config_copy = f"teacher/{teacher['model']}.json"
     if teacher.get("config") and config is None:
         raise UserError(f"the teacher's model config {teacher['config']} recorded in the checkpoint is not here")
