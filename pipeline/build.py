@@ -138,10 +138,9 @@ def open_build_source(opts: BuildOptions) -> tuple[Source, str, list[str]]:
 def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSummary:
     """Bring the store up to date with the source; returns what was done (raises UserError on misuse)."""
     source, name, keys = open_build_source(opts)
-    duplicates = getattr(source, "duplicates", {})
-    if duplicates:
-        path, same = next(iter(duplicates.items()))
-        log(f"source: {len(duplicates)} paths reach files or folders already listed (links), cached once: "
+    if source.duplicates:
+        path, same = next(iter(source.duplicates.items()))
+        log(f"source: {len(source.duplicates)} paths reach files or folders already listed (links), cached once: "
             f"e.g. '{path}' is '{same}'")
     identity = resolve_identity(opts.teacher, opts.pretrained, opts.quick_gelu)
     on_cluster = bool(opts.scheduler or opts.scheduler_file or opts.workers)

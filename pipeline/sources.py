@@ -4,7 +4,8 @@ list of paths.
 Every source lists its images as string keys in a deterministic order and reads a key's encoded
 bytes; decoding happens later (pipeline.images), so a broken file is a per-image error, never a
 failed listing. A source is described by its `SourceSpec`, which the store records, so the trainer can
-reopen it by name.
+reopen it by name. Every source also reports, after `keys()`, the `duplicates` it skipped: listed paths
+that reach an image it already lists (only folders have them: links), skipped path -> the listed key.
 
 HDF5 layout (what `zs-cache pack-h5` writes): two one-dimensional datasets of equal length,
   /keys    variable-length UTF-8 strings, unique (the image keys, e.g. relative paths)
@@ -205,6 +206,7 @@ class TarShardSource:
     def __init__(self, spec: SourceSpec):
         self.spec = spec
         self.root = Path(spec.path)
+        self.duplicates: dict[str, str] = {}  # none: tar members are listed once
 
     def tars(self) -> list[str]:
         return sorted(p.name for p in self.root.glob("*.tar") if p.is_file())
@@ -235,6 +237,7 @@ class H5Source:
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec
+        self.duplicates: dict[str, str] = {}  # none: /keys is unique
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._index: dict[str, int] | None = None
@@ -269,6 +272,7 @@ class ListSource:
     def __init__(self, spec: SourceSpec):
         self.spec = spec
         self.base = Path(spec.path).parent
+        self.duplicates: dict[str, str] = {}  # none: a path listed twice is the same key, listed once
 
     def keys(self) -> list[str]:
         path = Path(self.spec.path)

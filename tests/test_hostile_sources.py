@@ -2,6 +2,7 @@
 
 import os
 import struct
+import tarfile
 import zlib
 
 import numpy as np
@@ -10,7 +11,15 @@ from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.sources import FolderSource, SourceSpec
+from zeroseg.pipeline.sources import (
+    FolderSource,
+    H5Source,
+    ListSource,
+    SourceSpec,
+    TarShardSource,
+    open_source,
+    pack_h5,
+)
 from zeroseg.pipeline.store import FeatureStore
 
 TINY_BUILD = ("--teacher", TINY_TEACHER, "--pretrained", "none", "--device", "cpu", "--image-size", "32",
@@ -78,6 +87,22 @@ def test_links_are_followed_once_per_real_folder(tmp_path):
     source = FolderSource(SourceSpec("folder", str(root)))
     assert source.keys() == ["alias/x.jpg"]  # sorted walk: "alias" is reached first
     assert source.duplicates == {"alias/loop/": "./", "real/": "alias/"}
+
+
+def test_every_kind_of_source_reports_the_duplicates_it_skipped(photos, tmp_path):
+    """zs-cache build logs any source's `duplicates`: folders' are the links they skip, the other kinds have none."""
+    pack_h5(photos, tmp_path / "photos.h5", progress=False)
+    (tmp_path / "list.txt").write_text(f"{PHOTOS[0]}\n{PHOTOS[0]}\n")
+    (tmp_path / "tars").mkdir()
+    with tarfile.open(tmp_path / "tars" / "00000.tar", "w") as archive:
+        archive.add(PHOTOS[1], "000000000.jpg")
+    kinds = {photos: FolderSource, tmp_path / "photos.h5": H5Source, tmp_path / "list.txt": ListSource,
+             tmp_path / "tars": TarShardSource}  # fmt: skip
+    for path, kind in kinds.items():
+        source = open_source(path)
+        assert type(source) is kind
+        assert len(source.keys()) == (1 if kind in (ListSource, TarShardSource) else len(PHOTOS))
+        assert source.duplicates == {}
 
 
 def test_impossible_grids_or_sizes_are_refused_before_anything_is_created(photos, tmp_path):
