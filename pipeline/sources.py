@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from zeroseg.pipeline.atomic import atomic_path, write_atomically
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.recorded import recorded_fields
+from zeroseg.pipeline.recorded import DAMAGED, recorded_fields
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -65,7 +65,7 @@ class SourceSpec:
         """As a store records it (`where` names it in a UserError)."""
         spec = SourceSpec(**recorded_fields(cls, spec, where))
         if spec.kind not in _SOURCE_TYPES:
-            raise UserError(f"{where} is damaged: unknown source kind '{spec.kind}'")
+            raise UserError(f"{where}: unknown source kind '{spec.kind}' ({DAMAGED})")
         return spec
 
 

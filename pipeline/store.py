@@ -46,7 +46,7 @@ from zeroseg import __version__
 from zeroseg.pipeline.atomic import atomic_path
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import chunk_key, decode_record, encode_record, shard_record
-from zeroseg.pipeline.recorded import recorded_fields
+from zeroseg.pipeline.recorded import DAMAGED, recorded_fields
 from zeroseg.pipeline.runtime import first_line
 from zeroseg.pipeline.sources import SourceSpec
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
@@ -107,6 +107,8 @@ class Preprocessing:
     def from_dict(cls, values: dict, where: str) -> "Preprocessing":
         """As a store records it (`where` names it in a UserError)."""
         values = recorded_fields(cls, values, where)
+        if not all(isinstance(values[name], list) for name in ("mean", "std")):
+            raise UserError(f"{where}: mean and std are not lists ({DAMAGED})")
         return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
 
 
@@ -135,9 +137,8 @@ class StoreMeta:
 
     def to_attribute(self) -> dict:
         """The group attribute "zeroseg" (plain JSON values)."""
-        plain = {f.name: getattr(self, f.name) for f in fields(self)}
         return {
-            **plain,
+            **{f.name: getattr(self, f.name) for f in fields(self)},
             "teacher": self.teacher.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "grids": list(self.grids),
@@ -153,7 +154,7 @@ class StoreMeta:
         values = recorded_fields(cls, values, where)
         sources = values.get("sources", {})
         if not isinstance(sources, dict):
-            raise UserError(f"{where}.sources is damaged: expected a JSON object")
+            raise UserError(f"{where}.sources: a {type(sources).__name__}, not a JSON object ({DAMAGED})")
         return cls(**{
             **values,
             "teacher": TeacherIdentity.from_dict(values["teacher"], f"{where}.teacher"),

@@ -15,7 +15,7 @@ from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import encode_record, file_crc32c
-from zeroseg.pipeline.store import FeatureStore
+from zeroseg.pipeline.store import FeatureStore, ImageRecord, StoreMeta, image_records, manifest_rows
 from zeroseg.trainer.cli import main as zs_train
 from zeroseg.trainer.data import StoreBatches, StoreSamples
 from zeroseg.trainer.sampling import BatchPlan
@@ -195,3 +195,82 @@ def test_stores_made_before_checksums_still_open_and_say_they_are_unchecked(stor
     (store / "features" / "c" / "3" / "0" / "0").unlink()
     with pytest.raises(UserError, match=r"chunk features/c/3/0/0 \(rows 6-7\) is missing"):
         read_every_batch(store)
+
+
+def attribute(store_path) -> dict:
+    return json.loads((store_path / "zarr.json").read_text())["attributes"]["zeroseg"]
+
+
+def test_the_store_attribute_keeps_its_json_layout_and_reads_back_unchanged(store):
+    recorded = attribute(store)
+    assert list(recorded) == ["teacher", "preprocessing", "grids", "views", "embed_dim", "shard_size", "chunk_size",
+                              "normalized", "sources", "stored_crops", "commit_records", "format_version",
+                              "package_version"]  # fmt: skip
+    assert recorded["teacher"] == {"model": "zs-tiny-clip", "pretrained": None, "weights_sha256": None,
+                                   "quick_gelu": False, "config": json.loads(TINY_TEACHER.read_text())}
+    assert list(recorded["teacher"]) == ["model", "pretrained", "weights_sha256", "quick_gelu", "config"]
+    preprocessing = {
+        "crop": "centre square of side min(W, H), resized to crop_size (see pipeline.crops)",
+        "crop_size": 32, "interpolation": "bicubic", "antialias": True,
+        "cell_boundaries": "floor(k * crop_size / grid)", "view_size": 32,
+        "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+    }  # fmt: skip
+    assert json.dumps(recorded["preprocessing"]) == json.dumps(preprocessing)  # same keys, order and values
+    assert recorded["sources"] == {"photos": {"kind": "folder", "path": recorded["sources"]["photos"]["path"],
+                                              "column": None}}  # fmt: skip
+    assert recorded["grids"] == [1, 2, 3, 4] and recorded["views"][:2] == [[1, 0, 0], [2, 0, 0]]
+    meta = FeatureStore.open(store).meta
+    assert json.dumps(meta.to_attribute()) == json.dumps(recorded)
+    assert StoreMeta.from_attribute(meta.to_attribute(), store) == meta
+    before = (store / "zarr.json").read_bytes()
+    FeatureStore.open(store, writable=True).save_meta()
+    assert (store / "zarr.json").read_bytes() == before
+
+
+def test_stores_whose_attribute_predates_later_keys_still_open(store):
+    group = json.loads((store / "zarr.json").read_text())
+    recorded = group["attributes"]["zeroseg"]
+    for key in ("stored_crops", "commit_records"):
+        del recorded[key]
+    del recorded["teacher"]["config"], recorded["sources"]["photos"]["column"]
+    (store / "zarr.json").write_text(json.dumps(group))
+    meta = FeatureStore.open(store).meta
+    assert meta.teacher.config is None and meta.sources["photos"].column is None
+    assert meta.stored_crops is False and meta.commit_records is False
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda a: a.update(colour="blue"), "attribute zeroseg: unknown key 'colour' (damaged, or written by another"),
+        (lambda a: a.pop("embed_dim"), "attribute zeroseg: no key 'embed_dim'"),
+        (lambda a: a["teacher"].pop("model"), "attribute zeroseg.teacher: no key 'model'"),
+        (lambda a: a["preprocessing"].update(gamma=2.2), "attribute zeroseg.preprocessing: unknown key 'gamma'"),
+        (lambda a: a["sources"]["photos"].pop("path"), "attribute zeroseg.sources.photos: no key 'path'"),
+        (lambda a: a["sources"]["photos"].update(kind="ftp"), "zeroseg.sources.photos: unknown source kind 'ftp'"),
+        (lambda a: a.update(teacher="zs-tiny-clip"), "attribute zeroseg.teacher: a str, not a JSON object"),
+    ],
+)
+def test_a_damaged_store_attribute_is_one_line_naming_the_store(store, damage, named):
+    group = json.loads((store / "zarr.json").read_text())
+    damage(group["attributes"]["zeroseg"])
+    (store / "zarr.json").write_text(json.dumps(group))
+    with pytest.raises(UserError) as refused:
+        FeatureStore.open(store)
+    assert str(refused.value).startswith(f"store '{store}': attribute zeroseg") and named in str(refused.value)
+    shown = invoke(zs_cache, "inspect", store)
+    assert shown.returncode == 2 and len(shown.stderr.strip().splitlines()) == 1 and named in shown.stderr
+
+
+def test_image_records_are_the_manifest_rows(store):
+    part = FeatureStore.open(store).read_part(store / "manifest" / "shard-000001.parquet")
+    records = image_records(part)
+    assert [(r.source, r.key, r.row) for r in records] == list(zip(*(part[c].to_pylist() for c in ("source", "key",
+                                                                                                     "row"))))
+    assert all(r.ok and len(r.sha256) == 64 and r.width > 0 for r in records)
+    assert manifest_rows(1, records).drop_columns(["time"]).equals(part.drop_columns(["time"]))
+    failed = ImageRecord("photos", "gone.jpg", error="unreadable: No such file or directory")
+    row = manifest_rows(1, [failed]).drop_columns(["time"]).to_pylist()[0]
+    assert row == {"row": None, "key": "gone.jpg", "source": "photos", "sha256": None, "width": None, "height": None,
+                   "status": "error", "error": "unreadable: No such file or directory", "shard": 1}
+    assert image_records(manifest_rows(1, [failed])) == [failed]
