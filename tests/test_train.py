@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -283,3 +284,17 @@ def test_tensorboard_after_a_crash_and_resume_has_one_point_per_step(store, tmp_
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_store_whose_teacher_changed(store, tmp_path):
+    """The checkpoint records the store's teacher as the store's attribute holds it; a resume compares the two."""
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    assert train(copy, tmp_path / "run", "--steps", "2", "--stop-at", "1").returncode == 0
+    group = json.loads((copy / "zarr.json").read_text())
+    group["attributes"]["zeroseg"]["teacher"]["quick_gelu"] = True
+    (copy / "zarr.json").write_text(json.dumps(group))
+    resumed = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--no-progress")
+    assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1
+    assert "step-00000001.pt was trained on 10 images of a store with teacher zs-tiny-clip;" in resumed.stderr
+    assert "resume on the same store, or start a new run" in resumed.stderr
