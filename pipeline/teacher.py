@@ -245,7 +245,7 @@ class Teacher:
             ) from None
         return int(output.shape[-1])
 
-    def format(self) -> "TeacherFormat":
+    def format(self) -> TeacherFormat:
         return TeacherFormat(self.view_size, self.mean, self.std, self.embed_dim)
 
     @torch.inference_mode()
