@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from zeroseg.pipeline.build_options import BuildOptions, validate
+from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import missing_chunks
 from zeroseg.pipeline.runtime import prefetch_map, resolve_device
@@ -126,8 +126,7 @@ def pending_keys(store: FeatureStore, keys: list[str], name: str) -> list[str]:
 
 
 def open_build_source(opts: BuildOptions) -> tuple[Source, str, list[str]]:
-    """The source of validated options, its name inside the store and its keys (UserError when it has none)."""
-    validate(opts)
+    """The source of the options, its name inside the store and its keys (UserError when it has none)."""
     source = open_source(opts.source, opts.column)
     keys = source.keys()
     if not keys:

@@ -1,10 +1,10 @@
 """What one `zs-cache build` is asked to do: the options and their defaults (the CLI takes its defaults from
-here), checked before anything is read."""
+here), checked when they are made (`BuildOptions.__post_init__`), before anything is read."""
 
 import os
 from dataclasses import dataclass, field
 
-from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.errors import require
 
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_CHUNK_SIZE = 64
@@ -40,27 +40,25 @@ class BuildOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are error rows, told from their header
     max_file_mb: float = DEFAULT_MAX_FILE_MB  # larger files are error rows, never read whole
 
-
-def validate(opts: BuildOptions) -> None:
-    if not opts.grids or any(g < 1 for g in opts.grids) or len(set(opts.grids)) != len(opts.grids):
-        raise UserError(f"--grids must be distinct positive integers, got {opts.grids}")
-    for name in ("batch_size", "chunk_size", "image_size", "decode_threads", "max_pixels"):
-        if getattr(opts, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if max(opts.grids) > opts.image_size:
-        raise UserError(
-            f"--grids {max(opts.grids)} splits a {opts.image_size}px crop into cells smaller than a pixel: "
-            f"use grids of at most --image-size"
-        )
-    if not opts.max_file_mb > 0:
-        raise UserError("--max-file-mb must be positive")
-    if opts.shard_size is not None and (opts.shard_size < 1 or opts.shard_size % opts.chunk_size):
-        raise UserError(f"--shard-size must be a positive multiple of the chunk size {opts.chunk_size}")
-    if not 0 <= opts.max_error_fraction <= 1:
-        raise UserError("--max-error-fraction must be between 0 and 1")
-    if opts.workers < 0:
-        raise UserError("--workers must be 0 (build in this process) or a positive number of Dask workers")
-    if opts.scheduler and opts.workers:
-        raise UserError("--scheduler and --workers exclude each other: build on a running cluster or start a local one")
-    if opts.scheduler_file and (opts.scheduler or opts.workers):
-        raise UserError("--scheduler-file names the cluster to build on: give it without --scheduler or --workers")
+    def __post_init__(self) -> None:
+        grids = self.grids
+        require(grids and min(grids) >= 1 and len(set(grids)) == len(grids),
+                f"--grids must be distinct positive integers, got {grids}")
+        for name in ("batch_size", "chunk_size", "image_size", "decode_threads", "max_pixels"):
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be positive")
+        require(max(grids) <= self.image_size,
+                f"--grids {max(grids)} splits a {self.image_size}px crop into cells smaller than a pixel: "
+                "use grids of at most --image-size")
+        require(self.max_file_mb > 0, "--max-file-mb must be positive")
+        require(self.shard_size is None or (self.shard_size >= 1 and self.shard_size % self.chunk_size == 0),
+                f"--shard-size must be a positive multiple of the chunk size {self.chunk_size}")
+        require(0 <= self.max_error_fraction <= 1, "--max-error-fraction must be between 0 and 1")
+        require(self.workers >= 0,
+                "--workers must be 0 (build in this process) or a positive number of Dask workers")
+        require(not (self.scheduler and self.workers),
+                "--scheduler and --workers exclude each other: build on a running cluster or start a local one")
+        require(not (self.scheduler_file and (self.scheduler or self.workers)),
+                "--scheduler-file names the cluster to build on: give it without --scheduler or --workers")
+        require(not self.workers or self.device in ("auto", "cpu"),
+                f"--device {self.device} picks one device; with --workers each worker takes its own GPU: "
+                "use --device auto (or cpu)")

@@ -209,10 +209,8 @@ def _encode_shard_on_worker(job: ShardJob) -> tuple[list[ImageRecord], dict]:
 
 def local_cluster(workers: int, device: str, decode_threads: int) -> tuple[LocalCluster, WorkerSetup]:
     """`workers` processes with TASKS_PER_WORKER Dask threads each: on a GPU node worker i sees only GPU i (mod the
-    count); on the CPU the cores are split between the workers so that they do not oversubscribe them."""
-    if device not in ("auto", "cpu"):
-        raise UserError(f"--device {device} picks one device; with --workers each worker takes its own GPU: "
-                        "use --device auto (or cpu)")
+    count); on the CPU the cores are split between the workers so that they do not oversubscribe them. device: auto
+    or cpu (BuildOptions refuses one device with --workers)."""
     gpus = torch.cuda.device_count() if device == "auto" else 0
     cores = max(1, len(os.sched_getaffinity(0)) // workers)
     if gpus:

@@ -20,6 +20,7 @@ from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
+from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import plan_shards
 from zeroseg.pipeline.sizes import human_size
@@ -275,6 +276,19 @@ def test_wrong_arguments_are_one_line_and_exit_2(photos, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_build_options_check_themselves_when_made():
+    """The options refuse a bad value or combination with the flag's name, before a build reads anything."""
+    refusals = [
+        ({"shard_size": 100}, "--shard-size must be a positive multiple of the chunk size 64"),
+        ({"grids": [1, 1]}, r"--grids must be distinct positive integers, got \[1, 1\]"),
+        ({"workers": 2, "device": "cuda:1"}, "--device cuda:1 picks one device; with --workers each worker"),
+        ({"scheduler_file": "s.json", "workers": 2}, "--scheduler-file names the cluster to build on"),
+    ]
+    for values, message in refusals:
+        with pytest.raises(UserError, match=f"^{message}"):
+            BuildOptions(source="photos", store="store", **values)
 
 
 def test_store_made_with_other_teacher_or_grids_is_refused(photos, tmp_path):

@@ -48,13 +48,15 @@ def test_file_then_set_then_explicit_options(tmp_path):
         (["optim.lrr=1"], r"unknown config key 'optim.lrr' \(optim keys: base_lr, lr,"),
         (["training.lr=1"], r"unknown config section in 'training.lr'"),
         (["data.batch_size=eight"], r"config key 'data.batch_size' expects int, got 'eight'"),
-        (["data.batch_size=0"], r"bad data config: batch_size must be positive"),
+        (["data.batch_size=0"], r"^data.batch_size must be positive, got 0$"),
         (["model.preset=huge"], r"model.preset 'huge' is not one of base, tiny"),
-        (["model.patch_size=5"], r"bad model config: image_size 224 is not a multiple of patch_size 5"),
+        (["model.patch_size=5"], r"^model.image_size 224 is not a multiple of model.patch_size 5$"),
         (["loss.l1_reduction=max"], r"config key 'loss.l1_reduction' expects"),
         (["optim.betas=[0.9]"], r"config key 'optim.betas' expects"),
         (["lr=1"], r"--set takes section.key=value"),
-        (["model.preset=tiny", "model.mask_ratio=0.99"], r"mask_ratio 0.99 keeps none of the 16 patches"),
+        (["model.preset=tiny", "model.mask_ratio=0.99"], r"^model.mask_ratio 0.99 keeps none of the 16 patches$"),
+        (["loss.w_match=-1"], r"^loss.w_match must be >= 0, got -1.0$"),
+        (["optim.betas=[0.9, 1.5]"], r"^optim.betas must be two numbers in \[0, 1\), got \(0.9, 1.5\)$"),
     ],
 )
 def test_bad_keys_and_values_are_one_line_errors(overrides, message):

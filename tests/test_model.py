@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroseg.pipeline.crops import view_layout
+from zeroseg.pipeline.errors import UserError
 from zeroseg.trainer.grouping import (
     CrossAttentionBlock,
     GroupingBlock,
@@ -49,9 +50,9 @@ def test_presets_hold_the_paper_sizes():
     assert (base.seg_depths, base.num_group_tokens, base.teacher_dim) == ((2, 2, 1), (32, 8), 768)
     assert (base.mask_ratio, base.gumbel_tau, LossConfig().norm_pix_loss) == (0.6, 1.0, True)
     assert ModelConfig.from_dict(model_preset("tiny").to_dict()) == model_preset("tiny")
-    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+    with pytest.raises(UserError, match="^model.preset 'huge' is not one of base, tiny$"):
         model_preset("huge")
-    with pytest.raises(ValueError, match="seg_depths"):
+    with pytest.raises(UserError, match=r"^model.seg_depths \(2, 2\) needs one entry per grouping stage"):
         ModelConfig(seg_depths=(2, 2))
 
 

@@ -137,6 +137,10 @@ def test_bad_arguments_are_one_line_errors(store, finished_run, tmp_path):
     _one_line_error(train(tmp_path / "missing", tmp_path / "r", "--steps", "2"), "is not a feature store")
     _one_line_error(train(store, tmp_path / "r", "--set", "optim.lrr=1"), "unknown config key 'optim.lrr'")
     _one_line_error(train(store, tmp_path / "r", "--steps", "2", "--epochs", "1"), "--steps or --epochs")
+    _one_line_error(train(store, tmp_path / "r", "--stop-at", "0"), "--stop-at must be >= 1, got 0")
+    _one_line_error(invoke(main, "run", "--resume"), "--resume needs --run-dir")
+    _one_line_error(invoke(main, "run", "--run-dir", finished_run, "--resume", "--config", "a.yaml"),
+                    "--resume continues with the run directory's config.yaml")
     _one_line_error(train(store, tmp_path / "r", "--steps", "2", "--resume"), "nothing to resume")
     _one_line_error(train(store, finished_run, "--steps", "2"), "already holds checkpoints", "--resume")
     _one_line_error(

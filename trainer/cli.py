@@ -9,11 +9,13 @@
 """
 
 import os
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import typer
 
-from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.errors import require
 from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
 
 app = typer.Typer(
@@ -30,6 +32,41 @@ SET_OPTION = typer.Option(
     "values are read as YAML).",
 )
 PRESET_OPTION = typer.Option(None, help="Model preset (model.preset): base = the paper's sizes, tiny = tests/demos.")
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    """The flags of `zs-train run`: config keys given as flags (None: not given) and the run's own, checked
+    together when made."""
+
+    store: str | None = None
+    run_dir: str | None = None
+    config: str | None = None
+    preset: str | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str | None = None
+    resume: bool = False
+    stop_at: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self.steps is None or self.epochs is None, "give --steps or --epochs, not both")
+        require(self.stop_at is None or self.stop_at >= 1, f"--stop-at must be >= 1, got {self.stop_at}")
+        require(not self.resume or self.config is None,
+                "--resume continues with the run directory's config.yaml; change keys with --set")
+        require(not self.resume or self.run_dir is not None, "--resume needs --run-dir")
+
+    def config_keys(self) -> dict[str, Any]:
+        """{'section.key': value} of the flags given; --epochs also unsets a schedule.steps of the config."""
+        given = {
+            "data.store": self.store, "run.dir": self.run_dir, "model.preset": self.preset,
+            "schedule.steps": self.steps, "schedule.epochs": self.epochs, "data.batch_size": self.batch_size,
+            "data.workers": self.workers, "run.device": self.device,
+        }  # fmt: skip
+        keys = {key: value for key, value in given.items() if value is not None}
+        return {**keys, "schedule.steps": None} if self.epochs is not None else keys
 
 
 @app.command()
@@ -60,28 +97,15 @@ def run(
     from zeroseg.trainer.config import build_config, read_config_file
     from zeroseg.trainer.train import TrainingDiverged, run_training
 
-    if steps is not None and epochs is not None:
-        raise UserError("give --steps or --epochs, not both")
-    if stop_at is not None and stop_at < 1:
-        raise UserError(f"--stop-at must be >= 1, got {stop_at}")
-    given = {
-        "data.store": store, "run.dir": run_dir, "model.preset": preset, "schedule.steps": steps,
-        "schedule.epochs": epochs, "data.batch_size": batch_size, "data.workers": workers, "run.device": device,
-    }  # fmt: skip
-    explicit = {key: value for key, value in given.items() if value is not None}
-    if epochs is not None:
-        explicit["schedule.steps"] = None
-    if resume:
-        if config is not None:
-            raise UserError("--resume continues with the run directory's config.yaml; change keys with --set")
-        if run_dir is None:
-            raise UserError("--resume needs --run-dir")
-        cfg = build_config(read_config_file(resume_config_file(run_dir)), overrides, explicit)
-    else:
-        cfg = build_config(read_config_file(config) if config else {}, overrides, explicit)
+    flags = RunFlags(
+        store=store, run_dir=run_dir, config=config, preset=preset, steps=steps, epochs=epochs,
+        batch_size=batch_size, workers=workers, device=device, resume=resume, stop_at=stop_at,
+    )  # fmt: skip
+    config_file = resume_config_file(flags.run_dir) if flags.resume else flags.config
+    cfg = build_config(read_config_file(config_file) if config_file else {}, overrides, flags.config_keys())
     log = (lambda line: typer.echo(line, err=True)) if process_group.env_rank() == 0 else (lambda line: None)
     try:
-        result = run_training(cfg, resume=resume, stop_at=stop_at, log=log, progress=progress)
+        result = run_training(cfg, resume=flags.resume, stop_at=flags.stop_at, log=log, progress=progress)
     except TrainingDiverged as exc:
         if process_group.env_rank() == 0:
             typer.echo(f"error: {exc}", err=True)

@@ -7,8 +7,9 @@
     schedule:  run length in epochs or steps, linear warm-up, half-cycle cosine to min_lr
     run:       run directory, checkpoint cadence, seed, device, bf16 autocast, logging cadence
 
-Precedence: dataclass defaults < the config file < overrides. Every key and value type is checked, so a
-typo is one clear error rather than a silently ignored setting. `TrainConfig.to_dict()` is the effective
+Precedence: dataclass defaults < the config file < overrides. Every key and value type is checked here, every
+value by its section's dataclass when it is made (a UserError naming `section.key`), so a typo is one clear
+error rather than a silently ignored setting. `TrainConfig.to_dict()` is the effective
 configuration (the model section fully resolved), saved as `config.yaml` in the run directory.
 """
 
@@ -22,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.errors import UserError, require
 from zeroseg.pipeline.runtime import first_line
 from zeroseg.trainer.losses import LossConfig
-from zeroseg.trainer.model_config import PRESET_NAMES, ModelConfig, model_preset
+from zeroseg.trainer.model_config import ModelConfig, model_preset
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,8 @@ class DataConfig:
     resize: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "shuffle_window", "prefetch")
-        if self.workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        _positive(self, "data", "batch_size", "shuffle_window", "prefetch")
+        require(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,12 @@ class OptimConfig:
     clip_grad: float | None = None
 
     def __post_init__(self) -> None:
-        _positive(self, "base_lr", "accum_steps")
-        if self.lr is not None and self.lr < 0:
-            raise ValueError(f"optim.lr must be >= 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"optim.clip_grad must be positive or null, got {self.clip_grad}")
+        _positive(self, "optim", "base_lr", "accum_steps")
+        require(self.lr is None or self.lr >= 0, f"optim.lr must be >= 0, got {self.lr}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        require(self.clip_grad is None or self.clip_grad > 0,
+                f"optim.clip_grad must be positive or null, got {self.clip_grad}")
 
 
 @dataclass(frozen=True)
@@ -91,11 +90,10 @@ class ScheduleConfig:
     min_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"schedule.steps must be >= 1, got {self.steps}")
-        if self.warmup_epochs < 0 or (self.warmup_steps or 0) < 0 or self.min_lr < 0:
-            raise ValueError("schedule.warmup_epochs, warmup_steps and min_lr must be >= 0")
+        _positive(self, "schedule", "epochs")
+        require(self.steps is None or self.steps >= 1, f"schedule.steps must be >= 1, got {self.steps}")
+        require(self.warmup_epochs >= 0 and (self.warmup_steps or 0) >= 0 and self.min_lr >= 0,
+                "schedule.warmup_epochs, schedule.warmup_steps and schedule.min_lr must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,7 @@ class RunConfig:
     bf16: bool = True
 
     def __post_init__(self) -> None:
-        _positive(self, "checkpoint_every", "keep_last", "log_every")
+        _positive(self, "run", "checkpoint_every", "keep_last", "log_every")
 
 
 @dataclass(frozen=True)
@@ -204,23 +202,14 @@ def build_config(
         merged.setdefault("loss", {}).setdefault("norm_pix_loss", moved)
     model_values = dict(merged.pop("model", {}))
     preset = model_values.pop("preset", "base")
-    if preset not in PRESET_NAMES:
-        raise UserError(f"model.preset '{preset}' is not one of {', '.join(PRESET_NAMES)}")
-    base_model = model_preset(preset).to_dict()
-    model = _section("model", ModelConfig, {**base_model, **_checked("model", ModelConfig, model_values)})
-    sections = {name: _section(name, SECTION_TYPES[name], merged.get(name, {})) for name in SECTIONS[1:]}
+    model = ModelConfig(**{**model_preset(preset).to_dict(), **_checked("model", ModelConfig, model_values)})
+    sections = {name: cls(**_checked(name, cls, merged.get(name, {}))) for name, cls in SECTION_TYPES.items()
+                if name != "model"}
     return TrainConfig(preset=preset, model=model, **sections)
 
 
 def config_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def _section(name: str, cls: type, values: dict[str, Any]):
-    try:
-        return cls(**_checked(name, cls, values))
-    except ValueError as exc:
-        raise UserError(f"bad {name} config: {exc}") from None
 
 
 def _checked(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +278,6 @@ def _lists(value: Any) -> Any:
     return value
 
 
-def _positive(section: Any, *names: str) -> None:
+def _positive(values: Any, section: str, *names: str) -> None:
     for name in names:
-        if getattr(section, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(section, name)}")
+        require(getattr(values, name) > 0, f"{section}.{name} must be positive, got {getattr(values, name)}")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from zeroseg.pipeline.errors import require
 from zeroseg.trainer.model import ZeroSegOutput, patchify
 from zeroseg.trainer.model_config import ModelConfig, tuples_of_lists
 
@@ -53,13 +54,13 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         for field in fields(self):
-            if field.name.startswith("w_") and getattr(self, field.name) < 0:
-                raise ValueError(f"loss weight {field.name} is negative: {getattr(self, field.name)}")
+            if field.name.startswith("w_"):
+                weight = getattr(self, field.name)
+                require(weight >= 0, f"loss.{field.name} must be >= 0, got {weight}")
         for name, grids in (("grids", self.grids), ("distill_grids", self.distill_grids)):
-            if grids is not None and (not grids or min(grids) < 1):
-                raise ValueError(f"{name} {grids} must be a non-empty tuple of grid sizes >= 1")
-        if self.l1_reduction not in ("sum", "mean"):
-            raise ValueError(f"l1_reduction {self.l1_reduction!r} is not 'sum' or 'mean'")
+            require(grids is None or (grids and min(grids) >= 1),
+                    f"loss.{name} {grids} must be a non-empty list of grid sizes >= 1")
+        require(self.l1_reduction in ("sum", "mean"), f"loss.l1_reduction {self.l1_reduction!r} is not 'sum' or 'mean'")
 
     @property
     def distillation_grids(self) -> tuple[int, ...]:

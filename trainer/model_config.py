@@ -1,13 +1,16 @@
 """The sizes of the ZeroSeg student (`ModelConfig`) and its named presets; the losses' settings are
 `trainer.losses.LossConfig`, the run's `trainer.config.TrainConfig`.
 
-A frozen dataclass of plain values, so it round-trips through `dataclasses.asdict` and `from_dict` into
+Every field is checked when the config is made (UserError naming it as the train config's `model.key`). A
+frozen dataclass of plain values, so it round-trips through `dataclasses.asdict` and `from_dict` into
 a checkpoint that loads with `torch.load(weights_only=True)`.
 """
 
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from zeroseg.pipeline.errors import require
 
 
 def tuples_of_lists(values: dict[str, Any]) -> dict[str, Any]:
@@ -53,41 +56,29 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
                      "decoder_num_heads", "seg_embed_dim", "seg_num_heads", "proj_hidden_dim", "teacher_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        if self.decoder_depth < 0 or min(self.seg_depths, default=0) < 0:
-            raise ValueError(f"model.decoder_depth and model.seg_depths must be >= 0, got {self.decoder_depth}, "
-                             f"{self.seg_depths}")
+            require(getattr(self, name) >= 1, f"model.{name} must be at least 1, got {getattr(self, name)}")
+        require(self.decoder_depth >= 0 and min(self.seg_depths, default=0) >= 0,
+                f"model.decoder_depth and model.seg_depths must be >= 0, got {self.decoder_depth}, {self.seg_depths}")
         for name in ("mlp_ratio", "gumbel_tau"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be a positive number, got {getattr(self, name)}")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        for width, heads, what in (
-            (self.embed_dim, self.num_heads, "embed_dim"),
-            (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim"),
-            (self.seg_embed_dim, self.seg_num_heads, "seg_embed_dim"),
-        ):
-            if width % heads:
-                raise ValueError(f"{what} {width} is not divisible by its {heads} heads")
-        for width, what in ((self.embed_dim, "embed_dim"), (self.decoder_embed_dim, "decoder_embed_dim")):
-            if width % 4:
-                raise ValueError(f"{what} {width} must be a multiple of 4 for the 2-D sin-cos embedding")
-        if len(self.seg_depths) != len(self.num_group_tokens) + 1:
-            raise ValueError(
-                f"seg_depths {self.seg_depths} needs one entry per grouping stage "
-                f"{self.num_group_tokens} plus one for the final layers"
-            )
-        if not self.num_group_tokens or min(self.num_group_tokens) < 1:
-            raise ValueError(
-                f"num_group_tokens {self.num_group_tokens} needs at least one stage of >= 1 token"
-            )
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio {self.mask_ratio} is not in [0, 1)")
-        if int(self.grid_size**2 * (1 - self.mask_ratio)) < 1:
-            raise ValueError(f"mask_ratio {self.mask_ratio} keeps none of the {self.grid_size**2} patches")
+            value = getattr(self, name)
+            require(math.isfinite(value) and value > 0, f"model.{name} must be a positive number, got {value}")
+        require(self.image_size % self.patch_size == 0,
+                f"model.image_size {self.image_size} is not a multiple of model.patch_size {self.patch_size}")
+        for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
+                             ("seg_embed_dim", "seg_num_heads")):
+            require(getattr(self, width) % getattr(self, heads) == 0,
+                    f"model.{width} {getattr(self, width)} is not divisible by model.{heads} {getattr(self, heads)}")
+        for width in ("embed_dim", "decoder_embed_dim"):
+            require(getattr(self, width) % 4 == 0,
+                    f"model.{width} {getattr(self, width)} must be a multiple of 4 for the 2-D sin-cos embedding")
+        require(len(self.seg_depths) == len(self.num_group_tokens) + 1,
+                f"model.seg_depths {self.seg_depths} needs one entry per grouping stage of model.num_group_tokens "
+                f"{self.num_group_tokens} plus one for the final layers")
+        require(self.num_group_tokens and min(self.num_group_tokens) >= 1,
+                f"model.num_group_tokens {self.num_group_tokens} needs at least one stage of >= 1 token")
+        require(0.0 <= self.mask_ratio < 1.0, f"model.mask_ratio {self.mask_ratio} is not in [0, 1)")
+        require(int(self.grid_size**2 * (1 - self.mask_ratio)) >= 1,
+                f"model.mask_ratio {self.mask_ratio} keeps none of the {self.grid_size**2} patches")
 
     @property
     def masks_patches(self) -> bool:
@@ -134,6 +125,5 @@ PRESET_NAMES = tuple(_PRESETS)
 
 def model_preset(name: str) -> ModelConfig:
     """The named model configuration: "base" (the paper's sizes) or "tiny" (tests, CPU demos)."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    require(name in PRESET_NAMES, f"model.preset '{name}' is not one of {', '.join(PRESET_NAMES)}")
     return _PRESETS[name]
