@@ -141,18 +141,14 @@ def evaluate(
     decode_threads = renamed_option(decode_threads, old_workers, "--decode-threads", "--workers")
     decode_threads = 2 if decode_threads is None else decode_threads
     opened = [(open_dataset(name, data_root, split), split or DEFAULT_SPLITS.get(name)) for name in datasets]
-    if predictions is not None and checkpoint is not None:
-        raise UserError("--predictions scores saved label maps; it takes no --checkpoint")
     given = {"mode": mode, "short_side": short_side, "max_long_side": max_long_side, "crop_size": crop_size}
     geometry = {name: value for name, value in {**given, "stride": stride}.items() if value is not None}
-    cli_options.check_geometry(geometry)
-    cli_options.check_rule(rule, top_k)
     options = ModelOptions(
         model, checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
         geometry, keep_best_group, window_batch, rule, top_k, temperature, background_names, gaussian_std,
+        bg_threshold=bg_threshold, predictions=str(predictions) if predictions else None,
     )  # fmt: skip
-    out_dir = out or _default_output(options, predictions)
-    cli_options.check_bg_threshold(bg_threshold)
+    out_dir = out or _default_output(options)
     for folder, option in ((out_dir, "--out"), (save_predictions, "--save-predictions"), (save_vis, "--save-vis")):
         if folder is not None:
             cli_options.check_writable_folder(folder, option)
@@ -224,8 +220,8 @@ def _log_to_run(checkpoint: str, document: dict, step: int | None) -> None:
         typer.echo(f"logged {', '.join(tags)} at step {step} to {run_dir}/tensorboard")
 
 
-def _default_output(options, predictions: Path | None) -> Path:
-    if predictions is not None:
+def _default_output(options) -> Path:
+    if options.predictions is not None:
         return Path("zs-eval-results") / "predictions"
     if options.model == "zeroseg" and options.checkpoint:
         checkpoint = Path(options.checkpoint)

@@ -1,13 +1,12 @@
-"""Command-line options that zs-eval and zs-segment share (text side, labeling rule and geometry)."""
+"""Command-line options that zs-eval and zs-segment share (text side, labeling rule and geometry; their values
+are checked by evaluation.loading.ModelOptions), and the check that an output folder can be written."""
 
-import math
 import os
 import tempfile
 from pathlib import Path
 
 import typer
 
-from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.errors import UserError
 
 QUICK_GELU = typer.Option(
@@ -24,34 +23,6 @@ RULE = typer.Option(
     "groupvit", help="Labeling rule: groupvit (GroupViT's, the paper's protocol) or softmax (see --help)."
 )
 TOP_K = typer.Option(5, help="groupvit rule: classes kept by the image-level prior (at most the vocabulary).")
-
-
-def geometry_or_exit(mode: str, short_side: int, max_long_side: int, crop_size: int, stride: int) -> Geometry:
-    """The Geometry of the options, or a UserError naming the bad one."""
-    try:
-        return Geometry(mode, short_side, max_long_side, crop_size, stride)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-
-
-def check_geometry(given: dict) -> None:
-    """UserError naming the bad one of the Geometry fields `given` (the others left at their defaults)."""
-    geometry_or_exit(**{**vars(Geometry()), **given})
-
-
-def check_rule(rule: str | None, top_k: int) -> None:
-    """UserError for an unknown rule (None: the method's own) or a top-k below 1."""
-    from zeroseg.evaluation.labeling_rule import RULES  # torch: imported once a command runs
-
-    if rule is not None and rule not in RULES:
-        raise UserError(f"--rule '{rule}' is not one of {', '.join(RULES)}")
-    if top_k < 1:
-        raise UserError(f"--top-k must be positive, got {top_k}")
-
-
-def check_bg_threshold(value: float | None) -> None:
-    if value is not None and not math.isfinite(value):
-        raise UserError(f"--bg-threshold must be a finite number, got {value}")
 
 
 def check_writable_folder(folder: Path, option: str) -> None:

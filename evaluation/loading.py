@@ -12,11 +12,11 @@ import torch
 from zeroseg.evaluation.baseline_settings import method_settings
 from zeroseg.evaluation.dense_clip import LAST_BLOCKS, NACLIP_GAUSSIAN_STD
 from zeroseg.evaluation.dense_clip import METHODS as DENSE_METHODS
-from zeroseg.evaluation.labeling_rule import LabelingRule
+from zeroseg.evaluation.labeling_rule import RULES, LabelingRule
 from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
-from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.errors import UserError, require
 from zeroseg.pipeline.teacher import create_clip, has_schema, register_config, resolve_identity
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
@@ -29,8 +29,10 @@ MASKCLIP_NOTE = (
 
 @dataclass
 class ModelOptions:
-    """What to segment with. teacher / pretrained / quick_gelu None = as recorded in the checkpoint; templates,
-    geometry fields absent from `geometry`, temperature, background_names, gaussian_std None = the method's."""
+    """What to segment with, and how pixels are labelled: the zs-eval / zs-segment options, checked when made
+    (UserError naming the --flag). teacher / pretrained / quick_gelu None = as recorded in the checkpoint;
+    templates, geometry fields absent from `geometry`, temperature, background_names, gaussian_std None = the
+    method's. predictions: zs-eval --predictions, label maps saved before, scored instead of loading a model."""
 
     model: str = "zeroseg"
     checkpoint: str | None = None
@@ -47,6 +49,34 @@ class ModelOptions:
     temperature: float | None = None  # cosines are multiplied by it before the softmax (CLIP: exp(logit_scale))
     background_names: str | None = None  # comma-separated names of a background class, or 'none'
     gaussian_std: float | None = None  # NACLIP's neighbourhood prior, in patches
+    bg_threshold: float | None = None  # None: zs-eval the method's per dataset, zs-segment no background
+    predictions: str | None = None
+
+    def __post_init__(self) -> None:
+        model = self.model
+        require(model in MODELS, f"unknown --model '{model}' (choose from {', '.join(MODELS)})")
+        if self.predictions is not None:
+            require(self.checkpoint is None, "--predictions scores saved label maps; it takes no --checkpoint")
+        elif model == "zeroseg":
+            require(self.checkpoint is not None,
+                    "--checkpoint is required for --model zeroseg (MaskCLIP needs none: --model maskclip)")
+        else:
+            require(self.checkpoint is None,
+                    f"--model {model} is training-free: it takes no --checkpoint, only --teacher/--pretrained")
+            require(self.teacher is not None,
+                    f"--model {model} needs --teacher (an open_clip ViT name or config JSON) and --pretrained")
+        Geometry(**self.geometry)  # checks the given fields (the others: defaults, valid)
+        require(self.rule is None or self.rule in RULES, f"--rule '{self.rule}' is not one of {', '.join(RULES)}")
+        require(self.top_k >= 1, f"--top-k must be positive, got {self.top_k}")
+        require(self.window_batch >= 1, f"--window-batch must be positive, got {self.window_batch}")
+        require(self.temperature is None or 0 < self.temperature <= 100,
+                f"--temperature must be in (0, 100] (scores cap it at 100), got {self.temperature}")
+        require(self.gaussian_std is None or (model == "naclip" and self.gaussian_std > 0),
+                "--gaussian-std is NACLIP's neighbourhood width (--model naclip), a positive number of patches")
+        require(self.background_names is None or model != "zeroseg",
+                "--background-names is for the dense CLIP models (maskclip, sclip, clearclip, naclip)")
+        require(self.bg_threshold is None or math.isfinite(self.bg_threshold),
+                f"--bg-threshold must be a finite number, got {self.bg_threshold}")
 
 
 @dataclass
@@ -72,10 +102,7 @@ class LoadedModel:
             raise ValueError(f"a vocabulary starts with 'background' (label 0), got {list(class_names[:1])}")
         options = self.options
         settings = method_settings(options.model, dataset)
-        try:
-            geometry = Geometry(**{**settings.geometry(), **options.geometry})
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        geometry = Geometry(**{**settings.geometry(), **options.geometry})
         temperature = options.temperature or settings.temperature
         logit_scale = float(self.clip.logit_scale.item()) if temperature is None else math.log(temperature)
         background = settings.background_names
@@ -111,14 +138,6 @@ def read_templates(choice: str) -> tuple[str, ...]:
 
 
 def load_eval_model(options: ModelOptions, device: torch.device) -> LoadedModel:
-    if options.model not in MODELS:
-        raise UserError(f"unknown --model '{options.model}' (choose from {', '.join(MODELS)})")
-    if options.temperature is not None and not 0 < options.temperature <= 100:
-        raise UserError(f"--temperature must be in (0, 100] (scores cap it at 100), got {options.temperature}")
-    if options.gaussian_std is not None and (options.model != "naclip" or options.gaussian_std <= 0):
-        raise UserError("--gaussian-std is NACLIP's neighbourhood width (--model naclip), a positive number of patches")
-    if options.background_names is not None and options.model == "zeroseg":
-        raise UserError("--background-names is for the dense CLIP models (maskclip, sclip, clearclip, naclip)")
     templates = read_templates(options.templates or method_settings(options.model, None).templates)
     if options.model in DENSE_METHODS:
         return _load_dense_clip(options, templates, device)
@@ -128,8 +147,6 @@ def load_eval_model(options: ModelOptions, device: torch.device) -> LoadedModel:
 def _load_zeroseg(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
     from zeroseg.trainer.checkpoint import load_trained_model
 
-    if options.checkpoint is None:
-        raise UserError("--checkpoint is required for --model zeroseg (MaskCLIP needs none: --model maskclip)")
     model, meta = load_trained_model(options.checkpoint, device)
     recorded = TeacherIdentity.from_dict(meta["store"]["teacher"], f"checkpoint '{meta['path']}': store.teacher")
     identity = _text_teacher(recorded, options)
@@ -160,10 +177,6 @@ def _normalisation(store: dict, clip: torch.nn.Module) -> tuple[tuple[float, ...
 
 def _load_dense_clip(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
     model = options.model
-    if options.checkpoint is not None:
-        raise UserError(f"--model {model} is training-free: it takes no --checkpoint, only --teacher/--pretrained")
-    if options.teacher is None:
-        raise UserError(f"--model {model} needs --teacher (an open_clip ViT name or config JSON) and --pretrained")
     identity = resolve_identity(options.teacher, options.pretrained, options.quick_gelu)
     clip = create_clip(identity, device)
     config = clip.visual.preprocess_cfg

@@ -73,19 +73,18 @@ def segment(
     from zeroseg.pipeline.runtime import resolve_device
 
     class_names = read_vocabulary(classes, vocabulary)
-    cli_options.check_bg_threshold(bg_threshold)
-    cli_options.check_writable_folder(Path(out), "--out")
-    inputs = collect_images(images, out)
-    geometry = cli_options.geometry_or_exit(mode, short_side, max_long_side, crop_size, stride)
-    cli_options.check_rule(rule, top_k)
+    geometry = {"mode": mode, "short_side": short_side, "max_long_side": max_long_side, "crop_size": crop_size,
+                "stride": stride}  # fmt: skip
     options = ModelOptions(
         "zeroseg", checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
-        vars(geometry), keep_best_group, rule=rule, top_k=top_k,
+        geometry, keep_best_group, rule=rule, top_k=top_k, bg_threshold=bg_threshold,
     )  # fmt: skip
+    cli_options.check_writable_folder(Path(out), "--out")
+    inputs = collect_images(images, out)
     loaded = load_eval_model(options, resolve_device(device))
-    segmenter = loaded.segmenter(class_names, bg_threshold)
+    segmenter = loaded.segmenter(class_names, options.bg_threshold)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {**loaded.description, "labeling": segmenter.rule.to_dict(), "geometry": vars(geometry)}
+    settings = {**loaded.description, "labeling": segmenter.rule.to_dict(), "geometry": vars(segmenter.geometry)}
     write_atomically(out / "zs-segment.json", json.dumps({**settings, "class_names": list(class_names)}, indent=1))
     failed = 0
     for path, name in tqdm(inputs, desc="segmenting", disable=not progress):

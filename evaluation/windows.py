@@ -17,12 +17,15 @@ How window scores become labels is evaluation.labeling_rule.
 import math
 from dataclasses import dataclass
 
+from zeroseg.pipeline.errors import require
+
 MODES = ("whole", "slide")
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """How images are resized and cut into windows (pixel sizes of the resized image)."""
+    """How images are resized and cut into windows (pixel sizes of the resized image); the fields are the
+    --mode, --short-side, --max-long-side, --crop-size and --stride options of zs-eval and zs-segment."""
 
     mode: str = "whole"
     short_side: int = 448
@@ -31,11 +34,9 @@ class Geometry:
     stride: int = 224
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode '{self.mode}' is not one of {', '.join(MODES)}")
+        require(self.mode in MODES, f"--mode '{self.mode}' is not one of {', '.join(MODES)}")
         for name in ("short_side", "max_long_side", "crop_size", "stride"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the tiny random-weight teacher and the real sample photos."""
+"""Shared test fixtures and helpers: the tiny random-weight teacher, the real sample photos, stores, tiny
+training runs and an evaluation data root built from them."""
 
 import contextlib
 import io
@@ -20,6 +21,23 @@ VOC_ROOT = FIXTURES / "VOCdevkit" / "VOC2012"
 COCO_ROOT = FIXTURES / "coco"
 PHOTOS = sorted(VOC_ROOT.glob("JPEGImages/*.jpg")) + sorted(COCO_ROOT.glob("*2017/*.jpg"))
 STORE_CHUNK = 2  # images per chunk of the stores make_store builds
+REPO = Path(__file__).parent.parent
+TINY_RUN = (
+    "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--workers", "0", "--no-progress",
+    "--set", "optim.lr=1e-3", "--set", "schedule.warmup_steps=1", "--set", "run.log_every=1",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model runs fastest on one thread (and two threads on two busy cores can be 20x slower); a module
+    that trains asks for it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -80,3 +98,33 @@ def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops
     )  # fmt: skip
     run_build(opts, log=lambda line: None)
     return root / "store"
+
+
+def train(store, run_dir, *args) -> CliResult:
+    """`zs-train run` of the tiny model on `store` (TINY_RUN settings, then `args`) into `run_dir`."""
+    from zeroseg.trainer.cli import main as zs_train
+
+    return invoke(zs_train, "run", "--store", store, "--run-dir", run_dir, *TINY_RUN, *args)
+
+
+def tiny_checkpoint(root: Path, count: int = 4) -> Path:
+    """root/run: 2 optimizer steps (TINY_RUN) of the tiny model on make_store(root, count), one checkpoint."""
+    trained = train(make_store(root, count=count), root / "run", "--steps", "2")
+    assert trained.returncode == 0, trained.stderr
+    return root / "run"
+
+
+def eval_data_root(root: Path) -> Path:
+    """root/data as zs-eval reads it: the VOC fixture, and COCO-Object label maps prepared (`zs-eval prepare coco`)
+    from the fixture instances JSON."""
+    from zeroseg.evaluation.cli import main as zs_eval
+
+    data = root / "data"
+    (data / "coco").mkdir(parents=True)
+    (data / "VOCdevkit").symlink_to(FIXTURES / "VOCdevkit", target_is_directory=True)
+    shutil.copytree(COCO_ROOT / "val2017", data / "coco" / "val2017")
+    instances = COCO_ROOT / "annotations" / "icevision_samples_annotations.json"
+    prepared = invoke(zs_eval, "prepare", "coco", "--instances", instances, "--data-root", data, "--no-progress")
+    assert prepared.returncode == 0, prepared.stderr
+    assert "wrote 6 COCO-Object label maps" in prepared.stdout
+    return data

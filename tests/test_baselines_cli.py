@@ -2,13 +2,12 @@
 CLIP, each method's own settings recorded in its report, and `zs-eval compare` over the reports."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import COCO_ROOT, FIXTURES, TINY_TEACHER, invoke
+from tests.conftest import TINY_TEACHER, eval_data_root, invoke
 from zeroseg.evaluation.baseline_settings import STUFF_BACKGROUND
 from zeroseg.evaluation.cli import main as zs_eval
 
@@ -21,13 +20,7 @@ def runs(tmp_path_factory) -> dict:
     method on voc (the method's own prompts) and coco (one prompt, to keep the text encoding short); the
     method's own geometry is kept small by --short-side only."""
     root = tmp_path_factory.mktemp("baselines")
-    data = root / "data"
-    (data / "coco").mkdir(parents=True)
-    (data / "VOCdevkit").symlink_to(FIXTURES / "VOCdevkit", target_is_directory=True)
-    shutil.copytree(COCO_ROOT / "val2017", data / "coco" / "val2017")
-    instances = COCO_ROOT / "annotations" / "icevision_samples_annotations.json"
-    prepared = invoke(zs_eval, "prepare", "coco", "--instances", instances, "--data-root", data, "--no-progress")
-    assert prepared.returncode == 0, prepared.stderr
+    data = eval_data_root(root)
     common = (
         "--data-root", data, "--teacher", TINY_TEACHER, "--pretrained", "none", "--text-cache", root / "text",
         "--no-progress", "--short-side", "96",

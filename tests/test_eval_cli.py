@@ -13,12 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import COCO_ROOT, FIXTURES, TINY_TEACHER, VOC_ROOT, invoke
+from tests.conftest import COCO_ROOT, FIXTURES, TINY_TEACHER, VOC_ROOT, eval_data_root, invoke, tiny_checkpoint
 from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.segment_cli import main as zs_segment
-from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
-from zeroseg.trainer.cli import main as zs_train
 
 SMALL = ("--short-side", "64", "--crop-size", "64", "--stride", "32", "--no-progress")
 
@@ -27,30 +24,8 @@ SMALL = ("--short-side", "64", "--crop-size", "64", "--stride", "32", "--no-prog
 def setup(tmp_path_factory) -> dict:
     """A tiny checkpoint, a data root with VOC and prepared COCO-Object, and the common zs-eval arguments."""
     root = tmp_path_factory.mktemp("eval")
-    photos = root / "photos"
-    shutil.copytree(VOC_ROOT / "JPEGImages", photos / "voc")
-    shutil.copytree(COCO_ROOT / "val2017", photos / "coco")
-    options = BuildOptions(
-        source=str(photos), store=str(root / "store"), teacher=str(TINY_TEACHER), pretrained="none",
-        device="cpu", batch_size=5, image_size=32, progress=False,
-    )  # fmt: skip
-    run_build(options, log=lambda line: None)
-    trained = invoke(
-        zs_train, "run", "--store", root / "store", "--run-dir", root / "run", "--preset", "tiny", "--steps", "2",
-        "--batch-size", "4", "--workers", "0", "--device", "cpu", "--set", "schedule.warmup_steps=1", "--no-progress",
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
-    (checkpoint,) = (root / "run" / "checkpoints").glob("step-*.pt")
-
-    data = root / "data"
-    (data / "coco").mkdir(parents=True)
-    (data / "VOCdevkit").symlink_to(FIXTURES / "VOCdevkit", target_is_directory=True)
-    shutil.copytree(COCO_ROOT / "val2017", data / "coco" / "val2017")
-    instances = COCO_ROOT / "annotations" / "icevision_samples_annotations.json"
-    prepared = invoke(zs_eval, "prepare", "coco", "--instances", instances, "--data-root", data, "--no-progress")
-    assert prepared.returncode == 0, prepared.stderr
-    assert "wrote 6 COCO-Object label maps" in prepared.stdout
-
+    (checkpoint,) = (tiny_checkpoint(root) / "checkpoints").glob("step-*.pt")
+    data = eval_data_root(root)
     common = ("--data-root", data, "--teacher", TINY_TEACHER, "--pretrained", "none", "--text-cache", root / "text")
     return {"root": root, "checkpoint": checkpoint, "data": data, "common": (*common, *SMALL)}
 

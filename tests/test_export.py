@@ -10,12 +10,10 @@ import timm
 import torch
 from PIL import Image
 
-from tests.conftest import PHOTOS, TINY_TEACHER, invoke
+from tests.conftest import PHOTOS, TINY_TEACHER, invoke, tiny_checkpoint
 from zeroseg.evaluation.pretrained import Segmenter
 from zeroseg.evaluation.segment_cli import main as zs_segment
 from zeroseg.evaluation.windows import Geometry
-from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.checkpoint import load_trained_model
@@ -30,20 +28,7 @@ GEOMETRY = Geometry("whole", 64, 128, 64, 32)
 def trained(tmp_path_factory) -> dict:
     """A 2-step tiny run on a store of the fixture photos, exported with `zs-train export`."""
     root = tmp_path_factory.mktemp("export")
-    photos = root / "photos"
-    photos.mkdir()
-    for path in PHOTOS[:4]:
-        shutil.copy(path, photos / path.name)
-    options = BuildOptions(
-        source=str(photos), store=str(root / "store"), teacher=str(TINY_TEACHER), pretrained="none",
-        device="cpu", batch_size=4, image_size=32, progress=False,
-    )  # fmt: skip
-    run_build(options, log=lambda line: None)
-    run = invoke(
-        zs_train, "run", "--store", root / "store", "--run-dir", root / "run", "--preset", "tiny", "--steps", "2",
-        "--batch-size", "4", "--workers", "0", "--device", "cpu", "--set", "schedule.warmup_steps=1", "--no-progress",
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
+    tiny_checkpoint(root)
     exported = invoke(zs_train, "export", root / "run", "--out", root / "exported")
     assert exported.returncode == 0, exported.stderr
     return {"root": root, "run": root / "run", "export": root / "exported"}

@@ -10,12 +10,11 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.conftest import FIXTURES, PHOTOS, TINY_TEACHER, VOC_ROOT, invoke, make_store
-from tests.test_train import TINY_RUN
+from tests.conftest import FIXTURES, PHOTOS, TINY_TEACHER, VOC_ROOT, invoke, make_store, train
 from zeroseg.evaluation.cli import main as zs_eval
+from zeroseg.evaluation.segment_cli import main as zs_segment
 from zeroseg.evaluation.text import _read_cache
 from zeroseg.pipeline.cli import main as zs_cache
-from zeroseg.trainer.cli import main as zs_train
 
 TINY_BUILD = ("--teacher", TINY_TEACHER, "--pretrained", "none", "--device", "cpu", "--image-size", "32",
               "--shard-size", "4", "--chunk-size", "2", "--no-progress")
@@ -52,7 +51,7 @@ def test_a_file_where_a_store_or_run_directory_should_be(store, photos, tmp_path
     (tmp_path / "file").write_text("x")
     built = invoke(zs_cache, "build", photos, "--store", tmp_path / "file", *TINY_BUILD)
     assert one_line(built).endswith("is a file, not a folder: give --store a new or empty folder")
-    trained = invoke(zs_train, "run", "--store", store, "--run-dir", tmp_path / "file", *TINY_RUN, "--steps", "2")
+    trained = train(store, tmp_path / "file", "--steps", "2")
     assert one_line(trained) == f"error: run directory '{tmp_path / 'file'}' is a file: choose another --run-dir"
 
 
@@ -68,8 +67,7 @@ def test_corrupt_store_metadata_and_manifest_parts(store, tmp_path):
 
 @pytest.mark.parametrize("setting", ["model.num_heads=0", "model.patch_size=0", "model.mlp_ratio=-1", "model.depth=-1"])
 def test_impossible_model_values_are_refused(store, tmp_path, setting):
-    trained = invoke(zs_train, "run", "--store", store, "--run-dir", tmp_path / "run", *TINY_RUN, "--steps", "2",
-                     "--set", setting)
+    trained = train(store, tmp_path / "run", "--steps", "2", "--set", setting)
     line = one_line(trained)
     assert setting.split("=")[0] in line, line
 
@@ -84,13 +82,29 @@ def test_eval_checks_its_threshold_and_output_before_evaluating(tmp_path):
         assert one_line(refused) == f"error: --out '{readonly}' is not writable: Read-only file system"
 
 
+def test_eval_and_segment_options_are_checked_before_any_file_is_read_or_written(tmp_path):
+    """ModelOptions checks every model, labeling and geometry flag when zs-eval / zs-segment make it."""
+    labels = VOC_ROOT / "SegmentationClass"
+    both = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--checkpoint", "run")
+    assert one_line(both) == "error: --predictions scores saved label maps; it takes no --checkpoint"
+    no_teacher = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--model", "sclip")
+    assert one_line(no_teacher).startswith("error: --model sclip needs --teacher")
+    zoom = invoke(zs_segment, PHOTOS[0], "--checkpoint", tmp_path / "absent.pt", "--classes", "cat,dog",
+                  "--mode", "zoom", "--out", tmp_path / "out")
+    assert one_line(zoom) == "error: --mode 'zoom' is not one of whole, slide"
+    batch = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--checkpoint", tmp_path / "absent.pt",
+                   "--window-batch", "0", "--out", tmp_path / "out")
+    assert one_line(batch) == "error: --window-batch must be positive, got 0"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_full_disk_during_a_build_and_a_checkpoint_says_so(store, photos, tmp_path):
     with tmpfs(tmp_path / "small", "size=32k") as small:
         built = invoke(zs_cache, "build", photos, "--store", small / "store", *TINY_BUILD, "--store-crops")
         assert built.returncode == 1 and "Traceback" not in built.stderr
         assert built.stderr.strip().splitlines()[-1].startswith("error: no space left on device"), built.stderr
     with tmpfs(tmp_path / "tiny", "size=96k") as tiny:
-        trained = invoke(zs_train, "run", "--store", store, "--run-dir", tiny / "run", *TINY_RUN, "--steps", "2")
+        trained = train(store, tiny / "run", "--steps", "2")
         assert "no space left on device" in trained.stderr and trained.returncode in (1, 2), trained.stderr
         assert "Traceback" not in trained.stderr
 

@@ -10,19 +10,12 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tests.conftest import invoke, make_store
-from tests.test_train import REPO, TINY_RUN, train
+from tests.conftest import REPO, TINY_RUN, invoke, make_store, train
 from zeroseg.pipeline.errors import UserError
 from zeroseg.trainer.checkpoint import list_checkpoints, load_trained_model, payload_digest, read_checkpoint
 from zeroseg.trainer.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +74,7 @@ def test_a_second_trainer_on_one_run_directory_is_refused_in_one_line(store, tmp
         deadline = time.time() + 120
         while time.time() < deadline and (not log.is_file() or not log.read_text()):
             time.sleep(0.05)
-        second = invoke(main, "run", "--store", store, "--run-dir", run_dir, *TINY_RUN, "--steps", "2")
+        second = train(store, run_dir, "--steps", "2")
         assert second.returncode == 2
         assert second.stderr.strip() == (
             f"error: run directory '{run_dir}' is in use by another zs-train: wait for it or choose another --run-dir"

@@ -8,15 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import TINY_TEACHER, invoke, make_store
-from tests.test_train import TINY_RUN
+from tests.conftest import TINY_TEACHER, invoke, make_store, train
 from zeroseg.pipeline.build import BuildOptions, run_build
 from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import encode_record, file_crc32c
 from zeroseg.pipeline.store import FeatureStore, ImageRecord, StoreMeta, image_records, manifest_rows
-from zeroseg.trainer.cli import main as zs_train
 from zeroseg.trainer.data import StoreBatches, StoreSamples
 from zeroseg.trainer.sampling import BatchPlan
 
@@ -85,7 +83,7 @@ def test_a_flipped_byte_in_a_features_chunk_fails_verify_training_and_is_repaire
     with pytest.raises(UserError, match=r"a chunk of features holding rows 2-3 is damaged \(crc32c mismatch\)"):
         read_every_batch(store)
     # 5 steps of 2 are one epoch of the 10 images: every chunk is read, whatever the sample order
-    trained = invoke(zs_train, "run", "--store", store, "--run-dir", tmp_path / "run", *TINY_RUN, "--steps", "5")
+    trained = train(store, tmp_path / "run", "--steps", "5")
     assert trained.returncode == 2 and "is damaged (crc32c mismatch)" in trained.stderr
     assert "Traceback" not in trained.stderr
     parts = {p.name: p.read_bytes() for p in (store / "manifest").iterdir()}

@@ -203,8 +203,8 @@ def test_a_config_path_the_user_passes_wins_over_the_recorded_one(tmp_path):
     assert TeacherIdentity.from_dict(recorded.to_dict(), "test") == recorded  # the dict a store / checkpoint holds
     older = {**recorded.to_dict(), "config": str(path)}
     assert TeacherIdentity.from_dict(older, "test") == recorded  # older stores: the path
-    assert _text_teacher(recorded, ModelOptions()) == recorded
-    other = _text_teacher(recorded, ModelOptions(teacher=str(TINY_TEACHER), pretrained="none"))
+    assert _text_teacher(recorded, ModelOptions(checkpoint="run")) == recorded
+    other = _text_teacher(recorded, ModelOptions(checkpoint="run", teacher=str(TINY_TEACHER), pretrained="none"))
     assert other.model == "zs-tiny-clip" and json.loads(other.config) == json.loads(TINY_TEACHER.read_text())
     assert Teacher(recorded, CPU).embed_dim == 16 and Teacher(other, CPU).embed_dim == 32
     (tmp_path / "edited").mkdir()

@@ -15,26 +15,13 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import PHOTOS, invoke, make_store
+from tests.conftest import PHOTOS, REPO, TINY_RUN, invoke, make_store, train
 from zeroseg.trainer.checkpoint import list_checkpoints, load_trained_model
 from zeroseg.trainer.cli import main
 from zeroseg.trainer.config import build_config
 from zeroseg.trainer.metrics_log import METRIC_KEYS
 
-REPO = Path(__file__).parent.parent
-TINY_RUN = (
-    "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--workers", "0", "--no-progress",
-    "--set", "optim.lr=1e-3", "--set", "schedule.warmup_steps=1", "--set", "run.log_every=1",
-)  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model runs fastest on one thread (and two threads on two busy cores can be 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +35,6 @@ def finished_run(store, tmp_path_factory) -> Path:
     result = train(store, run_dir, "--steps", "4", "--set", "run.checkpoint_every=1", "--set", "run.keep_last=2")
     assert result.returncode == 0, result.stderr
     return run_dir
-
-
-def train(store, run_dir, *args):
-    return invoke(main, "run", "--store", store, "--run-dir", run_dir, *TINY_RUN, *args)
 
 
 def weights(path) -> dict[str, torch.Tensor]:
