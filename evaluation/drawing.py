@@ -8,6 +8,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from zeroseg.pipeline.atomic import atomic_path
 
+CAPTIONS = ("ground truth", "prediction")  # above the two pictures of overlay(..., truth=...)
+
 
 def palette(num_classes: int) -> np.ndarray:
     """The PASCAL VOC colormap: [num_classes, 3] uint8, class bits spread over the colour bits."""
@@ -36,44 +38,43 @@ def overlay(
     class_names: Sequence[str],
     alpha: float = 0.5,
     ignore_index: int = 255,
+    truth: np.ndarray | None = None,
 ) -> Image.Image:
     """The image with label colours blended in (alpha) and, to its right, a legend of the present classes, each
-    with its share of the labelled pixels ("dog 41.2%").
+    with its share of the labelled pixels ("dog 41.2%"). With `truth`, the ground truth blended the same way
+    stands left of the labels, both under a caption, and the legend gives both shares ("dog: truth 40.1%,
+    predicted 41.2%").
 
-    labels: [H, W] class indices, the image's size; ignore pixels keep the image's own colour.
+    labels, truth: [H, W] class indices, the image's size; ignore pixels keep the image's own colour.
     """
-    picture, shares = _blend(image, labels, len(class_names), alpha, ignore_index)
-    entries = [(index, f"{class_names[index]} {share:.1%}") for index, share in shares.items()]
-    return _with_legend(picture, entries, len(class_names))
+    named = {"": labels} if truth is None else {"truth": truth, "predicted": labels}
+    blended = {word: _blend(image, values, len(class_names), alpha, ignore_index) for word, values in named.items()}
+    shares = {word: pixel_share for word, (_, pixel_share) in blended.items()}
+    separator = " " if truth is None else ": "
+    entries = [
+        (index, class_names[index] + separator + ", ".join(
+            f"{word} {share.get(index, 0):.1%}".lstrip() for word, share in shares.items()
+        ))
+        for index in sorted(set().union(*shares.values()))
+    ]  # fmt: skip
+    pictures = [picture for picture, _ in blended.values()]
+    return _with_legend(_side_by_side(pictures, CAPTIONS if truth is not None else ()), entries, len(class_names))
 
 
-def comparison(
-    image: Image.Image,
-    truth: np.ndarray,
-    predicted: np.ndarray,
-    class_names: Sequence[str],
-    alpha: float = 0.5,
-    ignore_index: int = 255,
-) -> Image.Image:
-    """The ground truth (left) beside the prediction (right), both blended over the image under a caption,
-    and a legend of every class in either with its pixel share in each ("dog: truth 40.1%, predicted 41.2%")."""
-    left, truth_shares = _blend(image, truth, len(class_names), alpha, ignore_index)
-    right, predicted_shares = _blend(image, predicted, len(class_names), alpha, ignore_index)
+def _side_by_side(pictures: list[Image.Image], captions: Sequence[str]) -> Image.Image:
+    """One picture as it is; several of one size side by side, 4 px apart, under their captions."""
+    if len(pictures) == 1:
+        return pictures[0]
     caption, gap = 16, 4
-    canvas = Image.new("RGB", (left.width * 2 + gap, left.height + caption), "white")
-    canvas.paste(left, (0, caption))
-    canvas.paste(right, (left.width + gap, caption))
+    width, height = pictures[0].size
+    canvas = Image.new("RGB", (len(pictures) * (width + gap) - gap, height + caption), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    draw.text((2, 2), "ground truth", fill="black", font=font)
-    draw.text((left.width + gap + 2, 2), "prediction", fill="black", font=font)
-    present = sorted(set(truth_shares) | set(predicted_shares))
-    entries = [
-        (index, f"{class_names[index]}: truth {truth_shares.get(index, 0):.1%}, "
-                f"predicted {predicted_shares.get(index, 0):.1%}")
-        for index in present
-    ]  # fmt: skip
-    return _with_legend(canvas, entries, len(class_names))
+    for position, (picture, text) in enumerate(zip(pictures, captions, strict=True)):
+        left = position * (width + gap)
+        canvas.paste(picture, (left, caption))
+        draw.text((left + 2, 2), text, fill="black", font=font)
+    return canvas
 
 
 def _blend(

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from zeroseg import __version__
 from zeroseg.evaluation.datasets import SegmentationDataset
-from zeroseg.evaluation.drawing import comparison, label_image, save_png
+from zeroseg.evaluation.drawing import label_image, overlay, save_png
 from zeroseg.evaluation.score_predictions import (
     add_prediction,
     mixed_runs_warning,
@@ -56,7 +56,7 @@ def segment_split(
         if save_predictions is not None:
             save_png(label_image(predicted), save_predictions / f"{image_id}.png")
         if save_vis is not None:
-            picture = comparison(image, labels, predicted, dataset.class_names, ignore_index=dataset.ignore_index)
+            picture = overlay(image, predicted, dataset.class_names, ignore_index=dataset.ignore_index, truth=labels)
             save_png(picture, save_vis / f"{image_id}.png")
         bar.update()
     bar.close()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zeroseg.evaluation.drawing import comparison, label_image, overlay, palette, pixel_shares
+from zeroseg.evaluation.drawing import label_image, overlay, palette, pixel_shares
 
 
 def test_palette_is_the_voc_colormap():
@@ -41,7 +41,7 @@ def test_overlay_blends_colours_and_adds_a_legend_of_present_classes():
         overlay(image, labels[:10], ["background", "cat", "dog"])
 
 
-def test_comparison_puts_ground_truth_beside_prediction_and_legends_pixel_shares():
+def test_overlay_with_truth_puts_ground_truth_beside_prediction_and_legends_pixel_shares():
     image = Image.new("RGB", (40, 30), (100, 100, 100))
     truth = np.full((30, 40), 2, dtype=np.uint8)
     truth[:, :10] = 1
@@ -49,7 +49,7 @@ def test_comparison_puts_ground_truth_beside_prediction_and_legends_pixel_shares
     predicted = np.full((30, 40), 2, dtype=np.uint8)
     assert pixel_shares(truth) == {1: 0.25, 2: 0.75} and pixel_shares(predicted) == {2: 1.0}
     names = ["background", "cat", "dog"]
-    picture = np.asarray(comparison(image, truth, predicted, names, alpha=0.5))
+    picture = np.asarray(overlay(image, predicted, names, alpha=0.5, truth=truth))
     caption, gap = 16, 4
     assert picture.shape[1] > 2 * 40 + gap and picture.shape[0] >= 30 + caption
     assert picture[caption + 5, 5].tolist() == [114, 50, 50]  # truth: half cat (128, 0, 0)
