@@ -4,6 +4,7 @@ import gc
 import os
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import typer
 
 from zeroseg.evaluation import cli_options
 from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DEFAULT_SPLITS, open_dataset, prepared_coco_dir
-from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.errors import require
 from zeroseg.pipeline.runtime import DEVICE_HELP, renamed_option, run_cli
 
 HELP = """
@@ -239,6 +240,23 @@ def _summary_line(document: dict) -> str:
     )
 
 
+@dataclass(frozen=True)
+class CocoTarget:
+    """Where `zs-eval prepare coco` writes: --out, else where zs-eval looks under --data-root."""
+
+    data_root: Path | None
+    out: Path | None
+    split: str
+
+    def __post_init__(self) -> None:
+        require(self.out is not None or self.data_root is not None,
+                "give --data-root (to write where zs-eval looks) or --out")
+
+    @property
+    def folder(self) -> Path:
+        return self.out or prepared_coco_dir(self.data_root, self.split)
+
+
 @prepare_app.callback()
 def prepare() -> None:
     """Make the label maps a benchmark needs from its official annotations."""
@@ -257,9 +275,7 @@ def prepare_coco(
     """COCO-Object label maps (0 background, 1..80 things; one PNG per image) from an instances JSON."""
     from zeroseg.evaluation.coco_prepare import prepare_coco_object
 
-    if out is None and data_root is None:
-        raise UserError("give --data-root (to write where zs-eval looks) or --out")
-    target = out or prepared_coco_dir(data_root, split)
+    target = CocoTarget(data_root, out, split).folder
     written = prepare_coco_object(instances, target, progress=progress)
     typer.echo(f"wrote {written} COCO-Object label maps to {target}")
 

@@ -96,6 +96,8 @@ def test_eval_and_segment_options_are_checked_before_any_file_is_read_or_written
                    "--window-batch", "0", "--out", tmp_path / "out")
     assert one_line(batch) == "error: --window-batch must be positive, got 0"
     assert not (tmp_path / "out").exists()
+    nowhere = invoke(zs_eval, "prepare", "coco", "--instances", tmp_path / "instances.json")
+    assert one_line(nowhere) == "error: give --data-root (to write where zs-eval looks) or --out"
 
 
 def test_a_full_disk_during_a_build_and_a_checkpoint_says_so(store, photos, tmp_path):
