@@ -72,7 +72,10 @@ def test_no_error_message_or_help_text_points_at_a_source_file():
             if not isinstance(node, ast.Call):
                 continue
             name = getattr(node.func, "id", getattr(node.func, "attr", ""))
-            texts = [*node.args] if name == "UserError" else [kw.value for kw in node.keywords if kw.arg == "help"]
+            if name in ("UserError", "require"):  # require(condition, message) raises UserError(message)
+                texts = node.args[-1:]
+            else:
+                texts = [kw.value for kw in node.keywords if kw.arg == "help"]
             for text in texts:
                 strings = [part.value for part in ast.walk(text) if isinstance(part, ast.Constant)]
                 found += [f"{path.name}: {s}" for s in strings if isinstance(s, str) and SOURCE_FILE.search(s)]
