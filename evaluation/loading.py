@@ -75,6 +75,8 @@ class ModelOptions:
                 "--gaussian-std is NACLIP's neighbourhood width (--model naclip), a positive number of patches")
         require(self.background_names is None or model != "zeroseg",
                 "--background-names is for the dense CLIP models (maskclip, sclip, clearclip, naclip)")
+        require(self.background_names is None or any(name.strip() for name in self.background_names.split(",")),
+                "--background-names needs comma-separated names, or 'none'")
         require(self.bg_threshold is None or math.isfinite(self.bg_threshold),
                 f"--bg-threshold must be a finite number, got {self.bg_threshold}")
 
@@ -196,10 +198,7 @@ def _background_names(choice: str) -> tuple[str, ...]:
     """'none' -> no background class; else the comma-separated names."""
     if choice.strip().lower() == "none":
         return ()
-    names = tuple(name.strip() for name in choice.split(",") if name.strip())
-    if not names:
-        raise UserError("--background-names needs comma-separated names, or 'none'")
-    return names
+    return tuple(name.strip() for name in choice.split(",") if name.strip())
 
 
 def _text_teacher(recorded: TeacherIdentity, options: ModelOptions) -> TeacherIdentity:

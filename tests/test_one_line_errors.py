@@ -89,6 +89,9 @@ def test_eval_and_segment_options_are_checked_before_any_file_is_read_or_written
     assert one_line(both) == "error: --predictions scores saved label maps; it takes no --checkpoint"
     no_teacher = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--model", "sclip")
     assert one_line(no_teacher).startswith("error: --model sclip needs --teacher")
+    no_names = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--model", "sclip", "--teacher", TINY_TEACHER,
+                      "--background-names", " , ")
+    assert one_line(no_names) == "error: --background-names needs comma-separated names, or 'none'"
     zoom = invoke(zs_segment, PHOTOS[0], "--checkpoint", tmp_path / "absent.pt", "--classes", "cat,dog",
                   "--mode", "zoom", "--out", tmp_path / "out")
     assert one_line(zoom) == "error: --mode 'zoom' is not one of whole, slide"
