@@ -34,6 +34,7 @@ from zeroseg.pipeline.shards import (
     plan_and_reserve,
     prepare_store,
     register_source,
+    store_decode,
     write_and_commit,
 )
 from zeroseg.pipeline.sources import Source, open_source
@@ -96,6 +97,7 @@ def check_compatible(meta: StoreMeta, identity: TeacherIdentity, opts: BuildOpti
         )
     if opts.shard_size is not None and opts.shard_size != meta.shard_size:
         raise UserError(f"store '{opts.store}' uses --shard-size {meta.shard_size}; leave it out or use that")
+    store_decode(meta, opts)
 
 
 def wants_crops(store: FeatureStore | None, source: Source, opts: BuildOptions) -> bool:
@@ -165,7 +167,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
             return summary
         settings = EncodeSettings(
             tuple(opts.grids), opts.batch_size, opts.image_size, name, store_crops, opts.max_pixels,
-            int(opts.max_file_mb * 2**20),
+            int(opts.max_file_mb * 2**20), store_decode(store.meta if store else None, opts),
         )
         if on_cluster:
             from zeroseg.pipeline.dask_build import build_on_cluster  # Dask only for cluster builds
@@ -217,7 +219,7 @@ def _encode_here(
 ) -> Encoded:
     started, encoded = time.perf_counter(), Encoded()
     decoded = prefetch_map(
-        lambda key: decode_item(source, key, opts.image_size, settings.max_pixels, settings.max_bytes),
+        lambda key: decode_item(source, key, opts.image_size, settings.max_pixels, settings.max_bytes, settings.decode),
         (key for shard in shards for key in shard.keys),
         workers=opts.decode_threads,
         ahead=4 * opts.batch_size,

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 
 from zeroseg.pipeline.errors import require
+from zeroseg.pipeline.images import DECODES
 
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_CHUNK_SIZE = 64
@@ -39,6 +40,7 @@ class BuildOptions:
     repair: bool = False  # first redo the shards that zs-cache verify finds damaged
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are error rows, told from their header
     max_file_mb: float = DEFAULT_MAX_FILE_MB  # larger files are error rows, never read whole
+    decode: str | None = None  # pipeline.images.DECODES; None: the store's, or "full" for a new store
 
     def __post_init__(self) -> None:
         grids = self.grids
@@ -49,6 +51,8 @@ class BuildOptions:
         require(max(grids) <= self.image_size,
                 f"--grids {max(grids)} splits a {self.image_size}px crop into cells smaller than a pixel: "
                 "use grids of at most --image-size")
+        require(self.decode is None or self.decode in DECODES,
+                f"--decode must be one of {', '.join(DECODES)}, got '{self.decode}'")
         require(self.max_file_mb > 0, "--max-file-mb must be positive")
         require(self.shard_size is None or (self.shard_size >= 1 and self.shard_size % self.chunk_size == 0),
                 f"--shard-size must be a positive multiple of the chunk size {self.chunk_size}")

@@ -11,6 +11,14 @@ Geometry, for a crop size S:
   g does not divide S (S=224, g=3: 0, 74, 149, 224 -> cells of 74, 75 and 75 pixels).
 - view order: grid by grid in the order given, cells row-major; each cell is resized (bicubic,
   antialiased, clamped to 0..255) to the teacher's input size and normalised with its mean/std.
+
+Decode (the store's preprocessing `decode`, "full" when absent):
+- full: the whole image is decoded, then cropped as above.
+- reduced: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size inside the decoder (pipeline.images.decode_reduced)
+  as far as its short side stays >= S, so the crop is never upsampled; the same centre square (in the full
+  image's coordinates, mapped onto the reduced pixels) is resized to S x S. Other formats and images whose
+  short side is under 2 S give the full decode's pixels exactly. Several times cheaper on large photos, at a
+  small pixel difference from a full decode (benchmarks/decode_cost.py; numbers in docs/DESIGN.md).
 """
 
 from collections.abc import Sequence
@@ -20,24 +28,34 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from zeroseg.pipeline.images import decode_image
+from zeroseg.pipeline.images import decode_image, decode_reduced
+
+
+def centre_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centre square of a width x height image."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
 
 
 def centre_crop(image: Image.Image, size: int) -> np.ndarray:
     """The centre square of an RGB image resized to size x size: uint8 array (size, size, 3)."""
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    box = (left, top, left + side, top + side)
-    crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    crop = image.resize((size, size), Image.Resampling.BICUBIC, box=centre_box(*image.size))
     return np.array(crop, dtype=np.uint8)
 
 
-def crop_from_bytes(data: bytes, size: int, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode image bytes (at most max_pixels pixels) and centre-crop them: (crop (size, size, 3) uint8, (width,
-    height))."""
-    image = decode_image(data, max_pixels)
-    return centre_crop(image, size), image.size
+def crop_from_bytes(
+    data: bytes, size: int, max_pixels: int | None = None, decode: str = "full"
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode image bytes (at most max_pixels pixels; `decode` one of pipeline.images.DECODES) and centre-crop them:
+    (crop (size, size, 3) uint8, (width, height) of the full image)."""
+    if decode == "full":
+        image = decode_image(data, max_pixels)
+        return centre_crop(image, size), image.size
+    reduced = decode_reduced(data, size, max_pixels)
+    box = reduced.box(centre_box(*reduced.size))
+    crop = reduced.image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.array(crop, dtype=np.uint8), reduced.size
 
 
 def cell_boundaries(size: int, grid: int) -> list[int]:

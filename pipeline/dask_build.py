@@ -193,7 +193,8 @@ def _encode_shard_on_worker(job: ShardJob) -> tuple[list[ImageRecord], dict]:
 
     settings = job.settings
     decode = partial(
-        decode_item, source, crop_size=settings.image_size, max_pixels=settings.max_pixels, max_bytes=settings.max_bytes
+        decode_item, source, crop_size=settings.image_size, max_pixels=settings.max_pixels,
+        max_bytes=settings.max_bytes, decode=settings.decode,
     )
     ahead = 4 * job.settings.batch_size
     with _teacher_turn, closing(prefetch_map(decode, job.shard.keys, job.decode_threads, ahead)) as decoded:

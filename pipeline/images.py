@@ -1,18 +1,46 @@
 """Decoding image bytes into 8-bit RGB, whatever the file's mode, orientation or bit depth."""
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 # Refuse decompression bombs with a clear error rather than Pillow's warning; 2x Pillow's default limit.
 Image.MAX_IMAGE_PIXELS = 2 * 89_478_485
 
+DECODES = ("full", "reduced")  # a store's preprocessing `decode`: decode_image, or decode_reduced (pipeline.crops)
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# EXIF orientation -> whether the displayed image's x and y axes run against the stored ones (Pillow's
+# ImageOps.exif_transpose: 2 flip left-right, 3 rotate 180, 4 flip top-bottom, 5 transpose, 6 rotate 270,
+# 7 transverse, 8 rotate 90).
+_REVERSED_AXES = {
+    2: (True, False), 3: (True, True), 4: (False, True), 6: (True, False), 7: (True, True), 8: (False, True)
+}
 
 
 class ImageDecodeError(ValueError):
     """The bytes are not a readable image; the message is the reason stored in the manifest."""
+
+
+@dataclass(frozen=True)
+class ReducedImage:
+    """An image decoded at 1/scale of its size (JPEG only; other formats and small images at scale 1).
+
+    Pixel k of `image` along an axis covers the full image's pixels [k * scale, (k + 1) * scale) shifted by
+    `origin`: a full-image coordinate x lies at origin + x / scale in `image`.
+    """
+
+    image: Image.Image  # 8-bit RGB, EXIF orientation applied
+    size: tuple[int, int]  # (width, height) of the full image, orientation applied
+    scale: int  # 1, 2, 4 or 8
+    origin: tuple[float, float]  # (x, y) in `image` of the full image's corner (0, 0)
+
+    def box(self, full_box: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+        """A (left, top, right, bottom) box of the full image in this image's pixel coordinates."""
+        (x, y), s = self.origin, self.scale
+        left, top, right, bottom = full_box
+        return x + left / s, y + top / s, x + right / s, y + bottom / s
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -24,6 +52,17 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     through Pillow's conversion. Raises ImageDecodeError for empty, truncated or non-image data, and for
     images of more than `max_pixels` pixels, told from the header before anything is decoded.
     """
+    return _decode(data, max_pixels, None).image
+
+
+def decode_reduced(data: bytes, min_side: int, max_pixels: int | None = None) -> ReducedImage:
+    """decode_image, with a JPEG scaled down by 2, 4 or 8 inside the decoder (libjpeg's DCT scaling, Pillow's
+    `draft`): the largest factor that keeps the short side at least `min_side` pixels. Decoding a 3000 x 2000
+    photo this way costs a fraction of a full decode (benchmarks/decode_cost.py)."""
+    return _decode(data, max_pixels, min_side)
+
+
+def _decode(data: bytes, max_pixels: int | None, min_side: int | None) -> ReducedImage:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -33,7 +72,11 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
                 raise ImageDecodeError(
                     f"image too large: {width}x{height} = {width * height} pixels, more than --max-pixels {max_pixels}"
                 )
+            drafted = opened.draft(None, (min_side, min_side)) if min_side else None
+            scale = round(width / drafted[1][2]) if drafted else 1  # draft's box: the full image at 1/scale
             opened.load()
+            orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
+            stored = opened.size
             image = ImageOps.exif_transpose(opened)
     except ImageDecodeError:
         raise
@@ -41,7 +84,16 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ImageDecodeError(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
         raise ImageDecodeError(_reason(exc)) from None
-    return _to_rgb(image)
+    swapped = orientation in (5, 6, 7, 8)
+    size = (height, width) if swapped else (width, height)
+    # The decoder rounds a reduced side up (ceil(width / scale) pixels): the extra part lies after the image
+    # in stored order, so before it on an axis the orientation reverses.
+    padding = [(n * scale - full) / scale for n, full in zip(stored, (width, height))]
+    if swapped:
+        padding.reverse()
+    reversed_x, reversed_y = _REVERSED_AXES.get(orientation, (False, False))
+    origin = (padding[0] if reversed_x else 0.0, padding[1] if reversed_y else 0.0)
+    return ReducedImage(_to_rgb(image), size, scale, origin)
 
 
 def _reason(exc: Exception) -> str:

@@ -28,6 +28,7 @@ class CropReader:
         """required: indices of the crops chunks that must exist (FeatureStore.required_chunks)."""
         self.source_specs = dict(meta.sources)
         self.crop_size = meta.preprocessing.crop_size
+        self.decode = meta.preprocessing.decode
         self.store = str(store) if store is not None and meta.stored_crops else None
         self.required = set(required)
 
@@ -55,7 +56,7 @@ class CropReader:
                 f"image '{key}' of source '{source}' changed since it was cached (sha256 differs): "
                 f"restore it, or cache it into a new store"
             )
-        crop, _ = crop_from_bytes(data, self.crop_size)
+        crop, _ = crop_from_bytes(data, self.crop_size, decode=self.decode)
         return crop
 
     def crops(self, records: list[ImageRecord]) -> np.ndarray:

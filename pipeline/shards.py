@@ -37,6 +37,7 @@ class EncodeSettings:
     store_crops: bool
     max_pixels: int | None = None  # images of more pixels are error rows (from their header)
     max_bytes: int | None = None  # files of more bytes are error rows
+    decode: str = "full"  # pipeline.images.DECODES: the store's, so that every shard decodes alike
 
 
 @dataclass
@@ -79,7 +80,12 @@ def plan_shards(
 
 
 def decode_item(
-    source: Source, key: str, crop_size: int, max_pixels: int | None = None, max_bytes: int | None = None
+    source: Source,
+    key: str,
+    crop_size: int,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    decode: str = "full",
 ) -> Decoded:
     """Read (a regular file of at most max_bytes), hash, decode (at most max_pixels) and crop one image; any
     failure becomes an error reason, never an exception."""
@@ -89,7 +95,7 @@ def decode_item(
         return Decoded(key, error=f"unreadable: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        crop, (width, height) = crop_from_bytes(data, crop_size, max_pixels)
+        crop, (width, height) = crop_from_bytes(data, crop_size, max_pixels, decode)
     except ImageDecodeError as exc:
         return Decoded(key, sha256=digest, error=str(exc))
     except Exception as exc:  # a decoder bug on one odd file must not end a long build
@@ -155,7 +161,9 @@ def new_store_meta(
 ) -> StoreMeta:
     return StoreMeta(
         teacher=identity,
-        preprocessing=Preprocessing.of(opts.image_size, teacher.view_size, teacher.mean, teacher.std),
+        preprocessing=Preprocessing.of(
+            opts.image_size, teacher.view_size, teacher.mean, teacher.std, decode=store_decode(None, opts)
+        ),
         grids=list(opts.grids),
         views=[list(v) for v in view_layout(opts.grids)],
         embed_dim=teacher.embed_dim,
@@ -164,6 +172,20 @@ def new_store_meta(
         stored_crops=store_crops,
         commit_records=True,
     )
+
+
+def store_decode(meta: StoreMeta | None, opts: BuildOptions) -> str:
+    """How the images of this build are decoded: as the store's (stores made before the setting decode "full"), or
+    --decode (default full) for a new store; a --decode that differs from the store's is refused."""
+    if meta is None:
+        return opts.decode or "full"
+    recorded = meta.preprocessing.decode
+    if opts.decode is not None and opts.decode != recorded:
+        raise UserError(
+            f"store '{opts.store}' was built with --decode {recorded}; this build asks for --decode {opts.decode}: "
+            f"leave it out or use a new --store"
+        )
+    return recorded
 
 
 def prepare_store(

@@ -88,6 +88,8 @@ class Preprocessing:
 
     crop: str  # the centre crop rule, in words (CROP_RULE)
     crop_size: int  # S: side of the centre crop, px
+    # how the image is decoded before the crop (pipeline.images.DECODES); stores made before the setting: "full"
+    decode: str = field(default="full", kw_only=True)
     interpolation: str  # of the crop and the view resizes
     antialias: bool
     cell_boundaries: str  # grid cell edges (CELL_RULE)
@@ -96,9 +98,12 @@ class Preprocessing:
     std: tuple[float, ...]
 
     @classmethod
-    def of(cls, crop_size: int, view_size: int, mean: Sequence[float], std: Sequence[float]) -> "Preprocessing":
-        """pipeline.crops' geometry for crops of crop_size px and a teacher taking view_size px views so normalised."""
-        return cls(CROP_RULE, crop_size, "bicubic", True, CELL_RULE, view_size, tuple(mean), tuple(std))
+    def of(
+        cls, crop_size: int, view_size: int, mean: Sequence[float], std: Sequence[float], decode: str = "full"
+    ) -> "Preprocessing":
+        """pipeline.crops' geometry for crops of crop_size px of images decoded as `decode`, and a teacher taking
+        view_size px views so normalised."""
+        return cls(CROP_RULE, crop_size, "bicubic", True, CELL_RULE, view_size, tuple(mean), tuple(std), decode=decode)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}

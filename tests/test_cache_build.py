@@ -20,12 +20,13 @@ from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
+from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import plan_shards
 from zeroseg.pipeline.sizes import human_size
 from zeroseg.pipeline.sources import pack_h5
-from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore, builder_lock
+from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore, builder_lock, image_records
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
 TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,
@@ -304,6 +305,41 @@ def test_store_made_with_other_teacher_or_grids_is_refused(photos, tmp_path):
     assert other_teacher.returncode == 2 and "was built with teacher zs-tiny-clip" in other_teacher.stderr
     other_grids = invoke(zs_cache, "build", photos, *common, "--pretrained", "none", "--grids", "1,3")
     assert other_grids.returncode == 2 and "holds grids [1, 2, 3, 4]" in other_grids.stderr
+
+
+def test_reduced_decode_is_recorded_and_the_trainer_decodes_the_stored_pixels(photos, tmp_path):
+    """Crops of 32 px from photos of short side >= 281 decode at 1/8: the trainer's decode of a store without
+    stored crops must repeat exactly that, and a rerun cannot switch the store to another decode."""
+    build(photos, tmp_path / "store", store_crops=True, decode="reduced", image_size=32)
+    store = FeatureStore.open(tmp_path / "store")
+    assert store.meta.preprocessing.decode == "reduced"
+    records = image_records(store.manifest())
+    decoded = CropReader(store.meta).crops(records)
+    np.testing.assert_array_equal(decoded, CropReader(store.meta, store.path).crops(records))
+    full = np.stack([crop_from_bytes((photos / r.key).read_bytes(), 32)[0] for r in records])
+    assert 0 < np.abs(decoded.astype(int) - full).mean() < 5  # close to, but not, the full decode's pixels
+    assert build(photos, tmp_path / "store", image_size=32).processed == 0  # no --decode: the store's
+    refused = invoke(zs_cache, "build", photos, "--store", tmp_path / "store", "--teacher", TINY_TEACHER,
+                     "--pretrained", "none", "--device", "cpu", "--image-size", "32", "--decode", "full")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: store '{tmp_path / 'store'}' was built with --decode reduced; this build asks for --decode full: "
+        f"leave it out or use a new --store"
+    ]
+    unknown = invoke(zs_cache, "build", photos, "--store", tmp_path / "other", "--decode", "fast")
+    assert unknown.returncode == 2 and "--decode must be one of full, reduced, got 'fast'" in unknown.stderr
+
+
+def test_a_store_without_a_decode_setting_decodes_in_full(photos, tmp_path):
+    build(photos, tmp_path / "store", store_crops=True, image_size=32)
+    group = json.loads((tmp_path / "store" / "zarr.json").read_text())
+    assert group["attributes"]["zeroseg"]["preprocessing"]["decode"] == "full"
+    del group["attributes"]["zeroseg"]["preprocessing"]["decode"]  # as stores made before the setting
+    (tmp_path / "store" / "zarr.json").write_text(json.dumps(group))
+    store = FeatureStore.open(tmp_path / "store")
+    assert store.meta.preprocessing.decode == "full"
+    records = image_records(store.manifest())
+    stored = CropReader(store.meta, store.path).crops(records)
+    np.testing.assert_array_equal(CropReader(store.meta).crops(records), stored)
 
 
 def test_local_weights_file_is_loaded_and_recorded(photos, tmp_path):

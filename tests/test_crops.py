@@ -1,10 +1,15 @@
 """Crop geometry: the centre square, exact grid cell boundaries and view order."""
 
+import io
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from zeroseg.pipeline.crops import cell_boundaries, centre_crop, grid_views, view_layout
+from tests.conftest import PHOTOS
+from zeroseg.pipeline.crops import cell_boundaries, centre_crop, crop_from_bytes, grid_views, view_layout
+from zeroseg.pipeline.images import decode_image
 
 
 def test_cell_boundaries_are_exact_integers():
@@ -44,3 +49,33 @@ def test_grid_views_cut_cells_in_order_and_normalise():
     assert torch.allclose(quadrant_means, torch.tensor([0.0, 1.0, 0.0, 0.0]))
     mean_std = grid_views(torch.full((1, 4, 4, 3), 255, dtype=torch.uint8), [1], 4, (0.5,) * 3, (0.25,) * 3)
     assert torch.allclose(mean_std, torch.full_like(mean_std, 2.0))
+
+
+def test_full_decode_is_the_centre_crop_and_reduced_matches_it_below_twice_the_crop_side():
+    for photo in PHOTOS:
+        data = photo.read_bytes()
+        full, size = crop_from_bytes(data, 224)
+        np.testing.assert_array_equal(full, centre_crop(decode_image(data), 224))
+        reduced, reduced_size = crop_from_bytes(data, 224, decode="reduced")
+        assert reduced_size == size == Image.open(photo).size
+        if min(size) < 2 * 224:  # no reduction: the very same pixels
+            np.testing.assert_array_equal(reduced, full)
+        else:
+            assert 0 < np.abs(reduced.astype(int) - full).mean() < 5
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_crop_covers_the_full_crop_in_every_orientation(orientation):
+    """509 x 389 at crop 48 decodes at 1/8 with a partial last pixel on both axes; on a ramp, a crop box off by
+    that part would shift every pixel's value."""
+    ys, xs = np.mgrid[0:389, 0:509]
+    ramp = np.stack([xs * 255 / 509, ys * 255 / 389, (xs + ys) * 255 / 898], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    full, size = crop_from_bytes(buffer.getvalue(), 48)
+    reduced, reduced_size = crop_from_bytes(buffer.getvalue(), 48, decode="reduced")
+    assert reduced_size == size == ((389, 509) if orientation >= 5 else (509, 389))
+    difference = reduced.astype(float) - full  # (48, 48, 3)
+    assert np.abs(difference.mean(axis=(0, 1))).max() < 0.5 and np.abs(difference).max() <= 2

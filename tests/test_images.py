@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import PHOTOS
-from zeroseg.pipeline.images import ImageDecodeError, decode_image
+from zeroseg.pipeline.images import ImageDecodeError, decode_image, decode_reduced
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -60,6 +60,41 @@ def test_exif_orientation_is_applied():
     assert decoded.size == (20, 40)
     top = np.asarray(decoded)[2, 10]
     assert top[2] > 200 and top[0] < 60  # the stored left (blue) half is now on top
+
+
+def test_reduced_decode_scales_a_jpeg_by_the_largest_factor_that_keeps_the_short_side():
+    photo = PHOTOS[0].read_bytes()  # 500 x 281
+    for min_side, scale in [(64, 4), (35, 8), (140, 2), (141, 1), (1000, 1)]:
+        reduced = decode_reduced(photo, min_side)
+        assert (reduced.scale, reduced.size) == (scale, (500, 281)), min_side
+        assert reduced.image.mode == "RGB" and reduced.image.size == (-(-500 // scale), -(-281 // scale))
+        assert min(reduced.image.size) >= min(min_side, 281)
+    assert np.array_equal(np.asarray(decode_reduced(photo, 1000).image), np.asarray(decode_image(photo)))
+    png = encode(Image.open(PHOTOS[0]), "PNG")  # only JPEGs scale in the decoder
+    assert decode_reduced(png, 64).scale == 1
+    assert np.array_equal(np.asarray(decode_reduced(png, 64).image), np.asarray(decode_image(png)))
+
+
+def test_reduced_decode_keeps_orientation_modes_and_limits():
+    image = Image.new("RGB", (80, 40), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 40, 40))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    reduced = decode_reduced(encode(image, "JPEG", exif=exif.tobytes(), quality=100), 10)
+    assert (reduced.scale, reduced.size, reduced.image.size) == (4, (40, 80), (10, 20))
+    top = np.asarray(reduced.image)[2, 5]
+    assert top[2] > 200 and top[0] < 60  # the stored left (blue) half is on top
+    grey = decode_reduced(encode(Image.new("L", (64, 64), 77), "JPEG", quality=100), 8)
+    assert grey.scale == 8 and grey.image.mode == "RGB" and np.asarray(grey.image).mean() == pytest.approx(77, abs=1)
+    cmyk = decode_reduced(encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=100), 16)
+    red = np.asarray(cmyk.image).reshape(-1, 3).mean(axis=0)
+    assert cmyk.scale == 4 and red[0] > 240 and red[1] < 15 and red[2] < 15
+    sixteen = encode(Image.fromarray(np.array([[0, 257, 32768, 65535]], dtype=np.uint16)), "PNG")
+    assert np.asarray(decode_reduced(sixteen, 1).image)[0, :, 0].tolist() == [0, 1, 128, 255]
+    with pytest.raises(ImageDecodeError, match="500x281 = 140500 pixels, more than --max-pixels 140499"):
+        decode_reduced(PHOTOS[0].read_bytes(), 32, max_pixels=140_499)
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_reduced(PHOTOS[0].read_bytes()[:3000], 32)
 
 
 @pytest.mark.parametrize(

@@ -209,7 +209,7 @@ def test_the_store_attribute_keeps_its_json_layout_and_reads_back_unchanged(stor
     assert list(recorded["teacher"]) == ["model", "pretrained", "weights_sha256", "quick_gelu", "config"]
     preprocessing = {
         "crop": "centre square of side min(W, H), resized to crop_size (see pipeline.crops)",
-        "crop_size": 32, "interpolation": "bicubic", "antialias": True,
+        "crop_size": 32, "decode": "full", "interpolation": "bicubic", "antialias": True,
         "cell_boundaries": "floor(k * crop_size / grid)", "view_size": 32,
         "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
     }  # fmt: skip
@@ -230,10 +230,11 @@ def test_stores_whose_attribute_predates_later_keys_still_open(store):
     recorded = group["attributes"]["zeroseg"]
     for key in ("stored_crops", "commit_records"):
         del recorded[key]
-    del recorded["teacher"]["config"], recorded["sources"]["photos"]["column"]
+    del recorded["teacher"]["config"], recorded["sources"]["photos"]["column"], recorded["preprocessing"]["decode"]
     (store / "zarr.json").write_text(json.dumps(group))
     meta = FeatureStore.open(store).meta
     assert meta.teacher.config is None and meta.sources["photos"].column is None
+    assert meta.preprocessing.decode == "full"
     assert meta.stored_crops is False and meta.commit_records is False
 
 

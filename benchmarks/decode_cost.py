@@ -1,0 +1,110 @@
+"""CPU cost of turning image bytes into a centre crop: `--decode full` against `--decode reduced`, in one run.
+
+Three sets of JPEGs: the real fixture photos at their own size (~500 x 375 to 640 x 480), and the same photos
+upscaled (bicubic) and re-encoded at quality 90 to a long side of 1,600 px (~1600 x 1200) and 3,000 px
+(~3000 x 2000), the sizes of CC12M and phone photos. For each set, pipeline.crops.crop_from_bytes at --crop-size:
+
+  full       decode the whole image, then centre-crop and resize (what stores without `decode` do)
+  reduced    libjpeg scales down by 2, 4 or 8 while decoding (short side kept >= the crop), then the same crop
+
+Each side runs --rounds times for --seconds, interleaved, in this one thread (Pillow decodes on one core),
+and the best round counts: images per CPU-second = per core. Also printed, per set: the mean and largest
+absolute difference (0..255) of the reduced crops from the full ones, and, for comparison only (no store
+can use it), decode alone: Pillow full, Pillow reduced and torchvision.io.decode_jpeg on the CPU.
+
+    python benchmarks/decode_cost.py                  # crops of 224 px
+"""
+
+import argparse
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from zeroseg.pipeline.crops import crop_from_bytes
+from zeroseg.pipeline.images import decode_image, decode_reduced
+
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+LONG_SIDES = (None, 1600, 3000)  # None: the photos as they are
+
+
+def photo_set(photos: list[Path], long_side: int | None) -> list[bytes]:
+    if long_side is None:
+        return [p.read_bytes() for p in photos]
+    encoded = []
+    for path in photos:
+        image = Image.open(path).convert("RGB")
+        factor = long_side / max(image.size)
+        size = (round(image.width * factor), round(image.height * factor))
+        buffer = io.BytesIO()
+        image.resize(size, Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def per_core(work: Callable[[bytes], object], images: list[bytes], seconds: float) -> float:
+    """Images per CPU-second of `work` over `images`, repeated for about `seconds` of CPU time."""
+    done, started = 0, time.process_time()
+    while time.process_time() - started < seconds:
+        for data in images:
+            work(data)
+        done += len(images)
+    return done / (time.process_time() - started)
+
+
+def best_rates(sides: dict[str, Callable[[bytes], object]], images: list[bytes], rounds: int, seconds: float) -> dict:
+    """The best of `rounds` interleaved rounds of each side (a shared machine slows some rounds down)."""
+    rates = {name: 0.0 for name in sides}
+    for _ in range(rounds):
+        for name, work in sides.items():
+            rates[name] = max(rates[name], per_core(work, images, seconds))
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0, help="CPU seconds per side and round")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
+    size = args.crop_size
+    crops = {
+        "full": lambda data: crop_from_bytes(data, size),
+        "reduced": lambda data: crop_from_bytes(data, size, decode="reduced"),
+    }
+    decodes = {
+        "Pillow full": decode_image,
+        "Pillow reduced": lambda data: decode_reduced(data, size),
+        "torchvision": lambda data: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                                ImageReadMode.RGB),
+    }
+    print(f"{len(photos)} photos, {size}px crops, best of {args.rounds} rounds of {args.seconds:g} CPU-s, one thread")
+    for long_side in LONG_SIDES:
+        images = photo_set(photos, long_side)
+        shapes = [Image.open(io.BytesIO(data)).size for data in images]
+        label = "as they are" if long_side is None else f"long side {long_side}"
+        print(f"== {label}: {shapes[0][0]}x{shapes[0][1]} .. {shapes[-1][0]}x{shapes[-1][1]}")
+        rates = best_rates(crops, images, args.rounds, args.seconds)
+        diffs = np.concatenate([
+            np.abs(crop_from_bytes(d, size)[0].astype(np.int16) - crop_from_bytes(d, size, decode="reduced")[0]).ravel()
+            for d in images
+        ])  # fmt: skip
+        print(f"   crop, full      {rates['full']:8.1f} images/s/core")
+        print(f"   crop, reduced   {rates['reduced']:8.1f} images/s/core")
+        print(f"   ratio reduced/full: {rates['reduced'] / rates['full']:.2f}x")
+        print(f"   reduced - full pixels: mean abs {diffs.mean():.2f}, max abs {diffs.max()} (0..255)")
+        decode_rates = best_rates(decodes, images, args.rounds, args.seconds / 2)
+        print("   decode only: " + ", ".join(f"{name} {rate:.1f}" for name, rate in decode_rates.items())
+              + " images/s/core")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
