@@ -23,7 +23,7 @@ import torch
 
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.build_options import BuildOptions
-from zeroseg.pipeline.crops import crop_from_bytes, grid_views
+from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.runtime import resolve_device
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
@@ -60,8 +60,8 @@ def bare_forward_rate(teacher: Teacher, folder: Path, batch_size: int, image_siz
 
 
 def views_of(teacher: Teacher, crops: torch.Tensor) -> torch.Tensor:
-    """(B * 30, 3, T, T) normalised views of a batch of (B, S, S, 3) uint8 crops."""
-    return grid_views(crops, GRIDS, teacher.view_size, teacher.mean, teacher.std).flatten(0, 1)
+    """(B * 30, 3, T, T) normalised views, in the tower's dtype, of a batch of (B, S, S, 3) uint8 crops."""
+    return teacher.views(crops, GRIDS).flatten(0, 1)
 
 
 def sync(device: torch.device) -> None:

@@ -4,6 +4,7 @@ Runs the benchmarks next to this file one after another on the same device and p
 a summary of the numbers the scale issue asks for:
 
   teacher       bare ViT-L-14 forward vs `zs-cache build` (bf16 on CUDA), without and with torch.compile
+  views         peak memory of a batch of teacher views built in bf16 vs built in fp32 and cast
   student       training steps fed from a store with crops vs from batches in memory, batch 256
   evaluation    images/s of zs-eval's segmenter, whole-image and slide inference
 
@@ -27,6 +28,7 @@ TINY_TEACHER = str(HERE.parent / "tests" / "fixtures" / "zs-tiny-clip.json")
 
 GPU = {
     "teacher": ["--teacher", "ViT-L-14", "--pretrained", "none", "--images", "1024", "--batch-size", "64"],
+    "views": ["--batch-size", "64"],
     "student": ["--preset", "base", "--store-crops", "--images", "4096", "--image-size", "224", "--batch-size",
                 "256", "--workers", "8", "--steps", "20", "--rounds", "3", "--warmup", "5"],
     "evaluation": ["--preset", "base", "--images", "64"],
@@ -34,6 +36,7 @@ GPU = {
 TINY = {
     "teacher": ["--teacher", TINY_TEACHER, "--pretrained", "none", "--images", "8", "--batch-size", "4",
                 "--image-size", "64", "--device", "cpu"],
+    "views": ["--batch-size", "4", "--crop-size", "64", "--view-size", "32", "--device", "cpu"],
     "student": ["--preset", "tiny", "--store-crops", "--images", "16", "--image-size", "32", "--batch-size", "4",
                 "--workers", "0", "--steps", "2", "--rounds", "1", "--warmup", "1", "--device", "cpu"],
     "evaluation": ["--preset", "tiny", "--images", "2", "--short-side", "64", "--workers", "1", "--device", "cpu"],
@@ -42,6 +45,7 @@ TINY = {
 RUNS = [  # (summary label, script, part of the settings, extra arguments)
     ("teacher, eager", "cache_throughput.py", "teacher", ["--no-compile"]),
     ("teacher, compiled", "cache_throughput.py", "teacher", ["--compile"]),
+    ("teacher views", "view_memory.py", "views", []),
     ("student, stored crops", "train_throughput.py", "student", []),
     ("evaluation, whole", "eval_throughput.py", "evaluation", ["--mode", "whole"]),
     ("evaluation, slide", "eval_throughput.py", "evaluation", ["--mode", "slide"]),
@@ -49,6 +53,8 @@ RUNS = [  # (summary label, script, part of the settings, extra arguments)
 SUMMARY = [  # what each run's summary line quotes from its output
     re.compile(r"ratio loop/bare:\s+\S+"),
     re.compile(r"pipeline overhead:\s+\S+ ms per image"),
+    re.compile(r"views, (?:teacher dtype|float32, cast):\s+peak\s+\S+ MiB"),
+    re.compile(r"ratio peak memory teacher dtype / float32, cast: \S+"),
     re.compile(r"ratio store / memory: \S+"),
     re.compile(r"fed from the store :.*"),
     re.compile(r"end to end\s+\S+ images/s"),

@@ -89,20 +89,23 @@ def grid_views(
     view_size: int,
     mean: Sequence[float],
     std: Sequence[float],
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """All grid views of a batch of crops, normalised for the teacher.
 
     crops: (B, S, S, 3) uint8, on the device where the views should be built.
-    returns: (B, V, 3, view_size, view_size) float32, V = sum(g * g for g in grids).
+    returns: (B, V, 3, view_size, view_size) in `dtype` (the teacher's: bfloat16 on CUDA), V = sum(g * g for g
+    in grids). Each view is resized and normalised in float32 by to_model_input, as the student's images are
+    (torch's CPU kernels have no bfloat16 antialiased bicubic), and rounded to `dtype` as it is written: the
+    views equal the float32 views cast to `dtype`, and memory never holds all of them in float32.
     """
     batch, size = crops.shape[0], crops.shape[1]
     images = crops.permute(0, 3, 1, 2).float()  # (B, 3, S, S), 0..255
     mean_t, std_t = channel_stats(mean, crops.device), channel_stats(std, crops.device)
-    views = []
-    for grid in grids:
+    layout = view_layout(grids)
+    views = torch.empty(batch, len(layout), 3, view_size, view_size, dtype=dtype, device=crops.device)
+    for index, (grid, r, c) in enumerate(layout):
         edges = cell_boundaries(size, grid)
-        for r in range(grid):
-            for c in range(grid):
-                cell = images[:, :, edges[r] : edges[r + 1], edges[c] : edges[c + 1]]
-                views.append(to_model_input(cell, view_size, mean_t, std_t))
-    return torch.stack(views, dim=1).reshape(batch, len(views), 3, view_size, view_size)
+        cell = images[:, :, edges[r] : edges[r + 1], edges[c] : edges[c + 1]]
+        views[:, index] = to_model_input(cell, view_size, mean_t, std_t)
+    return views

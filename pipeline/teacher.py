@@ -249,15 +249,20 @@ class Teacher:
         return TeacherFormat(self.view_size, self.mean, self.std, self.embed_dim)
 
     @torch.inference_mode()
+    def views(self, crops: torch.Tensor, grids: Sequence[int]) -> torch.Tensor:
+        """crops: (B, S, S, 3) uint8 on the device -> (B, V, 3, T, T) normalised views in the tower's dtype."""
+        return grid_views(crops, grids, self.view_size, self.mean, self.std, self.dtype)
+
+    @torch.inference_mode()
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
-        """views: (N, 3, T, T) normalised float on the device -> (N, D) float16 on the device."""
+        """views: (N, 3, T, T) normalised, in the tower's dtype, on the device -> (N, D) float16 on the device."""
         return self.forward(views.to(self.dtype)).to(torch.float16)
 
     @torch.inference_mode()
     def encode_crops(self, crops: torch.Tensor, grids: Sequence[int]) -> torch.Tensor:
         """crops: (B, S, S, 3) uint8 (any device) -> (B, V, D) float16 on the CPU; all B * V views in one pass."""
         crops = crops.to(self.device, non_blocking=True)
-        views = grid_views(crops, grids, self.view_size, self.mean, self.std)  # (B, V, 3, T, T)
+        views = self.views(crops, grids)  # (B, V, 3, T, T)
         batch, num_views = views.shape[:2]
         embeddings = self.encode_views(views.flatten(0, 1))  # (B * V, D)
         return embeddings.view(batch, num_views, -1).cpu()

@@ -51,6 +51,16 @@ def test_grid_views_cut_cells_in_order_and_normalise():
     assert torch.allclose(mean_std, torch.full_like(mean_std, 2.0))
 
 
+
+def test_views_in_bfloat16_are_the_float32_views_rounded():
+    crops = torch.randint(0, 256, (2, 50, 50, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
+    single = grid_views(crops, [1, 2, 3, 4], 32, mean, std)
+    half = grid_views(crops, [1, 2, 3, 4], 32, mean, std, torch.bfloat16)
+    assert single.dtype == torch.float32 and half.dtype == torch.bfloat16 and half.shape == (2, 30, 3, 32, 32)
+    assert torch.equal(half, single.to(torch.bfloat16))
+    assert ((half.float() - single).abs() <= single.abs() * 2**-8 + 1e-6).all()  # bfloat16 keeps 8 bits
+
 def test_full_decode_is_the_centre_crop_and_reduced_matches_it_below_twice_the_crop_side():
     for photo in PHOTOS:
         data = photo.read_bytes()

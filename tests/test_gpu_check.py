@@ -12,10 +12,11 @@ def test_gpu_check_runs_every_part_on_the_cpu_with_tiny_settings():
     assert result.returncode == 0, result.stderr[-2000:]
     summary = result.stdout.split("== summary", 1)[1].splitlines()[1:]
     labels = [line[:22].strip() for line in summary]
-    assert labels == ["teacher, eager", "teacher, compiled", "student, stored crops", "evaluation, whole",
-                      "evaluation, slide"]  # fmt: skip
-    teacher, compiled, student, whole, slide = summary
+    assert labels == ["teacher, eager", "teacher, compiled", "teacher views", "student, stored crops",
+                      "evaluation, whole", "evaluation, slide"]  # fmt: skip
+    teacher, compiled, views, student, whole, slide = summary
     assert "ratio loop/bare:" in teacher and "pipeline overhead:" in teacher
     assert "skipped: the teacher compiles only on CUDA" in compiled
+    assert "ratio peak memory teacher dtype / float32, cast:" in views
     assert "ratio store / memory:" in student and "images/s" in student
     assert all("end to end" in line and "model only" in line for line in (whole, slide))
