@@ -41,7 +41,8 @@ def describe(store: FeatureStore) -> list[str]:
         f"{len(pc.unique(manifest['shard']))} shards (shard size {meta.shard_size})",
         f"teacher    {teacher.describe()}{weights}",
         f"views      grids {','.join(map(str, meta.grids))} -> {meta.num_views} views of "
-        f"{meta.preprocessing.view_size}px from {meta.preprocessing.crop_size}px centre crops",
+        f"{meta.preprocessing.view_size}px from {meta.preprocessing.crop_size}px centre crops "
+        f"({meta.preprocessing.decode} decode)",
         f"features   {tuple(store.features.shape)} float16, dim {meta.embed_dim}, chunks of {meta.chunk_size} images",
         f"disk       {human_size(disk_size(store.path))}",
     ]

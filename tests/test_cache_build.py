@@ -380,7 +380,7 @@ def test_inspect_and_verify_output(tmp_path):
     assert shown.returncode == 0
     assert "images     9 ok, 3 errors, 3 shards (shard size 4)" in shown.stdout
     assert "teacher    zs-tiny-clip pretrained=none (random weights) quick_gelu=False" in shown.stdout
-    assert "grids 1,2,3,4 -> 30 views of 32px from 64px centre crops" in shown.stdout
+    assert "grids 1,2,3,4 -> 30 views of 32px from 64px centre crops (full decode)" in shown.stdout
     assert "errors     1 x empty file (0 bytes)" in shown.stdout
     assert re.search(r"^disk       \d+\.\d (KiB|MiB)$", shown.stdout, re.M) and "0.0 MiB" not in shown.stdout
     verified = invoke(zs_cache, "verify", tmp_path / "store", "--no-progress")

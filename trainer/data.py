@@ -10,7 +10,7 @@ Each DataLoader worker keeps the last 2 x shuffle_window decompressed chunks (fe
 store that keeps them), so a worker reads each chunk once per window it serves (one Zarr read of the chunk's
 rows per array) however many of its batches draw from that chunk. A store made with --store-crops gives its
 own crops that way; otherwise pipeline.reader.CropReader decodes the source images with the build's decode
-and crop.
+and crop (the store's preprocessing `decode`, full or reduced).
 """
 
 import os
