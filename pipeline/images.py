@@ -27,8 +27,9 @@ class ImageDecodeError(ValueError):
 class ReducedImage:
     """An image decoded at 1/scale of its size (JPEG only; other formats and small images at scale 1).
 
-    Pixel k of `image` along an axis covers the full image's pixels [k * scale, (k + 1) * scale) shifted by
-    `origin`: a full-image coordinate x lies at origin + x / scale in `image`.
+    Each pixel of `image` stands for scale x scale pixels of the full image: a full-image coordinate x lies at
+    origin + x / scale in `image` (origin is 0 unless the orientation moved the decoder's rounded-up last
+    partial pixel to the start of an axis).
     """
 
     image: Image.Image  # 8-bit RGB, EXIF orientation applied
