@@ -45,6 +45,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zeroseg import __version__
 from zeroseg.pipeline.atomic import atomic_path
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.images import DECODES
 from zeroseg.pipeline.integrity import chunk_key, decode_record, encode_record, shard_record
 from zeroseg.pipeline.recorded import DAMAGED, recorded_fields
 from zeroseg.pipeline.runtime import first_line
@@ -114,6 +115,8 @@ class Preprocessing:
         values = recorded_fields(cls, values, where)
         if not all(isinstance(values[name], list) for name in ("mean", "std")):
             raise UserError(f"{where}: mean and std are not lists ({DAMAGED})")
+        if values.get("decode", "full") not in DECODES:  # any other value would silently decode as "reduced"
+            raise UserError(f"{where}: decode '{values['decode']}' is not one of {', '.join(DECODES)} ({DAMAGED})")
         return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
 
 

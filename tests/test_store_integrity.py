@@ -245,6 +245,8 @@ def test_stores_whose_attribute_predates_later_keys_still_open(store):
         (lambda a: a.pop("embed_dim"), "attribute zeroseg: no key 'embed_dim'"),
         (lambda a: a["teacher"].pop("model"), "attribute zeroseg.teacher: no key 'model'"),
         (lambda a: a["preprocessing"].update(gamma=2.2), "attribute zeroseg.preprocessing: unknown key 'gamma'"),
+        (lambda a: a["preprocessing"].update(decode="fast"),
+         "attribute zeroseg.preprocessing: decode 'fast' is not one of full, reduced"),
         (lambda a: a["sources"]["photos"].pop("path"), "attribute zeroseg.sources.photos: no key 'path'"),
         (lambda a: a["sources"]["photos"].update(kind="ftp"), "zeroseg.sources.photos: unknown source kind 'ftp'"),
         (lambda a: a.update(teacher="zs-tiny-clip"), "attribute zeroseg.teacher: a str, not a JSON object"),
