@@ -106,7 +106,7 @@ def build(
         DEFAULT.decode, help="How a new store decodes its images, fixed at creation (default full): 'reduced' lets "
         "the JPEG decoder scale large photos down by 2, 4 or 8 (short side kept >= --image-size) before the crop, "
         "3x less CPU per image at 1600x1200, 7x at 3000x2000, none below 2x the crop side; its crops differ from a "
-        "full decode by 1.3 of 255 on average (benchmarks/decode_cost.py). The trainer decodes as the store does."
+        "full decode by 1.3 of 255 on average at those sizes. The trainer decodes as the store does."
     ),
     repair: bool = typer.Option(
         DEFAULT.repair, help="First check the store as zs-cache verify does and redo exactly the shards found damaged."
