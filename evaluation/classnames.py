@@ -45,7 +45,6 @@ COCO_CATEGORY_TO_INDEX = {category: index for index, (category, _) in enumerate(
 
 COCO_OBJECT_CLASS_NAMES = ("background",) + tuple(name for _, name in COCO_THING_CATEGORIES)
 
-VOCABULARIES = {"voc": VOC_CLASS_NAMES, "context": CONTEXT_CLASS_NAMES, "coco": COCO_OBJECT_CLASS_NAMES}
 IMAGENET_VOCABULARY_NAMES = ("imagenet", "imagenet1k")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from zeroseg.evaluation import cli_options
-from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DEFAULT_SPLITS, open_dataset, prepared_coco_dir
+from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DATASETS, open_dataset, prepared_coco_dir
 from zeroseg.pipeline.errors import require
 from zeroseg.pipeline.runtime import DEVICE_HELP, renamed_option, run_cli
 
@@ -63,7 +63,7 @@ COCO-Object label maps from an instances JSON: zs-eval prepare coco --help. One 
 reports (methods as rows, datasets as columns): zs-eval compare --help.
 """
 
-NO_REWRAP_LAYOUT = DATA_LAYOUT.replace("\n\n", "\n\n\b\n", 1)  # click keeps a paragraph after \b as written
+LAYOUT_HELP = DATA_LAYOUT.replace("\n\n", "\n\n\b\n", 1)  # click keeps a paragraph after \b as written
 
 app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 prepare_app = typer.Typer(
@@ -71,7 +71,7 @@ prepare_app = typer.Typer(
 )
 
 
-@app.command(help=f"Zero-shot segmentation mIoU of DATASET... (voc, context, coco).\n{HELP}\n{NO_REWRAP_LAYOUT}")
+@app.command(help=f"Zero-shot segmentation mIoU of DATASET... ({', '.join(DATASET_NAMES)}).\n{HELP}\n{LAYOUT_HELP}")
 def evaluate(
     datasets: list[str] = typer.Argument(
         ..., metavar="DATASET", help=f"One or more of {', '.join(DATASET_NAMES)}.", show_default=False
@@ -141,7 +141,7 @@ def evaluate(
     out = renamed_option(out, old_output, "--out", "--output")
     decode_threads = renamed_option(decode_threads, old_workers, "--decode-threads", "--workers")
     decode_threads = 2 if decode_threads is None else decode_threads
-    opened = [(open_dataset(name, data_root, split), split or DEFAULT_SPLITS.get(name)) for name in datasets]
+    opened = [(open_dataset(name, data_root, split), split or DATASETS[name].default_split) for name in datasets]
     given = {"mode": mode, "short_side": short_side, "max_long_side": max_long_side, "crop_size": crop_size}
     geometry = {name: value for name, value in {**given, "stride": stride}.items() if value is not None}
     options = ModelOptions(

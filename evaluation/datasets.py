@@ -1,11 +1,15 @@
-"""Readers for the three benchmarks, each a list of (image id, image file, label file) triples.
+"""The benchmarks, one `DatasetSpec` each in DATASETS, and their readers.
 
-The layout expected under --data-root: DATA_LAYOUT below (also in `zs-eval --help`).
+A spec holds everything the tools know of a benchmark: its name on the command line, default split, the
+paper's background threshold, class names, its part of the data layout (`zs-eval --help`) and how its
+(image id, image file, label file) triples are found. Adding a benchmark is one spec here and its class
+names in classnames.py; evaluation/baseline_settings.py may give the baselines' paper settings for it.
 
 Labels are returned as [H, W] uint8 arrays of class indices, images as RGB PIL images of the same size.
 EXIF orientation is not applied: the benchmarks' label maps are drawn on the stored pixels.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,29 +25,8 @@ from zeroseg.evaluation.classnames import (
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.runtime import first_line
 
-DATASET_NAMES = ("voc", "context", "coco")
-DEFAULT_SPLITS = {"voc": "val", "context": "val", "coco": "val2017"}
-# Background thresholds of the ZeroSeg paper (section 4.2).
-DEFAULT_BG_THRESHOLDS = {"voc": 0.95, "context": 0.05, "coco": 0.35}
 IGNORE_INDEX = 255
 _LABEL_MODES = ("P", "L", "I;16", "I")
-
-
-DATA_LAYOUT = """Data layout under --data-root (DATA_ROOT):
-
-  voc      DATA_ROOT/VOCdevkit/VOC2012/  JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette PNGs,
-           0 background, 1..20, 255 ignored), ImageSets/Segmentation/<split>.txt (one id a line).
-  context  DATA_ROOT/VOCdevkit/VOC2010/  as mmsegmentation's PASCAL Context converter writes it:
-           JPEGImages/<id>.jpg, SegmentationClassContext/<id>.png (0 background, 1..59, 255 ignored),
-           ImageSets/SegmentationContext/<split>.txt.
-  coco     DATA_ROOT/coco/  <split>/<id>.jpg (COCO's val2017 folder) and label maps, the first of
-             coco_object/<split>/<id>.png   written by `zs-eval prepare coco` (0 background, 1..80), or
-             stuffthingmaps_trainval2017/<split>/<id>.png   COCO-Stuff-164k maps, converted on reading:
-               value v <= 90 is COCO category v + 1 -> its class index 1..80; every other value
-               (the 11 unused thing ids, stuff 91..181, unlabelled 255) -> background 0.
-           The split's ids are the .jpg stems in the image folder; each needs a label map.
-           `zs-eval prepare coco --instances instances_val2017.json --data-root DATA_ROOT` makes the former.
-"""
 
 
 @dataclass(frozen=True)
@@ -51,6 +34,21 @@ class Sample:
     image_id: str
     image_path: Path
     label_path: Path
+
+
+SampleFinder = Callable[[Path, str], tuple[list[Sample], np.ndarray | None]]  # (data root, split) -> samples, lookup
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One benchmark, as the tools know it."""
+
+    name: str  # on the command line and in reports
+    default_split: str
+    bg_threshold: float  # the background threshold of the ZeroSeg rule
+    class_names: tuple[str, ...]  # index 0 is background
+    find_samples: SampleFinder  # may return a [256] uint8 table: stored label value -> class index
+    layout: str  # its part of DATA_LAYOUT
 
 
 @dataclass
@@ -126,22 +124,13 @@ def coco_stuff_lookup() -> np.ndarray:
 
 
 def open_dataset(name: str, data_root: str | Path, split: str | None = None) -> SegmentationDataset:
-    """The split (default: val / val2017) of dataset `name` under data_root; UserError if incomplete."""
-    if name not in DATASET_NAMES:
+    """The split (default: the spec's) of dataset `name` under data_root; UserError if incomplete."""
+    if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}' (choose from {', '.join(DATASET_NAMES)})")
-    split = split or DEFAULT_SPLITS[name]
-    root = Path(data_root)
-    if name == "voc":
-        base = root / "VOCdevkit" / "VOC2012"
-        ids = _read_id_list(base / "ImageSets" / "Segmentation" / f"{split}.txt")
-        samples = _pascal_samples(base, "SegmentationClass", ids)
-        return SegmentationDataset(name, samples, VOC_CLASS_NAMES, DEFAULT_BG_THRESHOLDS[name])
-    if name == "context":
-        base = root / "VOCdevkit" / "VOC2010"
-        ids = _read_id_list(base / "ImageSets" / "SegmentationContext" / f"{split}.txt")
-        samples = _pascal_samples(base, "SegmentationClassContext", ids)
-        return SegmentationDataset(name, samples, CONTEXT_CLASS_NAMES, DEFAULT_BG_THRESHOLDS[name])
-    return _coco_object(root, split)
+    spec = DATASETS[name]
+    samples, lookup = spec.find_samples(Path(data_root), split or spec.default_split)
+    _require_files(samples)
+    return SegmentationDataset(name, samples, spec.class_names, spec.bg_threshold, label_lookup=lookup)
 
 
 def prepared_coco_dir(data_root: str | Path, split: str = "val2017") -> Path:
@@ -161,16 +150,19 @@ def _read_id_list(path: Path) -> list[str]:
     return ids
 
 
-def _pascal_samples(base: Path, label_folder: str, ids: list[str]) -> list[Sample]:
-    samples = [
-        Sample(image_id, base / "JPEGImages" / f"{image_id}.jpg", base / label_folder / f"{image_id}.png")
-        for image_id in ids
-    ]
-    _require_files(samples)
-    return samples
+def _pascal_samples(year: str, split_folder: str, label_folder: str) -> SampleFinder:
+    """The finder of a PASCAL-layout benchmark under DATA_ROOT/VOCdevkit/VOC<year>/."""
+
+    def find(root: Path, split: str) -> tuple[list[Sample], None]:
+        base = root / "VOCdevkit" / f"VOC{year}"
+        ids = _read_id_list(base / "ImageSets" / split_folder / f"{split}.txt")
+        jpegs, labels = base / "JPEGImages", base / label_folder
+        return [Sample(i, jpegs / f"{i}.jpg", labels / f"{i}.png") for i in ids], None
+
+    return find
 
 
-def _coco_object(root: Path, split: str) -> SegmentationDataset:
+def _coco_object_samples(root: Path, split: str) -> tuple[list[Sample], np.ndarray | None]:
     image_dir = root / "coco" / split
     if not image_dir.is_dir():
         raise UserError(f"COCO image folder {image_dir} not found (expected DATA_ROOT/coco/{split}/*.jpg)")
@@ -185,10 +177,7 @@ def _coco_object(root: Path, split: str) -> SegmentationDataset:
         label_dir, lookup = stuff, coco_stuff_lookup()
     else:
         raise UserError(f"COCO-Object label maps not found: expected {prepared} or {stuff}")
-    samples = [Sample(i, image_dir / f"{i}.jpg", label_dir / f"{i}.png") for i in ids]
-    _require_files(samples)
-    threshold = DEFAULT_BG_THRESHOLDS["coco"]
-    return SegmentationDataset("coco", samples, COCO_OBJECT_CLASS_NAMES, threshold, label_lookup=lookup)
+    return [Sample(i, image_dir / f"{i}.jpg", label_dir / f"{i}.png") for i in ids], lookup
 
 
 def _require_files(samples: list[Sample]) -> None:
@@ -196,3 +185,41 @@ def _require_files(samples: list[Sample]) -> None:
         for path in (sample.image_path, sample.label_path):
             if not path.is_file():
                 raise UserError(f"dataset file {path} not found (listed image id '{sample.image_id}')")
+
+
+# Background thresholds are the ZeroSeg paper's (section 4.2).
+DATASETS = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "voc", "val", 0.95, VOC_CLASS_NAMES, _pascal_samples("2012", "Segmentation", "SegmentationClass"),
+            """\
+  voc      DATA_ROOT/VOCdevkit/VOC2012/  JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette PNGs,
+           0 background, 1..20, 255 ignored), ImageSets/Segmentation/<split>.txt (one id a line).
+""",
+        ),
+        DatasetSpec(
+            "context", "val", 0.05, CONTEXT_CLASS_NAMES,
+            _pascal_samples("2010", "SegmentationContext", "SegmentationClassContext"),
+            """\
+  context  DATA_ROOT/VOCdevkit/VOC2010/  as mmsegmentation's PASCAL Context converter writes it:
+           JPEGImages/<id>.jpg, SegmentationClassContext/<id>.png (0 background, 1..59, 255 ignored),
+           ImageSets/SegmentationContext/<split>.txt.
+""",
+        ),
+        DatasetSpec(
+            "coco", "val2017", 0.35, COCO_OBJECT_CLASS_NAMES, _coco_object_samples,
+            """\
+  coco     DATA_ROOT/coco/  <split>/<id>.jpg (COCO's val2017 folder) and label maps, the first of
+             coco_object/<split>/<id>.png   written by `zs-eval prepare coco` (0 background, 1..80), or
+             stuffthingmaps_trainval2017/<split>/<id>.png   COCO-Stuff-164k maps, converted on reading:
+               value v <= 90 is COCO category v + 1 -> its class index 1..80; every other value
+               (the 11 unused thing ids, stuff 91..181, unlabelled 255) -> background 0.
+           The split's ids are the .jpg stems in the image folder; each needs a label map.
+           `zs-eval prepare coco --instances instances_val2017.json --data-root DATA_ROOT` makes the former.
+""",
+        ),
+    )
+}
+DATASET_NAMES = tuple(DATASETS)
+DATA_LAYOUT = "Data layout under --data-root (DATA_ROOT):\n\n" + "".join(spec.layout for spec in DATASETS.values())

@@ -10,7 +10,8 @@ from pathlib import Path
 import typer
 
 from zeroseg.evaluation import cli_options
-from zeroseg.evaluation.classnames import IMAGENET_VOCABULARY_NAMES, VOCABULARIES, imagenet_class_names
+from zeroseg.evaluation.classnames import IMAGENET_VOCABULARY_NAMES, imagenet_class_names
+from zeroseg.evaluation.datasets import DATASET_NAMES, DATASETS
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
 from zeroseg.pipeline.sources import IMAGE_EXTENSIONS
@@ -41,7 +42,7 @@ def segment(
     checkpoint: str = typer.Option(..., help=cli_options.CHECKPOINT_HELP),
     classes: str | None = typer.Option(None, help='Comma-separated class names, e.g. "cat,dog,grass,sky".'),
     vocabulary: str | None = typer.Option(
-        None, help="imagenet1k, voc, context, coco, or a text file with one class name per line."
+        None, help=f"imagenet1k, {', '.join(DATASET_NAMES)}, or a text file with one class name per line."
     ),
     out: Path = typer.Option(Path("zs-segment-out"), help="Output folder."),
     bg_threshold: float | None = typer.Option(None, help="Background below this score (default: no background)."),
@@ -116,12 +117,12 @@ def read_vocabulary(classes: str | None, vocabulary: str | None) -> tuple[str, .
         raise UserError('give exactly one of --classes "a,b,c" and --vocabulary NAME_OR_FILE')
     if vocabulary in IMAGENET_VOCABULARY_NAMES:
         return imagenet_class_names()
-    if vocabulary is not None and vocabulary in VOCABULARIES:
-        return VOCABULARIES[vocabulary]
+    if vocabulary in DATASETS:
+        return DATASETS[vocabulary].class_names
     if vocabulary is not None:
         path = Path(vocabulary)
         if not path.is_file():
-            known = ", ".join([*IMAGENET_VOCABULARY_NAMES, *VOCABULARIES])
+            known = ", ".join([*IMAGENET_VOCABULARY_NAMES, *DATASET_NAMES])
             raise UserError(f"--vocabulary '{vocabulary}' is neither a file nor one of {known}")
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         source = str(path)

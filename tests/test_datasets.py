@@ -8,7 +8,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from zeroseg.evaluation.coco_prepare import prepare_coco_object
-from zeroseg.evaluation.datasets import coco_stuff_lookup, open_dataset
+from zeroseg.evaluation.datasets import Sample, coco_stuff_lookup, open_dataset
 from zeroseg.pipeline.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -196,3 +196,33 @@ def test_coco_stuff_maps_become_things_and_background(tmp_path):
     assert labels[0, :5].tolist() == [1, 0, 80, 0, 0]
     assert not labels[1:].any()
     assert (coco_stuff_lookup() > 0).sum() == 80
+
+
+def test_a_benchmark_added_as_one_spec_is_evaluated_by_zs_eval(monkeypatch, tmp_path):
+    """Adding a benchmark is one DatasetSpec: zs-eval opens it, takes its split, threshold and class names."""
+    from tests.conftest import invoke
+    from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
+    from zeroseg.evaluation.cli import main as zs_eval
+    from zeroseg.evaluation.datasets import DATASETS, DatasetSpec
+
+    def find_samples(root: Path, split: str):
+        base = root / "VOCdevkit" / "VOC2012"
+        ids = (base / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        return [Sample(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids], None
+
+    spec = DatasetSpec("mini", "val", 0.5, VOC_CLASS_NAMES, find_samples, "  mini     the VOC fixture again.\n")
+    monkeypatch.setitem(DATASETS, "mini", spec)
+    labels = VOC / "SegmentationClass"
+    out = invoke(zs_eval, "mini", "--data-root", FIXTURES, "--predictions", labels, "--out", tmp_path, "--no-progress")
+    assert out.returncode == 0, out.stderr
+    document = json.loads((tmp_path / "mini.json").read_text())
+    assert document["mIoU"] == 100.0 and len(document["per_class_iou"]) == 21
+    assert (tmp_path / "mini.md").read_text().startswith("# mini val: mIoU 100.00")
+
+
+def test_every_benchmark_is_in_the_data_layout_help():
+    from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASETS
+
+    assert DATA_LAYOUT.startswith("Data layout under --data-root (DATA_ROOT):\n\n")
+    named = [line.split()[0] for line in DATA_LAYOUT.splitlines() if line.startswith("  ") and line[2] != " "]
+    assert named == list(DATASETS)
