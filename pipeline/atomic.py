@@ -31,3 +31,12 @@ def write_atomically(path: str | Path, content: str | bytes) -> None:
             partial.write_text(content, encoding="utf-8")
         else:
             partial.write_bytes(content)
+
+
+def sync_folder(path: str | Path) -> None:
+    """Flush a folder's entries (renames, removals) to disk, so that later changes cannot overtake them."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)

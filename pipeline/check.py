@@ -13,7 +13,7 @@ from tqdm import tqdm
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import damaged_chunks, has_checksums
 from zeroseg.pipeline.sizes import human_size
-from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore
+from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore, committed_parts
 
 
 def disk_size(path: Path) -> int:
@@ -74,10 +74,14 @@ class Damage:
     counts: dict = field(default_factory=dict)
 
     def add(self, problem: str, shard: int | None = None) -> None:
+        self.add_to_shards(problem, [] if shard is None else [shard])
+
+    def add_to_shards(self, problem: str, shards) -> None:
+        """One problem that makes every one of `shards` damaged (none: unrepairable)."""
         self.problems.append(problem)
-        if shard is None:
+        if not shards:
             self.unrepairable.append(problem)
-        else:
+        for shard in shards:
             self.shards.setdefault(shard, []).append(problem)
 
 
@@ -91,10 +95,11 @@ def checksum_line(store: FeatureStore) -> str:
     """Whether the store's chunks and parts can tell damage (stores made before checksums cannot)."""
     arrays = store.arrays()
     checked = [name for name, array in arrays.items() if has_checksums(array)]
-    recorded = sum(store.chunk_record(path) is not None for path in store.parts().values())
+    records = store.records()
+    recorded = sum(record is not None for record in records.values())
     chunks = (f"crc32c on every chunk of {' and '.join(checked)}" if len(checked) == len(arrays)
               else "chunks UNCHECKED (store made before chunk checksums: damage shows only as bad values)")
-    return f"{chunks}; {recorded} of {len(store.parts())} shards have a commit record"
+    return f"{chunks}; {recorded} of {len(records)} shards have a commit record"
 
 
 VERIFIED_COLUMNS = ["row", "key", "source", "status", "shard"]
@@ -110,25 +115,31 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
     the store whatever the number of rows."""
     damage = Damage()
     try:
-        parts = store.parts()
+        listed = store.listed_parts()
+        parts, leftovers = committed_parts(listed)
     except UserError as exc:
         damage.add(str(exc))
         return damage
     tables, unchecked = [], 0
-    for shard, path in parts.items():
+    for path, shards in parts.items():
         try:
-            tables.append(store.read_part(path, VERIFIED_COLUMNS))
-            record = store.chunk_record(path)
+            table = store.read_part(path, VERIFIED_COLUMNS)
+            records = store.part_records(path)
         except UserError as exc:
-            damage.add(str(exc), shard)
+            damage.add_to_shards(str(exc), shards)
             continue
-        if record is None:
-            unchecked += 1
-        for problem in damaged_chunks(store.path, record or {}):
-            damage.add(f"shard {shard}: {problem}", shard)
+        tables.append(table)
+        foreign = np.setdiff1d(pc.unique(table["shard"]).to_numpy(zero_copy_only=False), shards)
+        if len(foreign):
+            damage.add_to_shards(f"manifest part '{path}' holds rows of shard {foreign[0]}, which it does not record",
+                                 shards)  # fmt: skip
+        for shard, record in records.items():
+            unchecked += record is None
+            for problem in damaged_chunks(store.path, record or {}):
+                damage.add(f"shard {shard}: {problem}", shard)
     manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table().select(VERIFIED_COLUMNS)
     ok_rows = _check_manifest(store, manifest, damage)
-    damage.counts["unchecked_shards"] = unchecked
+    damage.counts.update(unchecked_shards=unchecked, leftover_parts=len(leftovers))
     if not damage.problems:
         _check_features(store, ok_rows, damage, progress)
     return damage

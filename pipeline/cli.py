@@ -189,7 +189,26 @@ def verify(
     typer.echo(
         f"store {store} verified: {counts['ok']} ok rows, {counts['error']} errors, {counts['shards']} shards{note}"
     )
+    if counts["leftover_parts"]:
+        typer.echo(
+            f"note: {counts['leftover_parts']} manifest parts are left by an interrupted zs-cache compact (zeroseg "
+            f"skips them; other Parquet readers see their rows twice): run zs-cache compact {store}", err=True
+        )
 
+
+@app.command("compact")
+def compact_command(
+    store: str = typer.Argument(..., help="Store directory."),
+    rows_per_part: int | None = typer.Option(
+        None, help="Merge small manifest parts, in shard order, into parts of at most this many rows (default "
+        "131072: 10 parts for ImageNet-1k)."
+    ),
+) -> None:
+    """Merge the manifest parts into fewer, larger ones (for network filesystems); safe to kill at any moment."""
+    from zeroseg.pipeline.compact import DEFAULT_ROWS_PER_PART, compact
+
+    rows = DEFAULT_ROWS_PER_PART if rows_per_part is None else rows_per_part
+    typer.echo(compact(store, rows, log=lambda line: typer.echo(line, err=True)).line())
 
 
 def main() -> None:

@@ -9,6 +9,8 @@ Three layers make a damaged store loud wherever it is read:
                  as fill values (zeros), so readers check the listed files exist (`missing_chunks`), and
                  `verify` compares their checksums (`damaged_chunks`) without decoding them.
   parts          manifest parts are written with Parquet page checksums and read with verification.
+  compacted      a part merged by `zs-cache compact` holds several shards' rows; instead of RECORD_KEY it
+                 carries SHARDS_KEY, each of its shards' commit record: {"12": {"features": {...}}, ...}.
 
 Stores made before this (no crc32c codec, parts without a record) still open; `zs-cache inspect`
 says their chunks are unchecked, and readers fall back to "a chunk holding an ok row must exist".
@@ -26,6 +28,8 @@ from zeroseg.pipeline.errors import UserError
 
 RECORD_KEY = b"zeroseg.chunks"
 RECORD_CRC_KEY = b"zeroseg.chunks.crc32c"  # of the record's bytes: a flip inside it that still parses is refused
+SHARDS_KEY = b"zeroseg.shards"  # a compacted part: shard -> its commit record
+SHARDS_CRC_KEY = b"zeroseg.shards.crc32c"
 
 
 def file_crc32c(path: Path) -> str:
@@ -53,23 +57,50 @@ def shard_record(store_path: Path, arrays: dict[str, zarr.Array], chunks: Iterab
 
 def encode_record(record: dict) -> dict[bytes, bytes]:
     """The Parquet key-value metadata holding a commit record."""
-    encoded = json.dumps(record, sort_keys=True).encode()
-    return {RECORD_KEY: encoded, RECORD_CRC_KEY: f"{google_crc32c.value(encoded):08x}".encode()}
+    return _encode(RECORD_KEY, RECORD_CRC_KEY, record)
+
+
+def encode_shard_records(records: dict[int, dict]) -> dict[bytes, bytes]:
+    """The Parquet key-value metadata of a compacted part: each of its shards' commit record."""
+    return _encode(SHARDS_KEY, SHARDS_CRC_KEY, {str(shard): record for shard, record in records.items()})
 
 
 def decode_record(metadata: dict[bytes, bytes] | None, part: Path) -> dict[str, dict[str, str]] | None:
     """The commit record of a part (None for parts written before records existed)."""
     if not metadata or RECORD_KEY not in metadata:
         return None
-    if metadata.get(RECORD_CRC_KEY) != f"{google_crc32c.value(metadata[RECORD_KEY]):08x}".encode():
-        raise UserError(f"manifest part '{part}' is damaged (its chunk record fails its crc32c)")
-    try:
-        record = json.loads(metadata[RECORD_KEY])
-    except ValueError:
-        raise UserError(f"manifest part '{part}' is damaged (its chunk record is not JSON)") from None
-    if not isinstance(record, dict) or not all(isinstance(files, dict) for files in record.values()):
+    record = _decode(metadata, RECORD_KEY, RECORD_CRC_KEY, part, "chunk record")
+    if not _is_record(record):
         raise UserError(f"manifest part '{part}' is damaged (its chunk record is malformed)")
     return record
+
+
+def decode_shard_records(metadata: dict[bytes, bytes] | None, part: Path) -> dict[int, dict[str, dict[str, str]]]:
+    """Shard -> commit record of a compacted part, in shard order; UserError when they are missing or damaged."""
+    if not metadata or SHARDS_KEY not in metadata:
+        raise UserError(f"manifest part '{part}' is damaged (it lacks the shard records of a compacted part)")
+    records = _decode(metadata, SHARDS_KEY, SHARDS_CRC_KEY, part, "shard records")
+    if not (isinstance(records, dict) and records and all(k.isdigit() and _is_record(v) for k, v in records.items())):
+        raise UserError(f"manifest part '{part}' is damaged (its shard records are malformed)")
+    return {int(shard): records[shard] for shard in sorted(records, key=int)}
+
+
+def _encode(key: bytes, crc_key: bytes, value: dict) -> dict[bytes, bytes]:
+    encoded = json.dumps(value, sort_keys=True).encode()
+    return {key: encoded, crc_key: f"{google_crc32c.value(encoded):08x}".encode()}
+
+
+def _decode(metadata: dict[bytes, bytes], key: bytes, crc_key: bytes, part: Path, what: str):
+    if metadata.get(crc_key) != f"{google_crc32c.value(metadata[key]):08x}".encode():
+        raise UserError(f"manifest part '{part}' is damaged (its {what} fails its crc32c)")
+    try:
+        return json.loads(metadata[key])
+    except ValueError:
+        raise UserError(f"manifest part '{part}' is damaged (its {what} is not JSON)") from None
+
+
+def _is_record(record) -> bool:
+    return isinstance(record, dict) and all(isinstance(files, dict) for files in record.values())
 
 
 def missing_chunks(store_path: Path, record: dict[str, dict[str, str]]) -> list[str]:

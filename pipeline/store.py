@@ -11,6 +11,8 @@ Layout of a store directory (readable with plain zarr and pyarrow):
                          files and their crc32c in the key-value metadata, see pipeline.integrity); their
                          union is the manifest. Any other non-dot file there is refused: a stray copy of a
                          part would duplicate its rows.
+  manifest/shards-AAAAAA-BBBBBB.parquet  a compacted part (zs-cache compact, pipeline.compact): the rows of
+                         several shards, its lowest A and highest B, each shard's commit record in its metadata
   .lock                  held by the one builder allowed at a time
 
 Shards. Shard k owns rows [k * shard_size, (k + 1) * shard_size): a whole number of chunks that no
@@ -46,7 +48,14 @@ from zeroseg import __version__
 from zeroseg.pipeline.atomic import atomic_path
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import DECODES
-from zeroseg.pipeline.integrity import chunk_key, decode_record, encode_record, shard_record
+from zeroseg.pipeline.integrity import (
+    chunk_key,
+    decode_record,
+    decode_shard_records,
+    encode_record,
+    encode_shard_records,
+    shard_record,
+)
 from zeroseg.pipeline.recorded import DAMAGED, recorded_fields
 from zeroseg.pipeline.runtime import first_line
 from zeroseg.pipeline.sources import SourceSpec
@@ -61,7 +70,9 @@ LOCK_FILE = ".lock"
 FEATURES = "features"
 CROPS = "crops"
 MANIFEST_READERS = 8  # threads reading manifest parts
+PART_ROW_GROUP = 65536  # rows per Parquet row group of a part (a compacted part's groups are read in parallel)
 PART_NAME = re.compile(r"shard-(\d{6,})\.parquet")
+COMPACTED_NAME = re.compile(r"shards-(\d{6,})-(\d{6,})\.parquet")
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -301,20 +312,42 @@ class FeatureStore:
     def part_path(self, shard: int) -> Path:
         return self.path / MANIFEST_DIR / f"shard-{shard:06d}.parquet"
 
-    def parts(self) -> dict[int, Path]:
-        """Committed shard -> its manifest part. UserError for any other (non-dot) file in manifest/."""
-        found = {}
+    def compacted_path(self, shards) -> Path:
+        return self.path / MANIFEST_DIR / f"shards-{min(shards):06d}-{max(shards):06d}.parquet"
+
+    def part_files(self) -> dict[Path, tuple[int, ...]]:
+        """Each committed manifest part -> the shards it holds, in shard order (see `committed_parts`)."""
+        return committed_parts(self.listed_parts())[0]
+
+    def leftover_parts(self) -> list[Path]:
+        """Parts left by an interrupted compaction: their shards are all in a larger part (zs-cache compact
+        removes them)."""
+        return committed_parts(self.listed_parts())[1]
+
+    def listed_parts(self) -> dict[Path, tuple[int, ...]]:
+        """Every part file in manifest/ -> the shards it names (single parts) or records (compacted parts: their
+        footers are read). UserError for any other (non-dot) file there."""
+        singles, compacted = {}, []
         for path in sorted((self.path / MANIFEST_DIR).iterdir()):
             if path.name.startswith("."):  # partial writes (pipeline.atomic)
                 continue
             match = PART_NAME.fullmatch(path.name)
-            if match is None or not path.is_file():
+            if match is not None and path.is_file():
+                singles[path] = (int(match.group(1)),)
+            elif COMPACTED_NAME.fullmatch(path.name) and path.is_file():
+                compacted.append(path)
+            else:
                 raise UserError(
                     f"'{path}' is not a manifest part (parts are named shard-NNNNNN.parquet): move it out of the "
                     f"store; a copy of a part would duplicate its images"
                 )
-            found[int(match.group(1))] = path
-        return found
+        with ThreadPoolExecutor(MANIFEST_READERS) as pool:
+            held = list(pool.map(lambda path: tuple(self.part_records(path)), compacted))
+        return {**singles, **dict(zip(compacted, held))}
+
+    def parts(self) -> dict[int, Path]:
+        """Committed shard -> the manifest part holding it."""
+        return {shard: path for path, shards in self.part_files().items() for shard in shards}
 
     def committed_shards(self) -> set[int]:
         return set(self.parts())
@@ -332,15 +365,31 @@ class FeatureStore:
             raise damaged_part(path, exc) from None
 
     def chunk_record(self, path: Path) -> dict[str, dict[str, str]] | None:
-        """The part's commit record (pipeline.integrity), None for a part written before records existed."""
-        try:
-            metadata = pq.read_metadata(path).metadata
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise damaged_part(path, exc) from None
-        record = decode_record(metadata, path)
+        """The commit record of single part `path` (pipeline.integrity), None for a part written before records
+        existed."""
+        record = decode_record(self._footer(path), path)
         if record is None and self.meta.commit_records:
             raise UserError(f"manifest part '{path}' is damaged (it lacks the chunk record of this store's parts)")
         return record
+
+    def part_records(self, path: Path) -> dict[int, dict[str, dict[str, str]] | None]:
+        """Shard -> commit record of each shard in part `path` (one for a single part, several for a compacted one)."""
+        match = PART_NAME.fullmatch(path.name)
+        if match is not None:
+            return {int(match.group(1)): self.chunk_record(path)}
+        return decode_shard_records(self._footer(path), path)
+
+    def records(self) -> dict[int, dict[str, dict[str, str]] | None]:
+        """Committed shard -> its commit record, the parts' footers read by a thread pool."""
+        with ThreadPoolExecutor(MANIFEST_READERS) as pool:
+            held = list(pool.map(self.part_records, self.part_files()))
+        return {shard: record for records in held for shard, record in records.items()}
+
+    def _footer(self, path: Path) -> dict[bytes, bytes] | None:
+        try:
+            return pq.read_metadata(path).metadata
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise damaged_part(path, exc) from None
 
     def manifest(
         self,
@@ -354,7 +403,7 @@ class FeatureStore:
         `each(table, part path)` (a filter or a compact encoding, so the whole manifest never exists in its
         plain form). unique: refuse (UserError) an image or a row that two manifest rows claim, when the
         columns to tell are read."""
-        parts = self.parts()
+        parts = self.part_files()
         each = each or (lambda table, part: table)
         if not parts:
             empty = MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
@@ -364,7 +413,7 @@ class FeatureStore:
             return each(self.read_part(part, columns), part)
 
         with ThreadPoolExecutor(MANIFEST_READERS) as pool:
-            table = pa.concat_tables(list(pool.map(read, parts.values())))
+            table = pa.concat_tables(list(pool.map(read, parts)))
         if unique:
             refuse_duplicates(self.path, table)
         return table
@@ -375,8 +424,7 @@ class FeatureStore:
         required: dict[str, set[int]] = {name: set() for name in self.arrays()}
         chunk, per_shard = self.meta.chunk_size, self.meta.shard_size // self.meta.chunk_size
         legacy = set()
-        for shard, path in self.parts().items():
-            record = self.chunk_record(path)
+        for shard, record in self.records().items():
             if record is None:
                 legacy.add(shard)
                 continue
@@ -417,12 +465,33 @@ class FeatureStore:
         return shard_record(self.path, self.arrays(), range(start // chunk, (start + len(features) - 1) // chunk + 1))
 
     def remove_shard(self, shard: int) -> None:
-        """Un-commit a shard (its part first: from then on the shard does not exist), then delete its chunk files."""
-        self.part_path(shard).unlink(missing_ok=True)
-        start, chunk = self.shard_rows(shard), self.meta.chunk_size
-        for name, array in self.arrays().items():
-            for index in range(start // chunk, (start + self.meta.shard_size) // chunk):
-                (self.path / name / chunk_key(array, index)).unlink(missing_ok=True)
+        """Un-commit a shard, then delete its chunk files. From the first step on the shard does not exist: its
+        part is removed, or a compacted part holding it is rewritten without its rows (removed when it held no
+        other shard; removed whole, with its shards' chunks, when it no longer reads). Leftovers of an
+        interrupted compaction go first: they would hold the shard again."""
+        for leftover in self.leftover_parts():
+            leftover.unlink()
+        part, shards = self.part_path(shard), [shard]
+        holder = self.parts().get(shard, part)
+        if holder != part:
+            try:
+                rows, records = self.read_part(holder), self.part_records(holder)
+            except UserError:
+                shards = list(self.part_files()[holder])
+                holder.unlink()
+            else:
+                del records[shard]
+                if records:
+                    kept = rows.filter(pc.not_equal(rows["shard"], shard))
+                    self.write_part(holder, kept, encode_shard_records(records))
+                else:
+                    holder.unlink()
+        part.unlink(missing_ok=True)
+        chunk = self.meta.chunk_size
+        for first in (self.shard_rows(s) for s in shards):
+            for name, array in self.arrays().items():
+                for index in range(first // chunk, (first + self.meta.shard_size) // chunk):
+                    (self.path / name / chunk_key(array, index)).unlink(missing_ok=True)
 
     def _sync_chunks(self, name: str, start: int, count: int) -> None:
         """Flush a row range's chunk files to disk, so a part committed after them survives a power loss."""
@@ -436,10 +505,38 @@ class FeatureStore:
     def commit(self, shard: int, rows: pa.Table, record: dict) -> None:
         """Publish a shard: its manifest part, with page checksums and the commit record `record` (from
         write_shard), appears atomically, after its features."""
-        final = self.part_path(shard)
-        table = rows.cast(MANIFEST_SCHEMA).replace_schema_metadata(encode_record(record))
-        with atomic_path(final) as partial:
-            pq.write_table(table, partial, write_page_checksum=True)
+        self.write_part(self.part_path(shard), rows, encode_record(record))
+
+    def write_part(self, path: Path, rows: pa.Table, metadata: dict[bytes, bytes]) -> None:
+        """Write manifest part `path` atomically: `rows` in the manifest schema with page checksums, `metadata`
+        (its commit record or records) as its key-value metadata."""
+        table = rows.cast(MANIFEST_SCHEMA).replace_schema_metadata(metadata)
+        with atomic_path(path) as partial:
+            pq.write_table(table, partial, write_page_checksum=True, row_group_size=PART_ROW_GROUP)
+
+
+def committed_parts(listed: dict[Path, tuple[int, ...]]) -> tuple[dict[Path, tuple[int, ...]], list[Path]]:
+    """(the committed parts -> their shards, in shard order; the leftovers of an interrupted compaction).
+
+    Every committed shard is held by exactly one part. A compaction writes its merged part before it removes
+    the parts it merged, so a kill in between leaves parts whose shards all lie in one larger part: those are
+    its leftovers (the same rows again) and are skipped. UserError for parts that overlap otherwise."""
+    owner: dict[int, Path] = {}
+    committed, leftovers = {}, []
+    for path, shards in sorted(listed.items(), key=lambda item: (-len(item[1]), item[0].name)):
+        owners = {owner.get(shard) for shard in shards}
+        if owners == {None}:
+            committed[path] = shards
+            owner.update(dict.fromkeys(shards, path))
+        elif len(owners) == 1:
+            leftovers.append(path)
+        else:
+            shard = next(shard for shard in shards if shard in owner)
+            raise UserError(
+                f"manifest parts '{path}' and '{owner[shard]}' both hold shard {shard}: one of them is a stray copy; "
+                f"move it out of the store"
+            )
+    return dict(sorted(committed.items(), key=lambda item: item[1][0])), leftovers
 
 
 def damaged_part(path: Path, exc: Exception) -> UserError:

@@ -1,0 +1,101 @@
+"""`zs-cache compact`: merge a store's manifest parts into fewer, larger ones (network filesystems open and
+list each file at a cost; a store of ImageNet-1k has 1,252 parts of 1,024 rows).
+
+Parts of fewer than `rows_per_part` rows are merged, in shard order, into compacted parts of whole shards and
+at most `rows_per_part` rows (a part already that large stays as it is). A compacted part
+`manifest/shards-AAAAAA-BBBBBB.parquet` (its lowest and highest shard) holds its shards' rows unchanged and,
+in its key-value metadata, each shard's commit record (pipeline.integrity.SHARDS_KEY). Parts made before
+commit records existed are left as they are.
+
+Crash safety: each merged part is written to a dot-name, synced and renamed into place; only then (after a
+sync of the folder) are the parts it merged removed. A kill in between leaves those parts beside the merged
+one: every reader skips them (pipeline.store.committed_parts), and the next compact, build --repair or
+compact run removes them. The chunk files are never touched. Compact takes the builder lock.
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from zeroseg.pipeline.atomic import sync_folder
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.integrity import encode_shard_records
+from zeroseg.pipeline.store import MANIFEST_DIR, FeatureStore, builder_lock
+
+DEFAULT_ROWS_PER_PART = 131_072  # ImageNet-1k: 10 parts; CC12M: 92
+PARTIAL = re.compile(r"\.shards-\d{6,}-\d{6,}\.parquet\.\d+\.partial")  # pipeline.atomic's temporary names
+
+
+@dataclass
+class CompactSummary:
+    store: Path
+    parts_before: int
+    parts_after: int
+    rows: int
+    leftovers: int  # parts of an interrupted compaction removed
+
+    def line(self) -> str:
+        done = f"; removed {self.leftovers} parts left by an interrupted compact" if self.leftovers else ""
+        if self.parts_before == self.parts_after:
+            return f"nothing to compact: store {self.store} has {self.parts_after} manifest parts{done}"
+        return (f"compacted store {self.store}: {self.parts_before} manifest parts -> {self.parts_after} "
+                f"({self.rows} rows){done}")  # fmt: skip
+
+
+def compact(path: str | Path, rows_per_part: int = DEFAULT_ROWS_PER_PART,
+            log: Callable[[str], None] = lambda line: None) -> CompactSummary:  # fmt: skip
+    """Merge the store's small parts (see the module docstring); UserError when a builder holds the store."""
+    if rows_per_part < 1:
+        raise UserError(f"--rows-per-part must be positive, got {rows_per_part}")
+    FeatureStore.open(path)  # a store, before the lock file is made
+    with builder_lock(path):
+        store = FeatureStore.open(path, writable=True)
+        folder = store.path / MANIFEST_DIR
+        leftovers = remove_leftovers(store)
+        parts = store.part_files()
+        records = {part: store.part_records(part) for part in parts}
+        rows = {part: pq.read_metadata(part).num_rows for part in parts}
+        mergeable = [part for part in parts if None not in records[part].values()]
+        before = len(parts)
+        for group in plan_groups(mergeable, rows, rows_per_part):
+            merged = {shard: record for part in group for shard, record in records[part].items()}
+            target = store.compacted_path(merged)
+            table = pa.concat_tables([store.read_part(part).replace_schema_metadata(None) for part in group])
+            store.write_part(target, table, encode_shard_records(merged))
+            sync_folder(folder)  # the merged part is there before any part it replaces goes
+            for part in group:
+                if part != target:
+                    part.unlink()
+            log(f"compact: shards {min(merged)}-{max(merged)} ({table.num_rows} rows) -> {target.name}")
+        sync_folder(folder)
+        return CompactSummary(store.path, before, len(store.part_files()), sum(rows.values()), leftovers)
+
+
+def plan_groups(parts: list[Path], rows: dict[Path, int], rows_per_part: int) -> list[list[Path]]:
+    """Runs of consecutive parts (in shard order) of at most `rows_per_part` rows together, each of 2 parts or
+    more (a part alone stays as it is)."""
+    groups, group, total = [], [], 0
+    for part in parts:
+        if group and total + rows[part] > rows_per_part:
+            groups.append(group)
+            group, total = [], 0
+        group.append(part)
+        total += rows[part]
+    groups.append(group)
+    return [group for group in groups if len(group) > 1]
+
+
+def remove_leftovers(store: FeatureStore) -> int:
+    """Finish an interrupted compaction: remove the parts whose shards all lie in a larger part, and the
+    temporary files of merged parts that were never renamed. Returns the number of parts removed."""
+    leftovers = store.leftover_parts()
+    for part in leftovers:
+        part.unlink()
+    for partial in (store.path / MANIFEST_DIR).iterdir():
+        if PARTIAL.fullmatch(partial.name):
+            partial.unlink()
+    return len(leftovers)
