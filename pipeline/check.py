@@ -114,12 +114,18 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
     chunks at a time (at most VERIFY_BLOCK_BYTES decompressed), so time and memory stay near one pass over
     the store whatever the number of rows."""
     damage = Damage()
+    unreadable: list = []
     try:
-        listed = store.listed_parts()
-        parts, leftovers = committed_parts(listed)
+        parts, leftovers = committed_parts(store.listed_parts(unreadable))
     except UserError as exc:
         damage.add(str(exc))
         return damage
+    held = {shard for shards in parts.values() for shard in shards}
+    for path in unreadable:
+        try:
+            store.part_records(path)
+        except UserError as exc:
+            damage.add_to_shards(str(exc), store.unreadable_shards(path, held))
     tables, unchecked = [], 0
     for path, shards in parts.items():
         try:

@@ -324,9 +324,10 @@ class FeatureStore:
         removes them)."""
         return committed_parts(self.listed_parts())[1]
 
-    def listed_parts(self) -> dict[Path, tuple[int, ...]]:
+    def listed_parts(self, unreadable: list[Path] | None = None) -> dict[Path, tuple[int, ...]]:
         """Every part file in manifest/ -> the shards it names (single parts) or records (compacted parts: their
-        footers are read). UserError for any other (non-dot) file there."""
+        footers are read). UserError for any other (non-dot) file there, and for a compacted part whose footer
+        does not read, unless `unreadable` is given: such parts are then left out and added to it."""
         singles, compacted = {}, []
         for path in sorted((self.path / MANIFEST_DIR).iterdir()):
             if path.name.startswith("."):  # partial writes (pipeline.atomic)
@@ -341,9 +342,25 @@ class FeatureStore:
                     f"'{path}' is not a manifest part (parts are named shard-NNNNNN.parquet): move it out of the "
                     f"store; a copy of a part would duplicate its images"
                 )
+
+        def shards_of(path: Path) -> tuple[int, ...] | None:
+            try:
+                return tuple(self.part_records(path))
+            except UserError:
+                if unreadable is None:
+                    raise
+                unreadable.append(path)
+                return None
+
         with ThreadPoolExecutor(MANIFEST_READERS) as pool:
-            held = list(pool.map(lambda path: tuple(self.part_records(path)), compacted))
-        return {**singles, **dict(zip(compacted, held))}
+            held = dict(zip(compacted, pool.map(shards_of, compacted)))
+        return {**singles, **{path: shards for path, shards in held.items() if shards is not None}}
+
+    def unreadable_shards(self, path: Path, held: set[int]) -> list[int]:
+        """The shards a compacted part whose footer does not read may hold: those of its name's range that no
+        other part `held`."""
+        first, last = map(int, COMPACTED_NAME.fullmatch(path.name).groups())
+        return [shard for shard in range(first, last + 1) if shard not in held]
 
     def parts(self) -> dict[int, Path]:
         """Committed shard -> the manifest part holding it."""
@@ -467,17 +484,24 @@ class FeatureStore:
     def remove_shard(self, shard: int) -> None:
         """Un-commit a shard, then delete its chunk files. From the first step on the shard does not exist: its
         part is removed, or a compacted part holding it is rewritten without its rows (removed when it held no
-        other shard; removed whole, with its shards' chunks, when it no longer reads). Leftovers of an
-        interrupted compaction go first: they would hold the shard again."""
-        for leftover in self.leftover_parts():
+        other shard). A compacted part that no longer reads is removed whole, with the chunks of every shard
+        it may hold. Leftovers of an interrupted compaction go first: they would hold the shard again."""
+        unreadable: list[Path] = []
+        parts, leftovers = committed_parts(self.listed_parts(unreadable))
+        for leftover in leftovers:
             leftover.unlink()
+        held = {held: path for path, shards in parts.items() for held in shards}
         part, shards = self.part_path(shard), [shard]
-        holder = self.parts().get(shard, part)
+        holder = held.get(shard, part)
+        for broken in unreadable:
+            if shard in self.unreadable_shards(broken, set(held)):
+                shards = self.unreadable_shards(broken, set(held))
+                broken.unlink()
         if holder != part:
             try:
                 rows, records = self.read_part(holder), self.part_records(holder)
             except UserError:
-                shards = list(self.part_files()[holder])
+                shards = list(parts[holder])
                 holder.unlink()
             else:
                 del records[shard]
