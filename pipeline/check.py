@@ -10,10 +10,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from zeroseg.pipeline.duplicates import name_digests, repeated_names, repeated_rows
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import damaged_chunks, has_checksums
+from zeroseg.pipeline.runtime import prefetch_map
 from zeroseg.pipeline.sizes import human_size
-from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore, committed_parts
+from zeroseg.pipeline.store import MANIFEST_READERS, FeatureStore, committed_parts
 
 
 def disk_size(path: Path) -> int:
@@ -110,9 +112,11 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
     manifest and array agree: every ok row exactly once, inside its shard's rows and the array, with finite,
     written features that decode (chunk checksums).
 
-    Column-wise: the manifest's checks are array operations, and the features are read a block of whole
-    chunks at a time (at most VERIFY_BLOCK_BYTES decompressed), so time and memory stay near one pass over
-    the store whatever the number of rows."""
+    Part by part: the manifest's checks are array operations on one part at a time (a few parts read ahead by
+    threads), and what the whole manifest must agree on is kept as 16 bytes per row (the ok rows, and a digest
+    of each image's name: pipeline.duplicates). The features are read a block of whole chunks at a time (at
+    most VERIFY_BLOCK_BYTES decompressed). So time stays near one pass over the store and memory near 16 bytes
+    per manifest row whatever the number of rows."""
     damage = Damage()
     unreadable: list = []
     try:
@@ -126,42 +130,73 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
             store.part_records(path)
         except UserError as exc:
             damage.add_to_shards(str(exc), store.unreadable_shards(path, held))
-    tables, unchecked = [], 0
-    for path, shards in parts.items():
+
+    def read(path: Path) -> tuple[pa.Table, dict] | UserError:
         try:
-            table = store.read_part(path, VERIFIED_COLUMNS)
-            records = store.part_records(path)
+            return store.read_part(path, VERIFIED_COLUMNS), store.part_records(path)
         except UserError as exc:
-            damage.add_to_shards(str(exc), shards)
+            return exc
+
+    totals = Counter(unchecked_shards=0, ok=0, error=0)
+    ok_rows, digests, sizes, shards_seen = [], [], {}, set()
+    read_ahead = prefetch_map(read, parts, MANIFEST_READERS, 2 * MANIFEST_READERS)
+    for (path, shards), read_back in zip(parts.items(), read_ahead):
+        if isinstance(read_back, UserError):
+            damage.add_to_shards(str(read_back), shards)
             continue
-        tables.append(table)
-        foreign = np.setdiff1d(pc.unique(table["shard"]).to_numpy(zero_copy_only=False), shards)
+        table, records = read_back
+        for shard, record in records.items():
+            totals["unchecked_shards"] += record is None
+            for problem in damaged_chunks(store.path, record or {}):
+                damage.add(f"shard {shard}: {problem}", shard)
+        found = np.unique(table["shard"].to_numpy().astype(np.int64))
+        foreign = np.setdiff1d(found, shards)
         if len(foreign):
             damage.add_to_shards(f"manifest part '{path}' holds rows of shard {foreign[0]}, which it does not record",
                                  shards)  # fmt: skip
-        for shard, record in records.items():
-            unchecked += record is None
-            for problem in damaged_chunks(store.path, record or {}):
-                damage.add(f"shard {shard}: {problem}", shard)
-    manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table().select(VERIFIED_COLUMNS)
-    ok_rows = _check_manifest(store, manifest, damage)
-    damage.counts.update(unchecked_shards=unchecked, leftover_parts=len(leftovers))
+        shards_seen.update(found.tolist())
+        ok_rows.append(_check_part(store, table, damage, totals))
+        digests.append(name_digests(table["source"], table["key"]))
+        sizes[path] = table.num_rows
+    ok_rows = np.sort(np.concatenate(ok_rows)) if ok_rows else np.zeros(0, np.int64)
+    for row, times in repeated_rows(ok_rows).items():
+        damage.add(f"row {row} is claimed by {times} manifest rows")
+    names = repeated_names(np.concatenate(digests) if digests else np.zeros(0, np.uint64),
+                           lambda indices: names_at(store, sizes, indices))  # fmt: skip
+    for name, times in names.items():
+        damage.add(f"{name} appears {times} times")
+    damage.counts.update(ok=totals["ok"], error=totals["error"], shards=len(shards_seen),
+                         unchecked_shards=totals["unchecked_shards"])  # fmt: skip
+    if leftovers:
+        damage.counts["leftover_parts"] = len(leftovers)
     if not damage.problems:
         _check_features(store, ok_rows, damage, progress)
     return damage
 
 
-def _check_manifest(store: FeatureStore, manifest: pa.Table, damage: Damage) -> np.ndarray:
-    """Add the manifest's disagreements to `damage` (each row problem with its shard); returns the sorted ok rows."""
+def names_at(store: FeatureStore, sizes: dict[Path, int], indices: np.ndarray) -> list[str]:
+    """'source/key' of the manifest rows `indices` (ascending; counted over the parts of `sizes` in order)."""
+    names, first = [], 0
+    for path, size in sizes.items():
+        local = indices[(indices >= first) & (indices < first + size)] - first
+        if len(local):
+            table = store.read_part(path, ["source", "key"]).take(pa.array(local))
+            names += pc.binary_join_element_wise(table["source"], table["key"], "/").to_pylist()
+        first += size
+    return names
+
+
+def _check_part(store: FeatureStore, part: pa.Table, damage: Damage, totals: Counter) -> np.ndarray:
+    """Add one part's row disagreements to `damage` (each with its shard) and its counts to `totals`; returns its
+    ok rows."""
     meta = store.meta
-    status = manifest["status"]
-    has_row = manifest["row"].is_valid().to_numpy(zero_copy_only=False)  # (N,) bool
-    rows = manifest["row"].fill_null(-1).to_numpy()  # (N,) int64
-    shard = manifest["shard"].to_numpy().astype(np.int64)
+    status = part["status"]
+    has_row = part["row"].is_valid().to_numpy(zero_copy_only=False)  # (n,) bool
+    rows = part["row"].fill_null(-1).to_numpy()  # (n,) int64
+    shard = part["shard"].to_numpy().astype(np.int64)
     is_ok = pc.fill_null(pc.equal(status, "ok"), False).to_numpy(zero_copy_only=False)
     is_error = pc.fill_null(pc.equal(status, "error"), False).to_numpy(zero_copy_only=False)
-    ok_rows = np.sort(rows[is_ok & has_row])
-    damage.counts.update(ok=int(is_ok.sum()), error=int(is_error.sum()), shards=len(np.unique(shard)))
+    totals.update(ok=int(is_ok.sum()), error=int(is_error.sum()))
 
     length = store.features.shape[0]
     first_row = shard * meta.shard_size
@@ -174,25 +209,17 @@ def _check_manifest(store: FeatureStore, manifest: pa.Table, damage: Damage) -> 
         (has_row & (rows >= length), lambda i: f"row {rows[i]} beyond the features array ({length} rows)"),
     ]  # fmt: skip
     reported = np.zeros(len(rows), dtype=bool)
-    found: list[tuple[int, str]] = []  # (manifest index, message), reported in manifest order
+    found: list[tuple[int, str]] = []  # (index in the part, message), reported in manifest order
     for failing, message in row_checks:
         for i in np.flatnonzero(failing & ~reported):
             found.append((int(i), message(int(i))))
         reported |= failing
-    unregistered = pc.invert(pc.is_in(manifest["source"], pa.array(list(meta.sources), pa.string())))
-    found += [(int(i), f"source '{manifest['source'][int(i)].as_py()}' is not registered in the store metadata")
+    unregistered = pc.invert(pc.is_in(part["source"], pa.array(list(meta.sources), pa.string())))
+    found += [(int(i), f"source '{part['source'][int(i)].as_py()}' is not registered in the store metadata")
               for i in np.flatnonzero(unregistered.to_numpy(zero_copy_only=False))]  # fmt: skip
     for i, text in sorted(found):
-        damage.add(f"{manifest['source'][i].as_py()}/{manifest['key'][i].as_py()}: {text}", int(shard[i]))
-    repeated_rows, times = np.unique(ok_rows, return_counts=True)
-    for row, n in zip(repeated_rows, times):
-        if n > 1:
-            damage.add(f"row {row} is claimed by {n} manifest rows")
-    names = pc.binary_join_element_wise(manifest["source"], manifest["key"], "/")
-    repeats = pc.value_counts(names)
-    for repeat in repeats.filter(pc.greater(repeats.field("counts"), 1)).to_pylist():
-        damage.add(f"{repeat['values']} appears {repeat['counts']} times")
-    return ok_rows
+        damage.add(f"{part['source'][i].as_py()}/{part['key'][i].as_py()}: {text}", int(shard[i]))
+    return rows[is_ok & has_row]
 
 
 VERIFY_BLOCK_BYTES = 64 * 2**20

@@ -189,7 +189,7 @@ def verify(
     typer.echo(
         f"store {store} verified: {counts['ok']} ok rows, {counts['error']} errors, {counts['shards']} shards{note}"
     )
-    if counts["leftover_parts"]:
+    if counts.get("leftover_parts"):
         typer.echo(
             f"note: {counts['leftover_parts']} manifest parts are left by an interrupted zs-cache compact (zeroseg "
             f"skips them; other Parquet readers see their rows twice): run zs-cache compact {store}", err=True

@@ -70,6 +70,7 @@ LOCK_FILE = ".lock"
 FEATURES = "features"
 CROPS = "crops"
 MANIFEST_READERS = 8  # threads reading manifest parts
+READ_ATTEMPTS = 3  # listings of the parts while a compact changes them
 PART_ROW_GROUP = 65536  # rows per Parquet row group of a part (a compacted part's groups are read in parallel)
 PART_NAME = re.compile(r"shard-(\d{6,})\.parquet")
 COMPACTED_NAME = re.compile(r"shards-(\d{6,})-(\d{6,})\.parquet")
@@ -398,9 +399,27 @@ class FeatureStore:
 
     def records(self) -> dict[int, dict[str, dict[str, str]] | None]:
         """Committed shard -> its commit record, the parts' footers read by a thread pool."""
-        with ThreadPoolExecutor(MANIFEST_READERS) as pool:
-            held = list(pool.map(self.part_records, self.part_files()))
-        return {shard: record for records in held for shard, record in records.items()}
+
+        def read() -> dict[int, dict[str, dict[str, str]] | None]:
+            with ThreadPoolExecutor(MANIFEST_READERS) as pool:
+                held = list(pool.map(self.part_records, self.part_files()))
+            return {shard: record for records in held for shard, record in records.items()}
+
+        return self._while_stable(read)
+
+    def _while_stable(self, read: Callable[[], object]):
+        """read() of the parts, listed and read again when they changed meanwhile (readers take no lock: a
+        compact may replace parts while they are read); its UserError when they did not."""
+        for attempt in range(READ_ATTEMPTS):
+            names = self._part_names()
+            try:
+                return read()
+            except UserError:
+                if attempt == READ_ATTEMPTS - 1 or self._part_names() == names:
+                    raise
+
+    def _part_names(self) -> list[str]:
+        return sorted(name for name in os.listdir(self.path / MANIFEST_DIR) if not name.startswith("."))
 
     def _footer(self, path: Path) -> dict[bytes, bytes] | None:
         try:
@@ -420,17 +439,17 @@ class FeatureStore:
         `each(table, part path)` (a filter or a compact encoding, so the whole manifest never exists in its
         plain form). unique: refuse (UserError) an image or a row that two manifest rows claim, when the
         columns to tell are read."""
-        parts = self.part_files()
         each = each or (lambda table, part: table)
-        if not parts:
-            empty = MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
-            return each(empty, self.path / MANIFEST_DIR)
 
-        def read(part: Path) -> pa.Table:
-            return each(self.read_part(part, columns), part)
+        def read() -> pa.Table:
+            parts = self.part_files()
+            if not parts:
+                empty = MANIFEST_SCHEMA.empty_table().select(columns or MANIFEST_SCHEMA.names)
+                return each(empty, self.path / MANIFEST_DIR)
+            with ThreadPoolExecutor(MANIFEST_READERS) as pool:
+                return pa.concat_tables(list(pool.map(lambda part: each(self.read_part(part, columns), part), parts)))
 
-        with ThreadPoolExecutor(MANIFEST_READERS) as pool:
-            table = pa.concat_tables(list(pool.map(read, parts)))
+        table = self._while_stable(read)
         if unique:
             refuse_duplicates(self.path, table)
         return table
