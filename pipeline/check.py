@@ -15,7 +15,7 @@ from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import damaged_chunks, has_checksums
 from zeroseg.pipeline.runtime import prefetch_map
 from zeroseg.pipeline.sizes import human_size
-from zeroseg.pipeline.store import MANIFEST_READERS, FeatureStore, committed_parts
+from zeroseg.pipeline.store import MANIFEST_READERS, FeatureStore, committed_parts, name_list
 
 
 def disk_size(path: Path) -> int:
@@ -180,8 +180,7 @@ def names_at(store: FeatureStore, sizes: dict[Path, int], indices: np.ndarray) -
     for path, size in sizes.items():
         local = indices[(indices >= first) & (indices < first + size)] - first
         if len(local):
-            table = store.read_part(path, ["source", "key"]).take(pa.array(local))
-            names += pc.binary_join_element_wise(table["source"], table["key"], "/").to_pylist()
+            names += name_list(store.read_part(path, ["source", "key"]), local)
         first += size
     return names
 

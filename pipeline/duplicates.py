@@ -1,10 +1,10 @@
-"""Repeated manifest entries, found from 16-byte digests: an image (source, key) or a features row that two
+"""Repeated manifest entries, found from 8-byte digests: an image (source, key) or a features row that two
 manifest rows claim.
 
-The whole manifest's names never have to be held or hashed as strings: each part's (source, key) pairs become
-a 64-bit polynomial hash (numpy over the Arrow string buffers, no Python object per row; 8 bytes per row), the
-digests of all parts are sorted together, and only the rows whose digest repeats are compared by their names
-(a digest collision costs a look, never a wrong answer).
+The whole manifest's names never have to be held or hashed as strings: each part's names become 64-bit
+digests (Arrow pads each name with zero bytes to a whole number of 8-byte words, numpy mixes the words: no
+Python object per row), the digests of all parts are sorted together, and only the rows whose digest
+repeats are compared by their names (a digest collision costs a look, never a wrong answer).
 """
 
 from collections import Counter
@@ -14,32 +14,46 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd
-SEPARATOR = "\x00"  # between source and key in the hashed name; a name it confuses only costs a look
+MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+SLICE_ROWS = 8192  # names padded at once: a few long names cost at most SLICE_ROWS times their length
 
 
 def name_digests(sources: pa.ChunkedArray | pa.Array, keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """(n,) uint64 digests of the names source + SEPARATOR + key."""
-    return string_digests(pc.binary_join_element_wise(sources, keys, SEPARATOR))
+    """(n,) uint64 digests of the names (source, key)."""
+    sources = pc.dictionary_encode(sources).combine_chunks() if isinstance(sources, pa.ChunkedArray) else (
+        pc.dictionary_encode(sources))  # fmt: skip
+    per_source = string_digests(sources.dictionary)  # (distinct sources,)
+    with np.errstate(over="ignore"):
+        salt = per_source[sources.indices.to_numpy(zero_copy_only=False)] * MULTIPLIER
+        return mix(string_digests(keys) ^ salt)
 
 
 def string_digests(strings: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """(n,) uint64: the sum over each string's bytes b_i (i from 0) of (b_i + 1) * m^(i + 1) mod 2^64, xor its
-    length (a null counts as empty)."""
+    """(n,) uint64: each string's length, then its bytes padded with zero bytes to whole 8-byte words, mixed in
+    word by word (a null counts as empty)."""
     if isinstance(strings, pa.ChunkedArray):
         strings = strings.combine_chunks()
-    strings = pc.fill_null(strings, "").cast(pa.large_string())
-    count = len(strings)
-    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + count + 1]
-    data = np.frombuffer(strings.buffers()[2] or b"", np.uint8)[offsets[0] : offsets[-1]]
-    offsets = offsets - offsets[0]
-    lengths = np.diff(offsets)  # (n,)
-    position = np.arange(len(data)) - np.repeat(offsets[:-1], lengths)  # (bytes,) index within its string
+    strings = pc.fill_null(strings, "").cast(pa.binary())
+    digests = np.empty(len(strings), np.uint64)
+    for start in range(0, len(strings), SLICE_ROWS):
+        names = strings.slice(start, SLICE_ROWS)
+        lengths = pc.binary_length(names)
+        width = 8 * max(1, -(-(pc.max(lengths).as_py() or 0) // 8))
+        padding = pc.binary_repeat(pa.scalar(b"\0"), pc.subtract(width, lengths))
+        padded = pc.binary_join_element_wise(names, padding, b"").cast(pa.binary(width))
+        words = np.frombuffer(padded.buffers()[1], np.uint64)[: len(names) * width // 8].reshape(len(names), -1)
+        digest = mix(lengths.to_numpy(zero_copy_only=False).astype(np.uint64))
+        for column in range(words.shape[1]):
+            digest = mix(digest ^ words[:, column])
+        digests[start : start + len(names)] = digest
+    return digests
+
+
+def mix(values: np.ndarray) -> np.ndarray:
+    """A multiply-xorshift round over uint64 values (wrapping)."""
     with np.errstate(over="ignore"):
-        powers = np.cumprod(np.full(max(1, int(lengths.max(initial=0))), MULTIPLIER, np.uint64))  # m^1..m^L
-        terms = (data + np.uint64(1)) * powers[position]  # (bytes,)
-        running = np.concatenate([[np.uint64(0)], np.cumsum(terms, dtype=np.uint64)])
-        return (running[offsets[1:]] - running[offsets[:-1]]) ^ lengths.astype(np.uint64)
+        values = values * MULTIPLIER
+        return values ^ (values >> np.uint64(29))
 
 
 def sharing_digests(digests: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from zeroseg import __version__
 from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.pipeline.duplicates import name_digests, repeated_names, repeated_rows
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import DECODES
 from zeroseg.pipeline.integrity import (
@@ -587,26 +589,30 @@ def damaged_part(path: Path, exc: Exception) -> UserError:
 
 
 def refuse_duplicates(path: Path, table: pa.Table) -> None:
-    """UserError when two manifest rows hold the same image (source, key) or the same features row."""
+    """UserError when two manifest rows hold the same image (source, key) or the same features row (found from
+    digests: pipeline.duplicates)."""
     names = set(table.column_names)
     if {"source", "key"} <= names:
-        pairs = table.group_by(["source", "key"]).aggregate([([], "count_all")])
-        repeated = pairs.filter(pc.greater(pairs["count_all"], 1))
-        if repeated.num_rows:
-            first = repeated.slice(0, 1).to_pylist()[0]
+        repeated = repeated_names(name_digests(table["source"], table["key"]), partial(name_list, table))
+        if repeated:
+            name, count = next(iter(repeated.items()))
             raise UserError(
-                f"store '{path}': image {first['source']}/{first['key']} appears {first['count_all']} times in the "
-                f"manifest ({repeated.num_rows} duplicated images): run zs-cache verify"
+                f"store '{path}': image {name} appears {count} times in the manifest ({len(repeated)} duplicated "
+                f"images): run zs-cache verify"
             )
     if "row" in names:
-        rows = table["row"].drop_null()
-        if len(pc.unique(rows)) != len(rows):
-            counts = pc.value_counts(rows)
-            repeated_rows = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+        repeated = repeated_rows(table["row"].drop_null().to_numpy())
+        if repeated:
             raise UserError(
-                f"store '{path}': features row {repeated_rows[0]} is claimed by several manifest rows: "
+                f"store '{path}': features row {next(iter(repeated))} is claimed by several manifest rows: "
                 f"run zs-cache verify"
             )
+
+
+def name_list(table: pa.Table, indices: np.ndarray) -> list[str]:
+    """'source/key' of rows `indices` of a manifest table."""
+    rows = table.select(["source", "key"]).take(pa.array(indices))
+    return pc.binary_join_element_wise(rows["source"], rows["key"], "/").to_pylist()
 
 
 def manifest_rows(shard: int, records: list[ImageRecord]) -> pa.Table:
