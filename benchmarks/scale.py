@@ -6,6 +6,7 @@ the steps measured here are about rows, not feature bytes), optionally a crops a
 fresh Python process, which reports its seconds and its peak resident memory above the same process
 after imports:
 
+  manifest  reading the whole manifest (FeatureStore.manifest, every column, duplicates refused)
   plan      the no-op rerun's planning: which of the source's N keys are not yet in the store
   inspect   zs-cache inspect's summary (pipeline.check.describe)
   verify    zs-cache verify (pipeline.check.verify)
@@ -13,8 +14,11 @@ after imports:
   epoch     one epoch's sample order (trainer.sampling.SampleOrder.epoch)
 
 and prints seconds, microseconds per row, peak MiB and both extrapolated linearly to --extrapolate rows.
+With --compact ROWS the steps run again after `zs-cache compact --rows-per-part ROWS` (its time printed):
+one manifest part per shard against a few large ones.
 
     python benchmarks/scale.py --rows 1280000
+    python benchmarks/scale.py --rows 1280000 --compact 131072
     python benchmarks/scale.py --rows 160000 --crops      # a store that keeps 16 px crops
 """
 
@@ -30,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-STEPS = ("plan", "inspect", "verify", "startup", "epoch")
+STEPS = ("manifest", "plan", "inspect", "verify", "startup", "epoch")
 
 
 def synthesise(path: Path, rows: int, shard_size: int, chunk_size: int, views: int, dim: int, crops: bool) -> None:
@@ -79,7 +83,9 @@ def run_step(step: str, root: Path, rows: int) -> dict:
     samples = StoreSamples.open(path) if step == "epoch" else None
     baseline = peak_rss()
     started = time.perf_counter()
-    if step == "plan":
+    if step == "manifest":
+        FeatureStore.open(path).manifest()
+    elif step == "plan":
         left = pending_keys(FeatureStore.open(path), keys, "synthetic")
         assert not left, f"{len(left)} keys pending on a complete store"
     elif step == "inspect":
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--crops", action="store_true", help="the store keeps (16, 16, 3) crops")
     parser.add_argument("--extrapolate", type=int, default=12_000_000, help="rows to extrapolate to")
     parser.add_argument("--root", help="reuse (or create) the synthetic store under this folder")
+    parser.add_argument("--compact", type=int, metavar="ROWS", help="then compact into parts of ROWS rows and rerun")
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
@@ -119,15 +126,31 @@ def main() -> None:
         started = time.perf_counter()
         synthesise(root, args.rows, args.shard_size, args.chunk_size, args.views, args.dim, args.crops)
         print(f"synthesised {args.rows} rows under {root} in {time.perf_counter() - started:.0f} s")
-    scale = args.extrapolate / args.rows
-    print(f"{'step':<8} {'seconds':>8} {'us/row':>7} {'peak MiB':>9} | at {args.extrapolate:,}: {'s':>7} {'MiB':>7}")
+    print_steps(root, args.rows, args.extrapolate)
+    if args.compact:
+        from zeroseg.pipeline.compact import compact
+
+        started = time.perf_counter()
+        summary = compact(root / "store", args.compact)
+        print(f"{summary.line()} in {time.perf_counter() - started:.1f} s")
+        print_steps(root, args.rows, args.extrapolate)
+
+
+def print_steps(root: Path, rows: int, extrapolate: int) -> None:
+    """Each step in a fresh process: its seconds and peak memory, and both extrapolated to `extrapolate` rows."""
+    from zeroseg.pipeline.store import FeatureStore
+
+    scale = extrapolate / rows
+    parts = len(FeatureStore.open(root / "store").part_files())
+    print(f"{parts} manifest parts")
+    print(f"{'step':<8} {'seconds':>8} {'us/row':>7} {'peak MiB':>9} | at {extrapolate:,}: {'s':>7} {'MiB':>7}")
     for step in STEPS:
-        command = [sys.executable, __file__, "--step", step, "--root", str(root), "--rows", str(args.rows)]
+        command = [sys.executable, __file__, "--step", step, "--root", str(root), "--rows", str(rows)]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         seconds, mib = result["seconds"], result["peak"] / 2**20
         print(
-            f"{step:<8} {seconds:8.2f} {1e6 * seconds / args.rows:7.2f} {mib:9.0f} | "
-            f"{' ' * (len(f'at {args.extrapolate:,}:') - 1)} {seconds * scale:7.0f} {mib * scale:7.0f}"
+            f"{step:<8} {seconds:8.2f} {1e6 * seconds / rows:7.2f} {mib:9.0f} | "
+            f"{' ' * (len(f'at {extrapolate:,}:') - 1)} {seconds * scale:7.0f} {mib * scale:7.0f}"
         )
 
 

@@ -12,10 +12,10 @@ from tqdm import tqdm
 
 from zeroseg.pipeline.duplicates import name_digests, repeated_names, repeated_rows
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.integrity import damaged_chunks, has_checksums
+from zeroseg.pipeline.integrity import checksumming_array, chunk_key, damaged_chunks, has_checksums
 from zeroseg.pipeline.runtime import prefetch_map
 from zeroseg.pipeline.sizes import human_size
-from zeroseg.pipeline.store import MANIFEST_READERS, FeatureStore, committed_parts, name_list
+from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts, name_list
 
 
 def disk_size(path: Path) -> int:
@@ -139,6 +139,7 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
 
     totals = Counter(unchecked_shards=0, ok=0, error=0)
     ok_rows, digests, sizes, shards_seen = [], [], {}, set()
+    recorded: dict[str, tuple[str, int]] = {}  # features chunk key -> (crc32c in its commit record, shard)
     read_ahead = prefetch_map(read, parts, MANIFEST_READERS, 2 * MANIFEST_READERS)
     for (path, shards), read_back in zip(parts.items(), read_ahead):
         if isinstance(read_back, UserError):
@@ -147,7 +148,10 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
         table, records = read_back
         for shard, record in records.items():
             totals["unchecked_shards"] += record is None
-            for problem in damaged_chunks(store.path, record or {}):
+            record = dict(record or {})
+            for key, crc in record.pop(FEATURES, {}).items():  # compared when the chunk is decoded: read once
+                recorded[key] = (crc, shard)
+            for problem in damaged_chunks(store.path, {FEATURES: {}, **record}):
                 damage.add(f"shard {shard}: {problem}", shard)
         found = np.unique(table["shard"].to_numpy().astype(np.int64))
         foreign = np.setdiff1d(found, shards)
@@ -169,8 +173,14 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
                          unchecked_shards=totals["unchecked_shards"])  # fmt: skip
     if leftovers:
         damage.counts["leftover_parts"] = len(leftovers)
+    for key in [key for key in recorded if not (store.path / FEATURES / key).is_file()]:
+        crc, shard = recorded.pop(key)
+        damage.add(f"shard {shard}: chunk {FEATURES}/{key} is missing", shard)
     if not damage.problems:
-        _check_features(store, ok_rows, damage, progress)
+        _check_features(store, ok_rows, recorded, damage, progress)
+    for key, (crc, shard) in recorded.items():  # chunks not decoded: no ok row in them, or other damage first
+        for problem in damaged_chunks(store.path, {FEATURES: {key: crc}}):
+            damage.add(f"shard {shard}: {problem}", shard)
     return damage
 
 
@@ -224,13 +234,33 @@ def _check_part(store: FeatureStore, part: pa.Table, damage: Damage, totals: Cou
 VERIFY_BLOCK_BYTES = 64 * 2**20
 
 
-def _check_features(store: FeatureStore, ok_rows: np.ndarray, damage: Damage, progress: bool) -> None:
+def _check_features(
+    store: FeatureStore, ok_rows: np.ndarray, recorded: dict[str, tuple[str, int]], damage: Damage, progress: bool
+) -> None:
     """Decode every chunk holding one of the sorted `ok_rows` (checksums checked by Zarr), a block of whole chunks
-    per read; those rows finite and written. A block that fails to decode is read again chunk by chunk, so each
-    problem names its damaged chunk."""
-    features, chunk, shard_size = store.features, store.meta.chunk_size, store.meta.shard_size
+    per read; those rows finite and written. The crc32c of each chunk file, taken from the bytes Zarr read, is
+    compared with its commit record (`recorded`, whose keys are removed as they are compared). A block that
+    fails to decode is read again chunk by chunk, so each problem names its damaged chunk."""
+    features, noted = checksumming_array(store.path, FEATURES)
+    chunk, shard_size = store.meta.chunk_size, store.meta.shard_size
     row_bytes = int(np.prod(features.shape[1:])) * features.dtype.itemsize
     block = chunk * max(1, VERIFY_BLOCK_BYTES // (row_bytes * chunk))  # rows per read, whole chunks
+    changed: set[int] = set()  # chunks whose crc32c differs from their record (reported)
+
+    def compare(indices: np.ndarray) -> None:
+        """Chunks `indices` just read: their crc32c (of the bytes Zarr read) against their commit records."""
+        for index in indices.tolist():
+            key = chunk_key(features, index)
+            crc, expected = noted.noted.get(f"{FEATURES}/{key}"), recorded.get(key)
+            if crc is None or expected is None:  # a chunk never written, or one without a record
+                continue
+            del recorded[key]
+            if crc != expected[0]:
+                damage.add(f"shard {expected[1]}: chunk {FEATURES}/{key} is damaged (crc32c differs from its commit "
+                           f"record)", expected[1])  # fmt: skip
+                changed.add(index)
+        noted.noted.clear()
+
     for start in tqdm(np.unique(ok_rows // block) * block, desc="verify", unit="block", disable=not progress):
         lo, hi = np.searchsorted(ok_rows, [start, start + block])
         wanted = ok_rows[lo:hi]
@@ -238,6 +268,7 @@ def _check_features(store: FeatureStore, ok_rows: np.ndarray, damage: Damage, pr
             values = features[int(start) : int(wanted[-1]) + 1][wanted - start]  # (n, V, D)
         except ValueError:  # some chunk of the block does not decode: find which
             values = None
+        compare(np.unique(wanted // chunk))
         if values is not None:
             _check_values(wanted, values, shard_size, damage)
             continue
@@ -247,10 +278,12 @@ def _check_features(store: FeatureStore, ok_rows: np.ndarray, damage: Damage, pr
             try:
                 values = features[first : int(rows[-1]) + 1][rows - first]  # (n, V, D)
             except ValueError as exc:
-                damage.add(f"shard {first // shard_size}: chunk {index} of features does not decode ({exc})",
-                           first // shard_size)  # fmt: skip
+                if index not in changed:
+                    damage.add(f"shard {first // shard_size}: chunk {index} of features does not decode ({exc})",
+                               first // shard_size)  # fmt: skip
                 continue
             _check_values(rows, values, shard_size, damage)
+        noted.noted.clear()
 
 
 def _check_values(rows: np.ndarray, values: np.ndarray, shard_size: int, damage: Damage) -> None:

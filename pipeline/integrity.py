@@ -23,6 +23,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 import zarr
+from zarr.storage import LocalStore, WrapperStore
 
 from zeroseg.pipeline.errors import UserError
 
@@ -152,3 +153,25 @@ def checked_read(
             f"store '{store_path}': a chunk of {name} holding rows {first}-{last} is damaged (crc32c mismatch): "
             f"run zs-cache verify, then zs-cache build --repair"
         ) from None
+
+
+class ChecksummingStore(WrapperStore):
+    """A read-only local Zarr store that notes the crc32c of every whole file it hands to Zarr (`noted`: key
+    relative to the store -> crc32c), so that `verify` reads each chunk once to both decode it and compare it
+    with its commit record."""
+
+    def __init__(self, root: Path):
+        super().__init__(LocalStore(root, read_only=True))
+        self.noted: dict[str, str] = {}
+
+    async def get(self, key, prototype=None, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is not None and byte_range is None:
+            self.noted[key] = f"{google_crc32c.value(value.to_bytes()):08x}"
+        return value
+
+
+def checksumming_array(store_path: Path, name: str) -> tuple[zarr.Array, ChecksummingStore]:
+    """Store array `name` read through a ChecksummingStore, and that store."""
+    store = ChecksummingStore(store_path)
+    return zarr.open_array(store=store, path=name, mode="r"), store

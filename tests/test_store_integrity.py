@@ -275,3 +275,13 @@ def test_image_records_are_the_manifest_rows(store):
     assert row == {"row": None, "key": "gone.jpg", "source": "photos", "sha256": None, "width": None, "height": None,
                    "status": "error", "error": "unreadable: No such file or directory", "shard": 1}
     assert image_records(manifest_rows(1, [failed])) == [failed]
+
+
+def test_verify_compares_each_decoded_chunk_with_its_commit_record_from_the_one_read(store):
+    part = store / "manifest" / "shard-000000.parquet"
+    record = FeatureStore.open(store).chunk_record(part)
+    record["features"]["c/1/0/0"] = "00000000"  # the chunk decodes, but it is not the chunk the shard committed
+    pq.write_table(pq.read_table(part).replace_schema_metadata(encode_record(record)), part, write_page_checksum=True)
+    damage = find_damage(FeatureStore.open(store), progress=False)
+    assert damage.problems == ["shard 0: chunk features/c/1/0/0 is damaged (crc32c differs from its commit record)"]
+    assert list(damage.shards) == [0]
