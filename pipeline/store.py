@@ -459,16 +459,17 @@ class FeatureStore:
     def required_chunks(self, ok_rows: np.ndarray) -> dict[str, set[int]]:
         """Array -> indices of the chunks whose files must exist (Zarr would read a lost one as zeros): those in
         the commit records; for shards committed before records existed, the features chunks of `ok_rows`."""
-        required: dict[str, set[int]] = {name: set() for name in self.arrays()}
+        arrays = self.arrays()
+        required: dict[str, set[int]] = {name: set() for name in arrays}
         chunk, per_shard = self.meta.chunk_size, self.meta.shard_size // self.meta.chunk_size
         legacy = set()
         for shard, record in self.records().items():
             if record is None:
                 legacy.add(shard)
                 continue
-            for name, array in self.arrays().items():
+            first = shard * per_shard
+            for name, array in arrays.items():
                 files = record.get(name, {})
-                first = shard * per_shard
                 required[name].update(i for i in range(first, first + per_shard) if chunk_key(array, i) in files)
         rows = np.asarray(ok_rows)
         legacy_rows = rows[np.isin(rows // self.meta.shard_size, list(legacy))]
