@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--crops", action="store_true", help="the store keeps (16, 16, 3) crops")
     parser.add_argument("--extrapolate", type=int, default=12_000_000, help="rows to extrapolate to")
     parser.add_argument("--root", help="reuse (or create) the synthetic store under this folder")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per step: the least seconds, the most memory")
     parser.add_argument("--compact", type=int, metavar="ROWS", help="then compact into parts of ROWS rows and rerun")
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -126,17 +127,17 @@ def main() -> None:
         started = time.perf_counter()
         synthesise(root, args.rows, args.shard_size, args.chunk_size, args.views, args.dim, args.crops)
         print(f"synthesised {args.rows} rows under {root} in {time.perf_counter() - started:.0f} s")
-    print_steps(root, args.rows, args.extrapolate)
+    print_steps(root, args.rows, args.extrapolate, args.repeat)
     if args.compact:
         from zeroseg.pipeline.compact import compact
 
         started = time.perf_counter()
         summary = compact(root / "store", args.compact)
         print(f"{summary.line()} in {time.perf_counter() - started:.1f} s")
-        print_steps(root, args.rows, args.extrapolate)
+        print_steps(root, args.rows, args.extrapolate, args.repeat)
 
 
-def print_steps(root: Path, rows: int, extrapolate: int) -> None:
+def print_steps(root: Path, rows: int, extrapolate: int, repeat: int) -> None:
     """Each step in a fresh process: its seconds and peak memory, and both extrapolated to `extrapolate` rows."""
     from zeroseg.pipeline.store import FeatureStore
 
@@ -146,8 +147,9 @@ def print_steps(root: Path, rows: int, extrapolate: int) -> None:
     print(f"{'step':<8} {'seconds':>8} {'us/row':>7} {'peak MiB':>9} | at {extrapolate:,}: {'s':>7} {'MiB':>7}")
     for step in STEPS:
         command = [sys.executable, __file__, "--step", step, "--root", str(root), "--rows", str(rows)]
-        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-        seconds, mib = result["seconds"], result["peak"] / 2**20
+        results = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+                   for _ in range(repeat)]  # fmt: skip
+        seconds, mib = min(r["seconds"] for r in results), max(r["peak"] for r in results) / 2**20
         print(
             f"{step:<8} {seconds:8.2f} {1e6 * seconds / rows:7.2f} {mib:9.0f} | "
             f"{' ' * (len(f'at {extrapolate:,}:') - 1)} {seconds * scale:7.0f} {mib * scale:7.0f}"
