@@ -9,8 +9,9 @@ commit records existed are left as they are.
 
 Crash safety: each merged part is written to a dot-name, synced and renamed into place; only then (after a
 sync of the folder) are the parts it merged removed. A kill in between leaves those parts beside the merged
-one: every reader skips them (pipeline.store.committed_parts), and the next compact, build --repair or
-compact run removes them. The chunk files are never touched. Compact takes the builder lock.
+one: every reader skips them (pipeline.store.committed_parts), and the next compact (or a repair) removes
+them. The chunk files are never touched. Compact takes the builder lock. A damaged part is refused with
+verify's line (repair it first).
 """
 
 import re
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from zeroseg.pipeline.atomic import sync_folder
 from zeroseg.pipeline.errors import UserError
@@ -58,7 +58,7 @@ def compact(path: str | Path, rows_per_part: int = DEFAULT_ROWS_PER_PART,
         leftovers = remove_leftovers(store)
         parts = store.part_files()
         records = {part: store.part_records(part) for part in parts}
-        rows = {part: pq.read_metadata(part).num_rows for part in parts}
+        rows = {part: store.part_size(part) for part in parts}
         mergeable = [part for part in parts if None not in records[part].values()]
         before = len(parts)
         for group in plan_groups(mergeable, rows, rows_per_part):

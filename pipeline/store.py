@@ -423,9 +423,16 @@ class FeatureStore:
     def _part_names(self) -> list[str]:
         return sorted(name for name in os.listdir(self.path / MANIFEST_DIR) if not name.startswith("."))
 
+    def part_size(self, path: Path) -> int:
+        """Rows of manifest part `path`, from its footer."""
+        return self._metadata(path).num_rows
+
     def _footer(self, path: Path) -> dict[bytes, bytes] | None:
+        return self._metadata(path).metadata
+
+    def _metadata(self, path: Path) -> pq.FileMetaData:
         try:
-            return pq.read_metadata(path).metadata
+            return pq.read_metadata(path)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise damaged_part(path, exc) from None
 

@@ -134,6 +134,11 @@ def test_compact_is_refused_while_a_builder_holds_the_store_and_on_a_folder_that
         f"error: store '{store}' is being written by another zs-cache build; wait for it to finish"
     )
     assert len(part_names(store)) == 3
+    flip_byte(store / "manifest" / "shard-000001.parquet", position=20)
+    damaged = invoke(zs_cache, "compact", store)
+    assert damaged.returncode == 2 and len(damaged.stderr.strip().splitlines()) == 1
+    assert damaged.stderr.startswith(f"error: manifest part '{store / 'manifest' / 'shard-000001.parquet'}' is damaged")
+    assert damaged.stderr.strip().endswith("run zs-cache build --repair") and len(part_names(store)) == 3
     missing = invoke(zs_cache, "compact", tmp_path / "nothing")
     assert missing.returncode == 2 and "is not a feature store" in missing.stderr
     assert not (tmp_path / "nothing").exists()
