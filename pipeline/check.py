@@ -105,6 +105,7 @@ def checksum_line(store: FeatureStore) -> str:
 
 
 VERIFIED_COLUMNS = ["row", "key", "source", "status", "shard"]
+VERIFY_AHEAD_ROWS = 2**18  # manifest rows read ahead (parts of single shards: 16 at a time; compacted parts: 2)
 
 
 def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
@@ -112,11 +113,11 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
     manifest and array agree: every ok row exactly once, inside its shard's rows and the array, with finite,
     written features that decode (chunk checksums).
 
-    Part by part: the manifest's checks are array operations on one part at a time (a few parts read ahead by
-    threads), and what the whole manifest must agree on is kept as 16 bytes per row (the ok rows, and a digest
-    of each image's name: pipeline.duplicates). The features are read a block of whole chunks at a time (at
-    most VERIFY_BLOCK_BYTES decompressed). So time stays near one pass over the store and memory near 16 bytes
-    per manifest row whatever the number of rows."""
+    Part by part: the manifest's checks are array operations on one part at a time (parts of about
+    VERIFY_AHEAD_ROWS rows together read ahead by threads), and what the whole manifest must agree on is kept
+    as 16 bytes per row (the ok rows, and a digest of each image's name: pipeline.duplicates). The features are
+    read a block of whole chunks at a time (at most VERIFY_BLOCK_BYTES decompressed), each chunk once. So time
+    stays near one pass over the store and memory near 16 bytes per manifest row whatever the number of rows."""
     damage = Damage()
     unreadable: list = []
     try:
@@ -140,7 +141,9 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
     totals = Counter(unchecked_shards=0, ok=0, error=0)
     ok_rows, digests, sizes, shards_seen = [], [], {}, set()
     recorded: dict[str, tuple[str, int]] = {}  # features chunk key -> (crc32c in its commit record, shard)
-    read_ahead = prefetch_map(read, parts, MANIFEST_READERS, 2 * MANIFEST_READERS)
+    largest = store.meta.shard_size * max((len(shards) for shards in parts.values()), default=1)  # rows per part
+    ahead = max(1, min(2 * MANIFEST_READERS, VERIFY_AHEAD_ROWS // largest))
+    read_ahead = prefetch_map(read, parts, MANIFEST_READERS, ahead)
     for (path, shards), read_back in zip(parts.items(), read_ahead):
         if isinstance(read_back, UserError):
             damage.add_to_shards(str(read_back), shards)
