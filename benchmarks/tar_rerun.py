@@ -52,9 +52,9 @@ def commit_everything(source: Path, store_path: Path) -> None:
     import torch
 
     from zeroseg.pipeline.build_options import BuildOptions
-    from zeroseg.pipeline.shards import EncodeSettings, describe_teacher, plan_shards, prepare_store
+    from zeroseg.pipeline.shards import EncodeSettings, plan_shards, prepare_store
     from zeroseg.pipeline.sources import open_source, tar_of
-    from zeroseg.pipeline.store import manifest_rows
+    from zeroseg.pipeline.store import ImageRecord, manifest_rows
     from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
     opts = BuildOptions(source=str(source), store=str(store_path), teacher=str(TINY_TEACHER), pretrained="none",
@@ -64,11 +64,11 @@ def commit_everything(source: Path, store_path: Path) -> None:
     name = source.stem
     settings = EncodeSettings(tuple(opts.grids), opts.batch_size, opts.image_size, name, True)
     tar_source = open_source(source)
-    store = prepare_store(None, tar_source, identity, describe_teacher(teacher), settings, opts)
+    store = prepare_store(None, tar_source, identity, teacher.format(), settings, opts)
     for shard in plan_shards(tar_source.keys(), set(), store.meta.shard_size, tar_of):
-        records = [{"key": key, "source": name, "sha256": "0" * 64, "width": 500, "height": 375, "error": None}
-                   for key in shard.keys]  # fmt: skip
-        store.commit(shard.id, manifest_rows(shard.id, store.shard_rows(shard.id), records), {})
+        first = store.shard_rows(shard.id)
+        records = [ImageRecord(name, key, first + i, "0" * 64, 500, 375) for i, key in enumerate(shard.keys)]
+        store.commit(shard.id, manifest_rows(shard.id, records), {})
 
 
 def rerun(source: Path, store: Path) -> float:
