@@ -16,6 +16,7 @@ verify's line (repair it first).
 
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import pyarrow as pa
 from zeroseg.pipeline.atomic import sync_folder
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import encode_shard_records
-from zeroseg.pipeline.store import MANIFEST_DIR, FeatureStore, builder_lock
+from zeroseg.pipeline.store import MANIFEST_DIR, MANIFEST_READERS, FeatureStore, builder_lock
 
 DEFAULT_ROWS_PER_PART = 131_072  # ImageNet-1k: 10 parts; CC12M: 92
 PARTIAL = re.compile(r"\.shards-\d{6,}-\d{6,}\.parquet\.\d+\.partial")  # pipeline.atomic's temporary names
@@ -57,8 +58,9 @@ def compact(path: str | Path, rows_per_part: int = DEFAULT_ROWS_PER_PART,
         folder = store.path / MANIFEST_DIR
         leftovers = remove_leftovers(store)
         parts = store.part_files()
-        records = {part: store.part_records(part) for part in parts}
-        rows = {part: store.part_size(part) for part in parts}
+        with ThreadPoolExecutor(MANIFEST_READERS) as pool:  # footers: on a network filesystem the reads overlap
+            records = dict(zip(parts, pool.map(store.part_records, parts)))
+            rows = dict(zip(parts, pool.map(store.part_size, parts)))
         mergeable = [part for part in parts if None not in records[part].values()]
         before = len(parts)
         for group in plan_groups(mergeable, rows, rows_per_part):
