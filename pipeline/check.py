@@ -144,6 +144,15 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
     largest = store.meta.shard_size * max((len(shards) for shards in parts.values()), default=1)  # rows per part
     ahead = max(1, min(2 * MANIFEST_READERS, VERIFY_AHEAD_ROWS // largest))
     read_ahead = prefetch_map(read, parts, MANIFEST_READERS, ahead)
+    batch: list[pa.Table] = []  # parts read but not yet checked: checked together (few calls per row, not per part)
+
+    def check_batch() -> None:
+        if batch:
+            rows = pa.concat_tables(batch)
+            ok_rows.append(_check_rows(store, rows, damage, totals))
+            digests.append(name_digests(rows["source"], rows["key"]))
+            batch.clear()
+
     for (path, shards), read_back in zip(parts.items(), read_ahead):
         if isinstance(read_back, UserError):
             damage.add_to_shards(str(read_back), shards)
@@ -162,9 +171,11 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
             damage.add_to_shards(f"manifest part '{path}' holds rows of shard {foreign[0]}, which it does not record",
                                  shards)  # fmt: skip
         shards_seen.update(found.tolist())
-        ok_rows.append(_check_part(store, table, damage, totals))
-        digests.append(name_digests(table["source"], table["key"]))
         sizes[path] = table.num_rows
+        batch.append(table)
+        if sum(part.num_rows for part in batch) >= VERIFY_AHEAD_ROWS:
+            check_batch()
+    check_batch()
     ok_rows = np.sort(np.concatenate(ok_rows)) if ok_rows else np.zeros(0, np.int64)
     for row, times in repeated_rows(ok_rows).items():
         damage.add(f"row {row} is claimed by {times} manifest rows")
@@ -198,9 +209,9 @@ def names_at(store: FeatureStore, sizes: dict[Path, int], indices: np.ndarray) -
     return names
 
 
-def _check_part(store: FeatureStore, part: pa.Table, damage: Damage, totals: Counter) -> np.ndarray:
-    """Add one part's row disagreements to `damage` (each with its shard) and its counts to `totals`; returns its
-    ok rows."""
+def _check_rows(store: FeatureStore, part: pa.Table, damage: Damage, totals: Counter) -> np.ndarray:
+    """Add the row disagreements of consecutive manifest rows `part` to `damage` (each with its shard) and their
+    counts to `totals`; returns their ok rows."""
     meta = store.meta
     status = part["status"]
     has_row = part["row"].is_valid().to_numpy(zero_copy_only=False)  # (n,) bool
@@ -221,7 +232,7 @@ def _check_part(store: FeatureStore, part: pa.Table, damage: Damage, totals: Cou
         (has_row & (rows >= length), lambda i: f"row {rows[i]} beyond the features array ({length} rows)"),
     ]  # fmt: skip
     reported = np.zeros(len(rows), dtype=bool)
-    found: list[tuple[int, str]] = []  # (index in the part, message), reported in manifest order
+    found: list[tuple[int, str]] = []  # (index in `part`, message), reported in manifest order
     for failing, message in row_checks:
         for i in np.flatnonzero(failing & ~reported):
             found.append((int(i), message(int(i))))
