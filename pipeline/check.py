@@ -12,7 +12,13 @@ from tqdm import tqdm
 
 from zeroseg.pipeline.duplicates import name_digests, repeated_names, repeated_rows
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.integrity import checksumming_array, chunk_key, damaged_chunks, has_checksums
+from zeroseg.pipeline.integrity import (
+    checksumming_array,
+    chunk_key,
+    damaged_chunks,
+    decoded_chunk_agrees,
+    has_checksums,
+)
 from zeroseg.pipeline.runtime import prefetch_map
 from zeroseg.pipeline.sizes import human_size
 from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts, name_list
@@ -252,7 +258,7 @@ def _check_features(
     store: FeatureStore, ok_rows: np.ndarray, recorded: dict[str, tuple[str, int]], damage: Damage, progress: bool
 ) -> None:
     """Decode every chunk holding one of the sorted `ok_rows` (checksums checked by Zarr), a block of whole chunks
-    per read; those rows finite and written. The crc32c of each chunk file, taken from the bytes Zarr read, is
+    per read; those rows finite and written. The payload crc32c of each chunk file, taken from the bytes Zarr read, is
     compared with its commit record (`recorded`, whose keys are removed as they are compared). A block that
     fails to decode is read again chunk by chunk, so each problem names its damaged chunk."""
     features, noted = checksumming_array(store.path, FEATURES)
@@ -269,7 +275,7 @@ def _check_features(
             if crc is None or expected is None:  # a chunk never written, or one without a record
                 continue
             del recorded[key]
-            if crc != expected[0]:
+            if not decoded_chunk_agrees(crc, expected[0]):
                 damage.add(f"shard {expected[1]}: chunk {FEATURES}/{key} is damaged (crc32c differs from its commit "
                            f"record)", expected[1])  # fmt: skip
                 changed.add(index)

@@ -4,7 +4,9 @@ Three layers make a damaged store loud wherever it is read:
   chunks         new stores encode every chunk of `features` and `crops` as zstd followed by Zarr v3's
                  `crc32c` codec, so a changed byte fails decoding (`read_rows` turns that into one line).
   commit record  each manifest part carries, in its Parquet key-value metadata under RECORD_KEY, the
-                 chunk files its shard wrote and their crc32c: {"features": {"c/3/0/0": "1a2b3c4d"}, ...}.
+                 chunk files its shard wrote and the crc32c of each file's payload (all but the codec's 4-byte
+                 trailer): {"features": {"c/3/0/0": "1a2b3c4d"}, ...}, so a chunk that decodes but is not the
+                 one its shard wrote (swapped, stale, copied over) is found too.
                  A chunk of only fill values is never written and not listed. Zarr reads a missing chunk
                  as fill values (zeros), so readers check the listed files exist (`missing_chunks`), and
                  `verify` compares their checksums (`damaged_chunks`) without decoding them.
@@ -33,8 +35,28 @@ SHARDS_KEY = b"zeroseg.shards"  # a compacted part: shard -> its commit record
 SHARDS_CRC_KEY = b"zeroseg.shards.crc32c"
 
 
-def file_crc32c(path: Path) -> str:
-    return f"{google_crc32c.value(path.read_bytes()):08x}"
+# A chunk file is its payload followed by the crc32c codec's crc32c of that payload (4 bytes, little-endian), so
+# the crc32c of a whole intact file is this one constant, whatever the chunk holds. Records made before payload
+# checksums hold it for every chunk: for them, only "the file is intact" can be checked.
+INTACT_FILE_CRC32C = "48674bc7"
+
+
+def chunk_crc32c(data: bytes) -> str:
+    """What a commit record holds for a chunk file's bytes: the crc32c of its payload."""
+    return f"{google_crc32c.value(data[:-4]):08x}"
+
+
+def chunk_agrees(data: bytes, recorded: str) -> bool:
+    """The chunk file's bytes are the ones its commit record names (for an old record: the file is intact)."""
+    if recorded == INTACT_FILE_CRC32C:
+        return f"{google_crc32c.value(data):08x}" == INTACT_FILE_CRC32C
+    return chunk_crc32c(data) == recorded
+
+
+def decoded_chunk_agrees(payload_crc32c: str, recorded: str) -> bool:
+    """A chunk that Zarr decoded through a ChecksummingStore (which noted `payload_crc32c`) is the one its record
+    names; an old record names no content, and decoding has checked that the file is intact."""
+    return recorded == INTACT_FILE_CRC32C or payload_crc32c == recorded
 
 
 def chunk_key(array: zarr.Array, index: int) -> str:
@@ -47,12 +69,12 @@ def has_checksums(array: zarr.Array) -> bool:
 
 
 def shard_record(store_path: Path, arrays: dict[str, zarr.Array], chunks: Iterable[int]) -> dict[str, dict[str, str]]:
-    """The commit record of a shard whose chunks `chunks` were just written: array -> chunk key -> crc32c."""
+    """The commit record of a shard whose chunks `chunks` were just written: array -> chunk key -> payload crc32c."""
     record: dict[str, dict[str, str]] = {}
     indices = list(chunks)
     for name, array in arrays.items():
         files = {key: store_path / name / key for key in (chunk_key(array, i) for i in indices)}
-        record[name] = {key: file_crc32c(path) for key, path in files.items() if path.exists()}
+        record[name] = {key: chunk_crc32c(path.read_bytes()) for key, path in files.items() if path.exists()}
     return record
 
 
@@ -112,14 +134,14 @@ def missing_chunks(store_path: Path, record: dict[str, dict[str, str]]) -> list[
 
 
 def damaged_chunks(store_path: Path, record: dict[str, dict[str, str]]) -> list[str]:
-    """One problem line per recorded chunk file that is missing or whose crc32c changed."""
+    """One problem line per recorded chunk file that is missing or is not the file its record names."""
     problems = []
     for name, files in record.items():
         for key, expected in files.items():
             path = store_path / name / key
             if not path.is_file():
                 problems.append(f"chunk {name}/{key} is missing")
-            elif file_crc32c(path) != expected:
+            elif not chunk_agrees(path.read_bytes(), expected):
                 problems.append(f"chunk {name}/{key} is damaged (crc32c differs from its commit record)")
     return problems
 
@@ -156,9 +178,9 @@ def checked_read(
 
 
 class ChecksummingStore(WrapperStore):
-    """A read-only local Zarr store that notes the crc32c of every whole file it hands to Zarr (`noted`: key
-    relative to the store -> crc32c), so that `verify` reads each chunk once to both decode it and compare it
-    with its commit record."""
+    """A read-only local Zarr store that notes the payload crc32c of every whole file it hands to Zarr (`noted`:
+    key relative to the store -> `chunk_crc32c`), so that `verify` reads each chunk once to both decode it and
+    compare it with its commit record."""
 
     def __init__(self, root: Path):
         super().__init__(LocalStore(root, read_only=True))
@@ -167,7 +189,7 @@ class ChecksummingStore(WrapperStore):
     async def get(self, key, prototype=None, byte_range=None):
         value = await self._store.get(key, prototype, byte_range)
         if value is not None and byte_range is None:
-            self.noted[key] = f"{google_crc32c.value(value.to_bytes()):08x}"
+            self.noted[key] = chunk_crc32c(value.to_bytes())
         return value
 
 

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import google_crc32c
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +14,7 @@ from zeroseg.pipeline.build import BuildOptions, run_build
 from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.integrity import encode_record, file_crc32c
+from zeroseg.pipeline.integrity import INTACT_FILE_CRC32C, chunk_crc32c, encode_record
 from zeroseg.pipeline.store import FeatureStore, ImageRecord, StoreMeta, image_records, manifest_rows
 from zeroseg.trainer.data import StoreBatches, StoreSamples
 from zeroseg.trainer.sampling import BatchPlan
@@ -102,11 +103,44 @@ def test_verify_names_a_chunk_that_fails_decoding_though_its_commit_record_agree
     flip_byte(chunk)
     part = store / "manifest" / "shard-000000.parquet"
     record = FeatureStore.open(store).chunk_record(part)
-    record["features"]["c/1/0/0"] = file_crc32c(chunk)  # damaged before it was recorded: only decoding tells
+    record["features"]["c/1/0/0"] = chunk_crc32c(chunk.read_bytes())  # damaged before it was recorded: decoding tells
     pq.write_table(pq.read_table(part).replace_schema_metadata(encode_record(record)), part, write_page_checksum=True)
     damage = find_damage(FeatureStore.open(store), progress=False)
     assert len(damage.problems) == 1 and damage.problems[0].startswith("shard 0: chunk 1 of features does not decode")
     assert list(damage.shards) == [0] and not damage.unrepairable  # the other chunks of its verify block read fine
+
+
+def test_verify_finds_chunks_that_decode_but_are_not_the_ones_their_shards_wrote(store):
+    """Two features chunks swapped (each intact, each decoding): only the commit records' payload crc32c tell."""
+    first, second = store / "features" / "c" / "0" / "0" / "0", store / "features" / "c" / "2" / "0" / "0"
+    whole = {f"{google_crc32c.value(path.read_bytes()):08x}" for path in (first, second)}
+    assert whole == {INTACT_FILE_CRC32C}  # a whole file's crc32c tells nothing
+    first_bytes, second_bytes = first.read_bytes(), second.read_bytes()
+    first.write_bytes(second_bytes)
+    second.write_bytes(first_bytes)
+    damage = find_damage(FeatureStore.open(store), progress=False)
+    assert sorted(damage.problems) == [
+        "shard 0: chunk features/c/0/0/0 is damaged (crc32c differs from its commit record)",
+        "shard 1: chunk features/c/2/0/0 is damaged (crc32c differs from its commit record)",
+    ]
+    assert sorted(damage.shards) == [0, 1]
+
+
+def test_records_written_before_payload_checksums_still_verify_and_find_a_damaged_chunk(store):
+    """Older stores recorded the whole file's crc32c, the same constant for every intact chunk: such a store is
+    still clean, and a changed byte still fails that constant."""
+    for part in sorted((store / "manifest").glob("*.parquet")):
+        record = FeatureStore.open(store).chunk_record(part)
+        old = {name: dict.fromkeys(files, INTACT_FILE_CRC32C) for name, files in record.items()}
+        table = pq.read_table(part).replace_schema_metadata(encode_record(old))
+        pq.write_table(table, part, write_page_checksum=True)
+    assert find_damage(FeatureStore.open(store), progress=False).problems == []
+    flip_byte(store / "features" / "c" / "1" / "0" / "0")
+    flip_byte(store / "crops" / "c" / "3" / "0" / "0" / "0")
+    assert sorted(find_damage(FeatureStore.open(store), progress=False).problems) == [
+        "shard 0: chunk features/c/1/0/0 is damaged (crc32c differs from its commit record)",
+        "shard 1: chunk crops/c/3/0/0/0 is damaged (crc32c differs from its commit record)",
+    ]
 
 
 def test_a_missing_chunk_is_an_error_naming_it_never_zeros_and_a_rerun_points_to_repair(store):
