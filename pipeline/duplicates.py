@@ -19,20 +19,23 @@ SLICE_ROWS = 8192  # names padded at once: a few long names cost at most SLICE_R
 
 
 def name_digests(sources: pa.ChunkedArray | pa.Array, keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """(n,) uint64 digests of the names (source, key)."""
-    sources = pc.dictionary_encode(sources).combine_chunks() if isinstance(sources, pa.ChunkedArray) else (
-        pc.dictionary_encode(sources))  # fmt: skip
+    """(n,) uint64 digests of the names (source, key), batch by batch: the names are never copied into one array."""
+    batches = pa.table({"source": sources, "key": keys}).to_batches()  # zero-copy slices, aligned
+    pieces = [_batch_digests(batch["source"], batch["key"]) for batch in batches]
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.uint64)
+
+
+def _batch_digests(sources: pa.Array, keys: pa.Array) -> np.ndarray:
+    sources = pc.dictionary_encode(sources)
     per_source = string_digests(sources.dictionary)  # (distinct sources,)
     with np.errstate(over="ignore"):
         salt = per_source[sources.indices.to_numpy(zero_copy_only=False)] * MULTIPLIER
         return mix(string_digests(keys) ^ salt)
 
 
-def string_digests(strings: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def string_digests(strings: pa.Array) -> np.ndarray:
     """(n,) uint64: each string's length, then its bytes padded with zero bytes to whole 8-byte words, mixed in
     word by word (a null counts as empty)."""
-    if isinstance(strings, pa.ChunkedArray):
-        strings = strings.combine_chunks()
     strings = pc.fill_null(strings, "").cast(pa.binary())
     digests = np.empty(len(strings), np.uint64)
     for start in range(0, len(strings), SLICE_ROWS):

@@ -48,16 +48,16 @@ class Batch(NamedTuple):
 class StoreSamples:
     """The usable rows of a store in row order: sample i is feature row rows[i] of image (sources[i], keys[i]).
 
-    Held as flat arrays, a few tens of bytes per sample: the sources as dictionary codes, the hashes as 32
-    raw bytes. A store that keeps its crops is read from those alone, so its keys, sources and hashes are
-    not loaded (None)."""
+    The rows are a numpy array; keys, sources and hashes stay Arrow columns, one chunk per manifest part, a
+    few tens of bytes per sample: the sources as dictionary codes, the hashes as 32 raw bytes. A store that
+    keeps its crops is read from those alone, so its keys, sources and hashes are not loaded (None)."""
 
     path: Path
     meta: StoreMeta
     rows: np.ndarray  # (N,) int64, ascending
-    keys: pa.Array | None  # (N,) string
-    sources: pa.DictionaryArray | None  # (N,) source names
-    hashes: np.ndarray | None  # (N, 32) uint8, sha256 of each image's bytes (all zero: none recorded)
+    keys: pa.ChunkedArray | None  # (N,) string
+    sources: pa.ChunkedArray | None  # (N,) source names, dictionary-encoded
+    hashes: pa.ChunkedArray | None  # (N,) 32-byte sha256 of each image's bytes (all zero: none recorded)
     required: dict[str, set[int]]  # array -> chunks whose files must exist (FeatureStore.required_chunks)
 
     @classmethod
@@ -65,17 +65,19 @@ class StoreSamples:
         store = FeatureStore.open(path)
         stored = store.meta.stored_crops
         columns = ["row", "status"] if stored else ["row", "key", "source", "sha256", "status"]
-        table = store.manifest(columns, each=usable_rows).sort_by("row")
+        table = store.manifest(columns, each=usable_rows)
         if table.num_rows == 0:
             raise UserError(f"store '{path}' has no usable images (no manifest row with status ok)")
         rows = table["row"].to_numpy().astype(np.int64)
+        if np.any(rows[1:] <= rows[:-1]):  # parts come in shard order, so rows usually ascend already
+            order = np.argsort(rows, kind="stable")
+            table, rows = table.take(order), rows[order]
         required = store.required_chunks(rows)
         if stored:
             return cls(Path(path), store.meta, rows, None, None, None, required)
         CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
-        keys = table["key"].combine_chunks()
-        sources = table["source"].combine_chunks().dictionary_encode()
-        hashes = np.frombuffer(table["sha256"].combine_chunks().buffers()[1], np.uint8).reshape(-1, 32)
+        table = table.unify_dictionaries()
+        keys, sources, hashes = table["key"], table["source"], table["sha256"]  # a chunk per part, not copied
         return cls(Path(path), store.meta, rows, keys, sources, hashes, required)
 
     def __len__(self) -> int:
@@ -88,8 +90,9 @@ class StoreSamples:
 
     def records(self, ids: np.ndarray) -> list[ImageRecord]:
         """The image records (source, key, row, sha256) of samples `ids`, for CropReader."""
-        keys, sources = (column.take(pa.array(ids)).to_pylist() for column in (self.keys, self.sources))
-        hashes = [h.tobytes().hex() if h.any() else None for h in self.hashes[ids]]
+        keys, sources, digests = (column.take(pa.array(ids)).to_pylist() for column in (self.keys, self.sources,
+                                                                                          self.hashes))  # fmt: skip
+        hashes = [digest.hex() if any(digest) else None for digest in digests]
         return [ImageRecord(s, k, int(r), h) for s, k, r, h in zip(sources, keys, self.rows[ids], hashes)]
 
     def identity(self) -> dict:
@@ -113,8 +116,11 @@ _IS_HEX[np.frombuffer(b"0123456789abcdefABCDEF", np.uint8)] = True
 
 
 def usable_rows(part: pa.Table, path: Path) -> pa.Table:
-    """Manifest part `path`'s ok rows without their status; a hex sha256 column becomes 32 raw bytes per row."""
+    """Manifest part `path`'s ok rows without their status; a hex sha256 column becomes 32 raw bytes per row,
+    a source column dictionary codes."""
     part = part.filter(pc.equal(part["status"], "ok")).drop_columns(["status"])
+    if "source" in part.column_names:
+        part = part.set_column(part.column_names.index("source"), "source", pc.dictionary_encode(part["source"]))
     if "sha256" in part.column_names:
         digests = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), part.num_rows, [None, pa.py_buffer(
             sha256_bytes(part["sha256"], path))])  # fmt: skip
