@@ -107,6 +107,53 @@ def train(store, run_dir, *args) -> CliResult:
     return invoke(zs_train, "run", "--store", store, "--run-dir", run_dir, *TINY_RUN, *args)
 
 
+def flip_byte(path: Path, position: int | None = None) -> None:
+    """Flip one bit of a file (its middle byte, or the one at `position`)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if position is None else position] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def read_every_batch(store_path: Path) -> list:
+    """Every training batch of a store, batches of 2 in one window of 2."""
+    from zeroseg.trainer.data import StoreBatches, StoreSamples
+    from zeroseg.trainer.sampling import BatchPlan
+
+    samples = StoreSamples.open(store_path)
+    dataset = StoreBatches(samples, BatchPlan(batch=2, accum=1, world=1, rank=0), window=2, seed=0)
+    return [dataset[j] for j in range(len(samples) // 2)]
+
+
+def rebuild(store_path: Path, **overrides):
+    """run_build of a store from its own source with the tiny teacher: (summary, the lines it logged)."""
+    from zeroseg.pipeline.build import run_build
+    from zeroseg.pipeline.build_options import BuildOptions
+    from zeroseg.pipeline.store import FeatureStore
+
+    meta = FeatureStore.open(store_path).meta
+    opts = BuildOptions(
+        source=meta.sources["photos"].path, store=str(store_path), teacher=str(TINY_TEACHER),
+        pretrained="none", device="cpu", batch_size=10, image_size=32, progress=False, **overrides,
+    )  # fmt: skip
+    lines = []
+    summary = run_build(opts, log=lines.append)
+    return summary, lines
+
+
+@pytest.fixture(scope="module")
+def pristine_crops_store(tmp_path_factory) -> Path:
+    """10 photos, crops kept: shards of 4 images in chunks of 2 -> 3 shards (4, 4 and 2 rows), 5 chunks per array;
+    built once per test module."""
+    return make_store(tmp_path_factory.mktemp("pristine"), store_crops=True)
+
+
+@pytest.fixture
+def crops_store(pristine_crops_store, tmp_path) -> Path:
+    """A fresh copy of pristine_crops_store, for one test to damage, repair or compact."""
+    shutil.copytree(pristine_crops_store.parent, tmp_path / "copy")
+    return tmp_path / "copy" / "store"
+
+
 def tiny_checkpoint(root: Path, count: int = 4) -> Path:
     """root/run: 2 optimizer steps (TINY_RUN) of the tiny model on make_store(root, count), one checkpoint."""
     trained = train(make_store(root, count=count), root / "run", "--steps", "2")

@@ -11,8 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import PHOTOS, TINY_TEACHER, invoke, make_store
-from tests.test_store_integrity import flip_byte, read_every_batch, rebuild
+from tests.conftest import PHOTOS, TINY_TEACHER, flip_byte, invoke, read_every_batch, rebuild
 from zeroseg.pipeline.build import BuildOptions, run_build
 from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
@@ -23,16 +22,9 @@ from zeroseg.pipeline.store import FeatureStore, builder_lock
 CRASH = Path(__file__).parent / "compact_crash.py"
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    """10 photos, crops kept: shards of 4 images in chunks of 2 -> 3 single parts (4, 4 and 2 rows)."""
-    return make_store(tmp_path_factory.mktemp("pristine"), store_crops=True)
-
-
 @pytest.fixture
-def store(pristine, tmp_path):
-    shutil.copytree(pristine.parent, tmp_path / "copy")
-    return tmp_path / "copy" / "store"
+def store(crops_store):
+    return crops_store
 
 
 def part_names(store) -> list[str]:

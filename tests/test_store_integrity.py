@@ -9,8 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import TINY_TEACHER, invoke, make_store, train
-from zeroseg.pipeline.build import BuildOptions, run_build
+from tests.conftest import TINY_TEACHER, flip_byte, invoke, read_every_batch, rebuild, train
 from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.errors import UserError
@@ -20,28 +19,9 @@ from zeroseg.trainer.data import StoreBatches, StoreSamples
 from zeroseg.trainer.sampling import BatchPlan
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    """10 photos, crops kept: shards of 4 images in chunks of 2 -> 3 shards, 5 chunks per array."""
-    return make_store(tmp_path_factory.mktemp("pristine"), store_crops=True)
-
-
 @pytest.fixture
-def store(pristine, tmp_path):
-    shutil.copytree(pristine.parent, tmp_path / "copy")
-    return tmp_path / "copy" / "store"
-
-
-def flip_byte(path, position=None):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2 if position is None else position] ^= 0x10
-    path.write_bytes(bytes(data))
-
-
-def read_every_batch(store_path):
-    samples = StoreSamples.open(store_path)
-    dataset = StoreBatches(samples, BatchPlan(batch=2, accum=1, world=1, rank=0), window=2, seed=0)
-    return [dataset[j] for j in range(len(samples) // 2)]
+def store(crops_store):
+    return crops_store
 
 
 def build_args(store_path) -> list[str]:
@@ -49,17 +29,6 @@ def build_args(store_path) -> list[str]:
     meta = FeatureStore.open(store_path).meta
     return [meta.sources["photos"].path, "--store", str(store_path), "--teacher", str(TINY_TEACHER),
             "--pretrained", "none", "--device", "cpu", "--image-size", "32", "--no-progress"]
-
-
-def rebuild(store_path, **overrides):
-    meta = FeatureStore.open(store_path).meta
-    opts = BuildOptions(
-        source=meta.sources["photos"].path, store=str(store_path), teacher=str(TINY_TEACHER),
-        pretrained="none", device="cpu", batch_size=10, image_size=32, progress=False, **overrides,
-    )  # fmt: skip
-    lines = []
-    summary = run_build(opts, log=lines.append)
-    return summary, lines
 
 
 def test_new_stores_checksum_every_chunk_and_record_each_shards_chunks(store):
