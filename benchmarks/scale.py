@@ -38,8 +38,10 @@ STEPS = ("manifest", "plan", "inspect", "verify", "startup", "epoch")
 
 
 def synthesise(path: Path, rows: int, shard_size: int, chunk_size: int, views: int, dim: int, crops: bool) -> None:
+    from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
     from zeroseg.pipeline.sources import SourceSpec
-    from zeroseg.pipeline.store import FeatureStore, ImageRecord, Preprocessing, StoreMeta, manifest_rows
+    from zeroseg.pipeline.store import FeatureStore
+    from zeroseg.pipeline.store_meta import Preprocessing, StoreMeta
     from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
     grid = int(round(views**0.5))

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from zeroseg.pipeline.crops import crop_from_bytes
+from zeroseg.pipeline.manifest import ImageRecord
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.sources import SourceSpec
-from zeroseg.pipeline.store import FeatureStore, ImageRecord, Preprocessing, StoreMeta
+from zeroseg.pipeline.store import FeatureStore
+from zeroseg.pipeline.store_meta import Preprocessing, StoreMeta
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.data import StoreBatches, StoreSamples
 from zeroseg.trainer.sampling import BatchPlan
@@ -34,7 +36,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, views: int, dim: int) -> None:
-    from zeroseg.pipeline.store import manifest_rows
+    from zeroseg.pipeline.manifest import manifest_rows
 
     photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
     crops = np.stack([crop_from_bytes(p.read_bytes(), crop_size)[0] for p in photos])  # (P, S, S, 3)

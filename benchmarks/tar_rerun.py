@@ -52,9 +52,9 @@ def commit_everything(source: Path, store_path: Path) -> None:
     import torch
 
     from zeroseg.pipeline.build_options import BuildOptions
+    from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
     from zeroseg.pipeline.shards import EncodeSettings, plan_shards, prepare_store
     from zeroseg.pipeline.sources import open_source, tar_of
-    from zeroseg.pipeline.store import ImageRecord, manifest_rows
     from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
     opts = BuildOptions(source=str(source), store=str(store_path), teacher=str(TINY_TEACHER), pretrained="none",
@@ -102,8 +102,10 @@ def main() -> None:
     if args.rerun:
         print(json.dumps(timed_rerun(*args.rerun)))
         return
+    sizes = sorted({int(s) for s in args.samples.split(",")})
+    if len(sizes) < 2 or sizes[0] < 1:
+        parser.error(f"--samples needs two or more distinct positive sizes to fit a line, got '{args.samples}'")
     root = Path(args.root or tempfile.mkdtemp(prefix="zs-tar-rerun-"))
-    sizes = [int(s) for s in args.samples.split(",")]
     print(f"{'images':>9} {'tars':>5} {'mode':<6} {'seconds':>8} {'us/image':>9}")
     measured: dict[str, list[tuple[int, float]]] = {mode: [] for mode in MODES}
     for samples in sizes:

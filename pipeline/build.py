@@ -38,7 +38,8 @@ from zeroseg.pipeline.shards import (
     write_and_commit,
 )
 from zeroseg.pipeline.sources import Source, open_source
-from zeroseg.pipeline.store import FeatureStore, StoreMeta, builder_lock
+from zeroseg.pipeline.store import FeatureStore, builder_lock
+from zeroseg.pipeline.store_meta import StoreMeta
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 

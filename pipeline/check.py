@@ -19,9 +19,10 @@ from zeroseg.pipeline.integrity import (
     decoded_chunk_agrees,
     has_checksums,
 )
+from zeroseg.pipeline.manifest import name_list
 from zeroseg.pipeline.runtime import prefetch_map
 from zeroseg.pipeline.sizes import human_size
-from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts, name_list
+from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts
 
 
 def disk_size(path: Path) -> int:

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
 from zeroseg.pipeline.runtime import first_line, prefetch_map, resolve_device
 from zeroseg.pipeline.shards import (
     Encoded,
@@ -60,7 +61,7 @@ from zeroseg.pipeline.shards import (
     prepare_store,
 )
 from zeroseg.pipeline.sources import Source, SourceSpec, source_from_spec
-from zeroseg.pipeline.store import FeatureStore, ImageRecord, manifest_rows
+from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import Teacher, TeacherFormat
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 

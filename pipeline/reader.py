@@ -10,8 +10,10 @@ import zarr
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
+from zeroseg.pipeline.manifest import ImageRecord
 from zeroseg.pipeline.sources import Source, source_from_spec
-from zeroseg.pipeline.store import CROPS, ImageRecord, StoreMeta
+from zeroseg.pipeline.store import CROPS
+from zeroseg.pipeline.store_meta import StoreMeta
 
 
 class CropReader:

@@ -14,8 +14,10 @@ from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
 from zeroseg.pipeline.crops import crop_from_bytes, view_layout
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import ImageDecodeError
+from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
 from zeroseg.pipeline.sources import Source, tar_of
-from zeroseg.pipeline.store import FeatureStore, ImageRecord, Preprocessing, StoreMeta, manifest_rows
+from zeroseg.pipeline.store import FeatureStore
+from zeroseg.pipeline.store_meta import Preprocessing, StoreMeta
 from zeroseg.pipeline.teacher import Teacher, TeacherFormat
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 

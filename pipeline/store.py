@@ -1,7 +1,7 @@
 """The feature store: a Zarr array of grid-view features plus a Parquet manifest, shard by shard.
 
 Layout of a store directory (readable with plain zarr and pyarrow):
-  zarr.json              Zarr group; attribute "zeroseg" holds the metadata (`StoreMeta.to_attribute`)
+  zarr.json              Zarr group; attribute "zeroseg" holds the metadata (pipeline.store_meta.StoreMeta)
   features/              Zarr array (N, V, D) float16, dimensions (image, view, dim), chunks of `chunk_size`
                          whole images, zstd + crc32c
   crops/                 only in stores made with --store-crops: Zarr array (N, S, S, 3) uint8, dimensions
@@ -9,8 +9,8 @@ Layout of a store directory (readable with plain zarr and pyarrow):
                          like features
   manifest/shard-NNNNNN.parquet  one part per committed shard (Parquet page checksums; the shard's chunk
                          files and their crc32c in the key-value metadata, see pipeline.integrity); their
-                         union is the manifest. Any other non-dot file there is refused: a stray copy of a
-                         part would duplicate its rows.
+                         union is the manifest (rows: pipeline.manifest). Any other non-dot file there is
+                         refused: a stray copy of a part would duplicate its rows.
   manifest/shards-AAAAAA-BBBBBB.parquet  a compacted part (zs-cache compact, pipeline.compact): the rows of
                          several shards, its lowest A and highest B, each shard's commit record in its metadata
   .lock                  held by the one builder allowed at a time
@@ -29,12 +29,9 @@ import json
 import os
 import re
 import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +42,8 @@ import zarr
 from filelock import FileLock, Timeout
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from zeroseg import __version__
 from zeroseg.pipeline.atomic import atomic_path
-from zeroseg.pipeline.duplicates import name_digests, repeated_names, repeated_rows
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.images import DECODES
 from zeroseg.pipeline.integrity import (
     chunk_key,
     decode_record,
@@ -58,12 +52,10 @@ from zeroseg.pipeline.integrity import (
     encode_shard_records,
     shard_record,
 )
-from zeroseg.pipeline.recorded import DAMAGED, recorded_fields
+from zeroseg.pipeline.manifest import MANIFEST_SCHEMA, refuse_duplicates
 from zeroseg.pipeline.runtime import first_line
-from zeroseg.pipeline.sources import SourceSpec
-from zeroseg.pipeline.teacher_identity import TeacherIdentity
+from zeroseg.pipeline.store_meta import FORMAT_VERSION, StoreMeta
 
-FORMAT_VERSION = 1
 MANIFEST_DIR = "manifest"
 # Zarr dimension names, so that xarray.open_zarr(store) reads both arrays
 FEATURE_DIMENSIONS = ("image", "view", "dim")
@@ -76,135 +68,6 @@ READ_ATTEMPTS = 3  # listings of the parts while a compact changes them
 PART_ROW_GROUP = 65536  # rows per Parquet row group of a part (a compacted part's groups are read in parallel)
 PART_NAME = re.compile(r"shard-(\d{6,})\.parquet")
 COMPACTED_NAME = re.compile(r"shards-(\d{6,})-(\d{6,})\.parquet")
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),  # index into features; null for failed images
-        ("key", pa.string()),  # stable image id within its source
-        ("source", pa.string()),  # source name (a key of StoreMeta.sources)
-        ("sha256", pa.string()),  # hash of the encoded image bytes; null when unreadable
-        ("width", pa.int32()),  # original size after EXIF rotation; null for failed images
-        ("height", pa.int32()),
-        ("status", pa.string()),  # "ok" or "error"
-        ("error", pa.string()),  # reason, for status == "error"
-        ("shard", pa.int32()),
-        ("time", pa.timestamp("ms", tz="UTC")),
-    ]
-)
-
-
-CROP_RULE = "centre square of side min(W, H), resized to crop_size (see pipeline.crops)"
-CELL_RULE = "floor(k * crop_size / grid)"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How the teacher's views were made from each image (the geometry of pipeline.crops), as a store records it."""
-
-    crop: str  # the centre crop rule, in words (CROP_RULE)
-    crop_size: int  # S: side of the centre crop, px
-    # how the image is decoded before the crop (pipeline.images.DECODES); stores made before the setting: "full"
-    decode: str = field(default="full", kw_only=True)
-    interpolation: str  # of the crop and the view resizes
-    antialias: bool
-    cell_boundaries: str  # grid cell edges (CELL_RULE)
-    view_size: int  # side of each view the teacher sees, px
-    mean: tuple[float, ...]  # per channel, 0..1 units
-    std: tuple[float, ...]
-
-    @classmethod
-    def of(
-        cls, crop_size: int, view_size: int, mean: Sequence[float], std: Sequence[float], decode: str = "full"
-    ) -> "Preprocessing":
-        """pipeline.crops' geometry for crops of crop_size px of images decoded as `decode`, and a teacher taking
-        view_size px views so normalised."""
-        return cls(CROP_RULE, crop_size, "bicubic", True, CELL_RULE, view_size, tuple(mean), tuple(std), decode=decode)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str) -> "Preprocessing":
-        """As a store records it (`where` names it in a UserError)."""
-        values = recorded_fields(cls, values, where)
-        if not all(isinstance(values[name], list) for name in ("mean", "std")):
-            raise UserError(f"{where}: mean and std are not lists ({DAMAGED})")
-        if values.get("decode", "full") not in DECODES:  # any other value would silently decode as "reduced"
-            raise UserError(f"{where}: decode '{values['decode']}' is not one of {', '.join(DECODES)} ({DAMAGED})")
-        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
-
-
-@dataclass
-class StoreMeta:
-    """Everything a reader needs to interpret the features; stored as the group attribute "zeroseg", a JSON
-    object of these keys (teacher, preprocessing and each source as their to_dict gives them)."""
-
-    teacher: TeacherIdentity
-    preprocessing: Preprocessing
-    grids: list[int]
-    views: list[list[int]]  # (grid, row, col) per stored view, in order
-    embed_dim: int
-    shard_size: int
-    chunk_size: int
-    normalized: bool = False  # raw projected embeddings; the trainer normalises
-    sources: dict[str, SourceSpec] = field(default_factory=dict)  # name (the manifest's source) -> where
-    stored_crops: bool = False  # the store keeps the (S, S, 3) uint8 crops in array "crops"; fixed at creation
-    commit_records: bool = False  # every part carries a commit record (stores made since pipeline.integrity)
-    format_version: int = FORMAT_VERSION
-    package_version: str = __version__
-
-    @property
-    def num_views(self) -> int:
-        return len(self.views)
-
-    def to_attribute(self) -> dict:
-        """The group attribute "zeroseg" (plain JSON values)."""
-        return {
-            **{f.name: getattr(self, f.name) for f in fields(self)},
-            "teacher": self.teacher.to_dict(),
-            "preprocessing": self.preprocessing.to_dict(),
-            "grids": list(self.grids),
-            "views": [list(view) for view in self.views],
-            "sources": {name: spec.to_dict() for name, spec in self.sources.items()},
-        }
-
-    @classmethod
-    def from_attribute(cls, values: dict, store: str | Path) -> "StoreMeta":
-        """From the group attribute of store `store` (stores made before stored crops or commit records lack
-        those keys); UserError naming the store for an unknown or missing key."""
-        where = f"store '{store}': attribute zeroseg"
-        values = recorded_fields(cls, values, where)
-        sources = values.get("sources", {})
-        if not isinstance(sources, dict):
-            raise UserError(f"{where}.sources: a {type(sources).__name__}, not a JSON object ({DAMAGED})")
-        return cls(**{
-            **values,
-            "teacher": TeacherIdentity.from_dict(values["teacher"], f"{where}.teacher"),
-            "preprocessing": Preprocessing.from_dict(values["preprocessing"], f"{where}.preprocessing"),
-            "sources": {name: SourceSpec.from_dict(spec, f"{where}.sources.{name}") for name, spec in sources.items()},
-        })  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image of the manifest, what the build found and what readers look up: a manifest row without its
-    status (ok when error is None), shard and time. Rows of the Arrow manifest: `manifest_rows`, `image_records`."""
-
-    source: str  # the source's name in StoreMeta.sources
-    key: str  # stable image id within its source
-    row: int | None = None  # index into features; None for a failed image
-    sha256: str | None = None  # hash of the encoded image bytes; None when unreadable (or not checked)
-    width: int | None = None  # original size after EXIF rotation; None for failed images
-    height: int | None = None
-    error: str | None = None  # why the image failed
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-RECORD_FIELDS = [f.name for f in fields(ImageRecord)]
-
 
 class FeatureStore:
     def __init__(self, path: str | Path, group: zarr.Group):
@@ -594,49 +457,6 @@ def committed_parts(listed: dict[Path, tuple[int, ...]]) -> tuple[dict[Path, tup
 
 def damaged_part(path: Path, exc: Exception) -> UserError:
     return UserError(f"manifest part '{path}' is damaged ({first_line(exc)}): run zs-cache build --repair")
-
-
-def refuse_duplicates(path: Path, table: pa.Table) -> None:
-    """UserError when two manifest rows hold the same image (source, key) or the same features row (found from
-    digests: pipeline.duplicates)."""
-    names = set(table.column_names)
-    if {"source", "key"} <= names:
-        repeated = repeated_names(name_digests(table["source"], table["key"]), partial(name_list, table))
-        if repeated:
-            name, count = next(iter(repeated.items()))
-            raise UserError(
-                f"store '{path}': image {name} appears {count} times in the manifest ({len(repeated)} duplicated "
-                f"images): run zs-cache verify"
-            )
-    if "row" in names:
-        repeated = repeated_rows(table["row"].drop_null().to_numpy())
-        if repeated:
-            raise UserError(
-                f"store '{path}': features row {next(iter(repeated))} is claimed by several manifest rows: "
-                f"run zs-cache verify"
-            )
-
-
-def name_list(table: pa.Table, indices: np.ndarray) -> list[str]:
-    """'source/key' of rows `indices` of a manifest table."""
-    rows = table.select(["source", "key"]).take(pa.array(indices))
-    return pc.binary_join_element_wise(rows["source"], rows["key"], "/").to_pylist()
-
-
-def manifest_rows(shard: int, records: list[ImageRecord]) -> pa.Table:
-    """Shard `shard`'s manifest part from the records of its images."""
-    now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
-    columns = {name: [getattr(record, name) for record in records] for name in RECORD_FIELDS}
-    columns["status"] = ["ok" if record.ok else "error" for record in records]
-    columns["shard"] = [shard] * len(records)
-    columns["time"] = [now] * len(records)
-    return pa.table(columns, schema=MANIFEST_SCHEMA)
-
-
-def image_records(table: pa.Table) -> list[ImageRecord]:
-    """The records of manifest rows (any selection of columns holding source and key; the others are None)."""
-    names = [name for name in RECORD_FIELDS if name in table.column_names]
-    return [ImageRecord(**row) for row in table.select(names).to_pylist()]
 
 
 @contextmanager

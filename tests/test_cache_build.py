@@ -22,11 +22,12 @@ from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.manifest import MANIFEST_SCHEMA, image_records
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import plan_shards
 from zeroseg.pipeline.sizes import human_size
 from zeroseg.pipeline.sources import pack_h5
-from zeroseg.pipeline.store import MANIFEST_SCHEMA, FeatureStore, builder_lock, image_records
+from zeroseg.pipeline.store import FeatureStore, builder_lock
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
 TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,

@@ -32,10 +32,11 @@ from zeroseg.pipeline.dask_build import (
     worker_counts,
 )
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.manifest import image_records
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import EncodeSettings, Shard
 from zeroseg.pipeline.sources import TAR_INDEX_DIR, open_source, tar_members
-from zeroseg.pipeline.store import FeatureStore, image_records
+from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
 TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,

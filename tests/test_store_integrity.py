@@ -14,7 +14,9 @@ from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import INTACT_FILE_CRC32C, chunk_crc32c, encode_record
-from zeroseg.pipeline.store import FeatureStore, ImageRecord, StoreMeta, image_records, manifest_rows
+from zeroseg.pipeline.manifest import ImageRecord, image_records, manifest_rows
+from zeroseg.pipeline.store import FeatureStore
+from zeroseg.pipeline.store_meta import StoreMeta
 from zeroseg.trainer.data import StoreBatches, StoreSamples
 from zeroseg.trainer.sampling import BatchPlan
 

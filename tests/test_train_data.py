@@ -9,8 +9,9 @@ import torch
 
 from tests.conftest import make_store
 from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.manifest import ImageRecord
 from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.store import FeatureStore, ImageRecord
+from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import model_preset

@@ -31,8 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 from zeroseg.pipeline.crops import channel_stats, to_model_input
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
+from zeroseg.pipeline.manifest import ImageRecord
 from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.store import CROPS, FEATURES, FeatureStore, ImageRecord, StoreMeta
+from zeroseg.pipeline.store import CROPS, FEATURES, FeatureStore
+from zeroseg.pipeline.store_meta import StoreMeta
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import ModelConfig
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder

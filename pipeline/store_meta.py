@@ -1,0 +1,105 @@
+"""What a store records about itself: the group attribute "zeroseg" of its zarr.json, as `StoreMeta`."""
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from zeroseg import __version__
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.images import DECODES
+from zeroseg.pipeline.recorded import DAMAGED, recorded_fields
+from zeroseg.pipeline.sources import SourceSpec
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
+
+FORMAT_VERSION = 1
+
+CROP_RULE = "centre square of side min(W, H), resized to crop_size (see pipeline.crops)"
+CELL_RULE = "floor(k * crop_size / grid)"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the teacher's views were made from each image (the geometry of pipeline.crops), as a store records it."""
+
+    crop: str  # the centre crop rule, in words (CROP_RULE)
+    crop_size: int  # S: side of the centre crop, px
+    # how the image is decoded before the crop (pipeline.images.DECODES); stores made before the setting: "full"
+    decode: str = field(default="full", kw_only=True)
+    interpolation: str  # of the crop and the view resizes
+    antialias: bool
+    cell_boundaries: str  # grid cell edges (CELL_RULE)
+    view_size: int  # side of each view the teacher sees, px
+    mean: tuple[float, ...]  # per channel, 0..1 units
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(
+        cls, crop_size: int, view_size: int, mean: Sequence[float], std: Sequence[float], decode: str = "full"
+    ) -> "Preprocessing":
+        """pipeline.crops' geometry for crops of crop_size px of images decoded as `decode`, and a teacher taking
+        view_size px views so normalised."""
+        return cls(CROP_RULE, crop_size, "bicubic", True, CELL_RULE, view_size, tuple(mean), tuple(std), decode=decode)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str) -> "Preprocessing":
+        """As a store records it (`where` names it in a UserError)."""
+        values = recorded_fields(cls, values, where)
+        if not all(isinstance(values[name], list) for name in ("mean", "std")):
+            raise UserError(f"{where}: mean and std are not lists ({DAMAGED})")
+        if values.get("decode", "full") not in DECODES:  # any other value would silently decode as "reduced"
+            raise UserError(f"{where}: decode '{values['decode']}' is not one of {', '.join(DECODES)} ({DAMAGED})")
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+
+@dataclass
+class StoreMeta:
+    """Everything a reader needs to interpret the features; stored as the group attribute "zeroseg", a JSON
+    object of these keys (teacher, preprocessing and each source as their to_dict gives them)."""
+
+    teacher: TeacherIdentity
+    preprocessing: Preprocessing
+    grids: list[int]
+    views: list[list[int]]  # (grid, row, col) per stored view, in order
+    embed_dim: int
+    shard_size: int
+    chunk_size: int
+    normalized: bool = False  # raw projected embeddings; the trainer normalises
+    sources: dict[str, SourceSpec] = field(default_factory=dict)  # name (the manifest's source) -> where
+    stored_crops: bool = False  # the store keeps the (S, S, 3) uint8 crops in array "crops"; fixed at creation
+    commit_records: bool = False  # every part carries a commit record (stores made since pipeline.integrity)
+    format_version: int = FORMAT_VERSION
+    package_version: str = __version__
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    def to_attribute(self) -> dict:
+        """The group attribute "zeroseg" (plain JSON values)."""
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "teacher": self.teacher.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "grids": list(self.grids),
+            "views": [list(view) for view in self.views],
+            "sources": {name: spec.to_dict() for name, spec in self.sources.items()},
+        }
+
+    @classmethod
+    def from_attribute(cls, values: dict, store: str | Path) -> "StoreMeta":
+        """From the group attribute of store `store` (stores made before stored crops or commit records lack
+        those keys); UserError naming the store for an unknown or missing key."""
+        where = f"store '{store}': attribute zeroseg"
+        values = recorded_fields(cls, values, where)
+        sources = values.get("sources", {})
+        if not isinstance(sources, dict):
+            raise UserError(f"{where}.sources: a {type(sources).__name__}, not a JSON object ({DAMAGED})")
+        return cls(**{
+            **values,
+            "teacher": TeacherIdentity.from_dict(values["teacher"], f"{where}.teacher"),
+            "preprocessing": Preprocessing.from_dict(values["preprocessing"], f"{where}.preprocessing"),
+            "sources": {name: SourceSpec.from_dict(spec, f"{where}.sources.{name}") for name, spec in sources.items()},
+        })  # fmt: skip
