@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.groupvit_reference import numpy_groupvit_labels
 from zeroseg.evaluation.labeling_rule import GroupWindowScores, LabelingRule, combine_windows, compose_assignments
 
 # A 2x2 token grid (row-major tokens t0 t1 / t2 t3) grouped into 3, then 2 groups.
@@ -77,30 +78,6 @@ def test_logit_scale_scores_groups_by_softmax_probability():
     capped = group_labels(0.99, logit_scale=torch.tensor(10.0))
     assert capped == group_labels(0.99, logit_scale=math.log(100.0))
     assert capped == [1, 2, 2]
-
-
-def numpy_groupvit_labels(groups, image, text, logit_scale, bg_threshold, owner, top_k=5, product=True):
-    """GroupViT's rule for one window, transcribed in numpy from its description: groups [G, D], image
-    [D], text [C, D], owner [P] (each pixel's group) -> labels [P] (0 background, k = class k).
-    product=False leaves out the product with the full softmax (P = A_top), to show what it changes."""
-
-    def unit(x):
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    def softmax(x):
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-
-    s = min(np.exp(logit_scale), 100.0)
-    logits = unit(groups) @ unit(text).T * s  # [G, C]
-    prior = softmax(unit(image) @ unit(text).T * s)  # [C]
-    top = np.argsort(-prior, kind="stable")[: min(top_k, len(text))]
-    masked = np.full_like(logits, -np.inf)
-    masked[:, top] = logits[:, top]
-    product = softmax(masked) * (softmax(logits) if product else 1.0)  # P [G, C]
-    pixel_scores = product[owner]  # [P, C]
-    background = pixel_scores.max(axis=-1) < min(bg_threshold, product.max())  # [P]
-    return np.concatenate([background[:, None].astype(float), pixel_scores], axis=1).argmax(axis=1)
 
 
 def evaluator_labels(groups, image, text, logit_scale, bg_threshold, owner, name="groupvit"):
