@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import make_store
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.manifest import ImageRecord
+from zeroseg.pipeline.manifest import ImageRecord, image_records
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
@@ -109,6 +109,19 @@ def test_batches_from_a_store_that_keeps_its_crops(store, tmp_path):
     for j in range(2):
         a, b = decoded[j], stored[j]
         assert torch.equal(a.rows, b.rows) and torch.equal(a.features, b.features) and torch.equal(a.crops, b.crops)
+
+
+def test_records_of_samples_in_any_order_across_manifest_parts_are_their_manifest_rows(store):
+    samples = StoreSamples.open(store)
+    assert samples.keys.num_chunks == 3 and samples.starts.tolist() == [0, 4, 8, 10]  # one chunk per part
+    manifest = {record.row: record for record in image_records(FeatureStore.open(store).manifest())}
+    ids = np.array([9, 0, 5, 4, 8, 1, 3])  # parts 2, 0, 1, 1, 2, 0, 0
+    records = samples.records(ids)
+    assert [record.row for record in records] == samples.rows[ids].tolist()
+    for record in records:
+        expected = manifest[record.row]
+        assert (record.source, record.key, record.sha256) == (expected.source, expected.key, expected.sha256)
+    assert samples.records(np.array([], np.int64)) == []
 
 
 def _keys(samples: StoreSamples, rows: np.ndarray) -> list[str]:

@@ -61,6 +61,7 @@ class StoreSamples:
     sources: pa.ChunkedArray | None  # (N,) source names, dictionary-encoded
     hashes: pa.ChunkedArray | None  # (N,) 32-byte sha256 of each image's bytes (all zero: none recorded)
     required: dict[str, set[int]]  # array -> chunks whose files must exist (FeatureStore.required_chunks)
+    starts: np.ndarray | None = None  # (chunks + 1,) first sample of each chunk of keys, sources and hashes
 
     @classmethod
     def open(cls, path: str | Path) -> "StoreSamples":
@@ -73,14 +74,15 @@ class StoreSamples:
         rows = table["row"].to_numpy().astype(np.int64)
         if np.any(rows[1:] <= rows[:-1]):  # parts come in shard order, so rows usually ascend already
             order = np.argsort(rows, kind="stable")
-            table, rows = table.take(order), rows[order]
+            table, rows = table.take(order).combine_chunks(), rows[order]  # one chunk per column
         required = store.required_chunks(rows)
         if stored:
             return cls(Path(path), store.meta, rows, None, None, None, required)
         CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
         table = table.unify_dictionaries()
         keys, sources, hashes = table["key"], table["source"], table["sha256"]  # a chunk per part, not copied
-        return cls(Path(path), store.meta, rows, keys, sources, hashes, required)
+        starts = np.cumsum([0] + [len(chunk) for chunk in keys.chunks])  # the same chunks in all three columns
+        return cls(Path(path), store.meta, rows, keys, sources, hashes, required, starts)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -92,8 +94,8 @@ class StoreSamples:
 
     def records(self, ids: np.ndarray) -> list[ImageRecord]:
         """The image records (source, key, row, sha256) of samples `ids`, for CropReader."""
-        keys, sources, digests = (column.take(pa.array(ids)).to_pylist() for column in (self.keys, self.sources,
-                                                                                          self.hashes))  # fmt: skip
+        columns = (self.keys, self.sources, self.hashes)
+        keys, sources, digests = (chunked_values(column, self.starts, ids) for column in columns)
         hashes = [digest.hex() if any(digest) else None for digest in digests]
         return [ImageRecord(s, k, int(r), h) for s, k, r, h in zip(sources, keys, self.rows[ids], hashes)]
 
@@ -108,6 +110,22 @@ class StoreSamples:
             "embed_dim": int(self.meta.embed_dim),
             "preprocessing": self.meta.preprocessing.to_dict(),
         }
+
+
+def chunked_values(column: pa.ChunkedArray, starts: np.ndarray, ids: np.ndarray) -> list:
+    """column[ids] as Python values, taken from only the chunks that hold them (chunk i holds ids starts[i] to
+    starts[i + 1] - 1): the samples of a batch lie in a few manifest parts, and ChunkedArray.take costs time in
+    proportion to the whole column."""
+    owner = np.searchsorted(starts, ids, side="right") - 1  # (B,) the chunk of each id
+    order = np.argsort(owner, kind="stable")  # ids grouped by chunk, ascending
+    values: list = []
+    for index in np.unique(owner).tolist():
+        local = ids[order][owner[order] == index] - starts[index]
+        values += column.chunk(index).take(pa.array(local)).to_pylist()
+    taken = [None] * len(ids)
+    for position, value in zip(order.tolist(), values):
+        taken[position] = value
+    return taken
 
 
 _HEX_VALUE = np.full(256, 0, dtype=np.uint8)
