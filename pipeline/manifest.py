@@ -2,6 +2,7 @@
 features row is claimed twice."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -50,18 +51,19 @@ class ImageRecord:
 RECORD_FIELDS = [f.name for f in fields(ImageRecord)]
 
 
-def refuse_duplicates(path: Path, table: pa.Table) -> None:
+NAME_DIGEST = "name_digest"  # a column a reader may hold instead of source and key: their pipeline.duplicates digest
+
+
+def refuse_duplicates(
+    path: Path, table: pa.Table, names_of_rows: Callable[[np.ndarray], list[str]] | None = None
+) -> None:
     """UserError when two manifest rows hold the same image (source, key) or the same features row (found from
-    digests: pipeline.duplicates)."""
+    digests: pipeline.duplicates). A table that holds the names' digests (NAME_DIGEST) with the rows instead of
+    the names is checked too: names_of_rows(rows) gives the names 'source/key' of the images of features rows
+    `rows`, for the few rows whose digest repeats."""
     names = set(table.column_names)
     if {"source", "key"} <= names:
-        repeated = repeated_names(name_digests(table["source"], table["key"]), partial(name_list, table))
-        if repeated:
-            name, count = next(iter(repeated.items()))
-            raise UserError(
-                f"store '{path}': image {name} appears {count} times in the manifest ({len(repeated)} duplicated "
-                f"images): run zs-cache verify"
-            )
+        refuse_repeated_names(path, name_digests(table["source"], table["key"]), partial(name_list, table))
     if "row" in names:
         repeated = repeated_rows(table["row"].drop_null().to_numpy())
         if repeated:
@@ -69,6 +71,20 @@ def refuse_duplicates(path: Path, table: pa.Table) -> None:
                 f"store '{path}': features row {next(iter(repeated))} is claimed by several manifest rows: "
                 f"run zs-cache verify"
             )
+    if NAME_DIGEST in names:  # after the rows' check: the names are looked up by row
+        rows = table["row"].to_numpy()
+        refuse_repeated_names(path, table[NAME_DIGEST].to_numpy(), lambda indices: names_of_rows(rows[indices]))
+
+
+def refuse_repeated_names(path: Path, digests: np.ndarray, names_of: Callable[[np.ndarray], list[str]]) -> None:
+    """UserError naming an image that several of the rows whose names have (N,) `digests` hold."""
+    repeated = repeated_names(digests, names_of)
+    if repeated:
+        name, count = next(iter(repeated.items()))
+        raise UserError(
+            f"store '{path}': image {name} appears {count} times in the manifest ({len(repeated)} duplicated "
+            f"images): run zs-cache verify"
+        )
 
 
 def name_list(table: pa.Table, indices: np.ndarray) -> list[str]:

@@ -52,7 +52,7 @@ from zeroseg.pipeline.integrity import (
     encode_shard_records,
     shard_record,
 )
-from zeroseg.pipeline.manifest import MANIFEST_SCHEMA, refuse_duplicates
+from zeroseg.pipeline.manifest import MANIFEST_SCHEMA, name_list, refuse_duplicates
 from zeroseg.pipeline.runtime import first_line
 from zeroseg.pipeline.store_meta import FORMAT_VERSION, StoreMeta
 
@@ -65,7 +65,7 @@ FEATURES = "features"
 CROPS = "crops"
 MANIFEST_READERS = 8  # threads reading manifest parts
 READ_ATTEMPTS = 3  # listings of the parts while a compact changes them
-PART_ROW_GROUP = 65536  # rows per Parquet row group of a part (a compacted part's groups are read in parallel)
+PART_ROW_GROUP = 4096  # rows per Parquet row group of a part: the trainer reads a chunk's records from one or two
 PART_NAME = re.compile(r"shard-(\d{6,})\.parquet")
 COMPACTED_NAME = re.compile(r"shards-(\d{6,})-(\d{6,})\.parquet")
 
@@ -235,15 +235,23 @@ class FeatureStore:
     def committed_shards(self) -> set[int]:
         return set(self.parts())
 
-    def read_part(self, path: Path, columns: list[str] | None = None) -> pa.Table:
+    def read_part(self, path: Path, columns: list[str] | None = None, rows: range | None = None) -> pa.Table:
         """One manifest part, its page checksums verified and its columns exactly the manifest's (a damaged
-        footer could rename one, which a schema-evolving read would fill with nulls); UserError naming it."""
+        footer could rename one, which a schema-evolving read would fill with nulls); UserError naming it.
+        rows: only the part's rows whose features row lies in `rows` (`row` must be among the columns), read
+        from the row groups whose statistics say they may hold them."""
         try:
             part = pq.ParquetFile(path, page_checksum_verification=True)
             found = [(f.name, f.type) for f in part.schema_arrow]
             if found != [(f.name, f.type) for f in MANIFEST_SCHEMA]:
                 raise ValueError(f"its columns are {', '.join(f'{name}: {kind}' for name, kind in found)}")
-            return part.read(columns=columns)
+            if rows is None:
+                return part.read(columns=columns)
+            column = MANIFEST_SCHEMA.get_field_index("row")
+            held = part.metadata
+            groups = [g for g in range(held.num_row_groups) if _may_hold(held.row_group(g).column(column), rows)]
+            table = part.read_row_groups(groups, columns=columns)
+            return table.filter(pc.and_(pc.greater_equal(table["row"], rows.start), pc.less(table["row"], rows.stop)))
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise damaged_part(path, exc) from None
 
@@ -323,8 +331,15 @@ class FeatureStore:
 
         table = self._while_stable(read)
         if unique:
-            refuse_duplicates(self.path, table)
+            refuse_duplicates(self.path, table, self.names_of_rows)
         return table
+
+    def names_of_rows(self, rows: np.ndarray) -> list[str]:
+        """'source/key' of the images of features rows `rows` (each held by one manifest row), in their order."""
+        table = self.manifest(["row", "source", "key"], unique=False)
+        table = table.filter(pc.is_in(table["row"], pa.array(rows)))
+        names = dict(zip(table["row"].to_pylist(), name_list(table, np.arange(table.num_rows))))
+        return [names[row] for row in rows.tolist()]
 
     def required_chunks(self, ok_rows: np.ndarray) -> dict[str, set[int]]:
         """Array -> indices of the chunks whose files must exist (Zarr would read a lost one as zeros): those in
@@ -429,6 +444,14 @@ class FeatureStore:
         table = rows.cast(MANIFEST_SCHEMA).replace_schema_metadata(metadata)
         with atomic_path(path) as partial:
             pq.write_table(table, partial, write_page_checksum=True, row_group_size=PART_ROW_GROUP)
+
+
+def _may_hold(column: pq.ColumnChunkMetaData, rows: range) -> bool:
+    """Whether a row group's `row` column chunk may hold a value in `rows` (yes when it has no statistics)."""
+    stats = column.statistics
+    if stats is None or not stats.has_min_max:
+        return True
+    return stats.min < rows.stop and stats.max >= rows.start
 
 
 def committed_parts(listed: dict[Path, tuple[int, ...]]) -> tuple[dict[Path, tuple[int, ...]], list[Path]]:

@@ -4,10 +4,15 @@ import dataclasses
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from tests.conftest import make_store
+from zeroseg.pipeline import store as store_module
+from zeroseg.pipeline.compact import compact
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.manifest import ImageRecord, image_records
 from zeroseg.pipeline.reader import CropReader
@@ -93,7 +98,7 @@ def test_batches_hold_the_store_rows_and_the_crops_the_teacher_saw(store):
         assert batch.crops.dtype == torch.uint8 and batch.crops.shape == (4, 32, 32, 3)
         assert batch.features.dtype == torch.float16 and batch.features.shape == (4, 30, 32)
         np.testing.assert_array_equal(batch.features.numpy(), features[rows])
-        records = [ImageRecord("photos", key, int(row)) for key, row in zip(_keys(samples, rows), rows)]
+        records = [ImageRecord("photos", key, int(row)) for key, row in zip(_keys(store, rows), rows)]
         np.testing.assert_array_equal(batch.crops.numpy(), reader.crops(records))
         seen += rows.tolist()
     assert sorted(seen[:10]) == sorted(seen[10:]) == list(range(10))  # every row once per epoch
@@ -111,21 +116,72 @@ def test_batches_from_a_store_that_keeps_its_crops(store, tmp_path):
         assert torch.equal(a.rows, b.rows) and torch.equal(a.features, b.features) and torch.equal(a.crops, b.crops)
 
 
-def test_records_of_samples_in_any_order_across_manifest_parts_are_their_manifest_rows(store):
+def test_a_chunks_image_records_are_read_from_its_shards_manifest_part(store):
     samples = StoreSamples.open(store)
-    assert samples.keys.num_chunks == 3 and samples.starts.tolist() == [0, 4, 8, 10]  # one chunk per part
-    manifest = {record.row: record for record in image_records(FeatureStore.open(store).manifest())}
-    ids = np.array([9, 0, 5, 4, 8, 1, 3])  # parts 2, 0, 1, 1, 2, 0, 0
-    records = samples.records(ids)
-    assert [record.row for record in records] == samples.rows[ids].tolist()
-    for record in records:
-        expected = manifest[record.row]
-        assert (record.source, record.key, record.sha256) == (expected.source, expected.key, expected.sha256)
-    assert samples.records(np.array([], np.int64)) == []
+    assert samples.rows.tolist() == list(range(10)) and len(samples.parts) == 3  # only the rows are held
+    fs = FeatureStore.open(store)
+    manifest = {record.row: record for record in image_records(fs.manifest())}
+    for index in range(5):  # chunks of 2 rows, shards of 4: parts 0, 0, 1, 1, 2
+        records = samples.chunk_records(fs, index)
+        for offset in range(2):
+            expected = manifest[2 * index + offset]
+            found = (records["source"][offset], records["key"][offset], records["sha256"][offset])
+            assert found == (expected.source, expected.key, expected.sha256)
 
 
-def _keys(samples: StoreSamples, rows: np.ndarray) -> list[str]:
-    by_row = dict(zip(samples.rows.tolist(), samples.keys.to_pylist()))
+def test_chunk_records_from_compacted_parts_read_only_the_row_groups_that_hold_them(tmp_path, monkeypatch):
+    store = make_store(tmp_path)
+    before = {index: _records(store, index) for index in range(5)}
+    monkeypatch.setattr(store_module, "PART_ROW_GROUP", 3)  # row groups of 3 rows: a chunk spans one or two
+    compact(store, 8)
+    fs = FeatureStore.open(store)
+    assert [pq.ParquetFile(part).num_row_groups for part in fs.part_files()] == [3, 1]
+    samples = StoreSamples.open(store)
+    assert {index: _records(store, index, samples) for index in range(5)} == before
+    read = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, groups, **kw: read.append(groups) or
+                        original(self, groups, **kw))  # fmt: skip
+    samples.chunk_records(fs, 1)  # rows 2-3: groups 0 (rows 0-2) and 1 (rows 3-5) of the first part
+    assert read == [[0, 1]]
+
+
+def test_a_compact_while_training_is_followed_and_a_changed_part_refused(tmp_path):
+    store = make_store(tmp_path)
+    samples, fs = StoreSamples.open(store), FeatureStore.open(store)
+    before = _records(store, 3, samples)
+    compact(store, 8)  # the trainer's listing of parts is out of date
+    assert _records(store, 3, samples) == before and len(set(samples.parts.values())) == 2
+    part = fs.part_path(2)
+    table = pq.read_table(part)
+    pq.write_table(table.slice(0, 1), part)  # shard 2 loses its last image (row 9)
+    with pytest.raises(UserError, match=r"shard-000002.parquet' no longer lists the images of features rows 8-9 "
+                                        r"this run started with \(the store changed during training\)"):  # fmt: skip
+        samples.chunk_records(fs, 4)
+    hashes = pa.array(["Z" * 64] * table.num_rows)
+    pq.write_table(table.set_column(table.schema.get_field_index("sha256"), "sha256", hashes), part)
+    with pytest.raises(UserError, match=r"shard-000002.parquet': a sha256 there is not 64 hex digits"):
+        samples.chunk_records(fs, 4)
+
+
+def test_start_up_refuses_an_image_listed_twice_from_the_digests_of_its_names(tmp_path):
+    store = make_store(tmp_path)
+    part = pq.read_table(store / "manifest" / "shard-000001.parquet")
+    moved = pc.add(part["row"], 100)  # the same images under other features rows
+    pq.write_table(part.set_column(0, "row", moved), store / "manifest" / "shard-000007.parquet")
+    first = part["key"][0].as_py()
+    with pytest.raises(UserError, match=rf"image photos/{first} appears 2 times in the manifest \(4 duplicated"):
+        StoreSamples.open(store)
+
+
+def _records(store, index: int, samples: StoreSamples | None = None) -> list[tuple]:
+    """(source, key, sha256) of chunk `index`'s samples, read by StoreSamples.chunk_records."""
+    records = (samples or StoreSamples.open(store)).chunk_records(FeatureStore.open(store), index)
+    return list(zip(records["source"].tolist(), records["key"].tolist(), records["sha256"].tolist()))
+
+
+def _keys(store, rows: np.ndarray) -> list[str]:
+    by_row = {record.row: record.key for record in image_records(FeatureStore.open(store).manifest())}
     return [by_row[int(row)] for row in rows]
 
 

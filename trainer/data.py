@@ -1,16 +1,17 @@
 """Training batches from a feature store: the crops the teacher saw and its features, read chunk by chunk.
 
-StoreSamples  the usable (status ok) rows of a store, their image keys, and the store's identity
+StoreSamples  the usable (status ok) rows of a store, the images of a chunk's rows, and the store's identity
 check_store   refuse, with one line, a store that does not fit the model and loss configuration
 StoreBatches  map-style dataset: this process's device batch j -> Batch, in the order of trainer.sampling
 make_loader   a DataLoader over device batches [first, last): worker processes, pinned memory
 ModelInput    on the device: uint8 crops -> normalised float images of the model's input size
 
 Each DataLoader worker keeps the last 2 x shuffle_window decompressed chunks (features, and the crops of a
-store that keeps them), so a worker reads each chunk once per window it serves (one Zarr read of the chunk's
-rows per array) however many of its batches draw from that chunk. A store made with --store-crops gives its
-own crops that way; otherwise pipeline.reader.CropReader decodes the source images with the build's decode
-and crop (the store's preprocessing `decode`, full or reduced).
+store that keeps them, or else the chunk's image records from the manifest), so a worker reads each chunk
+once per window it serves (one Zarr read of the chunk's rows per array) however many of its batches draw
+from that chunk. A store made with --store-crops gives its own crops that way; otherwise
+pipeline.reader.CropReader decodes the source images with the build's decode and crop (the store's
+preprocessing `decode`, full or reduced).
 """
 
 import os
@@ -29,9 +30,10 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from zeroseg.pipeline.crops import channel_stats, to_model_input
+from zeroseg.pipeline.duplicates import name_digests
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
-from zeroseg.pipeline.manifest import ImageRecord
+from zeroseg.pipeline.manifest import NAME_DIGEST, ImageRecord
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import CROPS, FEATURES, FeatureStore
 from zeroseg.pipeline.store_meta import StoreMeta
@@ -48,41 +50,34 @@ class Batch(NamedTuple):
 
 @dataclass
 class StoreSamples:
-    """The usable rows of a store in row order: sample i is feature row rows[i] of image (sources[i], keys[i]).
+    """The usable (status ok) rows of a store in row order: sample i is features row rows[i].
 
-    The rows are a numpy array; keys, sources and hashes stay Arrow columns, one chunk per manifest part, a
-    few tens of bytes per sample: the sources as dictionary codes, the hashes as 32 raw bytes. A store that
-    keeps its crops is read from those alone, so its keys, sources and hashes are not loaded (None)."""
+    Only the rows stay in memory (8 bytes per sample). The image behind each row (source, key, sha256), needed
+    to decode the crops of a store that does not keep them, is read from the manifest a features chunk at a
+    time (`chunk_records`), by the process that reads the chunk."""
 
     path: Path
     meta: StoreMeta
     rows: np.ndarray  # (N,) int64, ascending
-    keys: pa.ChunkedArray | None  # (N,) string
-    sources: pa.ChunkedArray | None  # (N,) source names, dictionary-encoded
-    hashes: pa.ChunkedArray | None  # (N,) 32-byte sha256 of each image's bytes (all zero: none recorded)
     required: dict[str, set[int]]  # array -> chunks whose files must exist (FeatureStore.required_chunks)
-    starts: np.ndarray | None = None  # (chunks + 1,) first sample of each chunk of keys, sources and hashes
+    parts: dict[int, Path] | None  # shard -> manifest part holding it; None for a store that keeps its crops
 
     @classmethod
     def open(cls, path: str | Path) -> "StoreSamples":
         store = FeatureStore.open(path)
         stored = store.meta.stored_crops
-        columns = ["row", "status"] if stored else ["row", "key", "source", "sha256", "status"]
-        table = store.manifest(columns, each=usable_rows)
+        columns = ["row", "status"] if stored else ["row", "source", "key", "status"]
+        table = store.manifest(columns, each=usable_rows)  # no image or row twice (names checked by digest)
         if table.num_rows == 0:
             raise UserError(f"store '{path}' has no usable images (no manifest row with status ok)")
-        rows = table["row"].to_numpy().astype(np.int64)
+        rows = table["row"].to_numpy()
         if np.any(rows[1:] <= rows[:-1]):  # parts come in shard order, so rows usually ascend already
-            order = np.argsort(rows, kind="stable")
-            table, rows = table.take(order).combine_chunks(), rows[order]  # one chunk per column
+            rows = np.sort(rows)
         required = store.required_chunks(rows)
         if stored:
-            return cls(Path(path), store.meta, rows, None, None, None, required)
+            return cls(Path(path), store.meta, rows, required, None)
         CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
-        table = table.unify_dictionaries()
-        keys, sources, hashes = table["key"], table["source"], table["sha256"]  # a chunk per part, not copied
-        starts = np.cumsum([0] + [len(chunk) for chunk in keys.chunks])  # the same chunks in all three columns
-        return cls(Path(path), store.meta, rows, keys, sources, hashes, required, starts)
+        return cls(Path(path), store.meta, rows, required, store.parts())
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -92,12 +87,41 @@ class StoreSamples:
         """(N,) the Zarr chunk holding each sample's features."""
         return self.rows // self.meta.chunk_size
 
-    def records(self, ids: np.ndarray) -> list[ImageRecord]:
-        """The image records (source, key, row, sha256) of samples `ids`, for CropReader."""
-        columns = (self.keys, self.sources, self.hashes)
-        keys, sources, digests = (chunked_values(column, self.starts, ids) for column in columns)
-        hashes = [digest.hex() if any(digest) else None for digest in digests]
-        return [ImageRecord(s, k, int(r), h) for s, k, r, h in zip(sources, keys, self.rows[ids], hashes)]
+    def chunk_records(self, store: FeatureStore, index: int) -> dict[str, np.ndarray]:
+        """The images of features chunk `index`'s samples: {"source", "key", "sha256"} -> (chunk_size,) object
+        arrays, entry i for row index * chunk_size + i (None where that row is no sample; sha256 None where none
+        was recorded). Read from the manifest part of the chunk's shard (listed again when a compact replaced
+        it); UserError when that part no longer holds exactly the samples this run started with."""
+        size = self.meta.chunk_size
+        rows = range(index * size, (index + 1) * size)
+        expected = self.rows[np.searchsorted(self.rows, rows.start) : np.searchsorted(self.rows, rows.stop)]
+        shard = rows.start // self.meta.shard_size
+        table, part = None, None
+        for attempt in range(2):
+            part = self.parts.get(shard)
+            try:
+                table = store.read_part(part, ["row", "key", "source", "sha256", "status"], rows) if part else None
+                break
+            except UserError:
+                if attempt or part.exists():
+                    raise
+                self.parts = store.parts()  # a compact merged the part into another meanwhile
+        table = table.filter(pc.equal(table["status"], "ok")) if table is not None else None
+        found = table["row"].to_numpy() if table is not None else np.zeros(0, np.int64)
+        if not np.array_equal(np.sort(found), expected):
+            where = f"manifest part '{part}'" if part else f"shard {shard}: no manifest part"
+            raise UserError(
+                f"store '{self.path}': {where} no longer lists the images of features rows "
+                f"{rows.start}-{rows.stop - 1} this run started with (the store changed during training): "
+                f"restart, resuming from the last checkpoint"
+            )
+        hashes = pc.fill_null(table["sha256"], "0" * 64)
+        if not pc.all(pc.match_substring_regex(hashes, "^[0-9a-f]{64}$")).as_py():
+            raise UserError(f"manifest part '{part}': a sha256 there is not 64 hex digits; the store is damaged")
+        records = {name: np.full(size, None, dtype=object) for name in ("source", "key", "sha256")}
+        for name in records:
+            records[name][found - rows.start] = table[name].to_pylist()
+        return records
 
     def identity(self) -> dict:
         """What a checkpoint records of the store it was trained on (plain values, as in the store's attribute)."""
@@ -112,53 +136,14 @@ class StoreSamples:
         }
 
 
-def chunked_values(column: pa.ChunkedArray, starts: np.ndarray, ids: np.ndarray) -> list:
-    """column[ids] as Python values, taken from only the chunks that hold them (chunk i holds ids starts[i] to
-    starts[i + 1] - 1): the samples of a batch lie in a few manifest parts, and ChunkedArray.take costs time in
-    proportion to the whole column."""
-    owner = np.searchsorted(starts, ids, side="right") - 1  # (B,) the chunk of each id
-    order = np.argsort(owner, kind="stable")  # ids grouped by chunk, ascending
-    values: list = []
-    for index in np.unique(owner).tolist():
-        local = ids[order][owner[order] == index] - starts[index]
-        values += column.chunk(index).take(pa.array(local)).to_pylist()
-    taken = [None] * len(ids)
-    for position, value in zip(order.tolist(), values):
-        taken[position] = value
-    return taken
-
-
-_HEX_VALUE = np.full(256, 0, dtype=np.uint8)
-_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
-_HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-_IS_HEX = np.zeros(256, dtype=bool)
-_IS_HEX[np.frombuffer(b"0123456789abcdefABCDEF", np.uint8)] = True
-
-
 def usable_rows(part: pa.Table, path: Path) -> pa.Table:
-    """Manifest part `path`'s ok rows without their status; a hex sha256 column becomes 32 raw bytes per row,
-    a source column dictionary codes."""
+    """Manifest part `path`'s ok rows without their status; its source and key columns, when read, become the
+    64-bit digest of each image's name (pipeline.manifest.NAME_DIGEST), enough to refuse an image listed twice."""
     part = part.filter(pc.equal(part["status"], "ok")).drop_columns(["status"])
-    if "source" in part.column_names:
-        part = part.set_column(part.column_names.index("source"), "source", pc.dictionary_encode(part["source"]))
-    if "sha256" in part.column_names:
-        digests = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), part.num_rows, [None, pa.py_buffer(
-            sha256_bytes(part["sha256"], path))])  # fmt: skip
-        part = part.set_column(part.column_names.index("sha256"), "sha256", digests)
-    return part
-
-
-def sha256_bytes(hexes: pa.ChunkedArray, path: Path) -> np.ndarray:
-    """(N, 32) uint8 digests of N hex sha256 strings (a null becomes all zeros), decoded without Python objects."""
-    if len(hexes) == 0:
-        return np.zeros((0, 32), np.uint8)
-    hexes = pc.fill_null(hexes, "0" * 64).combine_chunks().cast(pa.large_string())
-    offsets = np.frombuffer(hexes.buffers()[1], np.int64)[hexes.offset : hexes.offset + len(hexes) + 1]
-    text = np.frombuffer(hexes.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-    if not np.all(np.diff(offsets) == 64) or not _IS_HEX[text].all():
-        raise UserError(f"{path}: a sha256 in this manifest part is not 64 hex digits; the store is damaged")
-    text = text.reshape(len(hexes), 32, 2)
-    return (_HEX_VALUE[text[..., 0]] << 4) | _HEX_VALUE[text[..., 1]]
+    if "key" not in part.column_names:
+        return part
+    digests = name_digests(part["source"], part["key"])
+    return part.drop_columns(["source", "key"]).append_column(NAME_DIGEST, pa.array(digests, pa.uint64()))
 
 
 def check_store(samples: StoreSamples, model: ModelConfig, loss: LossConfig, resize: bool) -> None:
@@ -199,6 +184,7 @@ class StoreBatches(Dataset):
         self.arrays = (FEATURES, CROPS) if self.reader.reads_stored_crops else (FEATURES,)
         self.chunk_size = samples.meta.chunk_size
         self.cache_size = 2 * window
+        self._store: FeatureStore | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._pid: int | None = None
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
@@ -214,15 +200,20 @@ class StoreBatches(Dataset):
                 if name not in out:
                     out[name] = np.empty((len(rows), *block.shape[1:]), dtype=block.dtype)
                 out[name][group] = block[offset[group]]
-        crops = out[CROPS] if CROPS in out else self.reader.crops(self.samples.records(ids))
+        if CROPS in out:
+            crops = out[CROPS]
+        else:
+            images = zip(out["source"].tolist(), out["key"].tolist(), rows.tolist(), out["sha256"].tolist())
+            crops = self.reader.crops([ImageRecord(source, key, row, sha256) for source, key, row, sha256 in images])
         return Batch(torch.from_numpy(crops), torch.from_numpy(out[FEATURES]), torch.from_numpy(rows))
 
     def chunk(self, index: int) -> dict[str, np.ndarray]:
         """Chunk `index` of the features (chunk_size, V, D) and of the stored crops (chunk_size, S, S, 3)
-        when read from the store, from the cache or one Zarr read each."""
+        when read from the store, otherwise its samples' images (StoreSamples.chunk_records); from the cache
+        or one read each."""
         if self._pid != os.getpid():
-            group = FeatureStore.open(self.samples.path).group
-            self._arrays = {name: group[name] for name in self.arrays}
+            self._store = FeatureStore.open(self.samples.path)
+            self._arrays = {name: self._store.group[name] for name in self.arrays}
             self._pid = os.getpid()
             self._chunks.clear()
         if index in self._chunks:
@@ -234,11 +225,11 @@ class StoreBatches(Dataset):
         return self._chunks[index]
 
     def read_chunk(self, index: int) -> dict[str, np.ndarray]:
-        start = index * self.chunk_size
         """Chunk `index` of each read array, one Zarr read each through pipeline.integrity.checked_read: a chunk
-        file that must exist but is gone, or one failing its checksum, is a UserError naming it and its rows."""
+        file that must exist but is gone, or one failing its checksum, is a UserError naming it and its rows.
+        Without stored crops, the chunk's image records too."""
         start = index * self.chunk_size
-        chunks = {}
+        chunks = {} if self.reader.reads_stored_crops else self.samples.chunk_records(self._store, index)
         for name, array in self._arrays.items():
             rows = np.array([start, min(start + self.chunk_size, array.shape[0]) - 1])  # the chunk's first, last row
             read = partial(array.__getitem__, slice(start, start + self.chunk_size))
