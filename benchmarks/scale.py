@@ -12,6 +12,8 @@ after imports:
   verify    zs-cache verify (pipeline.check.verify)
   startup   one trainer rank's start-up: StoreSamples.open and the dataset of its batches
   epoch     one epoch's sample order (trainer.sampling.SampleOrder.epoch)
+  records   what a loader worker reads per features chunk of a store without crops: the image records of
+            500 random chunks (StoreSamples.chunk_records); its us/row is per image read, the same at any N
 
 and prints seconds, microseconds per row, peak MiB and both extrapolated linearly to --extrapolate rows.
 With --compact ROWS the steps run again after `zs-cache compact --rows-per-part ROWS` (its time printed):
@@ -34,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-STEPS = ("manifest", "plan", "inspect", "verify", "startup", "epoch")
+STEPS = ("manifest", "plan", "inspect", "verify", "startup", "epoch", "records")
+RECORD_CHUNKS = 500
 
 
 def synthesise(path: Path, rows: int, shard_size: int, chunk_size: int, views: int, dim: int, crops: bool) -> None:
@@ -82,7 +85,7 @@ def run_step(step: str, root: Path, rows: int) -> dict:
 
     path = root / "store"
     keys = [key(i) for i in range(rows)] if step == "plan" else None
-    samples = StoreSamples.open(path) if step == "epoch" else None
+    samples = StoreSamples.open(path) if step in ("epoch", "records") else None
     baseline = peak_rss()
     started = time.perf_counter()
     if step == "manifest":
@@ -97,8 +100,15 @@ def run_step(step: str, root: Path, rows: int) -> dict:
         assert not problems, problems[:3]
     elif step == "startup":
         StoreBatches(StoreSamples.open(path), BatchPlan(256, 1, 8, 0), 16, 0)
-    else:
+    elif step == "epoch":
         StoreBatches(samples, BatchPlan(256, 1, 8, 0), 16, 0).order.epoch(0)
+    else:
+        store, chunks = FeatureStore.open(path), np.unique(samples.chunk_of)
+        picked = np.random.default_rng(0).choice(chunks, min(RECORD_CHUNKS, len(chunks)), replace=False)
+        for index in picked.tolist():
+            samples.chunk_records(store, index)
+        images = int(np.isin(samples.chunk_of, picked).sum())
+        return {"seconds": time.perf_counter() - started, "peak": max(0, peak_rss() - baseline), "images": images}
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "peak": max(0, peak_rss() - baseline)}
 
@@ -152,10 +162,9 @@ def print_steps(root: Path, rows: int, extrapolate: int, repeat: int) -> None:
         results = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
                    for _ in range(repeat)]  # fmt: skip
         seconds, mib = min(r["seconds"] for r in results), max(r["peak"] for r in results) / 2**20
-        print(
-            f"{step:<8} {seconds:8.2f} {1e6 * seconds / rows:7.2f} {mib:9.0f} | "
-            f"{' ' * (len(f'at {extrapolate:,}:') - 1)} {seconds * scale:7.0f} {mib * scale:7.0f}"
-        )
+        per_row = 1e6 * seconds / results[0].get("images", rows)
+        at = f"{seconds * scale:7.0f} {mib * scale:7.0f}" if "images" not in results[0] else f"{'(per image)':>15}"
+        print(f"{step:<8} {seconds:8.2f} {per_row:7.2f} {mib:9.0f} | {' ' * (len(f'at {extrapolate:,}:') - 1)} {at}")
 
 
 if __name__ == "__main__":
