@@ -106,7 +106,10 @@ def build(
         DEFAULT.decode, help="How a new store decodes its images, fixed at creation (default full): 'reduced' lets "
         "the JPEG decoder scale large photos down by 2, 4 or 8 (short side kept >= --image-size) before the crop, "
         "3x less CPU per image at 1600x1200, 7x at 3000x2000, none below 2x the crop side; its crops differ from a "
-        "full decode by 1.3 of 255 on average at those sizes. The trainer decodes as the store does."
+        "full decode by 1.3 of 255 on average at those sizes. 'device' decodes JPEGs with torchvision's decode_jpeg "
+        "on the teacher's device (nvjpeg on CUDA) and crops them there with torch (other images: Pillow, then the "
+        "same crop), so a trainer's CPU only reads the bytes; only that device type can add to or train on the "
+        "store. The trainer decodes as the store does."
     ),
     repair: bool = typer.Option(
         DEFAULT.repair, help="First check the store as zs-cache verify does and redo exactly the shards found damaged."

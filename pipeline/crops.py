@@ -19,6 +19,8 @@ Decode (the store's preprocessing `decode`, "full" when absent):
   image's coordinates, mapped onto the reduced pixels) is resized to S x S. Other formats and images whose
   short side is under 2 S give the full decode's pixels exactly. Several times cheaper on large photos, at a
   small pixel difference from a full decode (benchmarks/decode_cost.py; numbers in docs/DESIGN.md).
+- device: decode_jpeg on the stage's compute device, then the same centre square resized by torch
+  (pipeline.device_decode).
 """
 
 from collections.abc import Sequence
@@ -47,11 +49,13 @@ def centre_crop(image: Image.Image, size: int) -> np.ndarray:
 def crop_from_bytes(
     data: bytes, size: int, max_pixels: int | None = None, decode: str = "full"
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode image bytes (at most max_pixels pixels; `decode` one of pipeline.images.DECODES) and centre-crop them:
+    """Decode image bytes (at most max_pixels pixels; `decode` full or reduced) and centre-crop them:
     (crop (size, size, 3) uint8, (width, height) of the full image)."""
     if decode == "full":
         image = decode_image(data, max_pixels)
         return centre_crop(image, size), image.size
+    if decode != "reduced":
+        raise ValueError(f"crop_from_bytes decodes full or reduced, not '{decode}' (device: pipeline.device_decode)")
     reduced = decode_reduced(data, size, max_pixels)
     box = reduced.box(centre_box(*reduced.size))
     crop = reduced.image.resize((size, size), Image.Resampling.BICUBIC, box=box)

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from distributed.system import MEMORY_LIMIT
 from tqdm import tqdm
 
 from zeroseg.pipeline.build_options import BuildOptions
+from zeroseg.pipeline.device_decode import check_decode_device
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
 from zeroseg.pipeline.runtime import first_line, prefetch_map, resolve_device
@@ -185,8 +186,9 @@ def _encode_shard_on_worker(job: ShardJob) -> tuple[list[ImageRecord], dict]:
     _require_path(job.store, "store")
     source = worker_source(job.source)
     teacher = worker_teacher(job.teacher)
-    store = FeatureStore.open(job.store, writable=True)
     worker, done = get_worker(), [0]
+    check_decode_device(job.settings.decode_device, teacher.device.type, job.store, f"worker {worker.address} runs on")
+    store = FeatureStore.open(job.store, writable=True)
 
     def report(images: int) -> None:
         done[0] += images
@@ -334,6 +336,7 @@ def build_on_cluster(
             teacher = TeacherSpec(identity, setup.device, setup.torch_threads, opts.compile)
             description = raise_user_error(client.submit(describe_teacher_on_worker, teacher, pure=False).result())
             store = prepare_store(store, source, identity, description, settings, opts)
+            settings = replace(settings, decode_device=store.meta.preprocessing.decode_device)  # every worker's
             shards = plan_and_reserve(store, source, pending)
             log(f"caching {len(pending)} new images of {source.spec.path} in {len(shards)} shards "
                 f"on {len(client.nthreads())} Dask workers, teacher {identity.describe()}")

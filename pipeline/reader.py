@@ -8,6 +8,7 @@ import numpy as np
 import zarr
 
 from zeroseg.pipeline.crops import crop_from_bytes
+from zeroseg.pipeline.device_decode import EncodedBatch, parse_image
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
 from zeroseg.pipeline.manifest import ImageRecord
@@ -18,7 +19,8 @@ from zeroseg.pipeline.store_meta import StoreMeta
 
 class CropReader:
     """The centre crops of manifest rows: read from the store's `crops` array when the store keeps
-    them and its path is given, otherwise decoded from the sources with the build's own functions.
+    them and its path is given, otherwise decoded from the sources with the build's own functions (decode
+    "device": only their CPU part, `encoded`; pipeline.device_decode.decode_crops finishes them on the device).
 
     Stored crops are chunked like the features (chunk_size images per chunk): read rows chunk by
     chunk (shuffle chunks, then rows within a few buffered chunks) rather than one row per chunk.
@@ -38,6 +40,11 @@ class CropReader:
     def reads_stored_crops(self) -> bool:
         return self.store is not None
 
+    @property
+    def decodes_on_device(self) -> bool:
+        """Whether the crops come as `encoded` batches, to be decoded on the compute device."""
+        return self.decode == "device" and not self.reads_stored_crops
+
     @cached_property
     def sources(self) -> dict[str, Source]:
         return {name: source_from_spec(spec) for name, spec in self.source_specs.items()}
@@ -49,6 +56,11 @@ class CropReader:
     def crop(self, source: str, key: str, sha256: str | None = None) -> np.ndarray:
         """(S, S, 3) uint8 centre crop of one image, decoded from its source; with the manifest's sha256,
         an image that changed since it was cached is refused (its features describe other pixels)."""
+        crop, _ = crop_from_bytes(self.read(source, key, sha256), self.crop_size, decode=self.decode)
+        return crop
+
+    def read(self, source: str, key: str, sha256: str | None = None) -> bytes:
+        """The bytes of one image; UserError when unreadable or (with the manifest's sha256) changed."""
         try:
             data = self.sources[source].read(key)
         except OSError as exc:
@@ -58,8 +70,11 @@ class CropReader:
                 f"image '{key}' of source '{source}' changed since it was cached (sha256 differs): "
                 f"restore it, or cache it into a new store"
             )
-        crop, _ = crop_from_bytes(data, self.crop_size, decode=self.decode)
-        return crop
+        return data
+
+    def encoded(self, records: list[ImageRecord]) -> EncodedBatch:
+        """The images of `records` parsed for a device decode (their sha256 checked when given)."""
+        return EncodedBatch.of([parse_image(self.read(r.source, r.key, r.sha256)) for r in records])
 
     def crops(self, records: list[ImageRecord]) -> np.ndarray:
         """(n, S, S, 3) uint8 crops of the images of `records` (their sha256 checked when given)."""

@@ -4,7 +4,7 @@ write and commit it."""
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 
 from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
 from zeroseg.pipeline.crops import crop_from_bytes, view_layout
+from zeroseg.pipeline.device_decode import EncodedBatch, ParsedImage, check_decode_device, decode_crops, parse_image
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import ImageDecodeError
 from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
@@ -40,6 +41,7 @@ class EncodeSettings:
     max_pixels: int | None = None  # images of more pixels are error rows (from their header)
     max_bytes: int | None = None  # files of more bytes are error rows
     decode: str = "full"  # pipeline.images.DECODES: the store's, so that every shard decodes alike
+    decode_device: str | None = None  # decode "device": the store's device type, which every teacher must have
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Decoded:
     height: int | None = None
     sha256: str | None = None
     error: str | None = None
+    parsed: ParsedImage | None = None  # decode "device": the CPU part, cropped on the teacher's device
 
 
 @dataclass
@@ -89,21 +92,24 @@ def decode_item(
     max_bytes: int | None = None,
     decode: str = "full",
 ) -> Decoded:
-    """Read (a regular file of at most max_bytes), hash, decode (at most max_pixels) and crop one image; any
-    failure becomes an error reason, never an exception."""
+    """Read (a regular file of at most max_bytes), hash, decode (at most max_pixels) and crop one image (decode
+    "device": only parse it, encode_shard crops it on the teacher's device); any failure becomes an error reason,
+    never an exception."""
     try:
         data = source.read(key, max_bytes)
     except OSError as exc:
         return Decoded(key, error=f"unreadable: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
     try:
+        if decode == "device":
+            parsed = parse_image(data, max_pixels)
+            return Decoded(key, width=parsed.size[0], height=parsed.size[1], sha256=digest, parsed=parsed)
         crop, (width, height) = crop_from_bytes(data, crop_size, max_pixels, decode)
     except ImageDecodeError as exc:
         return Decoded(key, sha256=digest, error=str(exc))
     except Exception as exc:  # a decoder bug on one odd file must not end a long build
         return Decoded(key, sha256=digest, error=f"undecodable image: {type(exc).__name__}: {exc}")
     return Decoded(key, crop, width, height, digest)
-
 
 
 def encode_shard(
@@ -115,21 +121,32 @@ def encode_shard(
     on_image: Callable[[int], None] = lambda n: None,
 ) -> tuple[np.ndarray, np.ndarray | None, list[ImageRecord]]:
     """Features (n, V, D) float16, crops (n, S, S, 3) uint8 (None unless stored) and image records of one
-    shard whose rows start at first_row, taking its n images from `decoded`. Rows of failed images stay zero."""
+    shard whose rows start at first_row, taking its n images from `decoded`. Rows of failed images stay zero.
+    Decode "device": the batch's crops are decoded on the teacher's device; an image its decoder rejects is an
+    error record."""
     count, size = len(shard.keys), settings.image_size
     features = np.zeros((count, len(view_layout(settings.grids)), teacher.embed_dim), dtype=np.float16)
     crops = np.zeros((count, size, size, 3), dtype=np.uint8) if settings.store_crops else None
     records: list[ImageRecord] = []
-    batch: list[tuple[int, np.ndarray]] = []
+    batch: list[tuple[int, Decoded]] = []
 
     def flush() -> None:
-        stacked = np.stack([crop for _, crop in batch])
-        if crops is not None:
-            crops[[i for i, _ in batch]] = stacked
-        pixels = torch.from_numpy(stacked)
-        if teacher.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        features[[i for i, _ in batch]] = teacher.encode_crops(pixels, settings.grids).numpy()  # (b, V, D)
+        indices = [i for i, _ in batch]
+        if settings.decode == "device":
+            pixels, errors = decode_crops(EncodedBatch.of([item.parsed for _, item in batch]), size, teacher.device)
+            for index, error in zip(indices, errors):
+                if error is not None:
+                    records[index] = replace(records[index], row=None, width=None, height=None, error=error)
+            kept = [position for position, error in enumerate(errors) if error is None]
+            indices, pixels = [indices[p] for p in kept], pixels[kept]  # (b, S, S, 3) on the device
+        else:
+            pixels = torch.from_numpy(np.stack([item.crop for _, item in batch]))  # (b, S, S, 3)
+            if teacher.device.type == "cuda":
+                pixels = pixels.pin_memory()
+        if indices:
+            if crops is not None:
+                crops[indices] = pixels.cpu().numpy()
+            features[indices] = teacher.encode_crops(pixels, settings.grids).numpy()  # (b, V, D)
         on_image(len(batch))
         batch.clear()
 
@@ -139,7 +156,7 @@ def encode_shard(
         record = ImageRecord(settings.source_name, item.key, row, item.sha256, item.width, item.height, item.error)
         records.append(record)
         if item.error is None:
-            batch.append((index, item.crop))
+            batch.append((index, item))
             if len(batch) == settings.batch_size:
                 flush()
         else:
@@ -161,10 +178,12 @@ def register_source(meta: StoreMeta, source: Source, name: str) -> None:
 def new_store_meta(
     identity: TeacherIdentity, teacher: TeacherFormat, opts: BuildOptions, store_crops: bool
 ) -> StoreMeta:
+    decode = store_decode(None, opts)
     return StoreMeta(
         teacher=identity,
         preprocessing=Preprocessing.of(
-            opts.image_size, teacher.view_size, teacher.mean, teacher.std, decode=store_decode(None, opts)
+            opts.image_size, teacher.view_size, teacher.mean, teacher.std, decode=decode,
+            decode_device=teacher.device_type if decode == "device" else None,
         ),
         grids=list(opts.grids),
         views=[list(v) for v in view_layout(opts.grids)],
@@ -198,13 +217,15 @@ def prepare_store(
     settings: EncodeSettings,
     opts: BuildOptions,
 ) -> FeatureStore:
-    """The store to write, created on first use for the loaded teacher's `teacher` format."""
+    """The store to write, created on first use for the loaded teacher's `teacher` format (a device-decode store
+    takes only teachers on its device type)."""
     if store is None:
         meta = new_store_meta(identity, teacher, opts, settings.store_crops)
         register_source(meta, source, settings.source_name)
         store = FeatureStore.create(opts.store, meta)
     elif store.meta.preprocessing.view_size != teacher.view_size:
         raise UserError(f"store '{opts.store}' was built for {store.meta.preprocessing.view_size}px views")
+    check_decode_device(store.meta.preprocessing.decode_device, teacher.device_type, opts.store, "this build runs on")
     store.save_meta()
     return store
 

@@ -25,6 +25,8 @@ class Preprocessing:
     crop_size: int  # S: side of the centre crop, px
     # how the image is decoded before the crop (pipeline.images.DECODES); stores made before the setting: "full"
     decode: str = field(default="full", kw_only=True)
+    # decode "device": the device type whose decoder made the crops (pipeline.device_decode); absent otherwise
+    decode_device: str | None = field(default=None, kw_only=True)
     interpolation: str  # of the crop and the view resizes
     antialias: bool
     cell_boundaries: str  # grid cell edges (CELL_RULE)
@@ -34,14 +36,26 @@ class Preprocessing:
 
     @classmethod
     def of(
-        cls, crop_size: int, view_size: int, mean: Sequence[float], std: Sequence[float], decode: str = "full"
+        cls,
+        crop_size: int,
+        view_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        decode: str = "full",
+        decode_device: str | None = None,
     ) -> "Preprocessing":
-        """pipeline.crops' geometry for crops of crop_size px of images decoded as `decode`, and a teacher taking
-        view_size px views so normalised."""
-        return cls(CROP_RULE, crop_size, "bicubic", True, CELL_RULE, view_size, tuple(mean), tuple(std), decode=decode)
+        """pipeline.crops' geometry for crops of crop_size px of images decoded as `decode` (on device type
+        decode_device for "device"), and a teacher taking view_size px views so normalised."""
+        return cls(
+            CROP_RULE, crop_size, "bicubic", True, CELL_RULE, view_size, tuple(mean), tuple(std), decode=decode,
+            decode_device=decode_device,
+        )  # fmt: skip
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        values = {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        if self.decode_device is None:
+            del values["decode_device"]  # as stores made before the device decode, and stores of other decodes
+        return values
 
     @classmethod
     def from_dict(cls, values: dict, where: str) -> "Preprocessing":
@@ -51,6 +65,8 @@ class Preprocessing:
             raise UserError(f"{where}: mean and std are not lists ({DAMAGED})")
         if values.get("decode", "full") not in DECODES:  # any other value would silently decode as "reduced"
             raise UserError(f"{where}: decode '{values['decode']}' is not one of {', '.join(DECODES)} ({DAMAGED})")
+        if (values.get("decode") == "device") != isinstance(values.get("decode_device"), str):
+            raise UserError(f"{where}: decode_device must name the device type of decode 'device' only ({DAMAGED})")
         return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
 
 

@@ -35,12 +35,14 @@ _REGISTERED: dict[str, str] = {}  # config-JSON teachers registered with open_cl
 @dataclass(frozen=True)
 class TeacherFormat:
     """A loaded teacher's input and output, as a new store records them: square views of view_size px,
-    normalised with mean and std (0..1 units), give embed_dim-dim embeddings."""
+    normalised with mean and std (0..1 units), give embed_dim-dim embeddings; computed on device_type (a store
+    of decode "device" records it as its decoder's)."""
 
     view_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     embed_dim: int
+    device_type: str  # cpu, cuda
 
 
 def has_schema(model: str) -> bool:
@@ -246,7 +248,7 @@ class Teacher:
         return int(output.shape[-1])
 
     def format(self) -> TeacherFormat:
-        return TeacherFormat(self.view_size, self.mean, self.std, self.embed_dim)
+        return TeacherFormat(self.view_size, self.mean, self.std, self.embed_dim, self.device.type)
 
     @torch.inference_mode()
     def views(self, crops: torch.Tensor, grids: Sequence[int]) -> torch.Tensor:

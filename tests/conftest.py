@@ -82,7 +82,7 @@ def invoke(main, *args: str) -> CliResult:
     return CliResult(code, stdout.getvalue(), stderr.getvalue())
 
 
-def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops: bool = False):
+def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops: bool = False, decode: str = "full"):
     """A store of the first `count` fixture photos with the tiny teacher: chunks of 2, shards of 4."""
     from zeroseg.pipeline.build import run_build
     from zeroseg.pipeline.build_options import BuildOptions
@@ -94,7 +94,7 @@ def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops
     opts = BuildOptions(
         source=str(photos), store=str(root / "store"), teacher=str(TINY_TEACHER), pretrained="none", device="cpu",
         shard_size=4, chunk_size=STORE_CHUNK, batch_size=10, image_size=image_size, progress=False,
-        store_crops=store_crops,
+        store_crops=store_crops, decode=decode,
     )  # fmt: skip
     run_build(opts, log=lambda line: None)
     return root / "store"

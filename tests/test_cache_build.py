@@ -327,7 +327,7 @@ def test_reduced_decode_is_recorded_and_the_trainer_decodes_the_stored_pixels(ph
         f"leave it out or use a new --store"
     ]
     unknown = invoke(zs_cache, "build", photos, "--store", tmp_path / "other", "--decode", "fast")
-    assert unknown.returncode == 2 and "--decode must be one of full, reduced, got 'fast'" in unknown.stderr
+    assert unknown.returncode == 2 and "--decode must be one of full, reduced, device, got 'fast'" in unknown.stderr
 
 
 def test_a_store_without_a_decode_setting_decodes_in_full(photos, tmp_path):

@@ -11,7 +11,8 @@ store that keeps them, or else the chunk's image records from the manifest), so 
 once per window it serves (one Zarr read of the chunk's rows per array) however many of its batches draw
 from that chunk. A store made with --store-crops gives its own crops that way; otherwise
 pipeline.reader.CropReader decodes the source images with the build's decode and crop (the store's
-preprocessing `decode`, full or reduced).
+preprocessing `decode`, full or reduced); with decode "device" the workers only read and parse them
+(Batch.encoded) and the training step decodes and crops them on its device (Batch.device_crops).
 """
 
 import os
@@ -30,6 +31,7 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from zeroseg.pipeline.crops import channel_stats, to_model_input
+from zeroseg.pipeline.device_decode import EncodedBatch, decode_crops
 from zeroseg.pipeline.duplicates import name_digests
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
@@ -43,9 +45,22 @@ from zeroseg.trainer.sampling import BatchPlan, SampleOrder
 
 
 class Batch(NamedTuple):
-    crops: torch.Tensor  # (B, S, S, 3) uint8, the centre crops the teacher saw
+    crops: torch.Tensor | None  # (B, S, S, 3) uint8, the centre crops the teacher saw; None: `encoded` holds them
     features: torch.Tensor  # (B, V, D) float16, the teacher's features of the V stored views
     rows: torch.Tensor  # (B,) int64, the store rows
+    encoded: EncodedBatch | None = None  # a decode "device" store without crops: the images, parsed on the CPU
+
+    def device_crops(self, device: torch.device, crop_size: int, store: Path) -> torch.Tensor:
+        """(B, S, S, 3) uint8 crops on `device`: moved there, or decoded there as stage one did on this device type
+        (pipeline.device_decode); an image the decoder rejects now is a UserError naming its row."""
+        if self.encoded is None:
+            return self.crops.to(device, non_blocking=True)
+        crops, errors = decode_crops(self.encoded, crop_size, device)
+        failed = next((i for i, error in enumerate(errors) if error is not None), None)
+        if failed is not None:
+            raise UserError(f"store '{store}': row {int(self.rows[failed])} no longer decodes on {device.type} "
+                            f"({errors[failed]}): cache the images into a new store")
+        return crops
 
 
 @dataclass
@@ -200,12 +215,14 @@ class StoreBatches(Dataset):
                 if name not in out:
                     out[name] = np.empty((len(rows), *block.shape[1:]), dtype=block.dtype)
                 out[name][group] = block[offset[group]]
+        features = torch.from_numpy(out[FEATURES])
         if CROPS in out:
-            crops = out[CROPS]
-        else:
-            images = zip(out["source"].tolist(), out["key"].tolist(), rows.tolist(), out["sha256"].tolist())
-            crops = self.reader.crops([ImageRecord(source, key, row, sha256) for source, key, row, sha256 in images])
-        return Batch(torch.from_numpy(crops), torch.from_numpy(out[FEATURES]), torch.from_numpy(rows))
+            return Batch(torch.from_numpy(out[CROPS]), features, torch.from_numpy(rows))
+        images = zip(out["source"].tolist(), out["key"].tolist(), rows.tolist(), out["sha256"].tolist())
+        records = [ImageRecord(source, key, row, sha256) for source, key, row, sha256 in images]
+        if self.reader.decodes_on_device:  # the training step decodes and crops them on its device
+            return Batch(None, features, torch.from_numpy(rows), self.reader.encoded(records))
+        return Batch(torch.from_numpy(self.reader.crops(records)), features, torch.from_numpy(rows))
 
     def chunk(self, index: int) -> dict[str, np.ndarray]:
         """Chunk `index` of the features (chunk_size, V, D) and of the stored crops (chunk_size, S, S, 3)

@@ -2,7 +2,8 @@
 
 One optimizer step, in each process:
   for each of the accum_steps device batches (trainer.sampling decides which samples):
-      uint8 crops -> device -> ModelInput -> ZeroSeg under bf16 autocast (CUDA) -> total_loss / accum_steps
+      uint8 crops -> device (a decode "device" store's are decoded there) -> ModelInput -> ZeroSeg under bf16
+      autocast (CUDA) -> total_loss / accum_steps
       -> backward (DDP averages the gradients over processes on the last pass only)
   the loss terms are averaged over processes; a non-finite loss or gradient norm stops the run before the
   optimizer step (TrainingDiverged), so the checkpoints on disk stay the last good ones;
@@ -31,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from zeroseg.pipeline.atomic import write_atomically
+from zeroseg.pipeline.device_decode import check_decode_device
 from zeroseg.pipeline.errors import UserError
 from zeroseg.trainer import process_group
 from zeroseg.trainer.checkpoint import (
@@ -146,6 +148,9 @@ def _train_locked(
     process = process_group.setup(cfg.run.device)
     trainer = None
     try:
+        if not samples.meta.stored_crops:  # stored crops are the teacher's pixels on any device
+            recorded = samples.meta.preprocessing.decode_device
+            check_decode_device(recorded, process.device.type, str(samples.path), "this run trains on")
         trainer = Trainer(cfg, process, samples, payload)
         return trainer.run(stop_at, log, progress)
     except BaseException as exc:
@@ -193,6 +198,7 @@ class Trainer:
         )
         self.generator = torch.Generator(self.device)
         self.model_input = ModelInput(samples.meta, cfg.model.image_size, self.device)
+        self.crop_size = samples.meta.preprocessing.crop_size
         self.layout = [tuple(view) for view in samples.meta.views]
         self.autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=cfg.run.bf16 and self.device.type == "cuda"
@@ -262,7 +268,8 @@ class Trainer:
             waiting = time.perf_counter()
             batch = next(self.batches)
             data_wait += time.perf_counter() - waiting
-            images = self.model_input(batch.crops.to(self.device, non_blocking=True))  # (B, 3, H, W)
+            crops = batch.device_crops(self.device, self.crop_size, self.samples.path)  # (B, S, S, 3) uint8
+            images = self.model_input(crops)  # (B, 3, H, W)
             features = batch.features.to(self.device, non_blocking=True)  # (B, V, D)
             self.generator.manual_seed(noise_seed(cfg.run.seed, step, accum_pass * process.world_size + process.rank))
             defer_sync = process.distributed and accum_pass < accum - 1  # DDP averages on the last pass only

@@ -1,0 +1,164 @@
+"""The store decode "device": JPEGs decoded by torchvision's decode_jpeg on the stage's compute device (nvjpeg on
+CUDA, libjpeg-turbo on the CPU) and centre-cropped there with torch, so that the CPU of a loader only reads bytes.
+
+Both stages run the same two steps, so the trainer sees exactly the teacher's pixels on the same device type:
+- `parse_image` (CPU: build decode threads, trainer loader workers): the header, read without decoding (size,
+  mode, EXIF orientation, --max-pixels); images decode_jpeg cannot take (not JPEG, CMYK/YCCK JPEG, 16-bit,
+  palette, ...) are decoded here by Pillow exactly as the full decode does (pipeline.images.decode_image).
+- `decode_crops` (the device: the teacher's in stage one, the training device in stage two): one batched
+  decode_jpeg of the JPEGs (one by one when the batch fails, so that a JPEG the decoder rejects is that image's
+  error), the EXIF orientation applied with flips and transposes (exact on any device), the centre square
+  (pipeline.crops.centre_box) resized to S x S by torch's antialiased bicubic in float32, rounded and clamped
+  to uint8. The pixels differ from Pillow's (another resize; nvjpeg another IDCT), so a store records the device
+  type that decoded it (`decode_device`) and only that device type may train on it or add to it.
+"""
+
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from zeroseg.pipeline.crops import centre_box
+from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.images import REVERSED_AXES, decode_image, decode_reason, read_header
+
+DECODERS = {"cuda": "nvjpeg", "cpu": "libjpeg-turbo"}  # what decode_jpeg runs on each device type
+_DEVICE_JPEG_MODES = ("RGB", "L")  # Pillow's modes of the 8-bit YCbCr/RGB and greyscale JPEGs decode_jpeg takes
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec (not installable here): the one warning hushed
+_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+_SOURCE_PREFIX = re.compile(r"^\w+, \S+:\d+, ")  # torchvision's "decode_jpeg, /path/decode_jpeg.cpp:171, " prefix
+
+
+@dataclass(frozen=True)
+class ParsedImage:
+    """The CPU side of one image: its JPEG bytes for decode_jpeg, or Pillow's pixels of an image it cannot take."""
+
+    size: tuple[int, int]  # (width, height), EXIF orientation applied
+    data: bytes = b""  # the JPEG, when `pixels` is None
+    orientation: int = 1  # EXIF orientation to apply after decode_jpeg (1 with pixels: Pillow applied it)
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8 RGB of pipeline.images.decode_image
+
+
+def parse_image(data: bytes, max_pixels: int | None = None) -> ParsedImage:
+    """The CPU part of a device decode of image bytes; ImageDecodeError as decode_image gives it for bytes that are
+    no image or images of more than max_pixels pixels (told from the header)."""
+    header = read_header(data, max_pixels)
+    if header.format == "JPEG" and header.mode in _DEVICE_JPEG_MODES:
+        return ParsedImage(header.oriented_size, data, header.orientation)
+    image = decode_image(data, max_pixels)
+    return ParsedImage(image.size, pixels=np.array(image, dtype=np.uint8))
+
+
+@dataclass
+class EncodedBatch:
+    """B parsed images as a loader worker hands them over: all JPEG bytes in one tensor (cheap to send between
+    processes and to pin), plus Pillow's pixels of the other images."""
+
+    data: torch.Tensor  # (total bytes,) uint8: image i's JPEG is data[offsets[i]:offsets[i + 1]] (empty: pixels)
+    offsets: torch.Tensor  # (B + 1,) int64
+    orientation: torch.Tensor  # (B,) int64 EXIF orientation to apply after decode_jpeg
+    pixels: list[torch.Tensor | None]  # per image (H, W, 3) uint8 of Pillow's decode, or None (a JPEG)
+
+    @classmethod
+    def of(cls, images: Sequence[ParsedImage]) -> "EncodedBatch":
+        lengths = [len(image.data) for image in images]
+        joined = bytearray(b"".join(image.data for image in images))
+        return cls(
+            torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8),
+            torch.tensor(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]), dtype=torch.int64),
+            torch.tensor([image.orientation for image in images], dtype=torch.int64),
+            [None if image.pixels is None else torch.from_numpy(image.pixels) for image in images],
+        )
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def pin_memory(self) -> "EncodedBatch":
+        """Pinned copies (DataLoader's pin_memory calls this), so that the pixels go to the GPU asynchronously."""
+        pixels = [None if p is None else p.pin_memory() for p in self.pixels]
+        return EncodedBatch(self.data.pin_memory(), self.offsets, self.orientation, pixels)
+
+
+def decode_crops(batch: EncodedBatch, size: int, device: torch.device) -> tuple[torch.Tensor, list[str | None]]:
+    """(B, size, size, 3) uint8 centre crops on `device`, and per image None or the reason the device's decoder
+    rejected it (its crop is left zero: a build makes it an error row)."""
+    crops = torch.zeros(len(batch), size, size, 3, dtype=torch.uint8, device=device)
+    images, errors = _decode_jpegs(batch, device)
+    for index, image in enumerate(images):
+        if image is None:
+            pixels = batch.pixels[index]
+            if pixels is None:
+                continue  # rejected by decode_jpeg
+            image = pixels.to(device, non_blocking=True).permute(2, 0, 1)  # (3, H, W)
+        else:
+            image = orient(image, int(batch.orientation[index]))
+        crops[index] = centre_resize(image, size).permute(1, 2, 0)
+    return crops, errors
+
+
+def _decode_jpegs(batch: EncodedBatch, device: torch.device) -> tuple[list[torch.Tensor | None], list[str | None]]:
+    """decode_jpeg's (3, H, W) uint8 of each JPEG of the batch (None for the others), in one batched call; when
+    that fails, one by one: the images it rejects get their reason."""
+    offsets = batch.offsets.tolist()
+    jpegs = [i for i in range(len(batch)) if offsets[i + 1] > offsets[i]]
+    encoded = [batch.data[offsets[i] : offsets[i + 1]] for i in jpegs]
+    images: list[torch.Tensor | None] = [None] * len(batch)
+    errors: list[str | None] = [None] * len(batch)
+    if not jpegs:
+        return images, errors
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEPRECATION, category=DeprecationWarning)
+        try:
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, ValueError):
+            decoded = []
+            for i, data in zip(jpegs, encoded):
+                try:
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except (RuntimeError, ValueError) as exc:
+                    decoded.append(None)
+                    errors[i] = decode_reason(f"{DECODERS.get(device.type, device.type)}: {_message(exc)}")
+    for i, image in zip(jpegs, decoded):
+        images[i] = image
+    return images, errors
+
+
+def _message(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return _SOURCE_PREFIX.sub("", lines[0])
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) stored pixels -> the displayed image of EXIF orientation 1..8, as Pillow's exif_transpose gives it:
+    transposed for 5..8, then each axis that runs against the stored one reversed."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(1, 2)
+    reversed_x, reversed_y = REVERSED_AXES.get(orientation, (False, False))
+    dims = [axis for axis, flip in ((1, reversed_y), (2, reversed_x)) if flip]
+    return image.flip(dims) if dims else image
+
+
+def centre_resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8: the centre square (pipeline.crops.centre_box) resized with
+    antialiased bicubic in float32, rounded and clamped to 0..255."""
+    left, top, right, bottom = centre_box(image.shape[2], image.shape[1])
+    square = image[:, top:bottom, left:right]
+    if square.shape[1] == size:
+        return square
+    resized = F.interpolate(square[None].float(), size=(size, size), mode="bicubic", antialias=True)
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def check_decode_device(recorded: str | None, device_type: str, store: str, doing: str) -> None:
+    """A device-decode store (`recorded`: the device type that decoded its crops) is refused by a stage on another
+    device type, whose decoder gives other pixels than the teacher saw. doing: e.g. 'this run trains on'."""
+    if recorded is not None and device_type != recorded:
+        raise UserError(
+            f"store '{store}''s crops were decoded by {DECODERS.get(recorded, recorded)} on {recorded}; {doing} "
+            f"{device_type}, whose decoder gives other pixels: run it on {recorded}, or use a new store"
+        )
