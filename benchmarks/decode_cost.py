@@ -1,4 +1,4 @@
-"""CPU cost of turning image bytes into a centre crop: `--decode full` against `--decode reduced`, in one run.
+"""CPU cost of turning image bytes into a centre crop: `--decode full`, `reduced` and `device`, in one run.
 
 Three sets of JPEGs: the real fixture photos at their own size (~500 x 375 to 640 x 480), and the same photos
 upscaled (bicubic) and re-encoded at quality 90 to a long side of 1,600 px (~1600 x 1200) and 3,000 px
@@ -6,18 +6,27 @@ upscaled (bicubic) and re-encoded at quality 90 to a long side of 1,600 px (~160
 
   full       decode the whole image, then centre-crop and resize (what stores without `decode` do)
   reduced    libjpeg scales down by 2, 4 or 8 while decoding (short side kept >= the crop), then the same crop
+  loader     `--decode device`, the CPU side of a trainer's loader worker: sha256 of the bytes, the header
+             parsed (pipeline.device_decode.parse_image) and packed into an EncodedBatch; the decode and crop
+             run on the training device. The ratio full / loader is the CPU cut per image.
+  device/cpu `--decode device` decode and crop run on the CPU (decode_jpeg + torch resize), for honesty: what a
+             CPU-only stage pays for it
 
 Each side runs --rounds times for --seconds, interleaved, in this one thread (Pillow decodes on one core),
 and the best round counts: images per CPU-second = per core. Also printed, per set: the mean and largest
-absolute difference (0..255) of the reduced crops from the full ones, and, for comparison only (no store
-can use it), decode alone: Pillow full, Pillow reduced and torchvision.io.decode_jpeg on the CPU.
+absolute difference (0..255) of the reduced and device crops from the full ones; for comparison only (no store
+can use it), decode alone: Pillow full, Pillow reduced and torchvision.io.decode_jpeg on the CPU; and the
+device decode + crop on --device in batches of --batch-size (images/s of wall time: on CUDA, nvjpeg's).
 
-    python benchmarks/decode_cost.py                  # crops of 224 px
+    OMP_NUM_THREADS=1 python benchmarks/decode_cost.py               # crops of 224 px
+    python benchmarks/decode_cost.py --device cuda --batch-size 256  # also nvjpeg's throughput
 """
 
 import argparse
+import hashlib
 import io
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +36,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from zeroseg.pipeline.crops import crop_from_bytes
+from zeroseg.pipeline.device_decode import EncodedBatch, decode_crops, parse_image
 from zeroseg.pipeline.images import decode_image, decode_reduced
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -66,19 +76,50 @@ def best_rates(sides: dict[str, Callable[[bytes], object]], images: list[bytes],
     return rates
 
 
+def loader_side(data: bytes) -> EncodedBatch:
+    """What a loader worker does per image of a device-decode store once the bytes are read."""
+    hashlib.sha256(data).digest()
+    return EncodedBatch.of([parse_image(data)])
+
+
+def device_crop(data: bytes, size: int, device: torch.device) -> np.ndarray:
+    crops, errors = decode_crops(loader_side(data), size, device)
+    assert errors == [None], errors
+    return crops[0].cpu().numpy()
+
+
+def device_rate(images: list[bytes], size: int, device: torch.device, batch: int, seconds: float) -> float:
+    """Images/s (wall time) of decode_crops on `device` over batches of `batch` images (the set repeated)."""
+    encoded = EncodedBatch.of([parse_image(images[i % len(images)]) for i in range(batch)])
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    decode_crops(encoded, size, device)  # warm-up: decoder handles, kernels
+    synchronize()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        decode_crops(encoded, size, device)
+        synchronize()
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="CPU seconds per side and round")
+    parser.add_argument("--device", default="cpu", help="where the device decode's throughput is measured")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per device decode batch")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    device = torch.device(args.device)
 
     photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
     size = args.crop_size
     crops = {
         "full": lambda data: crop_from_bytes(data, size),
         "reduced": lambda data: crop_from_bytes(data, size, decode="reduced"),
+        "loader": loader_side,
+        "device/cpu": lambda data: device_crop(data, size, torch.device("cpu")),
     }
     decodes = {
         "Pillow full": decode_image,
@@ -86,6 +127,7 @@ def main() -> None:
         "torchvision": lambda data: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                                 ImageReadMode.RGB),
     }
+    warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
     print(f"{len(photos)} photos, {size}px crops, best of {args.rounds} rounds of {args.seconds:g} CPU-s, one thread")
     for long_side in LONG_SIDES:
         images = photo_set(photos, long_side)
@@ -93,14 +135,20 @@ def main() -> None:
         label = "as they are" if long_side is None else f"long side {long_side}"
         print(f"== {label}: {shapes[0][0]}x{shapes[0][1]} .. {shapes[-1][0]}x{shapes[-1][1]}")
         rates = best_rates(crops, images, args.rounds, args.seconds)
-        diffs = np.concatenate([
-            np.abs(crop_from_bytes(d, size)[0].astype(np.int16) - crop_from_bytes(d, size, decode="reduced")[0]).ravel()
-            for d in images
-        ])  # fmt: skip
-        print(f"   crop, full      {rates['full']:8.1f} images/s/core")
-        print(f"   crop, reduced   {rates['reduced']:8.1f} images/s/core")
+        full = [crop_from_bytes(d, size)[0].astype(np.int16) for d in images]
+        reduced = np.concatenate([np.abs(f - crop_from_bytes(d, size, decode="reduced")[0]).ravel()
+                                  for f, d in zip(full, images)])  # fmt: skip
+        on_cpu = np.concatenate([np.abs(f - device_crop(d, size, torch.device("cpu"))).ravel()
+                                 for f, d in zip(full, images)])  # fmt: skip
+        for name in crops:
+            print(f"   crop, {name:<10} {rates[name]:8.1f} images/s/core")
         print(f"   ratio reduced/full: {rates['reduced'] / rates['full']:.2f}x")
-        print(f"   reduced - full pixels: mean abs {diffs.mean():.2f}, max abs {diffs.max()} (0..255)")
+        print(f"   ratio full / loader side of --decode device: {rates['loader'] / rates['full']:.2f}x less CPU per "
+              f"image (device decode + crop on the CPU: {rates['device/cpu'] / rates['full']:.2f}x)")
+        print(f"   reduced - full pixels: mean abs {reduced.mean():.2f}, max abs {reduced.max()} (0..255)")
+        print(f"   device/cpu - full pixels: mean abs {on_cpu.mean():.2f}, max abs {on_cpu.max()} (0..255)")
+        rate = device_rate(images, size, device, args.batch_size, args.seconds)
+        print(f"   device decode+crop on {device.type}, batches of {args.batch_size}: {rate:.1f} images/s")
         decode_rates = best_rates(decodes, images, args.rounds, args.seconds / 2)
         print("   decode only: " + ", ".join(f"{name} {rate:.1f}" for name, rate in decode_rates.items())
               + " images/s/core")  # fmt: skip

@@ -6,6 +6,8 @@ a summary of the numbers the scale issue asks for:
   teacher       bare ViT-L-14 forward vs `zs-cache build` (bf16 on CUDA), without and with torch.compile
   views         peak memory of a batch of teacher views built in bf16 vs built in fp32 and cast
   student       training steps fed from a store with crops vs from batches in memory, batch 256
+  decode        `--decode device`: decode_jpeg + torch crop on the device (nvjpeg on CUDA), images/s in batches
+                of 256, next to the CPU per image of the full decode and of a loader's side of the device decode
   evaluation    images/s of zs-eval's segmenter, whole-image and slide inference
 
 Default sizes fit one GPU in under 8 minutes (random weights: no download). --tiny runs every part with the
@@ -32,6 +34,7 @@ GPU = {
     "student": ["--preset", "base", "--store-crops", "--images", "4096", "--image-size", "224", "--batch-size",
                 "256", "--workers", "8", "--steps", "20", "--rounds", "3", "--warmup", "5"],
     "evaluation": ["--preset", "base", "--images", "64"],
+    "decode": ["--device", "cuda", "--batch-size", "256", "--rounds", "1", "--seconds", "1"],
 }  # fmt: skip
 TINY = {
     "teacher": ["--teacher", TINY_TEACHER, "--pretrained", "none", "--images", "8", "--batch-size", "4",
@@ -40,6 +43,7 @@ TINY = {
     "student": ["--preset", "tiny", "--store-crops", "--images", "16", "--image-size", "32", "--batch-size", "4",
                 "--workers", "0", "--steps", "2", "--rounds", "1", "--warmup", "1", "--device", "cpu"],
     "evaluation": ["--preset", "tiny", "--images", "2", "--short-side", "64", "--workers", "1", "--device", "cpu"],
+    "decode": ["--device", "cpu", "--batch-size", "4", "--rounds", "1", "--seconds", "0.05", "--crop-size", "32"],
 }  # fmt: skip
 
 RUNS = [  # (summary label, script, part of the settings, extra arguments)
@@ -49,6 +53,7 @@ RUNS = [  # (summary label, script, part of the settings, extra arguments)
     ("student, stored crops", "train_throughput.py", "student", []),
     ("evaluation, whole", "eval_throughput.py", "evaluation", ["--mode", "whole"]),
     ("evaluation, slide", "eval_throughput.py", "evaluation", ["--mode", "slide"]),
+    ("device decode", "decode_cost.py", "decode", []),
 ]
 SUMMARY = [  # what each run's summary line quotes from its output
     re.compile(r"ratio loop/bare:\s+\S+"),
@@ -59,6 +64,8 @@ SUMMARY = [  # what each run's summary line quotes from its output
     re.compile(r"fed from the store :.*"),
     re.compile(r"end to end\s+\S+ images/s"),
     re.compile(r"model only\s+\S+ images/s"),
+    re.compile(r"ratio full / loader side of --decode device: \S+"),
+    re.compile(r"device decode\+crop on \w+, batches of \d+: \S+ images/s"),
 ]
 
 
