@@ -44,6 +44,8 @@ def describe(store: FeatureStore) -> list[str]:
     status = value_counts(manifest["status"])
     teacher = meta.teacher
     weights = f" sha256={teacher.weights_sha256}" if teacher.weights_sha256 else ""
+    decode_device = meta.preprocessing.decode_device
+    on_device = f" on {decode_device}" if decode_device else ""
     lines = [
         f"store      {store.path}",
         f"images     {status.get('ok', 0)} ok, {status.get('error', 0)} errors, "
@@ -51,7 +53,7 @@ def describe(store: FeatureStore) -> list[str]:
         f"teacher    {teacher.describe()}{weights}",
         f"views      grids {','.join(map(str, meta.grids))} -> {meta.num_views} views of "
         f"{meta.preprocessing.view_size}px from {meta.preprocessing.crop_size}px centre crops "
-        f"({meta.preprocessing.decode} decode)",
+        f"({meta.preprocessing.decode} decode{on_device})",
         f"features   {tuple(store.features.shape)} float16, dim {meta.embed_dim}, chunks of {meta.chunk_size} images",
         f"disk       {human_size(disk_size(store.path))}",
     ]

@@ -145,16 +145,18 @@ def test_stored_crops_are_the_decoded_crops(cluster, photos, tmp_path):
     torch.testing.assert_close(again, expected, atol=2e-3, rtol=2e-3)
 
 
-def test_workers_decode_as_the_store_says(cluster, photos, tmp_path):
-    build(photos, tmp_path / "store", store_crops=True, decode="reduced", scheduler=cluster.scheduler.address)
-    build(photos, tmp_path / "here", store_crops=True, decode="reduced")
+@pytest.mark.parametrize("decode", ["reduced", "device"])
+def test_workers_decode_as_the_store_says(cluster, photos, tmp_path, decode):
+    build(photos, tmp_path / "store", store_crops=True, decode=decode, scheduler=cluster.scheduler.address)
+    build(photos, tmp_path / "here", store_crops=True, decode=decode)
     store, here = FeatureStore.open(tmp_path / "store"), FeatureStore.open(tmp_path / "here")
-    assert store.meta.preprocessing.decode == "reduced"
+    assert store.meta.preprocessing.decode == decode
+    assert store.meta.preprocessing.decode_device == ("cpu" if decode == "device" else None)
     np.testing.assert_array_equal(store.crops[:], here.crops[:])
     np.testing.assert_array_equal(store.features[:], here.features[:])
     records = image_records(store.manifest())
     full = np.stack([crop_from_bytes((photos / r.key).read_bytes(), 64)[0] for r in records])
-    assert np.abs(store.crops[:][[r.row for r in records]].astype(int) - full).max() > 0  # reduced, not full
+    assert np.abs(store.crops[:][[r.row for r in records]].astype(int) - full).max() > 0  # not the full decode
 
 
 def test_tar_shards_alone_and_combined_with_a_folder(cluster, photos, tmp_path):

@@ -133,6 +133,8 @@ def test_the_trainers_device_decode_gives_the_stored_crops_byte_for_byte(device_
     assert decoded.meta.preprocessing.decode == "device" and decoded.meta.preprocessing.decode_device == "cpu"
     attribute = json.loads((decoded_path / "zarr.json").read_text())["attributes"]["zeroseg"]["preprocessing"]
     assert (attribute["decode"], attribute["decode_device"]) == ("device", "cpu")
+    shown = invoke(zs_cache, "inspect", decoded_path)
+    assert shown.returncode == 0 and "from 32px centre crops (device decode on cpu)" in shown.stdout
     records = {r.key: r for r in image_records(decoded.manifest())}
     assert records["truncated.jpg"].error.startswith("truncated image: libjpeg-turbo:")
     assert records["truncated.jpg"].row is None and records["truncated.jpg"].sha256 is not None
