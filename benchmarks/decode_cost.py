@@ -6,9 +6,9 @@ upscaled (bicubic) and re-encoded at quality 90 to a long side of 1,600 px (~160
 
   full       decode the whole image, then centre-crop and resize (what stores without `decode` do)
   reduced    libjpeg scales down by 2, 4 or 8 while decoding (short side kept >= the crop), then the same crop
-  loader     `--decode device`, the CPU side of a trainer's loader worker: sha256 of the bytes, the header
-             parsed (pipeline.device_decode.parse_image) and packed into an EncodedBatch; the decode and crop
-             run on the training device. The ratio full / loader is the CPU cut per image.
+  loader     `--decode device`, the CPU side of a trainer's loader worker: the file read (from the page cache),
+             sha256 of the bytes, the header parsed (pipeline.device_decode.parse_image) and packed into an
+             EncodedBatch; the decode and crop run on the training device. full / loader: the CPU cut per image.
   device/cpu `--decode device` decode and crop run on the CPU (decode_jpeg + torch resize), for honesty: what a
              CPU-only stage pays for it
 
@@ -25,6 +25,7 @@ device decode + crop on --device in batches of --batch-size (images/s of wall ti
 import argparse
 import hashlib
 import io
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -77,9 +78,18 @@ def best_rates(sides: dict[str, Callable[[bytes], object]], images: list[bytes],
 
 
 def loader_side(data: bytes) -> EncodedBatch:
-    """What a loader worker does per image of a device-decode store once the bytes are read."""
+    """What a loader worker does per image of a device-decode store once the bytes are read (`read_side`)."""
     hashlib.sha256(data).digest()
     return EncodedBatch.of([parse_image(data)])
+
+
+def read_side(images: list[bytes], folder: Path) -> Callable[[bytes], EncodedBatch]:
+    """loader_side of each image's bytes read back from a file in `folder` (the page cache, as a warm loader)."""
+    paths = {}
+    for index, data in enumerate(images):
+        paths[id(data)] = folder / f"{index}.jpg"
+        paths[id(data)].write_bytes(data)
+    return lambda data: loader_side(paths[id(data)].read_bytes())
 
 
 def device_crop(data: bytes, size: int, device: torch.device) -> np.ndarray:
@@ -118,7 +128,6 @@ def main() -> None:
     crops = {
         "full": lambda data: crop_from_bytes(data, size),
         "reduced": lambda data: crop_from_bytes(data, size, decode="reduced"),
-        "loader": loader_side,
         "device/cpu": lambda data: device_crop(data, size, torch.device("cpu")),
     }
     decodes = {
@@ -129,30 +138,35 @@ def main() -> None:
     }
     warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
     print(f"{len(photos)} photos, {size}px crops, best of {args.rounds} rounds of {args.seconds:g} CPU-s, one thread")
-    for long_side in LONG_SIDES:
-        images = photo_set(photos, long_side)
-        shapes = [Image.open(io.BytesIO(data)).size for data in images]
-        label = "as they are" if long_side is None else f"long side {long_side}"
-        print(f"== {label}: {shapes[0][0]}x{shapes[0][1]} .. {shapes[-1][0]}x{shapes[-1][1]}")
-        rates = best_rates(crops, images, args.rounds, args.seconds)
-        full = [crop_from_bytes(d, size)[0].astype(np.int16) for d in images]
-        reduced = np.concatenate([np.abs(f - crop_from_bytes(d, size, decode="reduced")[0]).ravel()
-                                  for f, d in zip(full, images)])  # fmt: skip
-        on_cpu = np.concatenate([np.abs(f - device_crop(d, size, torch.device("cpu"))).ravel()
-                                 for f, d in zip(full, images)])  # fmt: skip
-        for name in crops:
-            print(f"   crop, {name:<10} {rates[name]:8.1f} images/s/core")
-        print(f"   ratio reduced/full: {rates['reduced'] / rates['full']:.2f}x")
-        print(f"   ratio full / loader side of --decode device: {rates['loader'] / rates['full']:.2f}x less CPU per "
-              f"image (device decode + crop on the CPU: {rates['device/cpu'] / rates['full']:.2f}x)")
-        print(f"   reduced - full pixels: mean abs {reduced.mean():.2f}, max abs {reduced.max()} (0..255)")
-        print(f"   device/cpu - full pixels: mean abs {on_cpu.mean():.2f}, max abs {on_cpu.max()} (0..255)")
-        rate = device_rate(images, size, device, args.batch_size, args.seconds)
-        print(f"   device decode+crop on {device.type}, batches of {args.batch_size}: {rate:.1f} images/s")
-        decode_rates = best_rates(decodes, images, args.rounds, args.seconds / 2)
-        print("   decode only: " + ", ".join(f"{name} {rate:.1f}" for name, rate in decode_rates.items())
-              + " images/s/core")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="decode-cost-") as folder:
+        for long_side in LONG_SIDES:
+            images = photo_set(photos, long_side)
+            shapes = [Image.open(io.BytesIO(data)).size for data in images]
+            label = "as they are" if long_side is None else f"long side {long_side}"
+            print(f"== {label}: {shapes[0][0]}x{shapes[0][1]} .. {shapes[-1][0]}x{shapes[-1][1]}")
+            rates = best_rates({**crops, "loader": read_side(images, Path(folder))}, images, args.rounds, args.seconds)
+            report_crops(images, size, rates)
+            rate = device_rate(images, size, device, args.batch_size, args.seconds)
+            print(f"   device decode+crop on {device.type}, batches of {args.batch_size}: {rate:.1f} images/s")
+            decode_rates = best_rates(decodes, images, args.rounds, args.seconds / 2)
+            print("   decode only: " + ", ".join(f"{name} {rate:.1f}" for name, rate in decode_rates.items())
+                  + " images/s/core")  # fmt: skip
 
+
+def report_crops(images: list[bytes], size: int, rates: dict[str, float]) -> None:
+    """Print the per-core rates of one set, their ratios, and how far the other decodes' crops are from full's."""
+    labels = {"full": "full decode + crop", "reduced": "reduced decode + crop", "loader": "device: loader side",
+              "device/cpu": "device: decode + crop on cpu"}  # fmt: skip
+    for name, label in labels.items():
+        print(f"   {label:<29} {rates[name]:8.1f} images/s/core")
+    print(f"   ratio reduced/full: {rates['reduced'] / rates['full']:.2f}x")
+    print(f"   ratio full / loader side of --decode device: {rates['loader'] / rates['full']:.2f}x less CPU per image "
+          f"(device decode + crop on the CPU: {rates['device/cpu'] / rates['full']:.2f}x)")
+    full = [crop_from_bytes(data, size)[0].astype(np.int16) for data in images]
+    for name, crop in (("reduced", lambda data: crop_from_bytes(data, size, decode="reduced")[0]),
+                       ("device/cpu", lambda data: device_crop(data, size, torch.device("cpu")))):  # fmt: skip
+        diffs = np.concatenate([np.abs(f - crop(data)).ravel() for f, data in zip(full, images)])
+        print(f"   {name} - full pixels: mean abs {diffs.mean():.2f}, max abs {diffs.max()} (0..255)")
 
 if __name__ == "__main__":
     main()
