@@ -98,18 +98,21 @@ def device_crop(data: bytes, size: int, device: torch.device) -> np.ndarray:
     return crops[0].cpu().numpy()
 
 
-def device_rate(images: list[bytes], size: int, device: torch.device, batch: int, seconds: float) -> float:
-    """Images/s (wall time) of decode_crops on `device` over batches of `batch` images (the set repeated)."""
+def device_rate(
+    images: list[bytes], size: int, device: torch.device, batch: int, seconds: float
+) -> tuple[float, float]:
+    """Images/s (wall time) of decode_crops on `device` over batches of `batch` images (the set repeated), and the
+    CPU time per image it costs this process (on CUDA: nvjpeg's host side, e.g. Huffman decoding, and launches)."""
     encoded = EncodedBatch.of([parse_image(images[i % len(images)]) for i in range(batch)])
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     decode_crops(encoded, size, device)  # warm-up: decoder handles, kernels
     synchronize()
-    done, started = 0, time.perf_counter()
+    done, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         decode_crops(encoded, size, device)
         synchronize()
         done += batch
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), (time.process_time() - cpu) / done
 
 
 def main() -> None:
@@ -146,8 +149,9 @@ def main() -> None:
             print(f"== {label}: {shapes[0][0]}x{shapes[0][1]} .. {shapes[-1][0]}x{shapes[-1][1]}")
             rates = best_rates({**crops, "loader": read_side(images, Path(folder))}, images, args.rounds, args.seconds)
             report_crops(images, size, rates)
-            rate = device_rate(images, size, device, args.batch_size, args.seconds)
-            print(f"   device decode+crop on {device.type}, batches of {args.batch_size}: {rate:.1f} images/s")
+            rate, cpu = device_rate(images, size, device, args.batch_size, args.seconds)
+            print(f"   device decode+crop on {device.type}, batches of {args.batch_size}: {rate:.1f} images/s, "
+                  f"{1000 * cpu:.2f} ms CPU per image in the calling process")
             decode_rates = best_rates(decodes, images, args.rounds, args.seconds / 2)
             print("   decode only: " + ", ".join(f"{name} {rate:.1f}" for name, rate in decode_rates.items())
                   + " images/s/core")  # fmt: skip

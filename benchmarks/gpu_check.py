@@ -65,7 +65,7 @@ SUMMARY = [  # what each run's summary line quotes from its output
     re.compile(r"end to end\s+\S+ images/s"),
     re.compile(r"model only\s+\S+ images/s"),
     re.compile(r"ratio full / loader side of --decode device: \S+"),
-    re.compile(r"device decode\+crop on \w+, batches of \d+: \S+ images/s"),
+    re.compile(r"device decode\+crop on \w+, batches of \d+: \S+ images/s, \S+ ms CPU per image"),
 ]
 
 
