@@ -17,11 +17,12 @@ from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import centre_box
 from zeroseg.pipeline.device_decode import EncodedBatch, centre_resize, decode_crops, parse_image
+from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import ImageDecodeError, decode_image
 from zeroseg.pipeline.manifest import image_records
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.trainer.data import StoreBatches, StoreSamples
+from zeroseg.trainer.data import Batch, StoreBatches, StoreSamples
 from zeroseg.trainer.sampling import BatchPlan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -103,6 +104,9 @@ def test_a_jpeg_the_decoder_rejects_is_that_images_error_and_the_others_decode_a
     assert not crops[1].any()
     alone, _ = decode_crops(EncodedBatch.of(good), 24, CPU)
     assert torch.equal(crops[[0, 2]], alone)
+    batch = Batch(None, torch.zeros(2, 1, 4), torch.tensor([7, 9]), EncodedBatch.of([good[0], truncated]))
+    with pytest.raises(UserError, match=r"^store 'st': row 9 no longer decodes on cpu \(truncated image: libjpeg"):
+        batch.device_crops(CPU, 24, "st")  # in training: stage one decoded this row, so the store is refused
 
 
 def build_options(photos, store, **overrides) -> BuildOptions:
