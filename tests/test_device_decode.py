@@ -44,7 +44,7 @@ def oriented_jpeg(orientation: int) -> bytes:
 
 
 def odd_images() -> dict[str, bytes]:
-    """Images decode_jpeg cannot take (or takes as greyscale), and a truncated JPEG."""
+    """Images decode_jpeg cannot take, JPEGs it takes (greyscale, rotated, progressive), and a truncated JPEG."""
     photo = Image.open(PHOTOS[1]).convert("RGB").resize((48, 40))
     sixteen = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
     return {
@@ -54,6 +54,7 @@ def odd_images() -> dict[str, bytes]:
         "sixteen.png": encode(Image.fromarray(sixteen), "PNG"),
         "palette.png": encode(photo.convert("P"), "PNG"),
         "rotated.jpg": oriented_jpeg(6),
+        "progressive.jpg": encode(photo, "JPEG", quality=90, progressive=True),
         "truncated.jpg": PHOTOS[2].read_bytes()[:3000],
     }
 
@@ -143,7 +144,7 @@ def test_the_trainers_device_decode_gives_the_stored_crops_byte_for_byte(device_
     assert records["truncated.jpg"].error.startswith("truncated image: libjpeg-turbo:")
     assert records["truncated.jpg"].row is None and records["truncated.jpg"].sha256 is not None
     assert (records["rotated.jpg"].width, records["rotated.jpg"].height) == (40, 60)
-    assert sum(r.ok for r in records.values()) == 12
+    assert sum(r.ok for r in records.values()) == 13
     assert {r.key: r.row for r in image_records(stored.manifest())} == {k: r.row for k, r in records.items()}
     np.testing.assert_array_equal(stored.features[:], decoded.features[:])  # the teacher saw the same pixels
 
