@@ -5,7 +5,8 @@ a summary of the numbers the scale issue asks for:
 
   teacher       bare ViT-L-14 forward vs `zs-cache build` (bf16 on CUDA), without and with torch.compile
   views         peak memory of a batch of teacher views built in bf16 vs built in fp32 and cast
-  student       training steps fed from a store with crops vs from batches in memory, batch 256
+  student       training steps fed from a store with crops vs from batches in memory, batch 256; and fed from
+                a `--decode device` store without crops (the steps decode the JPEGs on the GPU)
   decode        `--decode device`: decode_jpeg + torch crop on the device (nvjpeg on CUDA), images/s in batches
                 of 256, next to the CPU per image of the full decode and of a loader's side of the device decode
   evaluation    images/s of zs-eval's segmenter, whole-image and slide inference
@@ -33,6 +34,8 @@ GPU = {
     "views": ["--batch-size", "64"],
     "student": ["--preset", "base", "--store-crops", "--images", "4096", "--image-size", "224", "--batch-size",
                 "256", "--workers", "8", "--steps", "20", "--rounds", "3", "--warmup", "5"],
+    "student, decode": ["--preset", "base", "--decode", "device", "--images", "4096", "--image-size", "224",
+                        "--batch-size", "256", "--workers", "8", "--steps", "20", "--rounds", "3", "--warmup", "5"],
     "evaluation": ["--preset", "base", "--images", "64"],
     "decode": ["--device", "cuda", "--batch-size", "256", "--rounds", "1", "--seconds", "1"],
 }  # fmt: skip
@@ -42,6 +45,9 @@ TINY = {
     "views": ["--batch-size", "4", "--crop-size", "64", "--view-size", "32", "--device", "cpu"],
     "student": ["--preset", "tiny", "--store-crops", "--images", "16", "--image-size", "32", "--batch-size", "4",
                 "--workers", "0", "--steps", "2", "--rounds", "1", "--warmup", "1", "--device", "cpu"],
+    "student, decode": ["--preset", "tiny", "--decode", "device", "--images", "16", "--image-size", "32",
+                        "--batch-size", "4", "--workers", "0", "--steps", "2", "--rounds", "1", "--warmup", "1",
+                        "--device", "cpu"],
     "evaluation": ["--preset", "tiny", "--images", "2", "--short-side", "64", "--workers", "1", "--device", "cpu"],
     "decode": ["--device", "cpu", "--batch-size", "4", "--rounds", "1", "--seconds", "0.05", "--crop-size", "32"],
 }  # fmt: skip
@@ -51,6 +57,7 @@ RUNS = [  # (summary label, script, part of the settings, extra arguments)
     ("teacher, compiled", "cache_throughput.py", "teacher", ["--compile"]),
     ("teacher views", "view_memory.py", "views", []),
     ("student, stored crops", "train_throughput.py", "student", []),
+    ("student, device decode", "train_throughput.py", "student, decode", []),
     ("evaluation, whole", "eval_throughput.py", "evaluation", ["--mode", "whole"]),
     ("evaluation, slide", "eval_throughput.py", "evaluation", ["--mode", "slide"]),
     ("device decode", "decode_cost.py", "decode", []),

@@ -8,7 +8,8 @@ the memory side cycles four batches already on the device. Prints both rates, im
 ratio (target >= 0.90).
 
 Without --store it builds one from the fixture photos (copied until there are --images of them) with the
-tiny random-weight teacher, at --image-size.
+tiny random-weight teacher, at --image-size, decoded as --decode says (`device`: built on --device, so that
+the training steps decode and crop each batch's JPEGs on the device, the loader workers only reading them).
 
     python benchmarks/train_throughput.py --preset tiny --workers 1                          # CPU, seconds
     python benchmarks/train_throughput.py --store /data/zs-store --preset base --batch-size 256 \\
@@ -32,7 +33,7 @@ from zeroseg.trainer.train import Trainer
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
-def fixture_store(root: Path, count: int, image_size: int, store_crops: bool) -> Path:
+def fixture_store(root: Path, count: int, image_size: int, store_crops: bool, decode: str, device: str) -> Path:
     photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
     folder = root / "images"
     folder.mkdir()
@@ -40,8 +41,8 @@ def fixture_store(root: Path, count: int, image_size: int, store_crops: bool) ->
         shutil.copy(photos[i % len(photos)], folder / f"{i:06d}.jpg")
     opts = BuildOptions(
         source=str(folder), store=str(root / "store"), teacher=str(FIXTURES / "zs-tiny-clip.json"),
-        pretrained="none", device="cpu", batch_size=32, chunk_size=16, shard_size=64, image_size=image_size,
-        progress=False, store_crops=store_crops,
+        pretrained="none", device=device if decode == "device" else "cpu", batch_size=32, chunk_size=16,
+        shard_size=64, image_size=image_size, progress=False, store_crops=store_crops, decode=decode,
     )  # fmt: skip
     run_build(opts, log=lambda line: None)
     return root / "store"
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=160, help="images of the built store")
     parser.add_argument("--image-size", type=int, default=32, help="crop size of the built store")
     parser.add_argument("--store-crops", action="store_true", help="the built store keeps its crops (no JPEG decode)")
+    parser.add_argument("--decode", default="full", help="decode of the built store: full, reduced or device")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, repeatable")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -72,7 +74,9 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        store = args.store or fixture_store(Path(scratch), args.images, args.image_size, args.store_crops)
+        store = args.store or fixture_store(
+            Path(scratch), args.images, args.image_size, args.store_crops, args.decode, args.device
+        )
         cfg = build_config(
             {},
             [*args.overrides, "optim.lr=1e-4", "schedule.warmup_steps=0"],
@@ -90,8 +94,10 @@ def main() -> None:
             """A new loader (fresh worker processes, empty chunk caches) over device batches [first, first + count)."""
             return iter(make_loader(dataset, first, first + count, cfg.data.workers, cfg.data.prefetch, pin))
 
+        crop_size, device = samples.meta.preprocessing.crop_size, process.device
         in_memory = itertools.cycle(
-            [batch._replace(crops=batch.crops.to(process.device), features=batch.features.to(process.device))
+            [batch._replace(crops=batch.device_crops(device, crop_size, samples.path), encoded=None,
+                            features=batch.features.to(device))
              for batch in itertools.islice(cold_loader(0, 4), 4)]
         )  # fmt: skip
         for batches in (cold_loader(0, args.warmup), in_memory):  # warm-up (allocator, kernels) untimed
@@ -109,7 +115,8 @@ def main() -> None:
     batch = trainer.plan.effective_batch
     timed = args.rounds * args.steps
     store_rate, memory_rate = timed / store_seconds, timed / memory_seconds
-    crops = "stored" if samples.meta.stored_crops else "decoded from the source"
+    decode = samples.meta.preprocessing.decode
+    crops = "stored" if samples.meta.stored_crops else f"decoded from the source ({decode} decode)"
     print(
         f"device {process.device}, preset {args.preset}, batch {batch}, {args.workers} workers, "
         f"{len(samples)} images of {cfg.model.image_size}px, crops {crops}, {args.rounds} x {args.steps} timed steps"
