@@ -28,6 +28,7 @@ from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import REVERSED_AXES, decode_image, decode_reason, read_header
 
 DECODERS = {"cuda": "nvjpeg", "cpu": "libjpeg-turbo"}  # what decode_jpeg runs on each device type
+DECODE_GROUP = 64  # JPEGs per batched decode_jpeg call
 _DEVICE_JPEG_MODES = ("RGB", "L")  # Pillow's modes of the 8-bit YCbCr/RGB and greyscale JPEGs decode_jpeg takes
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not installable here): the one warning hushed
 _DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
@@ -86,46 +87,48 @@ class EncodedBatch:
 
 def decode_crops(batch: EncodedBatch, size: int, device: torch.device) -> tuple[torch.Tensor, list[str | None]]:
     """(B, size, size, 3) uint8 centre crops on `device`, and per image None or the reason the device's decoder
-    rejected it (its crop is left zero: a build makes it an error row)."""
+    rejected it (its crop is left zero: a build makes it an error row). The JPEGs are decoded DECODE_GROUP at a
+    time, so that at most that many whole images are on the device at once (3000 x 2000 photos: 18 MB each)."""
     crops = torch.zeros(len(batch), size, size, 3, dtype=torch.uint8, device=device)
-    images, errors = _decode_jpegs(batch, device)
-    for index, image in enumerate(images):
-        if image is None:
-            pixels = batch.pixels[index]
-            if pixels is None:
-                continue  # rejected by decode_jpeg
+    errors: list[str | None] = [None] * len(batch)
+    for index, pixels in enumerate(batch.pixels):
+        if pixels is not None:
             image = pixels.to(device, non_blocking=True).permute(2, 0, 1)  # (3, H, W)
-        else:
-            image = orient(image, int(batch.orientation[index]))
-        crops[index] = centre_resize(image, size).permute(1, 2, 0)
+            crops[index] = centre_resize(image, size).permute(1, 2, 0)
+    offsets, orientation = batch.offsets.tolist(), batch.orientation.tolist()
+    jpegs = [i for i in range(len(batch)) if offsets[i + 1] > offsets[i]]
+    for start in range(0, len(jpegs), DECODE_GROUP):
+        group = jpegs[start : start + DECODE_GROUP]
+        images, reasons = _decode_jpegs([batch.data[offsets[i] : offsets[i + 1]] for i in group], device)
+        for i, image, reason in zip(group, images, reasons):
+            if image is None:
+                errors[i] = reason
+            else:
+                crops[i] = centre_resize(orient(image, orientation[i]), size).permute(1, 2, 0)
     return crops, errors
 
 
-def _decode_jpegs(batch: EncodedBatch, device: torch.device) -> tuple[list[torch.Tensor | None], list[str | None]]:
-    """decode_jpeg's (3, H, W) uint8 of each JPEG of the batch (None for the others), in one batched call; when
-    that fails, one by one: the images it rejects get their reason."""
-    offsets = batch.offsets.tolist()
-    jpegs = [i for i in range(len(batch)) if offsets[i + 1] > offsets[i]]
-    encoded = [batch.data[offsets[i] : offsets[i + 1]] for i in jpegs]
-    images: list[torch.Tensor | None] = [None] * len(batch)
-    errors: list[str | None] = [None] * len(batch)
-    if not jpegs:
-        return images, errors
+def _decode_jpegs(
+    encoded: list[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor | None], list[str | None]]:
+    """decode_jpeg's (3, H, W) uint8 of each JPEG, in one batched call; when that fails, one by one: the images it
+    rejects are None, with their reason."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATION, category=DeprecationWarning)
         try:
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device), [None] * len(encoded)
         except (RuntimeError, ValueError):
-            decoded = []
-            for i, data in zip(jpegs, encoded):
-                try:
-                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                except (RuntimeError, ValueError) as exc:
-                    decoded.append(None)
-                    errors[i] = decode_reason(f"{DECODERS.get(device.type, device.type)}: {_message(exc)}")
-    for i, image in zip(jpegs, decoded):
-        images[i] = image
-    return images, errors
+            pass
+        images: list[torch.Tensor | None] = []
+        reasons: list[str | None] = []
+        for data in encoded:
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                reasons.append(None)
+            except (RuntimeError, ValueError) as exc:
+                images.append(None)
+                reasons.append(decode_reason(f"{DECODERS.get(device.type, device.type)}: {_message(exc)}"))
+        return images, reasons
 
 
 def _message(exc: Exception) -> str:

@@ -16,7 +16,7 @@ from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import centre_box
-from zeroseg.pipeline.device_decode import EncodedBatch, centre_resize, decode_crops, parse_image
+from zeroseg.pipeline.device_decode import DECODE_GROUP, EncodedBatch, centre_resize, decode_crops, parse_image
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import ImageDecodeError, decode_image
 from zeroseg.pipeline.manifest import image_records
@@ -105,6 +105,12 @@ def test_a_jpeg_the_decoder_rejects_is_that_images_error_and_the_others_decode_a
     assert not crops[1].any()
     alone, _ = decode_crops(EncodedBatch.of(good), 24, CPU)
     assert torch.equal(crops[[0, 2]], alone)
+    many = [parse_image(path.read_bytes()) for path in PHOTOS] * 7  # 70: more than one group of DECODE_GROUP
+    many[66] = truncated
+    crops, errors = decode_crops(EncodedBatch.of(many), 24, CPU)
+    assert len(many) > DECODE_GROUP and [i for i, error in enumerate(errors) if error] == [66]
+    photos, _ = decode_crops(EncodedBatch.of(many[:10]), 24, CPU)
+    assert torch.equal(crops[60:66], photos[:6]) and torch.equal(crops[67:], photos[7:])
     batch = Batch(None, torch.zeros(2, 1, 4), torch.tensor([7, 9]), EncodedBatch.of([good[0], truncated]))
     with pytest.raises(UserError, match=r"^store 'st': row 9 no longer decodes on cpu \(truncated image: libjpeg"):
         batch.device_crops(CPU, 24, "st")  # in training: stage one decoded this row, so the store is refused
