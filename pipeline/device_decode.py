@@ -6,14 +6,14 @@ Both stages run the same two steps, so the trainer sees exactly the teacher's pi
   mode, EXIF orientation, --max-pixels); images decode_jpeg cannot take (not JPEG, CMYK/YCCK JPEG, 16-bit,
   palette, ...) are decoded here by Pillow exactly as the full decode does (pipeline.images.decode_image).
 - `decode_crops` (the device: the teacher's in stage one, the training device in stage two): one batched
-  decode_jpeg of the JPEGs (one by one when the batch fails, so that a JPEG the decoder rejects is that image's
-  error), the EXIF orientation applied with flips and transposes (exact on any device), the centre square
-  (pipeline.crops.centre_box) resized to S x S by torch's antialiased bicubic in float32, rounded and clamped
-  to uint8. The pixels differ from Pillow's (another resize; nvjpeg another IDCT), so a store records the device
-  type that decoded it (`decode_device`) and only that device type may train on it or add to it.
+  decode_jpeg of the JPEGs (one by one when the batch fails; a JPEG the decoder rejects is decoded by Pillow, and
+  is that image's error when Pillow rejects it too), the EXIF orientation applied with flips and transposes
+  (exact on any device), the centre square (pipeline.crops.centre_box) resized to S x S by torch's antialiased
+  bicubic in float32, rounded and clamped to uint8. The pixels differ from Pillow's (another resize; nvjpeg
+  another IDCT), so a store records the device type that decoded it (`decode_device`) and only that device type
+  may train on it or add to it.
 """
 
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,14 +25,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from zeroseg.pipeline.crops import centre_box
 from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.images import REVERSED_AXES, decode_image, decode_reason, read_header
+from zeroseg.pipeline.images import REVERSED_AXES, ImageDecodeError, decode_image, read_header
 
 DECODERS = {"cuda": "nvjpeg", "cpu": "libjpeg-turbo"}  # what decode_jpeg runs on each device type
 DECODE_GROUP = 64  # JPEGs per batched decode_jpeg call
 _DEVICE_JPEG_MODES = ("RGB", "L")  # Pillow's modes of the 8-bit YCbCr/RGB and greyscale JPEGs decode_jpeg takes
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not installable here): the one warning hushed
 _DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
-_SOURCE_PREFIX = re.compile(r"^\w+, \S+:\d+, ")  # torchvision's "decode_jpeg, /path/decode_jpeg.cpp:171, " prefix
 
 
 @dataclass(frozen=True)
@@ -86,54 +85,55 @@ class EncodedBatch:
 
 
 def decode_crops(batch: EncodedBatch, size: int, device: torch.device) -> tuple[torch.Tensor, list[str | None]]:
-    """(B, size, size, 3) uint8 centre crops on `device`, and per image None or the reason the device's decoder
-    rejected it (its crop is left zero: a build makes it an error row). The JPEGs are decoded DECODE_GROUP at a
-    time, so that at most that many whole images are on the device at once (3000 x 2000 photos: 18 MB each)."""
+    """(B, size, size, 3) uint8 centre crops on `device`, and per image None or the reason it does not decode (its
+    crop is left zero: a build makes it an error row). The JPEGs are decoded DECODE_GROUP at a time, so that at
+    most that many whole images are on the device at once (3000 x 2000 photos: 18 MB each); one the device's
+    decoder rejects is decoded by Pillow (the same rule in both stages, so the same pixels)."""
     crops = torch.zeros(len(batch), size, size, 3, dtype=torch.uint8, device=device)
     errors: list[str | None] = [None] * len(batch)
     for index, pixels in enumerate(batch.pixels):
         if pixels is not None:
-            image = pixels.to(device, non_blocking=True).permute(2, 0, 1)  # (3, H, W)
-            crops[index] = centre_resize(image, size).permute(1, 2, 0)
+            crops[index] = _crop_pixels(pixels, size, device)
     offsets, orientation = batch.offsets.tolist(), batch.orientation.tolist()
     jpegs = [i for i in range(len(batch)) if offsets[i + 1] > offsets[i]]
     for start in range(0, len(jpegs), DECODE_GROUP):
         group = jpegs[start : start + DECODE_GROUP]
-        images, reasons = _decode_jpegs([batch.data[offsets[i] : offsets[i + 1]] for i in group], device)
-        for i, image, reason in zip(group, images, reasons):
-            if image is None:
-                errors[i] = reason
-            else:
+        encoded = [batch.data[offsets[i] : offsets[i + 1]] for i in group]
+        for i, data, image in zip(group, encoded, _decode_jpegs(encoded, device)):
+            if image is not None:
                 crops[i] = centre_resize(orient(image, orientation[i]), size).permute(1, 2, 0)
+                continue
+            try:  # a JPEG the device's decoder rejects (nvjpeg takes fewer than libjpeg): Pillow, as parse_image does
+                pixels = np.array(decode_image(data.numpy().tobytes()), dtype=np.uint8)
+            except ImageDecodeError as exc:
+                errors[i] = str(exc)
+            else:
+                crops[i] = _crop_pixels(torch.from_numpy(pixels), size, device)
     return crops, errors
 
 
-def _decode_jpegs(
-    encoded: list[torch.Tensor], device: torch.device
-) -> tuple[list[torch.Tensor | None], list[str | None]]:
+def _crop_pixels(pixels: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB of Pillow's decode -> its (size, size, 3) centre crop, made on `device`."""
+    image = pixels.to(device, non_blocking=True).permute(2, 0, 1)  # (3, H, W)
+    return centre_resize(image, size).permute(1, 2, 0)
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """decode_jpeg's (3, H, W) uint8 of each JPEG, in one batched call; when that fails, one by one: the images it
-    rejects are None, with their reason."""
+    rejects are None."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATION, category=DeprecationWarning)
         try:
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device), [None] * len(encoded)
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
         except (RuntimeError, ValueError):
             pass
         images: list[torch.Tensor | None] = []
-        reasons: list[str | None] = []
         for data in encoded:
             try:
                 images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                reasons.append(None)
-            except (RuntimeError, ValueError) as exc:
+            except (RuntimeError, ValueError):
                 images.append(None)
-                reasons.append(decode_reason(f"{DECODERS.get(device.type, device.type)}: {_message(exc)}"))
-        return images, reasons
-
-
-def _message(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    return _SOURCE_PREFIX.sub("", lines[0])
+        return images
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -143,12 +143,8 @@ def _decode_errors() -> Iterator[None]:
 def _reason(exc: Exception) -> str:
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not an image (unrecognised format)"
-    return decode_reason(str(exc) or type(exc).__name__)
-
-
-def decode_reason(text: str) -> str:
-    """The manifest's reason for a decoder's error message: truncated image, or undecodable image."""
-    if "truncated" in text.lower() or "incomplete" in text.lower() or "premature end" in text.lower():
+    text = str(exc) or type(exc).__name__
+    if "truncated" in text.lower() or "premature end" in text.lower():
         return f"truncated image: {text}"
     return f"undecodable image: {text}"
 

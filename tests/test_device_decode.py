@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 from torchvision.io import decode_jpeg
 
 from tests.conftest import PHOTOS, TINY_TEACHER, invoke, make_store, train
+from zeroseg.pipeline import device_decode
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
@@ -101,7 +102,7 @@ def test_a_jpeg_the_decoder_rejects_is_that_images_error_and_the_others_decode_a
     truncated = parse_image(odd_images()["truncated.jpg"])  # the header reads; the decoder finds the truncation
     crops, errors = decode_crops(EncodedBatch.of([good[0], truncated, good[1]]), 24, CPU)
     assert errors[0] is None and errors[2] is None
-    assert errors[1].startswith("truncated image: libjpeg-turbo:")
+    assert errors[1].startswith("truncated image: image file is truncated")  # Pillow rejects it too
     assert not crops[1].any()
     alone, _ = decode_crops(EncodedBatch.of(good), 24, CPU)
     assert torch.equal(crops[[0, 2]], alone)
@@ -112,8 +113,25 @@ def test_a_jpeg_the_decoder_rejects_is_that_images_error_and_the_others_decode_a
     photos, _ = decode_crops(EncodedBatch.of(many[:10]), 24, CPU)
     assert torch.equal(crops[60:66], photos[:6]) and torch.equal(crops[67:], photos[7:])
     batch = Batch(None, torch.zeros(2, 1, 4), torch.tensor([7, 9]), EncodedBatch.of([good[0], truncated]))
-    with pytest.raises(UserError, match=r"^store 'st': row 9 no longer decodes on cpu \(truncated image: libjpeg"):
+    with pytest.raises(UserError, match=r"^store 'st': row 9 no longer decodes on cpu \(truncated image: image file"):
         batch.device_crops(CPU, 24, "st")  # in training: stage one decoded this row, so the store is refused
+
+
+def test_a_jpeg_the_devices_decoder_rejects_is_decoded_by_pillow_and_cropped_alike(monkeypatch):
+    parsed = [parse_image(path.read_bytes()) for path in PHOTOS[:3]]
+    accepted, _ = decode_crops(EncodedBatch.of(parsed), 24, CPU)
+    rejects = device_decode._decode_jpegs  # nvjpeg takes fewer JPEGs than libjpeg: the second one, here
+    second = torch.tensor(list(parsed[1].data), dtype=torch.uint8)
+
+    def rejecting(encoded, device):
+        return [None if torch.equal(data, second) else image for data, image in zip(encoded, rejects(encoded, device))]
+
+    monkeypatch.setattr(device_decode, "_decode_jpegs", rejecting)
+    crops, errors = decode_crops(EncodedBatch.of(parsed), 24, CPU)
+    assert errors == [None, None, None]
+    assert torch.equal(crops[[0, 2]], accepted[[0, 2]])
+    pillow = torch.from_numpy(np.array(decode_image(PHOTOS[1].read_bytes()))).permute(2, 0, 1)  # (3, H, W)
+    assert torch.equal(crops[1], centre_resize(pillow, 24).permute(1, 2, 0))
 
 
 def build_options(photos, store, **overrides) -> BuildOptions:
@@ -147,7 +165,7 @@ def test_the_trainers_device_decode_gives_the_stored_crops_byte_for_byte(device_
     shown = invoke(zs_cache, "inspect", decoded_path)
     assert shown.returncode == 0 and "from 32px centre crops (device decode on cpu)" in shown.stdout
     records = {r.key: r for r in image_records(decoded.manifest())}
-    assert records["truncated.jpg"].error.startswith("truncated image: libjpeg-turbo:")
+    assert records["truncated.jpg"].error.startswith("truncated image: image file is truncated")
     assert records["truncated.jpg"].row is None and records["truncated.jpg"].sha256 is not None
     assert (records["rotated.jpg"].width, records["rotated.jpg"].height) == (40, 60)
     assert sum(r.ok for r in records.values()) == 13
