@@ -142,9 +142,10 @@ def main() -> None:
     print_steps(root, args.rows, args.extrapolate, args.repeat)
     if args.compact:
         from zeroseg.pipeline.compact import compact
+        from zeroseg.pipeline.compact_options import CompactOptions
 
         started = time.perf_counter()
-        summary = compact(root / "store", args.compact)
+        summary = compact(CompactOptions(root / "store", args.compact))
         print(f"{summary.line()} in {time.perf_counter() - started:.1f} s")
         print_steps(root, args.rows, args.extrapolate, args.repeat)
 

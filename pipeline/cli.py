@@ -6,6 +6,7 @@ from functools import partial
 import typer
 
 from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
+from zeroseg.pipeline.compact_options import DEFAULT_ROWS_PER_PART, CompactOptions
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
 
@@ -202,16 +203,16 @@ def verify(
 @app.command("compact")
 def compact_command(
     store: str = typer.Argument(..., help="Store directory."),
-    rows_per_part: int | None = typer.Option(
-        None, help="Merge small manifest parts, in shard order, into parts of at most this many rows (default "
-        "131072: 10 parts for ImageNet-1k)."
+    rows_per_part: int = typer.Option(
+        DEFAULT_ROWS_PER_PART, help="Merge small manifest parts, in shard order, into parts of at most this "
+        "many rows (the default makes 10 parts of ImageNet-1k's 1,252)."
     ),
 ) -> None:
     """Merge the manifest parts into fewer, larger ones (for network filesystems); safe to kill at any moment."""
-    from zeroseg.pipeline.compact import DEFAULT_ROWS_PER_PART, compact
+    opts = CompactOptions(store, rows_per_part)
+    from zeroseg.pipeline.compact import compact
 
-    rows = DEFAULT_ROWS_PER_PART if rows_per_part is None else rows_per_part
-    typer.echo(compact(store, rows, log=lambda line: typer.echo(line, err=True)).line())
+    typer.echo(compact(opts, log=lambda line: typer.echo(line, err=True)).line())
 
 
 def main() -> None:

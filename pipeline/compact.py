@@ -23,11 +23,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from zeroseg.pipeline.atomic import sync_folder
-from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.compact_options import CompactOptions
 from zeroseg.pipeline.integrity import encode_shard_records
 from zeroseg.pipeline.store import MANIFEST_DIR, MANIFEST_READERS, FeatureStore, builder_lock
 
-DEFAULT_ROWS_PER_PART = 131_072  # ImageNet-1k: 10 parts; CC12M: 92
 PARTIAL = re.compile(r"\.shards-\d{6,}-\d{6,}\.parquet\.\d+\.partial")  # pipeline.atomic's temporary names
 
 
@@ -47,14 +46,11 @@ class CompactSummary:
                 f"({self.rows} rows){done}")  # fmt: skip
 
 
-def compact(path: str | Path, rows_per_part: int = DEFAULT_ROWS_PER_PART,
-            log: Callable[[str], None] = lambda line: None) -> CompactSummary:  # fmt: skip
+def compact(opts: CompactOptions, log: Callable[[str], None] = lambda line: None) -> CompactSummary:
     """Merge the store's small parts (see the module docstring); UserError when a builder holds the store."""
-    if rows_per_part < 1:
-        raise UserError(f"--rows-per-part must be positive, got {rows_per_part}")
-    FeatureStore.open(path)  # a store, before the lock file is made
-    with builder_lock(path):
-        store = FeatureStore.open(path, writable=True)
+    FeatureStore.open(opts.store)  # a store, before the lock file is made
+    with builder_lock(opts.store):
+        store = FeatureStore.open(opts.store, writable=True)
         folder = store.path / MANIFEST_DIR
         leftovers = remove_leftovers(store)
         parts = store.part_files()
@@ -63,7 +59,7 @@ def compact(path: str | Path, rows_per_part: int = DEFAULT_ROWS_PER_PART,
             rows = dict(zip(parts, pool.map(store.part_size, parts)))
         mergeable = [part for part in parts if None not in records[part].values()]
         before = len(parts)
-        for group in plan_groups(mergeable, rows, rows_per_part):
+        for group in plan_groups(mergeable, rows, opts.rows_per_part):
             merged = {shard: record for part in group for shard, record in records[part].items()}
             target = store.compacted_path(merged)
             table = pa.concat_tables([store.read_part(part).replace_schema_metadata(None) for part in group])

@@ -12,6 +12,7 @@ import sys
 
 def main() -> None:
     from zeroseg.pipeline.compact import compact
+    from zeroseg.pipeline.compact_options import CompactOptions
 
     store, kill_at, steps = sys.argv[1], int(sys.argv[2]), [int(rows) for rows in sys.argv[3:]]
     changes = 0
@@ -28,7 +29,7 @@ def main() -> None:
 
     os.replace, os.unlink = killing(os.replace), killing(os.unlink)
     for rows in steps:
-        compact(store, rows)
+        compact(CompactOptions(store, rows))
     print(changes)
 
 

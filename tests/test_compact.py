@@ -16,6 +16,7 @@ from zeroseg.pipeline.build import BuildOptions, run_build
 from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.compact import compact
+from zeroseg.pipeline.compact_options import CompactOptions
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.store import FeatureStore, builder_lock
 
@@ -67,7 +68,7 @@ def test_a_compacted_store_reads_verifies_trains_and_reruns_as_before(store):
 
 
 def test_parts_merge_in_shard_order_up_to_the_rows_per_part_and_new_shards_join_later(store, tmp_path):
-    assert compact(store, rows_per_part=8).parts_after == 2  # shards 0 and 1 (8 rows); shard 2 alone stays
+    assert compact(CompactOptions(store, 8)).parts_after == 2  # shards 0 and 1 (8 rows); shard 2 alone stays
     assert part_names(store) == ["shard-000002.parquet", "shards-000000-000001.parquet"]
     (tmp_path / "more").mkdir()
     shutil.copy(PHOTOS[0], tmp_path / "more" / "again.jpg")
@@ -76,7 +77,7 @@ def test_parts_merge_in_shard_order_up_to_the_rows_per_part_and_new_shards_join_
     summary = run_build(opts, log=lambda line: None)  # a second source: shard 3, a single part
     assert (summary.processed, summary.shards) == (1, 1)
     assert "shard-000003.parquet" in part_names(store)
-    assert compact(store).parts_after == 1
+    assert compact(CompactOptions(store)).parts_after == 1
     assert part_names(store) == ["shards-000000-000003.parquet"]
     assert FeatureStore.open(store).committed_shards() == {0, 1, 2, 3}
     assert not find_damage(FeatureStore.open(store), progress=False).problems
@@ -84,7 +85,7 @@ def test_parts_merge_in_shard_order_up_to_the_rows_per_part_and_new_shards_join_
 
 def test_repair_redoes_one_shard_of_a_compacted_part_and_leaves_the_others(store):
     before = FeatureStore.open(store).features[:]
-    compact(store)
+    compact(CompactOptions(store))
     flip_byte(store / "features" / "c" / "3" / "0" / "0")  # rows 6-7: shard 1
     verified = invoke(zs_cache, "verify", store, "--no-progress")
     assert verified.returncode == 1
@@ -97,12 +98,12 @@ def test_repair_redoes_one_shard_of_a_compacted_part_and_leaves_the_others(store
     assert fs.committed_shards() == {0, 1, 2}
     assert invoke(zs_cache, "verify", store, "--no-progress").returncode == 0
     np.testing.assert_array_equal(fs.features[:], before)
-    assert compact(store).parts_after == 1 and part_names(store) == ["shards-000000-000002.parquet"]
+    assert compact(CompactOptions(store)).parts_after == 1 and part_names(store) == ["shards-000000-000002.parquet"]
 
 
 @pytest.mark.parametrize("damage", ["data page", "footer"])
 def test_a_compacted_part_that_no_longer_reads_is_redone_whole(store, damage):
-    compact(store, rows_per_part=8)  # shards 0-1 compacted, shard 2 a single part
+    compact(CompactOptions(store, 8))  # shards 0-1 compacted, shard 2 a single part
     part = store / "manifest" / "shards-000000-000001.parquet"
     if damage == "data page":
         flip_byte(part, position=20)  # its page checksum fails
@@ -136,6 +137,19 @@ def test_compact_is_refused_while_a_builder_holds_the_store_and_on_a_folder_that
     assert not (tmp_path / "nothing").exists()
 
 
+@pytest.mark.parametrize(("given", "told"), [
+    ("0", "error: --rows-per-part must be a positive number of rows, got 0"),
+    ("-3", "error: --rows-per-part must be a positive number of rows, got -3"),
+    ("many", "Invalid value for '--rows-per-part': Input should be a valid integer"),
+])  # fmt: skip
+def test_rows_per_part_is_refused_in_one_line_unless_a_positive_integer(store, given, told):
+    refused = invoke(zs_cache, "compact", store, "--rows-per-part", given)
+    assert refused.returncode == 2 and refused.stdout == ""
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--rows-per-part" in lines[0] and told in lines[0], refused.stderr
+    assert len(part_names(store)) == 3
+
+
 def run_crashing(store, kill_at: int, *steps: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CRASH), str(store), str(kill_at), *map(str, steps)],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -163,7 +177,7 @@ def test_a_compact_killed_at_any_change_leaves_a_store_that_reads_verifies_resum
         assert not damage.problems, (kill_at, damage.problems)
         leftovers.append(damage.counts.get("leftover_parts", 0))
         assert rebuild(copy / "store")[0].processed == 0
-        compact(copy / "store")
+        compact(CompactOptions(copy / "store"))
         assert part_names(copy / "store") == ["shards-000000-000002.parquet"], kill_at
         assert manifest_by_key(copy / "store").equals(manifest)
         if kill_at == changes:

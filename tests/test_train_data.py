@@ -13,6 +13,7 @@ import torch
 from tests.conftest import make_store
 from zeroseg.pipeline import store as store_module
 from zeroseg.pipeline.compact import compact
+from zeroseg.pipeline.compact_options import CompactOptions
 from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.manifest import ImageRecord, image_records
 from zeroseg.pipeline.reader import CropReader
@@ -133,7 +134,7 @@ def test_chunk_records_from_compacted_parts_read_only_the_row_groups_that_hold_t
     store = make_store(tmp_path)
     before = {index: _records(store, index) for index in range(5)}
     monkeypatch.setattr(store_module, "PART_ROW_GROUP", 3)  # row groups of 3 rows: a chunk spans one or two
-    compact(store, 8)
+    compact(CompactOptions(store, 8))
     fs = FeatureStore.open(store)
     assert [pq.ParquetFile(part).num_row_groups for part in fs.part_files()] == [3, 1]
     samples = StoreSamples.open(store)
@@ -150,7 +151,7 @@ def test_a_compact_while_training_is_followed_and_a_changed_part_refused(tmp_pat
     store = make_store(tmp_path)
     samples, fs = StoreSamples.open(store), FeatureStore.open(store)
     before = _records(store, 3, samples)
-    compact(store, 8)  # the trainer's listing of parts is out of date
+    compact(CompactOptions(store, 8))  # the trainer's listing of parts is out of date
     assert _records(store, 3, samples) == before and len(set(samples.parts.values())) == 2
     part = fs.part_path(2)
     table = pq.read_table(part)
