@@ -22,7 +22,7 @@ from zeroseg.pipeline.integrity import (
 from zeroseg.pipeline.manifest import name_list
 from zeroseg.pipeline.runtime import prefetch_map
 from zeroseg.pipeline.sizes import human_size
-from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts
+from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, READ_ATTEMPTS, FeatureStore, committed_parts
 
 
 def disk_size(path: Path) -> int:
@@ -83,6 +83,7 @@ class Damage:
     shards: dict[int, list[str]] = field(default_factory=dict)  # damaged shard -> its problems
     unrepairable: list[str] = field(default_factory=list)  # problems of no single shard (a stray file, duplicates)
     counts: dict = field(default_factory=dict)
+    unread_parts: bool = False  # some part did not read (find_damage checks again when the parts changed)
 
     def add(self, problem: str, shard: int | None = None) -> None:
         self.add_to_shards(problem, [] if shard is None else [shard])
@@ -94,6 +95,11 @@ class Damage:
             self.unrepairable.append(problem)
         for shard in shards:
             self.shards.setdefault(shard, []).append(problem)
+
+    def add_unread(self, problem: str, shards) -> None:
+        """A part that did not read (or listing them failed): damage, unless a compact replaced the parts."""
+        self.unread_parts = True
+        self.add_to_shards(problem, shards)
 
 
 def verify(store: FeatureStore, progress: bool = True) -> tuple[list[str], dict]:
@@ -126,20 +132,46 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
     VERIFY_AHEAD_ROWS rows together read ahead by threads), and what the whole manifest must agree on is kept
     as 16 bytes per row (the ok rows, and a digest of each image's name: pipeline.duplicates). The features are
     read a block of whole chunks at a time (at most VERIFY_BLOCK_BYTES decompressed), each chunk once. So time
-    stays near one pass over the store and memory near 16 bytes per manifest row whatever the number of rows."""
+    stays near one pass over the store and memory near 16 bytes per manifest row whatever the number of rows.
+
+    Like every reader it takes no lock: when a part did not read and the parts changed meanwhile (a compact
+    replaced them), the manifest is listed and checked again (at most READ_ATTEMPTS times, as
+    FeatureStore.manifest does), before any chunk is read."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        names = store.part_names()
+        checked = _check_manifest(store)
+        if not checked.damage.unread_parts or attempt == READ_ATTEMPTS or store.part_names() == names:
+            break
+    _check_chunks(store, checked, progress)
+    return checked.damage
+
+
+@dataclass
+class CheckedManifest:
+    """What the manifest pass of `find_damage` leaves for the chunk checks."""
+
+    damage: Damage
+    ok_rows: np.ndarray  # (n,) int64, sorted: the ok rows of every part
+    recorded: dict[str, tuple[str, int]]  # features chunk key -> (crc32c in its commit record, shard)
+
+
+def _check_manifest(store: FeatureStore) -> CheckedManifest:
+    """The parts listed and read, their rows checked, their chunk files other than features' checked against
+    their records; the features' records kept to compare when their chunks are decoded."""
     damage = Damage()
     unreadable: list = []
+    recorded: dict[str, tuple[str, int]] = {}
     try:
         parts, leftovers = committed_parts(store.listed_parts(unreadable))
     except UserError as exc:
-        damage.add(str(exc))
-        return damage
+        damage.add_unread(str(exc), [])
+        return CheckedManifest(damage, np.zeros(0, np.int64), recorded)
     held = {shard for shards in parts.values() for shard in shards}
     for path in unreadable:
         try:
             store.part_records(path)
         except UserError as exc:
-            damage.add_to_shards(str(exc), store.unreadable_shards(path, held))
+            damage.add_unread(str(exc), store.unreadable_shards(path, held))
 
     def read(path: Path) -> tuple[pa.Table, dict] | UserError:
         try:
@@ -149,7 +181,6 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
 
     totals = Counter(unchecked_shards=0, ok=0, error=0)
     ok_rows, digests, sizes, shards_seen = [], [], {}, set()
-    recorded: dict[str, tuple[str, int]] = {}  # features chunk key -> (crc32c in its commit record, shard)
     largest = store.meta.shard_size * max((len(shards) for shards in parts.values()), default=1)  # rows per part
     ahead = max(1, min(2 * MANIFEST_READERS, VERIFY_AHEAD_ROWS // largest))
     read_ahead = prefetch_map(read, parts, MANIFEST_READERS, ahead)
@@ -164,7 +195,7 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
 
     for (path, shards), read_back in zip(parts.items(), read_ahead):
         if isinstance(read_back, UserError):
-            damage.add_to_shards(str(read_back), shards)
+            damage.add_unread(str(read_back), shards)
             continue
         table, records = read_back
         for shard, record in records.items():
@@ -188,23 +219,33 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
     ok_rows = np.sort(np.concatenate(ok_rows)) if ok_rows else np.zeros(0, np.int64)
     for row, times in repeated_rows(ok_rows).items():
         damage.add(f"row {row} is claimed by {times} manifest rows")
-    names = repeated_names(np.concatenate(digests) if digests else np.zeros(0, np.uint64),
-                           lambda indices: names_at(store, sizes, indices))  # fmt: skip
+    try:
+        names = repeated_names(np.concatenate(digests) if digests else np.zeros(0, np.uint64),
+                               lambda indices: names_at(store, sizes, indices))  # fmt: skip
+    except UserError as exc:  # a part read again to name its repeated images is gone (a compact) or damaged since
+        damage.add_unread(str(exc), [])
+        names = {}
     for name, times in names.items():
         damage.add(f"{name} appears {times} times")
     damage.counts.update(ok=totals["ok"], error=totals["error"], shards=len(shards_seen),
                          unchecked_shards=totals["unchecked_shards"])  # fmt: skip
     if leftovers:
         damage.counts["leftover_parts"] = len(leftovers)
+    return CheckedManifest(damage, ok_rows, recorded)
+
+
+def _check_chunks(store: FeatureStore, checked: CheckedManifest, progress: bool) -> None:
+    """The features chunks the commit records name: present, and (when the manifest is whole) decoded with the
+    rows they hold checked; those not decoded have their crc32c compared."""
+    damage, recorded = checked.damage, checked.recorded
     for key in [key for key in recorded if not (store.path / FEATURES / key).is_file()]:
         crc, shard = recorded.pop(key)
         damage.add(f"shard {shard}: chunk {FEATURES}/{key} is missing", shard)
     if not damage.problems:
-        _check_features(store, ok_rows, recorded, damage, progress)
+        _check_features(store, checked.ok_rows, recorded, damage, progress)
     for key, (crc, shard) in recorded.items():  # chunks not decoded: no ok row in them, or other damage first
         for problem in damaged_chunks(store.path, {FEATURES: {key: crc}}):
             damage.add(f"shard {shard}: {problem}", shard)
-    return damage
 
 
 def names_at(store: FeatureStore, sizes: dict[Path, int], indices: np.ndarray) -> list[str]:

@@ -284,14 +284,16 @@ class FeatureStore:
         """read() of the parts, listed and read again when they changed meanwhile (readers take no lock: a
         compact may replace parts while they are read); its UserError when they did not."""
         for attempt in range(READ_ATTEMPTS):
-            names = self._part_names()
+            names = self.part_names()
             try:
                 return read()
             except UserError:
-                if attempt == READ_ATTEMPTS - 1 or self._part_names() == names:
+                if attempt == READ_ATTEMPTS - 1 or self.part_names() == names:
                     raise
 
-    def _part_names(self) -> list[str]:
+    def part_names(self) -> list[str]:
+        """The names of the files in manifest/ now (not the partial writes): a reader that takes no lock compares
+        them before and after a failed read to tell damage from a compact that replaced the parts meanwhile."""
         return sorted(name for name in os.listdir(self.path / MANIFEST_DIR) if not name.startswith("."))
 
     def part_size(self, path: Path) -> int:
