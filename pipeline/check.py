@@ -26,14 +26,18 @@ from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, READ_ATTEMPTS, Fe
 
 
 def disk_size(path: Path) -> int:
-    """Bytes of the files under `path` (os.scandir: a store has a file per chunk, often millions)."""
+    """Bytes of the files under `path` (os.scandir: a store has a file per chunk, often millions); a file removed
+    while they are counted (readers take no lock) is not counted."""
     total = 0
     with os.scandir(path) as entries:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 total += disk_size(Path(entry.path))
             elif entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:  # removed since listed: a manifest part that a compact replaced
+                    continue
     return total
 
 

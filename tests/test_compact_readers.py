@@ -2,6 +2,8 @@
 while a reader reads them, or that is killed half-way, changes nothing the reader returns; a damaged part that
 no compact replaced is still one line naming it, read once."""
 
+import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -51,12 +53,19 @@ RACES = {  # race -> (compact_crash.py's kill point, its rows per part of each c
 }  # fmt: skip
 
 
+def compact_elsewhere(store: Path, kill_at: int, rows_per_part: int) -> None:
+    """A real compact of `store` in another process (compact_crash.py), SIGKILLed before its change `kill_at`
+    (0: not killed)."""
+    finished = subprocess.run([sys.executable, CRASH, store, str(kill_at), str(rows_per_part)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert finished.returncode == (-9 if kill_at else 0), finished.stderr
+
+
 def race(monkeypatch, method: str, store: Path, kill_at: int = 0, compacts: tuple[int, ...] = ()) -> Counter:
     """Wrap FeatureStore.<method>, which a reader calls per part: before it reads, its first call runs the first of
-    `compacts` (compact_crash.py: a real compact in another process, SIGKILLed before its change `kill_at`, 0: not
-    killed), and its first call for a part that compact made the next, and so on: one compact per listing of the
-    parts. Every call waits while a compact runs, so the parts listed before it are gone (or left over) when
-    read. Returns the calls per part name."""
+    `compacts` (compact_elsewhere, killed at `kill_at`), and its first call for a part that compact made the next,
+    and so on: one compact per listing of the parts. Every call waits while a compact runs, so the parts listed
+    before it are gone (or left over) when read. Returns the calls per part name."""
     original, pending, made = getattr(FeatureStore, method), list(compacts), None
     calls, gate = Counter(), threading.Lock()
 
@@ -66,9 +75,7 @@ def race(monkeypatch, method: str, store: Path, kill_at: int = 0, compacts: tupl
             calls[path.name] += 1
             if pending and (made is None or path.name in made):
                 before = set(FeatureStore.open(store).part_names())
-                finished = subprocess.run([sys.executable, CRASH, store, str(kill_at), str(pending.pop(0))],
-                                          capture_output=True, text=True, timeout=120)  # fmt: skip
-                assert finished.returncode == (-9 if kill_at else 0), finished.stderr
+                compact_elsewhere(store, kill_at, pending.pop(0))
                 made = set(FeatureStore.open(store).part_names()) - before
         return original(self, path, *args, **kwargs)
 
@@ -132,3 +139,25 @@ def test_a_reader_whose_parts_change_at_every_listing_gives_up_after_read_attemp
     else:
         with pytest.raises(UserError, match=told):
             read(crops_store)
+
+
+def drop_disk_line(shown: str) -> list[str]:
+    return [line for line in shown.splitlines() if not line.startswith("disk")]
+
+
+def test_inspect_counts_the_disk_of_a_store_while_a_compact_removes_the_parts_it_listed(crops_store, monkeypatch):
+    before = invoke(zs_cache, "inspect", crops_store).stdout
+    listing = os.scandir
+
+    def scandir(path):
+        """The real listing of `path`; the manifest folder's is followed by a real compact."""
+        entries = list(listing(path))
+        if Path(path).name == "manifest":
+            compact_elsewhere(crops_store, 0, 100)
+        return contextlib.nullcontext(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    shown = invoke(zs_cache, "inspect", crops_store)
+    assert shown.returncode == 0, shown.stderr
+    assert FeatureStore.open(crops_store).part_names() == [MERGED]
+    assert drop_disk_line(shown.stdout) == drop_disk_line(before)  # the disk line counts what is there
