@@ -25,9 +25,9 @@ import pyarrow as pa
 from zeroseg.pipeline.atomic import sync_folder
 from zeroseg.pipeline.compact_options import CompactOptions
 from zeroseg.pipeline.integrity import encode_shard_records
-from zeroseg.pipeline.store import MANIFEST_DIR, MANIFEST_READERS, FeatureStore, builder_lock
+from zeroseg.pipeline.store import COMPACTED_NAME, MANIFEST_DIR, MANIFEST_READERS, FeatureStore, builder_lock
 
-PARTIAL = re.compile(r"\.shards-\d{6,}-\d{6,}\.parquet\.\d+\.partial")  # pipeline.atomic's temporary names
+PARTIAL = re.compile(rf"\.{COMPACTED_NAME.pattern}\.\d+\.partial")  # pipeline.atomic's temporary name of a merged part
 
 
 @dataclass
@@ -41,36 +41,38 @@ class CompactSummary:
     def line(self) -> str:
         done = f"; removed {self.leftovers} parts left by an interrupted compact" if self.leftovers else ""
         if self.parts_before == self.parts_after:
-            return f"nothing to compact: store {self.store} has {self.parts_after} manifest parts{done}"
+            plural = "" if self.parts_after == 1 else "s"
+            return f"nothing to compact: store {self.store} has {self.parts_after} manifest part{plural}{done}"
         return (f"compacted store {self.store}: {self.parts_before} manifest parts -> {self.parts_after} "
                 f"({self.rows} rows){done}")  # fmt: skip
 
 
 def compact(opts: CompactOptions, log: Callable[[str], None] = lambda line: None) -> CompactSummary:
-    """Merge the store's small parts (see the module docstring); UserError when a builder holds the store."""
+    """Merge the store's small parts (see the module docstring); UserError when a builder holds the store or a part
+    is damaged."""
     FeatureStore.open(opts.store)  # a store, before the lock file is made
     with builder_lock(opts.store):
         store = FeatureStore.open(opts.store, writable=True)
         folder = store.path / MANIFEST_DIR
         leftovers = remove_leftovers(store)
         parts = store.part_files()
-        with ThreadPoolExecutor(MANIFEST_READERS) as pool:  # footers: on a network filesystem the reads overlap
+        with ThreadPoolExecutor(MANIFEST_READERS) as pool:  # on a network filesystem the reads overlap
             records = dict(zip(parts, pool.map(store.part_records, parts)))
             rows = dict(zip(parts, pool.map(store.part_size, parts)))
-        mergeable = [part for part in parts if None not in records[part].values()]
-        before = len(parts)
-        for group in plan_groups(mergeable, rows, opts.rows_per_part):
-            merged = {shard: record for part in group for shard, record in records[part].items()}
-            target = store.compacted_path(merged)
-            table = pa.concat_tables([store.read_part(part).replace_schema_metadata(None) for part in group])
-            store.write_part(target, table, encode_shard_records(merged))
-            sync_folder(folder)  # the merged part is there before any part it replaces goes
-            for part in group:
-                if part != target:
-                    part.unlink()
-            log(f"compact: shards {min(merged)}-{max(merged)} ({table.num_rows} rows) -> {target.name}")
+            mergeable = [part for part in parts if None not in records[part].values()]
+            for group in plan_groups(mergeable, rows, opts.rows_per_part):
+                merged = {shard: record for part in group for shard, record in records[part].items()}
+                target = store.compacted_path(merged)
+                read = pool.map(store.read_part, group)  # each with its own record(s), which `merged` now holds
+                table = pa.concat_tables([part_rows.replace_schema_metadata(None) for part_rows in read])
+                store.write_part(target, table, encode_shard_records(merged))
+                sync_folder(folder)  # the merged part is there before any part it replaces goes
+                for part in group:
+                    if part != target:
+                        part.unlink()
+                log(f"compact: shards {min(merged)}-{max(merged)} ({table.num_rows} rows) -> {target.name}")
         sync_folder(folder)
-        return CompactSummary(store.path, before, len(store.part_files()), sum(rows.values()), leftovers)
+        return CompactSummary(store.path, len(parts), len(store.part_files()), sum(rows.values()), leftovers)
 
 
 def plan_groups(parts: list[Path], rows: dict[Path, int], rows_per_part: int) -> list[list[Path]]:
@@ -93,7 +95,7 @@ def remove_leftovers(store: FeatureStore) -> int:
     leftovers = store.leftover_parts()
     for part in leftovers:
         part.unlink()
-    for partial in (store.path / MANIFEST_DIR).iterdir():
-        if PARTIAL.fullmatch(partial.name):
-            partial.unlink()
+    for entry in (store.path / MANIFEST_DIR).iterdir():
+        if PARTIAL.fullmatch(entry.name):
+            entry.unlink()
     return len(leftovers)

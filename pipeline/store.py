@@ -499,7 +499,9 @@ def builder_lock(path: str | Path):
     try:
         lock.acquire()
     except Timeout:
-        raise UserError(f"store '{path}' is being written by another zs-cache build; wait for it to finish") from None
+        raise UserError(
+            f"store '{path}' is being written by another zs-cache build or compact; wait for it to finish"
+        ) from None
     try:
         yield
     finally:

@@ -161,7 +161,8 @@ def test_second_builder_is_refused(photos, tmp_path):
                           TINY_TEACHER, "--pretrained", "none", "--device", "cpu")
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
-        f"error: store '{tmp_path / 'store'}' is being written by another zs-cache build; wait for it to finish"
+        f"error: store '{tmp_path / 'store'}' is being written by another zs-cache build or compact; wait for it to "
+        f"finish"
     )
     assert not (tmp_path / "store" / "zarr.json").exists()
 

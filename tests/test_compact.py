@@ -64,7 +64,7 @@ def test_a_compacted_store_reads_verifies_trains_and_reruns_as_before(store):
     summary, _ = rebuild(store)
     assert summary.processed == 0 and part_names(store) == ["shards-000000-000002.parquet"]
     again = invoke(zs_cache, "compact", store)
-    assert again.stdout.strip() == f"nothing to compact: store {store} has 1 manifest parts"
+    assert again.stdout.strip() == f"nothing to compact: store {store} has 1 manifest part"
 
 
 def test_parts_merge_in_shard_order_up_to_the_rows_per_part_and_new_shards_join_later(store, tmp_path):
@@ -124,7 +124,7 @@ def test_compact_is_refused_while_a_builder_holds_the_store_and_on_a_folder_that
         refused = invoke(zs_cache, "compact", store)
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
-        f"error: store '{store}' is being written by another zs-cache build; wait for it to finish"
+        f"error: store '{store}' is being written by another zs-cache build or compact; wait for it to finish"
     )
     assert len(part_names(store)) == 3
     flip_byte(store / "manifest" / "shard-000001.parquet", position=20)
