@@ -157,19 +157,20 @@ class CheckedManifest:
     damage: Damage
     ok_rows: np.ndarray  # (n,) int64, sorted: the ok rows of every part
     recorded: dict[str, tuple[str, int]]  # features chunk key -> (crc32c in its commit record, shard)
+    others: dict[int, dict]  # shard -> its commit record of the other arrays (crops)
 
 
 def _check_manifest(store: FeatureStore) -> CheckedManifest:
-    """The parts listed and read, their rows checked, their chunk files other than features' checked against
-    their records; the features' records kept to compare when their chunks are decoded."""
+    """The parts listed and read and their rows checked; their commit records kept for the chunk checks."""
     damage = Damage()
     unreadable: list = []
     recorded: dict[str, tuple[str, int]] = {}
+    others: dict[int, dict] = {}
     try:
         parts, leftovers = committed_parts(store.listed_parts(unreadable))
     except UserError as exc:
         damage.add_unread(str(exc), [])
-        return CheckedManifest(damage, np.zeros(0, np.int64), recorded)
+        return CheckedManifest(damage, np.zeros(0, np.int64), recorded, others)
     held = {shard for shards in parts.values() for shard in shards}
     for path in unreadable:
         try:
@@ -207,8 +208,7 @@ def _check_manifest(store: FeatureStore) -> CheckedManifest:
             record = dict(record or {})
             for key, crc in record.pop(FEATURES, {}).items():  # compared when the chunk is decoded: read once
                 recorded[key] = (crc, shard)
-            for problem in damaged_chunks(store.path, {FEATURES: {}, **record}):
-                damage.add(f"shard {shard}: {problem}", shard)
+            others[shard] = record
         found = np.unique(table["shard"].to_numpy().astype(np.int64))
         foreign = np.setdiff1d(found, shards)
         if len(foreign):
@@ -235,13 +235,16 @@ def _check_manifest(store: FeatureStore) -> CheckedManifest:
                          unchecked_shards=totals["unchecked_shards"])  # fmt: skip
     if leftovers:
         damage.counts["leftover_parts"] = len(leftovers)
-    return CheckedManifest(damage, ok_rows, recorded)
+    return CheckedManifest(damage, ok_rows, recorded, others)
 
 
 def _check_chunks(store: FeatureStore, checked: CheckedManifest, progress: bool) -> None:
-    """The features chunks the commit records name: present, and (when the manifest is whole) decoded with the
-    rows they hold checked; those not decoded have their crc32c compared."""
+    """The chunk files the commit records name: the other arrays' present and unchanged; the features' present,
+    and (when the manifest is whole) decoded with the rows they hold checked, those not decoded compared."""
     damage, recorded = checked.damage, checked.recorded
+    for shard, record in checked.others.items():
+        for problem in damaged_chunks(store.path, {FEATURES: {}, **record}):
+            damage.add(f"shard {shard}: {problem}", shard)
     for key in [key for key in recorded if not (store.path / FEATURES / key).is_file()]:
         crc, shard = recorded.pop(key)
         damage.add(f"shard {shard}: chunk {FEATURES}/{key} is missing", shard)
