@@ -173,6 +173,24 @@ def test_every_single_bit_flip_in_a_manifest_part_is_refused_or_harmless(store):
     assert silent == []
 
 
+@pytest.mark.parametrize("column", ["sha256", "width", "height"])
+def test_verify_finds_a_damaged_page_of_a_column_it_does_not_check_and_repair_redoes_its_shard(store, column):
+    """Every reader of the part refuses it (the trainer reads the hashes, inspect the errors): verify, which checks
+    other columns, must too, or --repair would find nothing to redo."""
+    part = store / "manifest" / "shard-000001.parquet"
+    chunk = next(chunk for chunk in (pq.ParquetFile(part).metadata.row_group(0).column(i) for i in range(10))
+                 if chunk.path_in_schema == column)  # fmt: skip
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    flip_byte(part, position=start + chunk.total_compressed_size // 2)  # inside the column's pages
+    with pytest.raises(UserError, match=f"manifest part '{part}' is damaged"):
+        FeatureStore.open(store).manifest()
+    verified = invoke(zs_cache, "verify", store, "--no-progress")
+    assert verified.returncode == 1 and f"problem: manifest part '{part}' is damaged" in verified.stderr
+    summary, lines = rebuild(store, repair=True)
+    assert lines[0].startswith("repair: shard 1 is damaged") and (summary.processed, summary.shards) == (4, 1)
+    assert invoke(zs_cache, "verify", store, "--no-progress").returncode == 0
+
+
 def test_stores_made_before_checksums_still_open_and_say_they_are_unchecked(store):
     group_path = store / "zarr.json"
     group = json.loads(group_path.read_text())
