@@ -5,7 +5,7 @@ Parts of fewer than `rows_per_part` rows are merged, in shard order, into compac
 at most `rows_per_part` rows (a part already that large stays as it is). A compacted part
 `manifest/shards-AAAAAA-BBBBBB.parquet` (its lowest and highest shard) holds its shards' rows unchanged and,
 in its key-value metadata, each shard's commit record (pipeline.integrity.SHARDS_KEY). Parts made before
-commit records existed are left as they are.
+commit records existed are left as they are, and no compacted part spans one: its shards are a run of parts.
 
 Crash safety: each merged part is written to a dot-name, synced and renamed into place; only then (after a
 sync of the folder) are the parts it merged removed. A kill in between leaves those parts beside the merged
@@ -59,8 +59,8 @@ def compact(opts: CompactOptions, log: Callable[[str], None] = lambda line: None
         with ThreadPoolExecutor(MANIFEST_READERS) as pool:  # on a network filesystem the reads overlap
             records = dict(zip(parts, pool.map(store.part_records, parts)))
             rows = dict(zip(parts, pool.map(store.part_size, parts)))
-            mergeable = [part for part in parts if None not in records[part].values()]
-            for group in plan_groups(mergeable, rows, opts.rows_per_part):
+            mergeable = {part for part in parts if None not in records[part].values()}
+            for group in plan_groups(list(parts), rows, opts.rows_per_part, mergeable):
                 merged = {shard: record for part in group for shard, record in records[part].items()}
                 target = store.compacted_path(merged)
                 read = pool.map(store.read_part, group)  # each with its own record(s), which `merged` now holds
@@ -75,16 +75,17 @@ def compact(opts: CompactOptions, log: Callable[[str], None] = lambda line: None
         return CompactSummary(store.path, len(parts), len(store.part_files()), sum(rows.values()), leftovers)
 
 
-def plan_groups(parts: list[Path], rows: dict[Path, int], rows_per_part: int) -> list[list[Path]]:
-    """Runs of consecutive parts (in shard order) of at most `rows_per_part` rows together, each of 2 parts or
-    more (a part alone stays as it is)."""
+def plan_groups(parts: list[Path], rows: dict[Path, int], rows_per_part: int, mergeable: set[Path]) -> list[list[Path]]:
+    """Runs of consecutive `mergeable` parts (in shard order) of at most `rows_per_part` rows together, each of 2
+    parts or more (a part alone stays as it is); a part that is not mergeable ends a run."""
     groups, group, total = [], [], 0
     for part in parts:
-        if group and total + rows[part] > rows_per_part:
+        if group and (part not in mergeable or total + rows[part] > rows_per_part):
             groups.append(group)
             group, total = [], 0
-        group.append(part)
-        total += rows[part]
+        if part in mergeable:
+            group.append(part)
+            total += rows[part]
     groups.append(group)
     return [group for group in groups if len(group) > 1]
 
