@@ -32,10 +32,12 @@ PARTIAL = re.compile(rf"\.{COMPACTED_NAME.pattern}\.\d+\.partial")  # pipeline.a
 
 @dataclass
 class CompactSummary:
+    """What one compact did, for its one line of output."""
+
     store: Path
-    parts_before: int
+    parts_before: int  # committed parts (leftovers not counted)
     parts_after: int
-    rows: int
+    rows: int  # manifest rows, the same before and after
     leftovers: int  # parts of an interrupted compaction removed
 
     def line(self) -> str:
