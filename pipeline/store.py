@@ -229,8 +229,9 @@ class FeatureStore:
         return [shard for shard in range(first, last + 1) if shard not in held]
 
     def parts(self) -> dict[int, Path]:
-        """Committed shard -> the manifest part holding it."""
-        return {shard: path for path, shards in self.part_files().items() for shard in shards}
+        """Committed shard -> the manifest part holding it (listed again when a compact removed one meanwhile)."""
+        listed = self._while_stable(self.part_files)
+        return {shard: part for part, shards in listed.items() for shard in shards}
 
     def committed_shards(self) -> set[int]:
         return set(self.parts())

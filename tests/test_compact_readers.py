@@ -5,6 +5,7 @@ no compact replaced is still one line naming it, read once."""
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import invoke
+from tests.conftest import invoke, make_store
 from zeroseg.pipeline import check
 from zeroseg.pipeline import store as store_module
 from zeroseg.pipeline.build import pending_keys
@@ -104,6 +105,42 @@ def test_a_reader_returns_the_same_while_a_compact_replaces_the_parts_it_listed(
         assert raced.stderr.startswith(noted) == (kill_at and listed_again), raced.stderr  # those it listed again
     else:
         assert raced == unraced
+
+
+@pytest.fixture(scope="module")
+def pristine_store(tmp_path_factory) -> Path:
+    """A store without crops: the trainer reads each features chunk's image records from the manifest."""
+    return make_store(tmp_path_factory.mktemp("plain"))
+
+
+def every_chunks_images(samples: StoreSamples, fs: FeatureStore) -> list[dict[str, list]]:
+    """(source, key, sha256) of the samples of each features chunk, as a loader worker reads them."""
+    chunks = [samples.chunk_records(fs, index) for index in range(len(samples) // samples.meta.chunk_size)]
+    return [{column: values.tolist() for column, values in chunk.items()} for chunk in chunks]
+
+
+@pytest.mark.parametrize("name", RACES)
+def test_the_trainer_reads_a_chunks_images_while_a_compact_replaces_the_parts_it_listed_at_start_up(
+    pristine_store, tmp_path, monkeypatch, name
+):
+    shutil.copytree(pristine_store.parent, tmp_path / "copy")
+    store = tmp_path / "copy" / "store"
+    kill_at, compacts, left = RACES[name]
+    samples, fs = StoreSamples.open(store), FeatureStore.open(store)  # its parts: the three single ones
+    unraced = every_chunks_images(samples, fs)
+    calls = race(monkeypatch, "read_part", store, kill_at, compacts)
+    raced = every_chunks_images(samples, fs)  # the first read of the first chunk's part runs the compact(s)
+    assert raced == unraced and FeatureStore.open(store).part_names() == left
+    assert (MERGED in calls) == (kill_at != 2), calls
+
+
+def test_the_listing_of_the_parts_is_made_again_when_a_compacted_part_goes_while_its_footer_is_read(crops_store,
+                                                                                                  monkeypatch):
+    """FeatureStore.parts (the trainer's listing at start-up and after a compact): a compacted part's shards are
+    read from its footer, and the part can go before they are."""
+    compact_elsewhere(crops_store, 0, 8)
+    race(monkeypatch, "part_records", crops_store, compacts=(100,))
+    assert FeatureStore.open(crops_store).parts() == dict.fromkeys(range(3), crops_store / "manifest" / MERGED)
 
 
 @pytest.mark.parametrize("reader", READERS)

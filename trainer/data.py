@@ -37,7 +37,7 @@ from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
 from zeroseg.pipeline.manifest import NAME_DIGEST, ImageRecord
 from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.store import CROPS, FEATURES, FeatureStore
+from zeroseg.pipeline.store import CROPS, FEATURES, READ_ATTEMPTS, FeatureStore
 from zeroseg.pipeline.store_meta import StoreMeta
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import ModelConfig
@@ -112,13 +112,13 @@ class StoreSamples:
         expected = self.rows[np.searchsorted(self.rows, rows.start) : np.searchsorted(self.rows, rows.stop)]
         shard = rows.start // self.meta.shard_size
         table, part = None, None
-        for attempt in range(2):
+        for attempt in range(1, READ_ATTEMPTS + 1):
             part = self.parts.get(shard)
             try:
                 table = store.read_part(part, ["row", "key", "source", "sha256", "status"], rows) if part else None
                 break
             except UserError:
-                if attempt or part.exists():
+                if attempt == READ_ATTEMPTS or part.exists():
                     raise
                 self.parts = store.parts()  # a compact merged the part into another meanwhile
         table = table.filter(pc.equal(table["status"], "ok")) if table is not None else None
