@@ -153,6 +153,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildSu
     with builder_lock(opts.store):
         store = FeatureStore.open(opts.store, writable=True) if FeatureStore.exists(opts.store) else None
         if store is not None:
+            store.remove_partial_parts()  # of a killed build or compact
             check_compatible(store.meta, identity, opts)
             register_source(store.meta, source, name)
             if opts.repair:

@@ -14,7 +14,6 @@ them. The chunk files are never touched. Compact takes the builder lock. A damag
 verify's line (repair it first).
 """
 
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,9 +24,7 @@ import pyarrow as pa
 from zeroseg.pipeline.atomic import sync_folder
 from zeroseg.pipeline.compact_options import CompactOptions
 from zeroseg.pipeline.integrity import encode_shard_records
-from zeroseg.pipeline.store import COMPACTED_NAME, MANIFEST_DIR, MANIFEST_READERS, FeatureStore, builder_lock
-
-PARTIAL = re.compile(rf"\.{COMPACTED_NAME.pattern}\.\d+\.partial")  # pipeline.atomic's temporary name of a merged part
+from zeroseg.pipeline.store import MANIFEST_DIR, MANIFEST_READERS, FeatureStore, builder_lock
 
 
 @dataclass
@@ -94,11 +91,9 @@ def plan_groups(parts: list[Path], rows: dict[Path, int], rows_per_part: int, me
 
 def remove_leftovers(store: FeatureStore) -> int:
     """Finish an interrupted compaction: remove the parts whose shards all lie in a larger part, and the
-    temporary files of merged parts that were never renamed. Returns the number of parts removed."""
+    temporary files of parts that were never renamed. Returns the number of parts removed."""
     leftovers = store.leftover_parts()
     for part in leftovers:
         part.unlink()
-    for entry in (store.path / MANIFEST_DIR).iterdir():
-        if PARTIAL.fullmatch(entry.name):
-            entry.unlink()
+    store.remove_partial_parts()
     return len(leftovers)

@@ -68,6 +68,8 @@ READ_ATTEMPTS = 3  # listings of the parts while a compact changes them
 PART_ROW_GROUP = 4096  # rows per Parquet row group of a part: the trainer reads a chunk's records from one or two
 PART_NAME = re.compile(r"shard-(\d{6,})\.parquet")
 COMPACTED_NAME = re.compile(r"shards-(\d{6,})-(\d{6,})\.parquet")
+# pipeline.atomic's temporary name of a part being written
+PARTIAL_PART = re.compile(rf"\.(?:{PART_NAME.pattern}|{COMPACTED_NAME.pattern})\.\d+\.partial")
 
 class FeatureStore:
     def __init__(self, path: str | Path, group: zarr.Group):
@@ -296,6 +298,13 @@ class FeatureStore:
         """The names of the files in manifest/ now (not the partial writes): a reader that takes no lock compares
         them before and after a failed read to tell damage from a compact that replaced the parts meanwhile."""
         return sorted(name for name in os.listdir(self.path / MANIFEST_DIR) if not name.startswith("."))
+
+    def remove_partial_parts(self) -> None:
+        """Delete the temporary files of parts whose writer died before renaming them (a killed build or compact).
+        Call it holding the builder lock: every writer of parts holds it, so no such file is still being written."""
+        for entry in (self.path / MANIFEST_DIR).iterdir():
+            if PARTIAL_PART.fullmatch(entry.name):
+                entry.unlink(missing_ok=True)
 
     def part_size(self, path: Path) -> int:
         """Rows of manifest part `path`, from its footer."""

@@ -153,6 +153,20 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(photos, tmp_path):
     np.testing.assert_allclose(killed.features[:].astype(np.float32), clean.features[:].astype(np.float32),
                                atol=1e-3)
     assert run_cli("zeroseg.pipeline.cli", "verify", tmp_path / "killed").returncode == 0
+    assert not list(manifest.glob(".*.partial"))  # a part the kill left half-written is gone
+
+
+def test_a_rerun_removes_the_temporary_parts_of_a_killed_writer_and_nothing_else(photos, tmp_path):
+    build(photos, tmp_path / "store", shard_size=4)
+    manifest = tmp_path / "store" / "manifest"
+    before = FeatureStore.open(tmp_path / "store").manifest()
+    dead = [".shard-000002.parquet.4242.partial", ".shards-000000-000003.parquet.4242.partial"]
+    for name in dead:
+        (manifest / name).write_bytes(b"PAR1 half a part")  # what a build or compact killed mid-write leaves
+    (manifest / ".notes").write_text("not a part")
+    assert build(photos, tmp_path / "store", shard_size=4).processed == 0
+    assert sorted(p.name for p in manifest.iterdir() if p.name.startswith(".")) == [".notes"]
+    assert FeatureStore.open(tmp_path / "store").manifest().equals(before)
 
 
 def test_second_builder_is_refused(photos, tmp_path):
