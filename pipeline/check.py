@@ -22,7 +22,7 @@ from zeroseg.pipeline.integrity import (
 from zeroseg.pipeline.manifest import name_list
 from zeroseg.pipeline.runtime import prefetch_map
 from zeroseg.pipeline.sizes import human_size
-from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, READ_ATTEMPTS, FeatureStore, committed_parts
+from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts
 
 
 def disk_size(path: Path) -> int:
@@ -139,13 +139,9 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
     stays near one pass over the store and memory near 16 bytes per manifest row whatever the number of rows.
 
     Like every reader it takes no lock: when a part did not read and the parts changed meanwhile (a compact
-    replaced them), the manifest is listed and checked again (at most READ_ATTEMPTS times, as
-    FeatureStore.manifest does), before any chunk is read."""
-    for attempt in range(1, READ_ATTEMPTS + 1):
-        names = store.part_names()
-        checked = _check_manifest(store)
-        if not checked.damage.unread_parts or attempt == READ_ATTEMPTS or store.part_names() == names:
-            break
+    replaced them), the manifest is listed and checked again (FeatureStore.while_stable, as every reader
+    does), before any chunk is read."""
+    checked = store.while_stable(lambda: _check_manifest(store), failed=lambda result: result.damage.unread_parts)
     _check_chunks(store, checked, progress)
     return checked.damage
 

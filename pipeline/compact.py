@@ -56,8 +56,9 @@ def compact(opts: CompactOptions, log: Callable[[str], None] = lambda line: None
         leftovers = remove_leftovers(store)
         parts = store.part_files()
         with ThreadPoolExecutor(MANIFEST_READERS) as pool:  # on a network filesystem the reads overlap
-            records = dict(zip(parts, pool.map(store.part_records, parts)))
-            rows = dict(zip(parts, pool.map(store.part_size, parts)))
+            footers = dict(zip(parts, pool.map(store.part_footer, parts)))  # (records, rows) of each part
+            records = {part: footer[0] for part, footer in footers.items()}
+            rows = {part: footer[1] for part, footer in footers.items()}
             mergeable = {part for part in parts if None not in records[part].values()}
             for group in plan_groups(list(parts), rows, opts.rows_per_part, mergeable):
                 merged = {shard: record for part in group for shard, record in records[part].items()}

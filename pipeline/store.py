@@ -33,6 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +67,7 @@ CROPS = "crops"
 MANIFEST_READERS = 8  # threads reading manifest parts
 READ_ATTEMPTS = 3  # listings of the parts while a compact changes them
 PART_ROW_GROUP = 4096  # rows per Parquet row group of a part: the trainer reads a chunk's records from one or two
+T = TypeVar("T")
 PART_NAME = re.compile(r"shard-(\d{6,})\.parquet")
 COMPACTED_NAME = re.compile(r"shards-(\d{6,})-(\d{6,})\.parquet")
 # pipeline.atomic's temporary name of a part being written
@@ -232,7 +234,7 @@ class FeatureStore:
 
     def parts(self) -> dict[int, Path]:
         """Committed shard -> the manifest part holding it (listed again when a compact removed one meanwhile)."""
-        listed = self._while_stable(self.part_files)
+        listed = self.while_stable(self.part_files)
         return {shard: part for part, shards in listed.items() for shard in shards}
 
     def committed_shards(self) -> set[int]:
@@ -258,20 +260,25 @@ class FeatureStore:
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise damaged_part(path, exc) from None
 
-    def chunk_record(self, path: Path) -> dict[str, dict[str, str]] | None:
+    def chunk_record(self, path: Path, footer: dict[bytes, bytes] | None = None) -> dict[str, dict[str, str]] | None:
         """The commit record of single part `path` (pipeline.integrity), None for a part written before records
-        existed."""
-        record = decode_record(self._footer(path), path)
+        existed; footer: its key-value metadata when already read."""
+        record = decode_record(self._footer(path) if footer is None else footer, path)
         if record is None and self.meta.commit_records:
             raise UserError(f"manifest part '{path}' is damaged (it lacks the chunk record of this store's parts)")
         return record
 
     def part_records(self, path: Path) -> dict[int, dict[str, dict[str, str]] | None]:
         """Shard -> commit record of each shard in part `path` (one for a single part, several for a compacted one)."""
+        return self.part_footer(path)[0]
+
+    def part_footer(self, path: Path) -> tuple[dict[int, dict[str, dict[str, str]] | None], int]:
+        """(part_records of part `path`, its number of rows), from one read of its footer."""
+        metadata = self._metadata(path)
         match = PART_NAME.fullmatch(path.name)
         if match is not None:
-            return {int(match.group(1)): self.chunk_record(path)}
-        return decode_shard_records(self._footer(path), path)
+            return {int(match.group(1)): self.chunk_record(path, metadata.metadata or {})}, metadata.num_rows
+        return decode_shard_records(metadata.metadata, path), metadata.num_rows
 
     def records(self) -> dict[int, dict[str, dict[str, str]] | None]:
         """Committed shard -> its commit record, the parts' footers read by a thread pool."""
@@ -281,18 +288,22 @@ class FeatureStore:
                 held = list(pool.map(self.part_records, self.part_files()))
             return {shard: record for records in held for shard, record in records.items()}
 
-        return self._while_stable(read)
+        return self.while_stable(read)
 
-    def _while_stable(self, read: Callable[[], object]):
-        """read() of the parts, listed and read again when they changed meanwhile (readers take no lock: a
-        compact may replace parts while they are read); its UserError when they did not."""
-        for attempt in range(READ_ATTEMPTS):
+    def while_stable(self, read: Callable[[], T], failed: Callable[[T], bool] = lambda result: False) -> T:
+        """read() of the parts, listed and read again when it failed (raised a UserError, or failed(result)) and they
+        changed meanwhile (readers take no lock: a compact may replace parts while they are read), at most
+        READ_ATTEMPTS times; its last UserError or result otherwise."""
+        for attempt in range(1, READ_ATTEMPTS + 1):
             names = self.part_names()
             try:
-                return read()
+                result = read()
             except UserError:
-                if attempt == READ_ATTEMPTS - 1 or self.part_names() == names:
+                if attempt == READ_ATTEMPTS or self.part_names() == names:
                     raise
+                continue
+            if not failed(result) or attempt == READ_ATTEMPTS or self.part_names() == names:
+                return result
 
     def part_names(self) -> list[str]:
         """The names of the files in manifest/ now (not the partial writes): a reader that takes no lock compares
@@ -305,10 +316,6 @@ class FeatureStore:
         for entry in (self.path / MANIFEST_DIR).iterdir():
             if PARTIAL_PART.fullmatch(entry.name):
                 entry.unlink(missing_ok=True)
-
-    def part_size(self, path: Path) -> int:
-        """Rows of manifest part `path`, from its footer."""
-        return self._metadata(path).num_rows
 
     def _footer(self, path: Path) -> dict[bytes, bytes] | None:
         return self._metadata(path).metadata
@@ -341,7 +348,7 @@ class FeatureStore:
             with ThreadPoolExecutor(MANIFEST_READERS) as pool:
                 return pa.concat_tables(list(pool.map(lambda part: each(self.read_part(part, columns), part), parts)))
 
-        table = self._while_stable(read)
+        table = self.while_stable(read)
         if unique:
             refuse_duplicates(self.path, table, self.names_of_rows)
         return table

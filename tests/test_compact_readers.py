@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import invoke, make_store
-from zeroseg.pipeline import check
 from zeroseg.pipeline import store as store_module
 from zeroseg.pipeline.build import pending_keys
 from zeroseg.pipeline.cli import main as zs_cache
@@ -163,10 +162,9 @@ def test_a_damaged_part_that_no_compact_replaced_is_one_line_naming_it_read_once
 
 @pytest.mark.parametrize("reader", ["manifest", "verify"])
 def test_a_reader_whose_parts_change_at_every_listing_gives_up_after_read_attempts(crops_store, monkeypatch, reader):
-    """Each loop that retries (FeatureStore._while_stable's and verify's) stops after READ_ATTEMPTS listings and
-    says which part did not read: here READ_ATTEMPTS is 2 and two compacts replace the parts."""
+    """The loop that retries (FeatureStore.while_stable, verify's too) stops after READ_ATTEMPTS listings and says
+    which part did not read: here READ_ATTEMPTS is 2 and two compacts replace the parts."""
     monkeypatch.setattr(store_module, "READ_ATTEMPTS", 2)
-    monkeypatch.setattr(check, "READ_ATTEMPTS", 2)
     method, read = READERS[reader]
     race(monkeypatch, method, crops_store, compacts=(8, 100))
     told = "manifest part '.*shards-000000-000001.parquet' is damaged"

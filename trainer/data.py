@@ -111,25 +111,21 @@ class StoreSamples:
         rows = range(index * size, (index + 1) * size)
         expected = self.rows[np.searchsorted(self.rows, rows.start) : np.searchsorted(self.rows, rows.stop)]
         shard = rows.start // self.meta.shard_size
-        table, part = None, None
         for attempt in range(1, READ_ATTEMPTS + 1):
             part = self.parts.get(shard)
+            if part is None:
+                raise self.changed(f"shard {shard}: no manifest part", rows)
             try:
-                table = store.read_part(part, ["row", "key", "source", "sha256", "status"], rows) if part else None
+                table = store.read_part(part, ["row", "key", "source", "sha256", "status"], rows)
                 break
             except UserError:
                 if attempt == READ_ATTEMPTS or part.exists():
                     raise
                 self.parts = store.parts()  # a compact merged the part into another meanwhile
-        table = table.filter(pc.equal(table["status"], "ok")) if table is not None else None
-        found = table["row"].to_numpy() if table is not None else np.zeros(0, np.int64)
+        table = table.filter(pc.equal(table["status"], "ok"))
+        found = table["row"].to_numpy()
         if not np.array_equal(np.sort(found), expected):
-            where = f"manifest part '{part}'" if part else f"shard {shard}: no manifest part"
-            raise UserError(
-                f"store '{self.path}': {where} no longer lists the images of features rows "
-                f"{rows.start}-{rows.stop - 1} this run started with (the store changed during training): "
-                f"restart, resuming from the last checkpoint"
-            )
+            raise self.changed(f"manifest part '{part}'", rows)
         hashes = pc.fill_null(table["sha256"], "0" * 64)
         if not pc.all(pc.match_substring_regex(hashes, "^[0-9a-f]{64}$")).as_py():
             raise UserError(f"manifest part '{part}': a sha256 there is not 64 hex digits; the store is damaged")
@@ -137,6 +133,13 @@ class StoreSamples:
         for name in records:
             records[name][found - rows.start] = table[name].to_pylist()
         return records
+
+    def changed(self, where: str, rows: range) -> UserError:
+        """The error of features rows `rows` whose manifest entries are no longer those this run started with."""
+        return UserError(
+            f"store '{self.path}': {where} no longer lists the images of features rows {rows.start}-{rows.stop - 1} "
+            f"this run started with (the store changed during training): restart, resuming from the last checkpoint"
+        )
 
     def identity(self) -> dict:
         """What a checkpoint records of the store it was trained on (plain values, as in the store's attribute)."""
