@@ -19,8 +19,8 @@ from pathlib import Path
 from distributed import Client, LocalCluster
 
 from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.dask_build import TASKS_PER_WORKER, TeacherSpec, describe_teacher_on_worker
+from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.teacher import resolve_identity
 
 PHOTOS_ROOT = Path(__file__).resolve().parents[1] / "tests" / "fixtures"

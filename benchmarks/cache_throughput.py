@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.crops import crop_from_bytes
-from zeroseg.pipeline.runtime import resolve_device
+from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
+from zeroseg.runtime import resolve_device
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 GRIDS = [1, 2, 3, 4]

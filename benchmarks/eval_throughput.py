@@ -24,10 +24,10 @@ from zeroseg.evaluation.evaluate import segment_split
 from zeroseg.evaluation.labeling_rule import LabelingRule
 from zeroseg.evaluation.segmenter import WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.windows import Geometry
-from zeroseg.pipeline.runtime import resolve_device
+from zeroseg.process_group import Process
+from zeroseg.runtime import resolve_device
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import model_preset
-from zeroseg.trainer.process_group import Process
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -142,7 +142,7 @@ def main() -> None:
     print_steps(root, args.rows, args.extrapolate, args.repeat)
     if args.compact:
         from zeroseg.pipeline.compact import compact
-        from zeroseg.pipeline.compact_options import CompactOptions
+        from zeroseg.pipeline.options import CompactOptions
 
         started = time.perf_counter()
         summary = compact(CompactOptions(root / "store", args.compact))

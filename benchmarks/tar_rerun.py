@@ -51,8 +51,8 @@ def synthesise(root: Path, tars: int, samples: int) -> tuple[Path, Path]:
 def commit_everything(source: Path, store_path: Path) -> None:
     import torch
 
-    from zeroseg.pipeline.build_options import BuildOptions
     from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
+    from zeroseg.pipeline.options import BuildOptions
     from zeroseg.pipeline.shards import EncodeSettings, plan_shards, prepare_store
     from zeroseg.pipeline.sources import open_source, tar_of
     from zeroseg.pipeline.teacher import Teacher, resolve_identity
@@ -79,7 +79,7 @@ def rerun(source: Path, store: Path) -> float:
 
 def timed_rerun(source: str, store: str) -> dict:
     from zeroseg.pipeline.build import run_build
-    from zeroseg.pipeline.build_options import BuildOptions
+    from zeroseg.pipeline.options import BuildOptions
 
     opts = BuildOptions(source=source, store=store, teacher=str(TINY_TEACHER), pretrained="none", device="cpu",
                         image_size=IMAGE_SIZE, progress=False)  # fmt: skip

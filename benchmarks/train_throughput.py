@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from zeroseg import process_group
 from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
-from zeroseg.trainer import process_group
+from zeroseg.pipeline.options import BuildOptions
 from zeroseg.trainer.config import build_config
 from zeroseg.trainer.data import StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.train import Trainer

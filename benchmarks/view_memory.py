@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from zeroseg.pipeline.crops import crop_from_bytes, grid_views
-from zeroseg.pipeline.runtime import resolve_device
+from zeroseg.runtime import resolve_device
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 GRIDS = [1, 2, 3, 4]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import typer
 
+from zeroseg.errors import require
 from zeroseg.evaluation import cli_options
 from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DATASETS, open_dataset, prepared_coco_dir
-from zeroseg.pipeline.errors import require
-from zeroseg.pipeline.runtime import DEVICE_HELP, renamed_option, run_cli
+from zeroseg.runtime import DEVICE_HELP, renamed_option, run_cli
 
 HELP = """
 Labeling rules (--rule). Class names (index 0 'background' excluded) go through the text tower of the
@@ -133,10 +133,10 @@ def evaluate(
     window_batch: int = typer.Option(8, help="Windows per forward pass in slide mode."),
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
+    from zeroseg import process_group
     from zeroseg.evaluation.evaluate import results_document, score_saved_predictions, write_results
     from zeroseg.evaluation.loading import ModelOptions, load_eval_model
     from zeroseg.evaluation.scores import format_results
-    from zeroseg.trainer import process_group
 
     out = renamed_option(out, old_output, "--out", "--output")
     decode_threads = renamed_option(decode_threads, old_workers, "--decode-threads", "--workers")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
 
 QUICK_GELU = typer.Option(
     None, "--quick-gelu/--no-quick-gelu", help="Force the CLIP's activation (default: recorded / automatic)."

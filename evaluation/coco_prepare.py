@@ -17,10 +17,9 @@ import numpy as np
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from zeroseg.errors import UserError, first_line
 from zeroseg.evaluation.classnames import COCO_CATEGORY_TO_INDEX
 from zeroseg.evaluation.drawing import label_image, save_png
-from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import first_line
 
 
 def prepare_coco_object(instances_json: str | Path, out_dir: str | Path, progress: bool = True) -> int:

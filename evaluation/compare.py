@@ -9,9 +9,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from zeroseg.errors import UserError
 from zeroseg.evaluation.datasets import DATASET_NAMES
-from zeroseg.pipeline.atomic import atomic_path, write_atomically
-from zeroseg.pipeline.errors import UserError
+from zeroseg.io import atomic_path, write_atomically
 
 
 def read_report(path: Path) -> dict:

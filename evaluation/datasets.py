@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from zeroseg.errors import UserError, first_line
 from zeroseg.evaluation.classnames import (
     COCO_CATEGORY_TO_INDEX,
     COCO_OBJECT_CLASS_NAMES,
     CONTEXT_CLASS_NAMES,
     VOC_CLASS_NAMES,
 )
-from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import first_line
 
 IGNORE_INDEX = 255
 _LABEL_MODES = ("P", "L", "I;16", "I")

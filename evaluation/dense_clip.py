@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
 
 LAST_BLOCKS = {  # what each method's last block computes, recorded in its reports
     "maskclip": "x + Attn(I), then + mlp(ln_2(.))",

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.io import atomic_path
 
 CAPTIONS = ("ground truth", "prediction")  # above the two pictures of overlay(..., truth=...)
 

@@ -20,9 +20,9 @@ from zeroseg.evaluation.score_predictions import (
 )
 from zeroseg.evaluation.scores import ConfusionMatrix, format_results, segmentation_results
 from zeroseg.evaluation.segmenter import WindowSegmenter
-from zeroseg.pipeline.atomic import write_atomically
-from zeroseg.pipeline.runtime import prefetch_map
-from zeroseg.trainer.process_group import Process
+from zeroseg.io import write_atomically
+from zeroseg.process_group import Process
+from zeroseg.runtime import prefetch_map
 
 
 def segment_split(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from zeroseg.errors import UserError, require
 from zeroseg.evaluation.baseline_settings import method_settings
 from zeroseg.evaluation.dense_clip import LAST_BLOCKS, NACLIP_GAUSSIAN_STD
 from zeroseg.evaluation.dense_clip import METHODS as DENSE_METHODS
@@ -16,7 +17,6 @@ from zeroseg.evaluation.labeling_rule import RULES, LabelingRule
 from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
-from zeroseg.pipeline.errors import UserError, require
 from zeroseg.pipeline.teacher import create_clip, has_schema, register_config, resolve_identity
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 

@@ -25,7 +25,7 @@ from zeroseg.evaluation.loading import LoadedModel, ModelOptions, load_eval_mode
 from zeroseg.evaluation.segmenter import WindowSegmenter, describe_segments
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.images import decode_image
-from zeroseg.pipeline.runtime import resolve_device
+from zeroseg.runtime import resolve_device
 
 
 @dataclass

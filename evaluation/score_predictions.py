@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from zeroseg.errors import UserError
 from zeroseg.evaluation.datasets import SegmentationDataset, read_label_png
 from zeroseg.evaluation.scores import ConfusionMatrix
-from zeroseg.pipeline.atomic import write_atomically
-from zeroseg.pipeline.errors import UserError
+from zeroseg.io import write_atomically
 
 RUN_RECORD = "zs-eval-run.json"
 CLOCK_SLACK_S = 2.0  # file-system timestamps vs time.time(), and ranks that start a moment apart

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import typer
 
+from zeroseg.errors import UserError
 from zeroseg.evaluation import cli_options
 from zeroseg.evaluation.classnames import IMAGENET_VOCABULARY_NAMES, imagenet_class_names
 from zeroseg.evaluation.datasets import DATASET_NAMES, DATASETS
-from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
 from zeroseg.pipeline.sources import IMAGE_EXTENSIONS
+from zeroseg.runtime import DEVICE_HELP, run_cli
 
 app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 
@@ -69,9 +69,9 @@ def segment(
     from zeroseg.evaluation.drawing import label_image, overlay, save_png
     from zeroseg.evaluation.loading import ModelOptions, load_eval_model
     from zeroseg.evaluation.segmenter import describe_segments
-    from zeroseg.pipeline.atomic import write_atomically
+    from zeroseg.io import write_atomically
     from zeroseg.pipeline.images import ImageDecodeError, decode_image
-    from zeroseg.pipeline.runtime import resolve_device
+    from zeroseg.runtime import resolve_device
 
     class_names = read_vocabulary(classes, vocabulary)
     geometry = {"mode": mode, "short_side": short_side, "max_long_side": max_long_side, "crop_size": crop_size,

@@ -17,7 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.io import atomic_path
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)

@@ -17,7 +17,7 @@ How window scores become labels is evaluation.labeling_rule.
 import math
 from dataclasses import dataclass
 
-from zeroseg.pipeline.errors import require
+from zeroseg.errors import require
 
 MODES = ("whole", "slide")
 

@@ -21,10 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from zeroseg.pipeline.build_options import BuildOptions
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
 from zeroseg.pipeline.integrity import missing_chunks
-from zeroseg.pipeline.runtime import prefetch_map, resolve_device
+from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.shards import (
     Encoded,
     EncodeSettings,
@@ -42,6 +41,7 @@ from zeroseg.pipeline.store import FeatureStore, builder_lock
 from zeroseg.pipeline.store_meta import StoreMeta
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
+from zeroseg.runtime import prefetch_map, resolve_device
 
 
 @dataclass

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from zeroseg.errors import UserError
+from zeroseg.io import human_size
 from zeroseg.pipeline.duplicates import name_digests, repeated_names, repeated_rows
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import (
     checksumming_array,
     chunk_key,
@@ -20,9 +21,8 @@ from zeroseg.pipeline.integrity import (
     has_checksums,
 )
 from zeroseg.pipeline.manifest import name_list
-from zeroseg.pipeline.runtime import prefetch_map
-from zeroseg.pipeline.sizes import human_size
 from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts
+from zeroseg.runtime import prefetch_map
 
 
 def disk_size(path: Path) -> int:

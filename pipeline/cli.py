@@ -5,10 +5,9 @@ from functools import partial
 
 import typer
 
-from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
-from zeroseg.pipeline.compact_options import DEFAULT_ROWS_PER_PART, CompactOptions
-from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
+from zeroseg.errors import UserError
+from zeroseg.pipeline.options import DEFAULT_ROWS_PER_PART, DEFAULT_SHARD_SIZE, BuildOptions, CompactOptions
+from zeroseg.runtime import DEVICE_HELP, run_cli
 
 app = typer.Typer(
     help="Stage one of zeroseg: run a CLIP teacher over grid views of centre-cropped images and keep the "

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from zeroseg.pipeline.atomic import sync_folder
-from zeroseg.pipeline.compact_options import CompactOptions
+from zeroseg.io import sync_folder
 from zeroseg.pipeline.integrity import encode_shard_records
+from zeroseg.pipeline.options import CompactOptions
 from zeroseg.pipeline.store import MANIFEST_DIR, MANIFEST_READERS, FeatureStore, builder_lock
 
 

@@ -47,11 +47,10 @@ from distributed.comm import CommClosedError
 from distributed.system import MEMORY_LIMIT
 from tqdm import tqdm
 
-from zeroseg.pipeline.build_options import BuildOptions
+from zeroseg.errors import UserError, first_line
 from zeroseg.pipeline.device_decode import check_decode_device
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
-from zeroseg.pipeline.runtime import first_line, prefetch_map, resolve_device
+from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.shards import (
     Encoded,
     EncodeSettings,
@@ -65,6 +64,7 @@ from zeroseg.pipeline.sources import Source, SourceSpec, source_from_spec
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import Teacher, TeacherFormat
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
+from zeroseg.runtime import prefetch_map, resolve_device
 
 RETRIES = 2
 TASKS_PER_WORKER = 2  # Dask threads per local worker: one shard on the teacher while the previous one writes

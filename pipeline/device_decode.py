@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from zeroseg.errors import UserError
 from zeroseg.pipeline.crops import centre_box
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import REVERSED_AXES, ImageDecodeError, decode_image, read_header
 
 DECODERS = {"cuda": "nvjpeg", "cpu": "libjpeg-turbo"}  # what decode_jpeg runs on each device type

@@ -9,9 +9,9 @@ import math
 
 import open_clip
 
+from zeroseg.io import human_size
 from zeroseg.pipeline.build import check_compatible, open_build_source, wants_crops
-from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
-from zeroseg.pipeline.sizes import human_size
+from zeroseg.pipeline.options import DEFAULT_SHARD_SIZE, BuildOptions
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import resolve_identity
 

@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore, WrapperStore
 
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
 
 RECORD_KEY = b"zeroseg.chunks"
 RECORD_CRC_KEY = b"zeroseg.chunks.crc32c"  # of the record's bytes: a flip inside it that still parses is refused

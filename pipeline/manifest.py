@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from zeroseg.errors import UserError
 from zeroseg.pipeline.duplicates import name_digests, repeated_names, repeated_rows
-from zeroseg.pipeline.errors import UserError
 
 MANIFEST_SCHEMA = pa.schema(
     [

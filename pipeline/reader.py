@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from zeroseg.errors import UserError
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.device_decode import EncodedBatch, parse_image
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
 from zeroseg.pipeline.manifest import ImageRecord
 from zeroseg.pipeline.sources import Source, source_from_spec

@@ -10,12 +10,12 @@ from itertools import groupby
 import numpy as np
 import torch
 
-from zeroseg.pipeline.build_options import DEFAULT_SHARD_SIZE, BuildOptions
+from zeroseg.errors import UserError
 from zeroseg.pipeline.crops import crop_from_bytes, view_layout
 from zeroseg.pipeline.device_decode import EncodedBatch, ParsedImage, check_decode_device, decode_crops, parse_image
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import ImageDecodeError
 from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
+from zeroseg.pipeline.options import DEFAULT_SHARD_SIZE, BuildOptions
 from zeroseg.pipeline.sources import Source, tar_of
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.store_meta import Preprocessing, StoreMeta

@@ -41,9 +41,8 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 
-from zeroseg.pipeline.atomic import atomic_path, write_atomically
-from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.recorded import DAMAGED, recorded_fields
+from zeroseg.errors import DAMAGED, UserError, recorded_fields
+from zeroseg.io import atomic_path, write_atomically
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}

@@ -43,8 +43,8 @@ import zarr
 from filelock import FileLock, Timeout
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from zeroseg.pipeline.atomic import atomic_path
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError, first_line
+from zeroseg.io import atomic_path
 from zeroseg.pipeline.integrity import (
     chunk_key,
     decode_record,
@@ -54,7 +54,6 @@ from zeroseg.pipeline.integrity import (
     shard_record,
 )
 from zeroseg.pipeline.manifest import MANIFEST_SCHEMA, name_list, refuse_duplicates
-from zeroseg.pipeline.runtime import first_line
 from zeroseg.pipeline.store_meta import FORMAT_VERSION, StoreMeta
 
 MANIFEST_DIR = "manifest"
@@ -70,7 +69,7 @@ PART_ROW_GROUP = 4096  # rows per Parquet row group of a part: the trainer reads
 T = TypeVar("T")
 PART_NAME = re.compile(r"shard-(\d{6,})\.parquet")
 COMPACTED_NAME = re.compile(r"shards-(\d{6,})-(\d{6,})\.parquet")
-# pipeline.atomic's temporary name of a part being written
+# zeroseg.io's temporary name of a part being written
 PARTIAL_PART = re.compile(rf"\.(?:{PART_NAME.pattern}|{COMPACTED_NAME.pattern})\.\d+\.partial")
 
 class FeatureStore:
@@ -200,7 +199,7 @@ class FeatureStore:
         does not read, unless `unreadable` is given: such parts are then left out and added to it."""
         singles, compacted = {}, []
         for path in sorted((self.path / MANIFEST_DIR).iterdir()):
-            if path.name.startswith("."):  # partial writes (pipeline.atomic)
+            if path.name.startswith("."):  # partial writes (zeroseg.io)
                 continue
             match = PART_NAME.fullmatch(path.name)
             if match is not None and path.is_file():

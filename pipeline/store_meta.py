@@ -5,9 +5,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from zeroseg import __version__
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import DAMAGED, UserError, recorded_fields
 from zeroseg.pipeline.images import DECODES
-from zeroseg.pipeline.recorded import DAMAGED, recorded_fields
 from zeroseg.pipeline.sources import SourceSpec
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 

@@ -17,9 +17,8 @@ import torch
 from open_clip.factory import _find_checkpoint_in_dir  # the weights file open_clip loads from a local-dir:
 from open_clip.pretrained import download_pretrained_from_hf, get_pretrained_cfg
 
+from zeroseg.errors import UserError, first_line
 from zeroseg.pipeline.crops import grid_views
-from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import first_line
 from zeroseg.pipeline.teacher_identity import TeacherIdentity, canonical_json
 
 RANDOM_TEACHER_SEED = 0

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from zeroseg.pipeline.recorded import recorded_fields
+from zeroseg.errors import recorded_fields
 
 
 @dataclass(frozen=True)

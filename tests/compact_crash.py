@@ -12,7 +12,7 @@ import sys
 
 def main() -> None:
     from zeroseg.pipeline.compact import compact
-    from zeroseg.pipeline.compact_options import CompactOptions
+    from zeroseg.pipeline.options import CompactOptions
 
     store, kill_at, steps = sys.argv[1], int(sys.argv[2]), [int(rows) for rows in sys.argv[3:]]
     changes = 0

@@ -85,7 +85,7 @@ def invoke(main, *args: str) -> CliResult:
 def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops: bool = False, decode: str = "full"):
     """A store of the first `count` fixture photos with the tiny teacher: chunks of 2, shards of 4."""
     from zeroseg.pipeline.build import run_build
-    from zeroseg.pipeline.build_options import BuildOptions
+    from zeroseg.pipeline.options import BuildOptions
 
     photos = root / "photos"
     photos.mkdir(parents=True)
@@ -127,7 +127,7 @@ def read_every_batch(store_path: Path) -> list:
 def rebuild(store_path: Path, **overrides):
     """run_build of a store from its own source with the tiny teacher: (summary, the lines it logged)."""
     from zeroseg.pipeline.build import run_build
-    from zeroseg.pipeline.build_options import BuildOptions
+    from zeroseg.pipeline.options import BuildOptions
     from zeroseg.pipeline.store import FeatureStore
 
     meta = FeatureStore.open(store_path).meta

@@ -2,7 +2,7 @@
 
 import pytest
 
-from zeroseg.pipeline.atomic import atomic_path, write_atomically
+from zeroseg.io import atomic_path, write_atomically
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path):

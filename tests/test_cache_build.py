@@ -17,15 +17,15 @@ import torch
 from PIL import Image
 
 from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+from zeroseg.errors import UserError
+from zeroseg.io import human_size
 from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.manifest import MANIFEST_SCHEMA, image_records
+from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import plan_shards
-from zeroseg.pipeline.sizes import human_size
 from zeroseg.pipeline.sources import pack_h5
 from zeroseg.pipeline.store import FeatureStore, builder_lock
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
@@ -465,7 +465,7 @@ def test_a_new_store_never_overwrites_a_folder_and_keeps_its_lock_while_it_is_cr
 
     import threading
 
-    from zeroseg.pipeline.errors import UserError
+    from zeroseg.errors import UserError
 
     for i in range(3):  # 37 images: the build is still running when its store appears
         shutil.copytree(photos / "JPEGImages", photos / f"more{i}")

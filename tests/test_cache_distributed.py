@@ -18,8 +18,8 @@ import torch
 from distributed import Client, LocalCluster
 
 from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+from zeroseg.errors import UserError
 from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.dask_build import (
@@ -31,8 +31,8 @@ from zeroseg.pipeline.dask_build import (
     scheduler_address,
     worker_counts,
 )
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.manifest import image_records
+from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import EncodeSettings, Shard
 from zeroseg.pipeline.sources import TAR_INDEX_DIR, open_source, tar_members

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import PHOTOS, TINY_TEACHER, flip_byte, invoke, read_every_batch, rebuild
+from zeroseg.errors import UserError
 from zeroseg.pipeline.build import BuildOptions, run_build
 from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.compact import compact
-from zeroseg.pipeline.compact_options import CompactOptions
-from zeroseg.pipeline.errors import UserError
+from zeroseg.pipeline.options import CompactOptions
 from zeroseg.pipeline.store import FeatureStore, builder_lock
 
 CRASH = Path(__file__).parent / "compact_crash.py"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import invoke, make_store
+from zeroseg.errors import UserError
 from zeroseg.pipeline import store as store_module
 from zeroseg.pipeline.build import pending_keys
 from zeroseg.pipeline.cli import main as zs_cache
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.data import StoreSamples
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
 from zeroseg.trainer.config import TrainConfig, build_config, config_yaml, read_config_file
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model import ZeroSeg

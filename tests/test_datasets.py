@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from zeroseg.errors import UserError
 from zeroseg.evaluation.coco_prepare import prepare_coco_object
 from zeroseg.evaluation.datasets import Sample, coco_stuff_lookup, open_dataset
-from zeroseg.pipeline.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VOC = FIXTURES / "VOCdevkit" / "VOC2012"

@@ -12,15 +12,15 @@ from PIL import Image, ImageOps
 from torchvision.io import decode_jpeg
 
 from tests.conftest import PHOTOS, TINY_TEACHER, invoke, make_store, train
+from zeroseg.errors import UserError
 from zeroseg.pipeline import device_decode
 from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import centre_box
 from zeroseg.pipeline.device_decode import DECODE_GROUP, EncodedBatch, centre_resize, decode_crops, parse_image
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.images import ImageDecodeError, decode_image
 from zeroseg.pipeline.manifest import image_records
+from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.data import Batch, StoreBatches, StoreSamples

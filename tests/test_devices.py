@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.conftest import TINY_TEACHER, invoke
+from zeroseg.errors import UserError
 from zeroseg.pipeline.cli import main as zs_cache
-from zeroseg.pipeline.errors import UserError
-from zeroseg.pipeline.runtime import GPU_JOB_VARIABLES, resolve_device
+from zeroseg.runtime import GPU_JOB_VARIABLES, resolve_device
 
 CPU = torch.device("cpu")
 

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import PHOTOS, TINY_TEACHER, invoke, tiny_checkpoint
+from zeroseg.errors import UserError
 from zeroseg.evaluation.pretrained import Segmenter
 from zeroseg.evaluation.segment_cli import main as zs_segment
 from zeroseg.evaluation.windows import Geometry
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.checkpoint import load_trained_model
 from zeroseg.trainer.cli import main as zs_train

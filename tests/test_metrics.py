@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from zeroseg.errors import UserError
 from zeroseg.evaluation.datasets import SegmentationDataset, open_dataset
 from zeroseg.evaluation.evaluate import score_saved_predictions
 from zeroseg.evaluation.scores import (
@@ -17,8 +18,7 @@ from zeroseg.evaluation.scores import (
     per_class_iou,
     segmentation_results,
 )
-from zeroseg.pipeline.errors import UserError
-from zeroseg.trainer.process_group import Process
+from zeroseg.process_group import Process
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VOC_LABELS = FIXTURES / "VOCdevkit" / "VOC2012" / "SegmentationClass"

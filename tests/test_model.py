@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zeroseg.errors import UserError
 from zeroseg.pipeline.crops import view_layout
-from zeroseg.pipeline.errors import UserError
 from zeroseg.trainer.grouping import (
     CrossAttentionBlock,
     GroupingBlock,

@@ -11,7 +11,7 @@ import torch
 from filelock import FileLock
 
 from tests.conftest import REPO, TINY_RUN, invoke, make_store, train
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
 from zeroseg.trainer.checkpoint import list_checkpoints, load_trained_model, payload_digest, read_checkpoint
 from zeroseg.trainer.cli import main
 

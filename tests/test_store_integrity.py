@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import TINY_TEACHER, flip_byte, invoke, read_every_batch, rebuild, train
+from zeroseg.errors import UserError
 from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import INTACT_FILE_CRC32C, chunk_crc32c, encode_record
 from zeroseg.pipeline.manifest import ImageRecord, image_records, manifest_rows
 from zeroseg.pipeline.store import FeatureStore

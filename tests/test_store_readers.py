@@ -10,7 +10,7 @@ import xarray
 
 from tests.conftest import PHOTOS, TINY_TEACHER
 from zeroseg.pipeline.build import run_build
-from zeroseg.pipeline.build_options import BuildOptions
+from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.store import FeatureStore
 
 README = Path(__file__).parents[1] / "README.md"

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from tests.conftest import FIXTURES, TINY_TEACHER, invoke, run_cli
+from zeroseg.errors import UserError
 from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.loading import ModelOptions, _text_teacher
 from zeroseg.pipeline.cli import main as zs_cache
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import BOTH_KINDS, Teacher, create_clip, resolve_identity, sha256_file
 from zeroseg.pipeline.teacher_identity import TeacherIdentity

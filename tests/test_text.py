@@ -4,9 +4,9 @@ import pytest
 import torch
 from open_clip import get_tokenizer
 
+from zeroseg.errors import UserError
 from zeroseg.evaluation.loading import read_templates
 from zeroseg.evaluation.text import DEFAULT_TEMPLATES, OPENAI_TEMPLATES, class_text_embeddings
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.teacher import create_clip, resolve_identity
 
 TINY_CLIP = str(Path(__file__).parent / "fixtures" / "zs-tiny-clip.json")

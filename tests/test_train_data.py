@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tests.conftest import make_store
+from zeroseg.errors import UserError
 from zeroseg.pipeline import store as store_module
 from zeroseg.pipeline.compact import compact
-from zeroseg.pipeline.compact_options import CompactOptions
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.manifest import ImageRecord, image_records
+from zeroseg.pipeline.options import CompactOptions
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader

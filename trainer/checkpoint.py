@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from zeroseg.pipeline.atomic import atomic_path
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
+from zeroseg.io import atomic_path
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.data import StoreSamples

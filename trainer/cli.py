@@ -15,8 +15,8 @@ from typing import Any
 
 import typer
 
-from zeroseg.pipeline.errors import require
-from zeroseg.pipeline.runtime import DEVICE_HELP, run_cli
+from zeroseg.errors import require
+from zeroseg.runtime import DEVICE_HELP, run_cli
 
 app = typer.Typer(
     help="Stage two of zeroseg: distill the CLIP teacher's cached grid features into the ZeroSeg student "
@@ -92,7 +92,7 @@ def run(
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
     """Train ZeroSeg on a feature store (single process, or one process per GPU under torchrun)."""
-    from zeroseg.trainer import process_group
+    from zeroseg import process_group
     from zeroseg.trainer.checkpoint import resume_config_file
     from zeroseg.trainer.config import build_config, read_config_file
     from zeroseg.trainer.train import TrainingDiverged, run_training

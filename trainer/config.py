@@ -23,8 +23,7 @@ from typing import Any
 
 import yaml
 
-from zeroseg.pipeline.errors import UserError, require
-from zeroseg.pipeline.runtime import first_line
+from zeroseg.errors import UserError, first_line, require
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import ModelConfig, model_preset
 

@@ -30,10 +30,10 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
+from zeroseg.errors import UserError
 from zeroseg.pipeline.crops import channel_stats, to_model_input
 from zeroseg.pipeline.device_decode import EncodedBatch, decode_crops
 from zeroseg.pipeline.duplicates import name_digests
-from zeroseg.pipeline.errors import UserError
 from zeroseg.pipeline.integrity import checked_read
 from zeroseg.pipeline.manifest import NAME_DIGEST, ImageRecord
 from zeroseg.pipeline.reader import CropReader

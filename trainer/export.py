@@ -30,8 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from zeroseg.pipeline.atomic import atomic_path, write_atomically
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
+from zeroseg.io import atomic_path, write_atomically
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import ModelConfig

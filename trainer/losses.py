@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from zeroseg.pipeline.errors import require
+from zeroseg.errors import require
 from zeroseg.trainer.model import ZeroSegOutput, patchify
 from zeroseg.trainer.model_config import ModelConfig, tuples_of_lists
 

@@ -22,8 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from zeroseg.pipeline.atomic import write_atomically
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
+from zeroseg.io import write_atomically
 from zeroseg.trainer.losses import LOSS_TERMS
 
 METRICS_FILE = "metrics.jsonl"

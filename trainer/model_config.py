@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from zeroseg.pipeline.errors import require
+from zeroseg.errors import require
 
 
 def tuples_of_lists(values: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from zeroseg.pipeline.atomic import atomic_path
+from zeroseg.io import atomic_path
 from zeroseg.trainer.losses import LOSS_TERMS
 from zeroseg.trainer.metrics_log import read_metrics
 

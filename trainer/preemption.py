@@ -6,7 +6,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from zeroseg.trainer.process_group import Process
+from zeroseg.process_group import Process
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

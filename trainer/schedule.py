@@ -3,7 +3,7 @@
 import math
 from dataclasses import dataclass
 
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError
 from zeroseg.trainer.config import OptimConfig, ScheduleConfig
 
 

@@ -31,10 +31,10 @@ from filelock import FileLock, Timeout
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from zeroseg.pipeline.atomic import write_atomically
+from zeroseg import process_group
+from zeroseg.errors import UserError
+from zeroseg.io import write_atomically
 from zeroseg.pipeline.device_decode import check_decode_device
-from zeroseg.pipeline.errors import UserError
-from zeroseg.trainer import process_group
 from zeroseg.trainer.checkpoint import (
     CONFIG_FILE,
     check_effective_batch,

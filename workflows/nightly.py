@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 from filelock import FileLock, Timeout
 
-from zeroseg.pipeline.atomic import write_atomically
+from zeroseg.io import write_atomically
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.checkpoint import checkpoint_step, latest_checkpoint
 

@@ -1,5 +1,5 @@
 """Run-time helpers every stage shares: the device a process computes on, how a command turns a UserError
-into one line and an exit code, the first line of an exception, and an ordered thread-pool map."""
+into one line and an exit code, and an ordered thread-pool map."""
 
 import errno
 import os
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from zeroseg.pipeline.errors import UserError
+from zeroseg.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -19,11 +19,6 @@ if TYPE_CHECKING:
 # Variables of a job spec (Slurm, PBS) that say the job was given GPUs: --device auto warns without one.
 GPU_JOB_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS", "SLURM_GPUS_PER_NODE",
                      "SLURM_GPUS_PER_TASK", "SLURM_TRES_PER_TASK", "PBS_NGPUS")
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-blank line of an exception's message ("" when it has none)."""
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 DEVICE_HELP = (

@@ -1,12 +1,27 @@
-"""Reading back the plain dicts that stores and checkpoints record: the fields of one of our frozen
-dataclasses, their keys checked, so that an old or damaged record is one line naming it (not a TypeError)."""
+"""The one exception type that the command-line tools turn into a one-line message and exit code 2, the helper
+with which every options and config dataclass checks its fields in `__post_init__`, and the reading back of the
+plain dicts that stores, checkpoints and exports record (an old or damaged record is one line naming it)."""
 
 from dataclasses import MISSING, fields
 from typing import Any
 
-from zeroseg.pipeline.errors import UserError
-
 DAMAGED = "damaged, or written by another zeroseg version"
+
+
+class UserError(Exception):
+    """A mistake in the user's arguments or inputs (not a bug): printed as one line, exit code 2."""
+
+
+def require(condition: object, message: str) -> None:
+    """UserError(message) unless `condition` holds; the message names the field as the user spells it
+    (`--batch-size` for a command-line option, `data.batch_size` for a config key)."""
+    if not condition:
+        raise UserError(message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message ("" when it has none)."""
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def recorded_fields(cls: type, values: Any, where: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Files that appear whole or not at all: write a temporary sibling, flush it to disk, rename it over
-the target. A reader (or a process resumed after a kill) sees the old file or the new one, never a
-partial one. Every stage writes its results this way."""
+"""Files as every stage writes them: whole or not at all (write a temporary sibling, flush it to disk, rename it
+over the target, so a reader or a process resumed after a kill sees the old file or the new one, never a partial
+one), and byte counts as people read them."""
 
 import os
 from collections.abc import Iterator
@@ -40,3 +40,15 @@ def sync_folder(path: str | Path) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
+
+
+def human_size(count: int) -> str:
+    """In the unit that fits: 512 B, 3.4 KiB, 120.5 MiB, 55.0 GiB (1 KiB = 1024 B)."""
+    if count < 1024:
+        return f"{count} B"
+    size = count / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"

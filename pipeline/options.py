@@ -1,10 +1,11 @@
-"""What one `zs-cache build` is asked to do: the options and their defaults (the CLI takes its defaults from
-here), checked when they are made (`BuildOptions.__post_init__`), before anything is read."""
+"""What one `zs-cache build` or `zs-cache compact` is asked to do: the options and their defaults (the CLI takes its
+defaults from here), checked when they are made (`__post_init__`), before anything is read."""
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from zeroseg.pipeline.errors import require
+from zeroseg.errors import require
 from zeroseg.pipeline.images import DECODES
 
 DEFAULT_SHARD_SIZE = 1024
@@ -12,6 +13,7 @@ DEFAULT_CHUNK_SIZE = 64
 DEFAULT_DECODE_THREADS = min(8, os.cpu_count() or 1)
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; refused from the header, before decoding (decompression bombs)
 DEFAULT_MAX_FILE_MB = 256
+DEFAULT_ROWS_PER_PART = 131_072  # ImageNet-1k: 10 parts; CC12M: 92
 
 
 @dataclass
@@ -66,3 +68,12 @@ class BuildOptions:
         require(not self.workers or self.device in ("auto", "cpu"),
                 f"--device {self.device} picks one device; with --workers each worker takes its own GPU: "
                 "use --device auto (or cpu)")
+
+
+@dataclass(frozen=True)
+class CompactOptions:
+    store: str | Path
+    rows_per_part: int = DEFAULT_ROWS_PER_PART  # parts of fewer rows are merged into parts of at most this many
+
+    def __post_init__(self) -> None:
+        require(self.rows_per_part >= 1, f"--rows-per-part must be a positive number of rows, got {self.rows_per_part}")

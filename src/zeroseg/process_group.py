@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from zeroseg.pipeline.runtime import resolve_device
+from zeroseg.runtime import resolve_device
 
 
 @dataclass(frozen=True)
