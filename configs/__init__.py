@@ -1,8 +1,9 @@
 """Configurations that ship with zeroseg (installed as the `zeroseg.configs` package data), reachable by name:
 
     zeroseg-imagenet          the paper's training run (ICCV 2023, Sec. 4.1): zs-train run --config zeroseg-imagenet
-    table3-*, table4-*,       in ablations/: the paper's ablations (Tables 3-5) and a w_match sweep, each the paper
-    table5-*, w-match-*       run with only the ablated keys changed (ablations/README.md), e.g. --config table4-base
+    table3-*, table4-*,       in ablations/: the paper's ablations (Tables 3-5) and a w_match sweep, each an overlay
+    table5-*, w-match-*       `_base_: zeroseg-imagenet` stating only the ablated keys (ablations/README.md),
+                              e.g. --config table4-base
     tiny-cpu                  a minute-scale CPU run of the tiny student on the demo store
     zs-tiny-clip              a tiny open_clip model config for tests and demos: zs-cache build --teacher zs-tiny-clip
 """

@@ -1,13 +1,16 @@
 """zs-train's configuration, lr schedule and optimizer groups (no store, no training)."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from tests.conftest import invoke
 from zeroseg.errors import UserError
+from zeroseg.trainer.cli import main as zs_train
 from zeroseg.trainer.config import TrainConfig, build_config, config_yaml, read_config_file
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model import ZeroSeg
@@ -112,13 +115,59 @@ def test_weight_decay_covers_every_matrix_and_the_learned_tokens_as_mae_and_grou
     assert len(make_optimizer(model, exempt, torch.device("cpu")).param_groups[1]["params"]) == len(plain_names)
 
 
-def test_norm_pix_loss_of_an_older_model_section_loads_into_the_loss_section(tmp_path):
-    old = tmp_path / "old.yaml"
-    old.write_text(yaml.safe_dump({"model": {"preset": "tiny", "norm_pix_loss": False}}))
-    cfg = build_config(read_config_file(old), [])
-    assert cfg.loss.norm_pix_loss is False and "norm_pix_loss" not in cfg.model.to_dict()
-    assert build_config({}, ["model.norm_pix_loss=false"]).loss.norm_pix_loss is False
-    assert build_config({}, []).loss.norm_pix_loss is True
+def test_a_config_overlays_its_bases_section_by_section_and_key_by_key(tmp_path):
+    """GroupViT's load_config: the base is read (its own base first), then the file is merged over it; a
+    section merges key by key, a list replaces the base's list; a base is a path relative to the file."""
+    (tmp_path / "base.yaml").write_text(
+        "model:\n  preset: tiny\n  mask_ratio: 0.5\nloss:\n  grids: [1, 2, 3]\n  w_match: 2\noptim:\n  lr: 0.001\n"
+    )
+    (tmp_path / "mid.toml").write_text('_base_ = "base.yaml"\n[loss]\ngrids = [4]\n[optim]\nweight_decay = 0.1\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "top.yaml").write_text("_base_: ../mid.toml\nloss:\n  w_match: 0.5\n")
+    values = read_config_file(tmp_path / "sub" / "top.yaml")
+    assert values == {
+        "model": {"preset": "tiny", "mask_ratio": 0.5},
+        "loss": {"grids": [4], "w_match": 0.5},
+        "optim": {"lr": 0.001, "weight_decay": 0.1},
+    }
+    cfg = build_config(values, [])
+    assert (cfg.model.embed_dim, cfg.loss.grids, cfg.loss.w_match, cfg.optim.lr) == (32, (4,), 0.5, 1e-3)
+
+
+def test_a_shipped_config_is_a_base_by_name(tmp_path):
+    (tmp_path / "mine.yaml").write_text("_base_: zeroseg-imagenet\nmodel:\n  mask_ratio: 0.75\n")
+    mine = build_config(read_config_file(tmp_path / "mine.yaml"), [])
+    paper = build_config(read_config_file(CONFIGS / "zeroseg-imagenet.yaml"), [])
+    assert mine.model.mask_ratio == 0.75 and mine.model.embed_dim == 768
+    assert (mine.loss, mine.data, mine.optim, mine.schedule, mine.run) == (
+        paper.loss, paper.data, paper.optim, paper.schedule, paper.run
+    )
+
+
+def test_a_cycle_of_bases_is_refused_in_one_line_naming_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    (tmp_path / "self.yaml").write_text("_base_: self.yaml\n")
+    a, b = (re.escape(str((tmp_path / name).resolve())) for name in ("a.yaml", "b.yaml"))
+    with pytest.raises(UserError, match=f"^config file '{a}' has a cycle of bases: {a} -> {b} -> {a}$"):
+        read_config_file(tmp_path / "a.yaml")
+    with pytest.raises(UserError, match="has a cycle of bases: .*self.yaml -> .*self.yaml$"):
+        read_config_file(tmp_path / "self.yaml")
+    shown = invoke(zs_train, "config", "--config", tmp_path / "a.yaml")
+    assert shown.returncode == 2 and shown.stderr.count("\n") == 1 and "cycle of bases" in shown.stderr
+
+
+def test_an_unknown_or_malformed_base_is_refused_in_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: zeroseg-imagenett\n")
+    message = rf"^base 'zeroseg-imagenett' of config file '{tmp_path / 'a.yaml'}' does not exist \(configs shipped"
+    with pytest.raises(UserError, match=message):
+        read_config_file(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("_base_: missing.toml\n")
+    with pytest.raises(UserError, match="^base 'missing.toml' of config file .*b.yaml' does not exist"):
+        read_config_file(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("_base_: [a.yaml, b.yaml]\n")
+    with pytest.raises(UserError, match=r"c.yaml': _base_ must be one config name or path, got \['a.yaml'"):
+        read_config_file(tmp_path / "c.yaml")
 
 
 def test_every_ablation_config_builds_and_changes_only_what_it_ablates():

@@ -1,6 +1,7 @@
 """The paper config, the ablations and the tiny teacher ship inside the package and are reachable by name."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,6 +13,8 @@ from zeroseg.pipeline.teacher import canonical_json, resolve_identity
 from zeroseg.trainer.cli import main as zs_train
 from zeroseg.trainer.config import build_config, read_config_file
 
+CONFIGS = Path(__file__).parents[1] / "configs"
+
 
 def test_paper_config_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -22,25 +25,40 @@ def test_paper_config_by_name_from_any_folder(tmp_path, monkeypatch):
     assert config["optim"]["base_lr"] == 1.5e-4
 
 
-@pytest.mark.parametrize(
-    ("name", "differs"),
-    [
-        ("table4-base", {("loss", "w_match"): 0.0, ("loss", "grids"): (1,)}),
-        ("table4-multiscale", {("loss", "w_match"): 0.0}),
-        ("table3-grids-13", {("loss", "grids"): (1, 3)}),
-        ("table5-mask-00", {("model", "mask_ratio"): 0.0}),
-    ],
-)
-def test_each_ablation_is_the_paper_run_with_its_change(name, differs):
-    paper = build_config(read_config_file("zeroseg-imagenet"), [])
-    ablation = build_config(read_config_file(name), [])
-    for (section, key), value in differs.items():
-        assert getattr(getattr(ablation, section), key) == value
-    for section in ("model", "loss", "data", "optim", "schedule"):
-        mine, theirs = vars(getattr(ablation, section)), vars(getattr(paper, section))
-        changed = {key for key in mine if mine[key] != theirs[key]}
-        assert changed == {key for (where, key) in differs if where == section}
-    assert ablation.run.dir == f"runs/ablations/{name}"
+ABLATIONS = sorted(path.stem for path in (CONFIGS / "ablations").glob("*.yaml"))
+PAPER_ROWS = {"table3-grids-1234", "table4-multiscale-matching", "table5-mask-60"}  # a table's row = the paper run
+
+
+def flat(values: dict) -> dict:
+    """{(section, key): value} of a nested config dict."""
+    return {(section, key): value for section, keys in values.items() for key, value in keys.items()}
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_each_ablation_is_the_paper_run_with_exactly_the_keys_it_states(name):
+    """An ablation file holds its base, the keys it ablates and its run directory; the keys it states are the
+    differences from the paper config (at the paper's values for a table's row that is the paper run)."""
+    own = yaml.safe_load((CONFIGS / "ablations" / f"{name}.yaml").read_text())
+    assert own.pop("_base_") == "zeroseg-imagenet"
+    assert own["run"].pop("dir") == f"runs/ablations/{name}" and not own.pop("run")
+    stated = flat(own)
+    paper = flat(build_config(read_config_file("zeroseg-imagenet"), []).to_dict())
+    ablation = flat(build_config(read_config_file(name), []).to_dict())
+    assert stated and set(stated) <= set(paper)
+    differs = {key for key in paper if paper[key] != ablation[key]}
+    assert differs == {("run", "dir")} | (set() if name in PAPER_ROWS else set(stated))
+    assert all(ablation[key] == value for key, value in stated.items())
+
+
+def test_zs_train_config_prints_an_ablation_merged_over_the_paper_config():
+    shown = invoke(zs_train, "config", "--config", "table4-base")
+    assert shown.returncode == 0, shown.stderr
+    config = yaml.safe_load(shown.stdout)
+    assert (config["loss"]["w_match"], config["loss"]["grids"]) == (0.0, [1])  # the ablation's
+    paper = (config["model"]["mask_ratio"], config["optim"]["base_lr"], config["data"]["batch_size"])
+    assert paper == (0.6, 1.5e-4, 512)  # the paper config's
+    assert (config["schedule"]["epochs"], config["run"]["dir"]) == (80, "runs/ablations/table4-base")
+    assert "_base_" not in config
 
 
 def test_unknown_config_name_lists_the_shipped_ones():

@@ -1,15 +1,16 @@
 """The configuration of a training run: six sections, read from YAML or TOML plus `section.key=value` overrides.
 
     model:     preset: base | tiny, then any ModelConfig field (trainer.model_config) overriding the preset
-    loss:      LossConfig fields (trainer.losses); an older model.norm_pix_loss is read as loss.norm_pix_loss
+    loss:      LossConfig fields (trainer.losses)
     data:      the feature store, per-process batch size, loader workers, shuffle window
     optim:     AdamW (lr = base_lr * effective batch / 256 unless lr is set), accumulation, clipping
     schedule:  run length in epochs or steps, linear warm-up, half-cycle cosine to min_lr
     run:       run directory, checkpoint cadence, seed, device, bf16 autocast, logging cadence
 
-Precedence: dataclass defaults < the config file < overrides. Every key and value type is checked here, every
-value by its section's dataclass when it is made (a UserError naming `section.key`), so a typo is one clear
-error rather than a silently ignored setting. `TrainConfig.to_dict()` is the effective
+A file may overlay a base config (`_base_: zeroseg-imagenet`) and state only what differs (read_config_file).
+Precedence: dataclass defaults < the config file (merged over its bases) < overrides. Every key and value type
+is checked here, every value by its section's dataclass when it is made (a UserError naming `section.key`), so
+a typo is one clear error rather than a silently ignored setting. `TrainConfig.to_dict()` is the effective
 configuration (the model section fully resolved), saved as `config.yaml` in the run directory.
 """
 
@@ -137,19 +138,63 @@ SECTION_TYPES = {
     "schedule": ScheduleConfig, "run": RunConfig,
 }  # fmt: skip
 SECTIONS = tuple(SECTION_TYPES)
+BASE_KEY = "_base_"  # names the config a file overlays
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The nested dict of a .yaml/.yml or .toml file, or of a config shipped with zeroseg named without its
-    suffix (zeroseg-imagenet, the ablations, tiny-cpu: see zeroseg.configs)."""
+    suffix (zeroseg-imagenet, the ablations, tiny-cpu: see zeroseg.configs), with its bases merged in.
+
+    A file may name a base, `_base_: NAME_OR_PATH` (a shipped config's name, or a path relative to the file),
+    as GroupViT's load_config: the base is read the same way (bases of bases too), then the file's sections
+    are merged over it key by key; a list replaces the base's list. A cycle of bases is refused.
+    """
+    return _read_with_bases(_locate(str(path), Path(), None), ())
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """path's values over those of its chain of bases; chain: the files that named this one, first to last."""
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(link) for link in (*chain, path.resolve()))
+        raise UserError(f"config file '{chain[0]}' has a cycle of bases: {cycle}")
+    values = _read_one(path)
+    base = values.pop(BASE_KEY, None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise UserError(f"config file '{path}': {BASE_KEY} must be one config name or path, got {base!r}")
+    base_values = _read_with_bases(_locate(base, path.parent, path), (*chain, path.resolve()))
+    return merge_config(base_values, values)
+
+
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """over merged into base: mappings key by key (recursively), anything else (lists included) replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _locate(name: str, folder: Path, named_by: Path | None) -> Path:
+    """The file `name` relative to `folder`, or the shipped config of that name; UserError naming the file
+    that named it when neither exists."""
     from zeroseg.configs import TRAIN_SUFFIXES, shipped_config, shipped_names
 
-    path = Path(path)
-    if not path.is_file() and path.suffix not in TRAIN_SUFFIXES and len(path.parts) == 1:
-        path = shipped_config(str(path), TRAIN_SUFFIXES) or path
+    path = folder / name
+    if not path.is_file() and path.suffix not in TRAIN_SUFFIXES and len(Path(name).parts) == 1:
+        path = shipped_config(name, TRAIN_SUFFIXES) or path
     if not path.is_file():
         shipped = ", ".join(shipped_names(TRAIN_SUFFIXES))
-        raise UserError(f"config file '{path}' does not exist (configs shipped with zeroseg, by name: {shipped})")
+        missing = f"config file '{path}'" if named_by is None else f"base '{name}' of config file '{named_by}'"
+        raise UserError(f"{missing} does not exist (configs shipped with zeroseg, by name: {shipped})")
+    return path
+
+
+def _read_one(path: Path) -> dict[str, Any]:
+    """The nested dict of one .yaml/.yml or .toml file, its own values only."""
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(path.read_text())
@@ -196,9 +241,6 @@ def build_config(
             raise UserError(f"unknown config section in '{section}.{key}' (sections: {', '.join(SECTIONS)})")
         merged.setdefault(section, {})[key] = value
 
-    if "norm_pix_loss" in merged.get("model", {}):  # a loss setting, in the model section before 2026-12
-        moved = merged["model"].pop("norm_pix_loss")
-        merged.setdefault("loss", {}).setdefault("norm_pix_loss", moved)
     model_values = dict(merged.pop("model", {}))
     preset = model_values.pop("preset", "base")
     model = ModelConfig(**{**model_preset(preset).to_dict(), **_checked("model", ModelConfig, model_values)})
