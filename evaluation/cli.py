@@ -13,7 +13,7 @@ import typer
 from zeroseg.errors import require
 from zeroseg.evaluation import cli_options
 from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DATASETS, open_dataset, prepared_coco_dir
-from zeroseg.runtime import DEVICE_HELP, renamed_option, run_cli
+from zeroseg.runtime import DEVICE_HELP, run_cli
 
 HELP = """
 Labeling rules (--rule). Class names (index 0 'background' excluded) go through the text tower of the
@@ -122,14 +122,12 @@ def evaluate(
     out: Path | None = typer.Option(
         None, help="Results folder (default: <checkpoint>-eval/ next to it, or ./zs-eval-results/<model>)."
     ),
-    old_output: Path | None = typer.Option(None, "--output", hidden=True),
     save_predictions: Path | None = typer.Option(None, help="Write label PNGs to DIR/<dataset>/<image id>.png."),
     save_vis: Path | None = typer.Option(
         None, help="Write DIR/<dataset>/<image id>.png: ground truth beside prediction, legend of pixel shares."
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     decode_threads: int | None = typer.Option(None, help="Threads decoding images ahead of the model [default: 2]."),
-    old_workers: int | None = typer.Option(None, "--workers", hidden=True),
     window_batch: int = typer.Option(8, help="Windows per forward pass in slide mode."),
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
@@ -138,8 +136,6 @@ def evaluate(
     from zeroseg.evaluation.loading import ModelOptions, load_eval_model
     from zeroseg.evaluation.scores import format_results
 
-    out = renamed_option(out, old_output, "--out", "--output")
-    decode_threads = renamed_option(decode_threads, old_workers, "--decode-threads", "--workers")
     decode_threads = 2 if decode_threads is None else decode_threads
     opened = [(open_dataset(name, data_root, split), split or DATASETS[name].default_split) for name in datasets]
     given = {"mode": mode, "short_side": short_side, "max_long_side": max_long_side, "crop_size": crop_size}

@@ -147,7 +147,7 @@ def load_eval_model(options: ModelOptions, device: torch.device) -> LoadedModel:
 
 
 def _load_zeroseg(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
-    from zeroseg.trainer.checkpoint import load_trained_model
+    from zeroseg.trainer.export import load_trained_model
 
     model, meta = load_trained_model(options.checkpoint, device)
     recorded = TeacherIdentity.from_dict(meta["store"]["teacher"], f"checkpoint '{meta['path']}': store.teacher")

@@ -28,9 +28,9 @@ def runs(tmp_path_factory) -> dict:
     outputs = {}
     for method in METHODS:
         outputs[method] = root / method
-        voc = invoke(zs_eval, "voc", "--model", method, *common, "--output", outputs[method])
+        voc = invoke(zs_eval, "voc", "--model", method, *common, "--out", outputs[method])
         assert voc.returncode == 0, voc.stderr
-        coco = invoke(zs_eval, "coco", "--model", method, *common, "--templates", "single", "--output", outputs[method])
+        coco = invoke(zs_eval, "coco", "--model", method, *common, "--templates", "single", "--out", outputs[method])
         assert coco.returncode == 0, coco.stderr
         assert "voc val (2 images): mIoU" in voc.stdout and "coco val2017 (5 images): mIoU" in coco.stdout
     return {"root": root, "data": data, "common": common, "outputs": outputs}
@@ -71,7 +71,7 @@ def test_each_method_runs_through_the_evaluator_with_its_papers_settings(runs):
 
 def test_every_setting_is_an_option(runs, tmp_path):
     done = invoke(
-        zs_eval, "voc", "--model", "naclip", *runs["common"], "--output", tmp_path, "--gaussian-std", "2",
+        zs_eval, "voc", "--model", "naclip", *runs["common"], "--out", tmp_path, "--gaussian-std", "2",
         "--temperature", "20", "--bg-threshold", "0.3", "--background-names", "none", "--templates", "single",
         "--mode", "slide", "--crop-size", "64", "--stride", "32",
     )  # fmt: skip

@@ -16,9 +16,8 @@ from zeroseg.evaluation.pretrained import Segmenter
 from zeroseg.evaluation.segment_cli import main as zs_segment
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
-from zeroseg.trainer.checkpoint import load_trained_model
 from zeroseg.trainer.cli import main as zs_train
-from zeroseg.trainer.export import load_export
+from zeroseg.trainer.export import EXPORT_FORMAT, load_export, load_trained_model
 from zeroseg.trainer.vit import interpolate_pos_embed
 
 GEOMETRY = Geometry("whole", 64, 128, 64, 32)
@@ -127,3 +126,16 @@ def test_damaged_export_is_one_error_naming_the_file(trained, tmp_path):
     (damaged / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="model.safetensors cannot be read"):
         load_trained_model(damaged)
+
+
+def test_an_export_of_another_format_is_refused_in_one_line(trained, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(trained["export"], older)
+    document = json.loads((older / "config.json").read_text())
+    (older / "config.json").write_text(json.dumps({**document, "format": "zeroseg-export-0"}))
+    refusal = f"is an export of format 'zeroseg-export-0'; this zeroseg reads format {EXPORT_FORMAT}$"
+    with pytest.raises(UserError, match=f"^{older / 'config.json'} {refusal}"):
+        load_trained_model(older)
+    (older / "config.json").write_text(json.dumps({key: value for key, value in document.items() if key != "format"}))
+    with pytest.raises(UserError, match="config.json is not a zeroseg export: it has no format$"):
+        load_trained_model(older)

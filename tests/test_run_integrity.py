@@ -12,8 +12,9 @@ from filelock import FileLock
 
 from tests.conftest import REPO, TINY_RUN, invoke, make_store, train
 from zeroseg.errors import UserError
-from zeroseg.trainer.checkpoint import list_checkpoints, load_trained_model, payload_digest, read_checkpoint
+from zeroseg.trainer.checkpoint import FORMAT, list_checkpoints, payload_digest, read_checkpoint
 from zeroseg.trainer.cli import main
+from zeroseg.trainer.export import load_trained_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,6 +37,23 @@ def test_checkpoints_carry_a_checksum_of_their_contents(store, tmp_path):
     name = next(iter(payload["model"]))
     payload["model"][name].view(-1)[0] += 1
     assert payload_digest(payload) != payload["checksum"]
+
+
+def test_a_checkpoint_of_another_format_or_without_a_checksum_is_refused_in_one_line(store, tmp_path):
+    """Nothing older than FORMAT was released: such a checkpoint is refused, not read in a compatibility path."""
+    _, latest = two_checkpoints(store, tmp_path / "run")
+    payload = torch.load(latest, map_location="cpu", weights_only=True)
+    older = {**payload, "format": 1}
+    torch.save({**older, "checksum": payload_digest(older)}, tmp_path / "older.pt")
+    with pytest.raises(UserError, match=f"checkpoint '.*older.pt' is of format 1; this zeroseg reads format {FORMAT}$"):
+        load_trained_model(tmp_path / "older.pt")
+    shown = invoke(main, "export", tmp_path / "older.pt", "--out", tmp_path / "out")
+    assert shown.returncode == 2 and shown.stderr == (
+        f"error: checkpoint '{tmp_path / 'older.pt'}' is of format 1; this zeroseg reads format {FORMAT}\n"
+    )
+    torch.save({key: value for key, value in payload.items() if key != "checksum"}, tmp_path / "unsummed.pt")
+    with pytest.raises(UserError, match="unsummed.pt' is damaged: its contents do not match its checksum$"):
+        read_checkpoint(tmp_path / "unsummed.pt")
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated"])

@@ -190,7 +190,7 @@ def test_timm_tower_through_cache_train_and_eval_from_the_recorded_config(photos
     assert recorded == meta.teacher.to_dict()
 
     evaluated = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--checkpoint", checkpoint, "--text-cache",
-                       tmp_path / "text", "--output", tmp_path / "res", "--short-side", "64", "--crop-size", "64",
+                       tmp_path / "text", "--out", tmp_path / "res", "--short-side", "64", "--crop-size", "64",
                        "--stride", "32", "--no-progress")  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     document = json.loads((tmp_path / "res" / "voc.json").read_text())

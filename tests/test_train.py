@@ -16,9 +16,10 @@ import torch
 import yaml
 
 from tests.conftest import PHOTOS, REPO, TINY_RUN, invoke, make_store, train
-from zeroseg.trainer.checkpoint import list_checkpoints, load_trained_model
+from zeroseg.trainer.checkpoint import list_checkpoints
 from zeroseg.trainer.cli import main
 from zeroseg.trainer.config import build_config
+from zeroseg.trainer.export import load_trained_model
 from zeroseg.trainer.metrics_log import METRIC_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -248,17 +249,6 @@ def test_resume_after_a_kill_mid_metrics_line(store, tmp_path):
     resumed = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--steps", "3", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert [line["step"] for line in metrics(tmp_path / "run")] == [1, 2, 3]
-
-
-def test_a_checkpoint_with_norm_pix_loss_in_its_model_config_still_loads(finished_run, tmp_path):
-    """Checkpoints written while norm_pix_loss was a model field: the setting is read as the loss's."""
-    payload = torch.load(list_checkpoints(finished_run)[-1], weights_only=True)
-    payload["model_config"]["norm_pix_loss"] = payload["loss_config"].pop("norm_pix_loss")
-    del payload["checksum"]  # such checkpoints were written before checkpoints carried one
-    old = tmp_path / "old.pt"
-    torch.save(payload, old)
-    model, meta = load_trained_model(old, "cpu")
-    assert meta["loss_config"]["norm_pix_loss"] is True and "norm_pix_loss" not in meta["model_config"]
 
 
 def test_tensorboard_after_a_crash_and_resume_has_one_point_per_step(store, tmp_path):

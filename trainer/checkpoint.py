@@ -1,5 +1,5 @@
-"""Checkpoints: the layout, atomic writes, the last K kept, the resume checks, the step of a file, and
-`load_trained_model` for evaluation.
+"""Checkpoints: the layout, atomic writes, the last K kept, the resume checks and the step of a file
+(trainer.export loads a trained model from one).
 
 A checkpoint is one `torch.save` file of tensors and plain Python values, so it loads with
 `torch.load(weights_only=True)`:
@@ -16,7 +16,9 @@ A checkpoint is one `torch.save` file of tensors and plain Python values, so it 
                   comes from a generator reseeded for every device batch from (seed, step, batch index)
                   (trainer.train), so the step alone restores it.
     checksum      sha256 over every other entry (`payload_digest`): a flipped byte in a tensor, which torch.load
-                  would read without a word, makes the checkpoint "damaged"; checkpoints without one still load.
+                  would read without a word, makes the checkpoint "damaged".
+
+A checkpoint of another format is refused in one line naming its format and FORMAT.
 
 Files are RUN_DIR/checkpoints/step-00001000.pt, each written under a temporary name, flushed to disk, then
 renamed: a run killed while saving leaves the previous checkpoints untouched.
@@ -34,11 +36,8 @@ import torch
 
 from zeroseg.errors import UserError
 from zeroseg.io import atomic_path
-from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.config import TrainConfig
-from zeroseg.trainer.data import StoreSamples
 from zeroseg.trainer.model import ZeroSeg
-from zeroseg.trainer.model_config import ModelConfig
 
 FORMAT = 2  # 2: the grouping cross-attention block lost its two input norms (GroupViT's block)
 CHECKPOINT_DIR = "checkpoints"
@@ -158,18 +157,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"checkpoint '{path}' cannot be read: {type(exc).__name__}: {exc}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"'{path}' is not a zeroseg checkpoint of format {FORMAT}")
-    if "checksum" in payload and payload["checksum"] != payload_digest(payload):
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise UserError(f"'{path}' is not a zeroseg checkpoint")
+    if payload["format"] != FORMAT:
+        raise UserError(f"checkpoint '{path}' is of format {payload['format']!r}; this zeroseg reads format {FORMAT}")
+    if payload.get("checksum") != payload_digest(payload):
         raise UserError(f"checkpoint '{path}' is damaged: its contents do not match its checksum")
-    if "norm_pix_loss" in payload["model_config"]:  # written before norm_pix_loss moved to the loss config
-        payload["loss_config"].setdefault("norm_pix_loss", payload["model_config"].pop("norm_pix_loss"))
     return payload
 
 
-def resume_payload(cfg: TrainConfig, samples: StoreSamples, resume: bool, log: Callable[[str], None]) -> dict | None:
-    """The checkpoint to continue from (resume), after checking it fits this run's model, loss and store;
-    None for a fresh run (whose run directory must then hold no checkpoint)."""
+def resume_payload(cfg: TrainConfig, store: dict[str, Any], resume: bool, log: Callable[[str], None]) -> dict | None:
+    """The checkpoint to continue from (resume), after checking it fits this run's model, loss and store (`store`:
+    what a checkpoint records of it, trainer.data.StoreSamples.identity); None for a fresh run (whose run
+    directory must then hold no checkpoint)."""
     if not resume:
         latest = latest_checkpoint(cfg.run.dir)
         if latest is not None:
@@ -184,24 +184,23 @@ def resume_payload(cfg: TrainConfig, samples: StoreSamples, resume: bool, log: C
     latest, payload = good
     for name, current in (("model", cfg.model.to_dict()), ("loss", cfg.loss.to_dict())):
         saved = payload[f"{name}_config"]
-        changed = sorted(key for key in current if _plain(current[key]) != _plain(saved.get(key)))
+        changed = sorted(key for key in current if _plain(current[key]) != _plain(saved[key]))
         if changed:
             key = changed[0]
             raise UserError(
-                f"{latest} was trained with {name}.{key}={saved.get(key)!r}, this run sets {current[key]!r}: "
+                f"{latest} was trained with {name}.{key}={saved[key]!r}, this run sets {current[key]!r}: "
                 f"a resumed run keeps the model and loss configuration"
             )
-    store = payload["store"]
-    trained_teacher = TeacherIdentity.from_dict(store["teacher"], f"checkpoint '{latest}': store.teacher")
-    if store["rows"] > len(samples) or trained_teacher != samples.meta.teacher:
+    trained, rows = payload["store"], store["rows"]
+    if trained["rows"] > rows or trained["teacher"] != store["teacher"]:
         raise UserError(
-            f"{latest} was trained on {store['rows']} images of a store with teacher {trained_teacher.model}; "
-            f"'{samples.path}' now holds {len(samples)} with teacher {samples.meta.teacher.model}: "
+            f"{latest} was trained on {trained['rows']} images of a store with teacher {trained['teacher']['model']}; "
+            f"'{store['path']}' now holds {rows} with teacher {store['teacher']['model']}: "
             f"resume on the same store, or start a new run"
         )
-    if store["rows"] < len(samples):
+    if trained["rows"] < rows:
         log(
-            f"the store grew from {store['rows']} to {len(samples)} images since {latest.name}: training goes on "
+            f"the store grew from {trained['rows']} to {rows} images since {latest.name}: training goes on "
             f"over all of them (the data order is recomputed, so this is a continuation, not an exact replay)"
         )
     return payload
@@ -261,28 +260,3 @@ def restore_rng(state: dict[str, Any]) -> None:
          saved["cached_gaussian"])
     )
     random.setstate(state["python"])
-
-
-def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
-    """A trained ZeroSeg in eval mode on `device`, and the checkpoint's metadata.
-
-    path: a checkpoint file, a run directory (its latest checkpoint) or a folder written by `zs-train export`
-    (trainer.export). The metadata dict holds step, model_config, store and path (the file read), and for a
-    checkpoint also effective_batch, world_size, config and loss_config.
-    """
-    from zeroseg.trainer.export import is_export, load_export
-
-    path = Path(path)
-    if is_export(path):
-        return load_export(path, device)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"run directory '{path}' holds no checkpoint ({CHECKPOINT_DIR}/step-*.pt)")
-        path = found
-    payload = read_checkpoint(path)
-    model = ZeroSeg(ModelConfig.from_dict(payload["model_config"]))
-    model.load_state_dict(payload["model"])
-    model.to(device).eval()
-    metadata = {key: value for key, value in payload.items() if key not in ("model", "optimizer", "rng", "format")}
-    return model, {**metadata, "path": str(path)}

@@ -1,9 +1,11 @@
-"""A trained model that leaves zeroseg: `zs-train export` writes DIR/model.safetensors and DIR/config.json.
+"""A trained model, loaded from wherever it lies (`load_trained_model`: a checkpoint, a run folder, an export
+folder), and the export that lets it leave zeroseg: `zs-train export` writes DIR/model.safetensors and
+DIR/config.json.
 
 model.safetensors holds the weights only: the state dict of ZeroSeg (trainer.model), float tensors as trained.
 config.json holds no absolute path:
 
-    format          EXPORT_FORMAT ("zeroseg-export-1")
+    format          EXPORT_FORMAT ("zeroseg-export-1"); a folder of another format is refused in one line
     model_config    ModelConfig dict (rebuilds the architecture)
     teacher         the CLIP whose space g and z live in, whose text tower labels segments: open_clip model
                     name, pretrained tag (None for random weights or a weights file), weights_file (the file's
@@ -33,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from zeroseg.errors import UserError
 from zeroseg.io import atomic_path, write_atomically
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
+from zeroseg.trainer.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import ModelConfig
 
@@ -45,22 +48,43 @@ def is_export(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
 
 
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
+    """A trained ZeroSeg in eval mode on `device`, and its metadata.
+
+    path: a checkpoint file, a run directory (its latest checkpoint) or an export folder (`export_model`). The
+    metadata dict holds step, model_config, store and path (the file read), and for a checkpoint also
+    effective_batch, world_size, config and loss_config.
+    """
+    path = Path(path)
+    if is_export(path):
+        return load_export(path, device)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"run directory '{path}' holds no checkpoint ({CHECKPOINT_DIR}/step-*.pt)")
+        path = found
+    payload = read_checkpoint(path)
+    model = ZeroSeg(ModelConfig.from_dict(payload["model_config"]))
+    model.load_state_dict(payload["model"])
+    model.to(device).eval()
+    metadata = {key: value for key, value in payload.items() if key not in ("model", "optimizer", "rng", "format")}
+    return model, {**metadata, "path": str(path)}
+
+
 def export_model(source: str | Path, out_dir: str | Path) -> Path:
     """Write the model of a checkpoint (or a run folder's latest one) to out_dir; returns out_dir."""
-    from zeroseg.trainer.checkpoint import load_trained_model
-
     model, meta = load_trained_model(source, "cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher = dict(meta["store"]["teacher"])
     config = TeacherIdentity.from_dict(teacher, f"checkpoint '{source}': store.teacher").config  # canonical JSON
     config_copy = f"teacher/{teacher['model']}.json"
-    if teacher.get("config") and config is None:
+    if teacher["config"] and config is None:
         raise UserError(f"the teacher's model config {teacher['config']} recorded in the checkpoint is not here")
     if config:
         (out / config_copy).parent.mkdir(exist_ok=True)
         write_atomically(out / config_copy, json.dumps(json.loads(config), indent=1) + "\n")
-    pretrained = teacher.get("pretrained")
+    pretrained = teacher["pretrained"]
     from_file = pretrained is not None and Path(pretrained).is_absolute()
     document = {
         "format": EXPORT_FORMAT,
@@ -69,12 +93,12 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
             "model": teacher["model"],
             "pretrained": None if from_file else pretrained,
             "weights_file": Path(pretrained).name if from_file else None,
-            "weights_sha256": teacher.get("weights_sha256"),
+            "weights_sha256": teacher["weights_sha256"],
             "quick_gelu": teacher["quick_gelu"],
             "config": config_copy if config else None,
         },
-        "preprocessing": {**(meta["store"].get("preprocessing") or {}), "image_size": model.cfg.image_size},
-        "step": meta.get("step"),
+        "preprocessing": {**meta["store"]["preprocessing"], "image_size": model.cfg.image_size},
+        "step": meta["step"],
         "source": Path(meta["path"]).name,
     }
     state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
@@ -85,7 +109,7 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
-    """An exported ZeroSeg in eval mode, and metadata shaped like trainer.checkpoint.load_trained_model's: step, path,
+    """An exported ZeroSeg in eval mode, and metadata shaped like load_trained_model's of a checkpoint: step, path,
     model_config and store (teacher identity with paths resolved inside the export folder, preprocessing)."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -93,8 +117,12 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[Z
         document = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"exported model config {config_file} cannot be read: {exc}") from None
-    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{config_file} is not a zeroseg export of format {EXPORT_FORMAT}")
+    if not isinstance(document, dict) or "format" not in document:
+        raise UserError(f"{config_file} is not a zeroseg export: it has no format")
+    if document["format"] != EXPORT_FORMAT:
+        raise UserError(
+            f"{config_file} is an export of format {document['format']!r}; this zeroseg reads format {EXPORT_FORMAT}"
+        )
     try:
         state = load_file(str(weights_file))
     except (OSError, SafetensorError) as exc:
@@ -117,7 +145,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[Z
     }
     preprocessing = {key: value for key, value in document["preprocessing"].items() if key != "image_size"}
     store = {"teacher": teacher, "preprocessing": preprocessing}
-    return model, {"step": document.get("step"), "model_config": document["model_config"], "store": store,
+    return model, {"step": document["step"], "model_config": document["model_config"], "store": store,
                    "path": str(path)}
 
 

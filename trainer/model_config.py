@@ -95,9 +95,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        """From to_dict's output; a checkpoint's model_config from before norm_pix_loss moved to the loss
-        config holds that key too (trainer.checkpoint.read_checkpoint moves it)."""
-        return cls(**tuples_of_lists({key: value for key, value in values.items() if key != "norm_pix_loss"}))
+        """From to_dict's output (as a checkpoint or an export holds it)."""
+        return cls(**tuples_of_lists(values))
 
 
 _PRESETS = {

@@ -144,7 +144,7 @@ def _train_locked(
 ) -> TrainResult:
     samples = StoreSamples.open(cfg.data.store)
     check_store(samples, cfg.model, cfg.loss, cfg.data.resize)
-    payload = resume_payload(cfg, samples, resume, log)
+    payload = resume_payload(cfg, samples.identity(), resume, log)
     process = process_group.setup(cfg.run.device)
     trainer = None
     try:

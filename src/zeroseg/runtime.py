@@ -102,16 +102,6 @@ INTERRUPTED = 130
 ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
 
 
-def renamed_option(new_value, old_value, new: str, old: str):
-    """The value of an option given by its new name or by an old spelling kept for a release (with a note)."""
-    if old_value is None:
-        return new_value
-    if new_value is not None:
-        raise UserError(f"{old} is the old spelling of {new}: give only {new}")
-    typer.echo(f"note: {old} is deprecated and will be removed; use {new}", err=True)
-    return old_value
-
-
 def usage_line(exc: Exception) -> str:
     """One line for a click/typer usage mistake: the command, the reason and where help is."""
     ctx = getattr(exc, "ctx", None)
