@@ -15,8 +15,7 @@ from zeroseg.trainer.config import TrainConfig, build_config, config_yaml, read_
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import model_preset
-from zeroseg.trainer.optim import decay_split, make_optimizer
-from zeroseg.trainer.schedule import Schedule, make_schedule, peak_lr
+from zeroseg.trainer.optim import Schedule, decay_split, make_optimizer, make_schedule, peak_lr
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from zeroseg.trainer.masking import num_kept, random_masking
+from zeroseg.trainer.model import num_kept, random_masking
 
 
 def _tokens(batch: int, length: int, dim: int = 3) -> torch.Tensor:

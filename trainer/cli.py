@@ -136,7 +136,7 @@ def plot(
     out: str | None = typer.Option(None, help="PNG to write (default RUN_DIR/curves.png)."),
 ) -> None:
     """Plot a run's loss terms, learning rate, throughput and data wait into a PNG."""
-    from zeroseg.trainer.plot import plot_metrics
+    from zeroseg.trainer.metrics_log import plot_metrics
 
     typer.echo(f"wrote {plot_metrics(run_dir, out)}")
 

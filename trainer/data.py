@@ -272,8 +272,8 @@ def make_loader(dataset: StoreBatches, first: int, last: int, workers: int, pref
 
 def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave a scheduler's stop signal to the training process, which checkpoints first
-    (they exit with it; see trainer.preemption)."""
-    from zeroseg.trainer.preemption import STOP_SIGNALS
+    (they exit with it; see zeroseg.process_group.StopRequest)."""
+    from zeroseg.process_group import STOP_SIGNALS
 
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)

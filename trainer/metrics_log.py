@@ -1,6 +1,7 @@
-"""Training metrics: one JSON line per logging interval in RUN_DIR/metrics.jsonl, plus TensorBoard event files
-in RUN_DIR/tensorboard when the optional `tensorboard` package is installed (train/<key> per step; a resumed run
-purges the points after its checkpoint, so a crash and resume leaves no duplicates; zs-eval adds
+"""Training metrics, written, read back and plotted: one JSON line per logging interval in RUN_DIR/metrics.jsonl
+(`MetricsLog`, read back by `read_metrics`, drawn by `zs-train plot` into RUN_DIR/curves.png), plus TensorBoard
+event files in RUN_DIR/tensorboard when the optional `tensorboard` package is installed (train/<key> per step; a
+resumed run purges the points after its checkpoint, so a crash and resume leaves no duplicates; zs-eval adds
 eval/<dataset>/{mIoU,pixel_accuracy} at the evaluated checkpoint's step).
 
 Keys of every line (loss terms and grad_norm averaged over the optimizer steps of the interval and over
@@ -23,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from zeroseg.errors import UserError
-from zeroseg.io import write_atomically
+from zeroseg.io import atomic_path, write_atomically
 from zeroseg.trainer.losses import LOSS_TERMS
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+PLOT_FILE = "curves.png"
 METRIC_KEYS = ("step", "epoch", "lr", "loss", *LOSS_TERMS, "grad_norm", "images_per_s", "data_wait", "elapsed_s")
 
 
@@ -63,6 +65,41 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not records:
         raise UserError(f"'{path}' is empty: the run has not logged a step yet")
     return records
+
+
+def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Loss terms, learning rate, throughput and data wait against the optimizer step as one PNG (matplotlib, Agg
+    backend); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    steps = [r["step"] for r in records]
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    losses = axes[0, 0]
+    for key in ("loss", *LOSS_TERMS):
+        losses.plot(steps, [r[key] for r in records], label=key)
+    losses.set_yscale("log")
+    losses.set_title("loss terms")
+    losses.legend()
+    for axis, key, title in (
+        (axes[0, 1], "lr", "learning rate"),
+        (axes[1, 0], "images_per_s", "images / s (all processes)"),
+        (axes[1, 1], "data_wait", "fraction of time waiting for data"),
+    ):
+        axis.plot(steps, [r[key] for r in records])
+        axis.set_title(title)
+    for axis in axes[1]:
+        axis.set_xlabel("optimizer step")
+    figure.suptitle(str(run_dir))
+    figure.tight_layout()
+    path = Path(out) if out is not None else Path(run_dir) / PLOT_FILE
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=100, format="png")
+    plt.close(figure)
+    return path
 
 
 def log_scalars(run_dir: str | Path, scalars: dict[str, float], step: int) -> bool:

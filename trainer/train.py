@@ -35,6 +35,7 @@ from zeroseg import process_group
 from zeroseg.errors import UserError
 from zeroseg.io import write_atomically
 from zeroseg.pipeline.device_decode import check_decode_device
+from zeroseg.process_group import StopRequest
 from zeroseg.trainer.checkpoint import (
     CONFIG_FILE,
     check_effective_batch,
@@ -48,10 +49,8 @@ from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_s
 from zeroseg.trainer.losses import LOSS_TERMS, total_loss
 from zeroseg.trainer.metrics_log import MetricsLog
 from zeroseg.trainer.model import ZeroSeg
-from zeroseg.trainer.optim import make_optimizer
-from zeroseg.trainer.preemption import StopRequest
+from zeroseg.trainer.optim import make_optimizer, make_schedule
 from zeroseg.trainer.sampling import BatchPlan
-from zeroseg.trainer.schedule import make_schedule
 
 STEP_VALUES = ("total", *LOSS_TERMS)  # what each step averages over its passes and the processes
 LOCK_FILE = ".lock"

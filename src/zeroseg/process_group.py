@@ -1,12 +1,17 @@
-"""torch.distributed for `torchrun`: NCCL on GPUs, gloo on the CPU; a plain single process otherwise.
+"""torch.distributed for `torchrun`: NCCL on GPUs, gloo on the CPU; a plain single process otherwise; and how the
+processes stop together on a scheduler's signal.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process it starts.
 Shutdown order matters on gloo: the caller drops the DDP model and the optimizer and runs the garbage
 collector before `shutdown` destroys the process group (destroying it first aborts at exit in about one
 run in six).
+
+Stopping: SIGTERM (SLURM, Kubernetes) or SIGUSR1 (SLURM's --signal) asks a run to finish its current step, write a
+checkpoint and exit, so `--resume` loses nothing (`StopRequest`); loader workers ignore these signals.
 """
 
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from zeroseg.runtime import resolve_device
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -73,3 +80,31 @@ def mean_over_processes(values: torch.Tensor, process: Process) -> torch.Tensor:
 def barrier(process: Process) -> None:
     if process.distributed:
         dist.barrier()
+
+
+class StopRequest:
+    """Records a stop signal; every process agrees on stopping after the same step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for number in STOP_SIGNALS:
+            self._previous[number] = signal.signal(number, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _record(self, number: int, frame) -> None:
+        self.signal = number
+
+    def agreed(self, process: Process) -> bool:
+        """True on every process once any of them was signalled (one all-reduce per call when distributed)."""
+        if not process.distributed:
+            return self.signal is not None
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=process.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
