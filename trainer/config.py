@@ -164,15 +164,15 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(base, str):
         raise UserError(f"config file '{path}': {BASE_KEY} must be one config name or path, got {base!r}")
     base_values = _read_with_bases(_locate(base, path.parent, path), (*chain, path.resolve()))
-    return merge_config(base_values, values)
+    return _merge(base_values, values)
 
 
-def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """over merged into base: mappings key by key (recursively), anything else (lists included) replaced."""
     merged = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_config(merged[key], value)
+            merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
     return merged
