@@ -158,7 +158,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:
         raise UserError(f"checkpoint '{path}' cannot be read: {type(exc).__name__}: {exc}") from None
     if not isinstance(payload, dict) or "format" not in payload:
-        raise UserError(f"'{path}' is not a zeroseg checkpoint")
+        raise UserError(f"'{path}' is not a zeroseg checkpoint: it records no format")
     if payload["format"] != FORMAT:
         raise UserError(f"checkpoint '{path}' is of format {payload['format']!r}; this zeroseg reads format {FORMAT}")
     if payload.get("checksum") != payload_digest(payload):
