@@ -17,7 +17,7 @@ from zeroseg.evaluation.labeling_rule import RULES, LabelingRule
 from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
-from zeroseg.pipeline.teacher import create_clip, has_schema, register_config, resolve_identity
+from zeroseg.pipeline.teacher import create_clip, register_config, resolve_identity
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
 MODELS = ("zeroseg", *DENSE_METHODS)
@@ -206,7 +206,7 @@ def _text_teacher(recorded: TeacherIdentity, options: ModelOptions) -> TeacherId
     --pretrained / --quick-gelu overrides (a --teacher config path wins over the recorded config)."""
     weights = recorded.pretrained
     if options.teacher is None and options.pretrained is None:
-        if not has_schema(recorded.model) and weights and Path(weights).is_absolute() and not Path(weights).is_file():
+        if not recorded.brings_weights and weights and Path(weights).is_absolute() and not Path(weights).is_file():
             raise UserError(
                 f"teacher weights {weights} recorded in the checkpoint are not on this machine; "
                 "pass --pretrained (and --teacher) to say where they are"
@@ -217,7 +217,7 @@ def _text_teacher(recorded: TeacherIdentity, options: ModelOptions) -> TeacherId
         register_config(recorded.model, recorded.config)
     model = options.teacher or recorded.model
     pretrained = options.pretrained
-    if pretrained is None and options.teacher is None and not has_schema(model):
+    if pretrained is None and options.teacher is None and not recorded.brings_weights:
         pretrained = weights or "none"
     quick_gelu = options.quick_gelu
     if quick_gelu is None and options.teacher is None:

@@ -1,11 +1,11 @@
-"""The CLIP teacher: loading an open_clip model (name, config JSON, hf-hub:ORG/REPO or local-dir:FOLDER;
-tag, weights file or none) and turning batches of centre crops into the (B, V, D) grid-view features of
-the store."""
+"""The CLIP teacher: a --teacher name, parsed into (schema, id) by pipeline.teacher_identity, resolved by its
+schema's loader (LOADERS) into the identity a store records (which model, weights and activation); the open_clip
+model built from that identity; and the Teacher turning batches of centre crops into the (B, V, D) grid-view
+features of the store."""
 
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -14,20 +14,34 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.factory import _find_checkpoint_in_dir  # the weights file open_clip loads from a local-dir:
 from open_clip.pretrained import download_pretrained_from_hf, get_pretrained_cfg
 
+from zeroseg.configs import TEACHER_SUFFIXES, shipped_config
 from zeroseg.errors import UserError, first_line
 from zeroseg.pipeline.crops import grid_views
-from zeroseg.pipeline.teacher_identity import TeacherIdentity, canonical_json
+from zeroseg.pipeline.teacher_identity import (
+    CONFIG,
+    HF_HUB,
+    LOCAL_DIR,
+    OPEN_CLIP,
+    TeacherIdentity,
+    canonical_json,
+    parse_teacher_name,
+)
 
 RANDOM_TEACHER_SEED = 0
-SCHEMAS = ("hf-hub:", "local-dir:")  # names whose config and weights open_clip reads from the hub cache / a folder
 # Architectures OpenAI released QuickGELU weights for, which others also trained with GELU: a bare
 # weights file for one of them can be either kind.
 BOTH_KINDS = frozenset(
     model for model, tag in open_clip.list_pretrained() if tag == "openai" and not model.endswith("-quickgelu")
 )
+# The weights file of a local-dir: folder, as open_clip's factory picks it: the first of these names present, else
+# the first file with a weights suffix, .safetensors before the others, by name.
+FOLDER_WEIGHTS = (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
+)  # fmt: skip
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth")
 _REGISTERED: dict[str, str] = {}  # config-JSON teachers registered with open_clip here: name -> canonical JSON
 
 
@@ -44,8 +58,118 @@ class TeacherFormat:
     device_type: str  # cpu, cuda
 
 
-def has_schema(model: str) -> bool:
-    return model.startswith(SCHEMAS)
+def resolve_identity(teacher: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> TeacherIdentity:
+    """Work out which model, weights and activation the teacher will use, before loading its weights.
+
+    teacher: an open_clip name, hf-hub:ORG/REPO, local-dir:FOLDER, or a model-config JSON (a path or a
+    shipped name). pretrained: None (the 'openai' tag; hub and folder teachers bring their own weights),
+    'none' (random weights, real architecture), a weights file, or an open_clip tag.
+    quick_gelu: None = automatic where it is certain: the model config says so (-quickgelu names, hub
+    configs), the tag was trained with QuickGELU, the hub repo's tag is openai, or the file is an OpenAI
+    TorchScript archive. A bare weights file for an architecture OpenAI released (BOTH_KINDS) can be
+    either kind: refused unless quick_gelu is given.
+    """
+    schema, identifier = parse_teacher_name(teacher)
+    return LOADERS[schema](identifier, pretrained, quick_gelu)
+
+
+def _hub_teacher(repo: str, pretrained: str | None, quick_gelu: bool | None) -> TeacherIdentity:
+    """hf-hub:ORG/REPO: its open_clip_config.json and weights from the Hugging Face cache (HF_HUB_CACHE)."""
+    model = f"{HF_HUB}:{repo}"
+    try:
+        open_clip.get_model_config(model)
+    except Exception as exc:
+        raise UserError(
+            f"teacher '{model}': its open_clip_config.json is not in the Hugging Face cache "
+            f"(HF_HUB_CACHE; offline?): {first_line(exc)}"
+        ) from None
+    try:
+        weights = download_pretrained_from_hf(repo)
+    except Exception as exc:
+        raise UserError(f"teacher '{model}': no weights in the Hugging Face cache: {first_line(exc)}") from None
+    return _bundled_identity(model, weights, pretrained, quick_gelu)
+
+
+def _folder_teacher(folder: str, pretrained: str | None, quick_gelu: bool | None) -> TeacherIdentity:
+    """local-dir:FOLDER: open_clip_config.json and the weights file (FOLDER_WEIGHTS) in FOLDER."""
+    path = Path(folder).expanduser().resolve()
+    model = f"{LOCAL_DIR}:{path}"
+    if not (path / "open_clip_config.json").is_file():
+        raise UserError(f"teacher '{LOCAL_DIR}:{folder}': no open_clip_config.json in {path}")
+    rank = {name: index for index, name in enumerate(FOLDER_WEIGHTS)}
+    found = sorted(
+        (file for file in path.iterdir() if file.suffix in WEIGHTS_SUFFIXES and file.is_file()),
+        key=lambda file: (rank.get(file.name, len(rank)), file.suffix != ".safetensors", file.name),
+    )
+    if not found:
+        raise UserError(f"teacher '{model}': no weights (*{', *'.join(WEIGHTS_SUFFIXES)}) in the folder")
+    return _bundled_identity(model, str(found[0].resolve()), pretrained, quick_gelu)
+
+
+def _bundled_identity(model: str, weights: str, pretrained: str | None, quick_gelu: bool | None) -> TeacherIdentity:
+    """A hub or folder teacher, which brings its own weights file: recorded by path and content."""
+    if pretrained is not None:
+        raise UserError(f"--pretrained does not apply to '{model}', which brings its own weights: leave it out")
+    automatic = _config_says_quick_gelu(model) or model.lower().endswith(".openai")
+    return TeacherIdentity(model, weights, sha256_file(weights), automatic if quick_gelu is None else quick_gelu)
+
+
+def _config_teacher(name: str, pretrained: str | None, quick_gelu: bool | None) -> TeacherIdentity:
+    """A model-config JSON, a path or a shipped config's name: registered with open_clip under its file stem, its
+    content recorded (later stages rebuild the model from that, without the file)."""
+    path = shipped_config(name, TEACHER_SUFFIXES) or Path(name)
+    if not path.is_file():
+        raise UserError(f"teacher config '{name}' does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"teacher config '{name}' is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
+        raise UserError(f"teacher config '{name}' is not an open_clip config (embed_dim, vision_cfg, text_cfg)")
+    register_config(path.stem, canonical_json(config))
+    return _chosen_weights(path.stem, _REGISTERED[path.stem], pretrained, quick_gelu)
+
+
+def _open_clip_teacher(name: str, pretrained: str | None, quick_gelu: bool | None) -> TeacherIdentity:
+    """A model open_clip knows by name (a config registered here before under that name included)."""
+    if name not in open_clip.list_models():
+        raise UserError(f"unknown teacher '{name}': not an open_clip name, hf-hub:, local-dir: nor a config JSON")
+    return _chosen_weights(name, _REGISTERED.get(name), pretrained, quick_gelu)
+
+
+def _chosen_weights(model: str, config: str | None, pretrained: str | None, quick_gelu: bool | None) -> TeacherIdentity:
+    """A named or config teacher with the weights --pretrained chooses: none, a file, or a tag ('openai')."""
+    automatic = _config_says_quick_gelu(model)
+    if pretrained is not None and pretrained.lower() in ("none", ""):
+        tag, sha = None, None
+    elif pretrained is not None and Path(pretrained).is_file():
+        tag, sha = str(Path(pretrained).resolve()), sha256_file(pretrained)
+        openai_archive = is_openai_archive(pretrained)
+        if quick_gelu is None and model in BOTH_KINDS and not openai_archive:
+            raise UserError(
+                f"--pretrained {pretrained}: {model} weights exist with QuickGELU (OpenAI's, also as "
+                f"open_clip_pytorch_model.bin on the hub) and with GELU (LAION, DataComp, ...): pass --quick-gelu "
+                f"for OpenAI weights, --no-quick-gelu for the others"
+            )
+        automatic = automatic or openai_archive
+    else:
+        pretrained = pretrained or "openai"
+        tag_cfg = get_pretrained_cfg(model, pretrained)
+        if not tag_cfg:
+            known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none known"
+            raise UserError(
+                f"--pretrained '{pretrained}' is neither a weights file nor an open_clip tag of {model} ({known})"
+            )
+        tag, sha = pretrained, None
+        automatic = automatic or bool(tag_cfg.get("quick_gelu"))
+    return TeacherIdentity(model, tag, sha, automatic if quick_gelu is None else quick_gelu, config)
+
+
+LOADERS = {HF_HUB: _hub_teacher, LOCAL_DIR: _folder_teacher, CONFIG: _config_teacher, OPEN_CLIP: _open_clip_teacher}
+
+
+def _config_says_quick_gelu(model: str) -> bool:
+    return bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
 
 
 def register_config(name: str, config: str) -> None:
@@ -57,51 +181,6 @@ def register_config(name: str, config: str) -> None:
         path.write_text(config)
         open_clip.add_model_config(path)  # open_clip keeps the parsed config after the file is gone
     _REGISTERED[name] = config
-
-
-def teacher_config_file(teacher: str) -> Path | None:
-    """The model-config JSON a --teacher names: a path, or a config shipped with zeroseg (zs-tiny-clip) by its
-    name; None for an open_clip model name."""
-    from zeroseg.configs import TEACHER_SUFFIXES, shipped_config
-
-    if teacher.endswith(".json") or os.sep in teacher:
-        path = Path(teacher)
-        if not path.is_file():
-            raise UserError(f"teacher config '{teacher}' does not exist")
-        return path
-    return shipped_config(teacher, TEACHER_SUFFIXES)
-
-
-def resolve_model(teacher: str) -> tuple[str, str | None]:
-    """(model name, canonical config JSON or None) for an open_clip name, hf-hub:ORG/REPO, local-dir:FOLDER,
-    or a model-config JSON, a path or a shipped name (registered under its file stem)."""
-    if teacher.startswith("local-dir:"):
-        folder = Path(teacher.removeprefix("local-dir:")).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
-            raise UserError(f"teacher '{teacher}': no open_clip_config.json in {folder}")
-        return f"local-dir:{folder.resolve()}", None
-    if teacher.startswith("hf-hub:"):
-        try:
-            open_clip.get_model_config(teacher)
-        except Exception as exc:
-            raise UserError(
-                f"teacher '{teacher}': its open_clip_config.json is not in the Hugging Face cache "
-                f"(HF_HUB_CACHE; offline?): {first_line(exc)}"
-            ) from None
-        return teacher, None
-    path = teacher_config_file(teacher)
-    if path is not None:
-        try:
-            config = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"teacher config '{teacher}' is not valid JSON: {exc}") from None
-        if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys():
-            raise UserError(f"teacher config '{teacher}' is not an open_clip config (embed_dim, vision_cfg, text_cfg)")
-        register_config(path.stem, canonical_json(config))
-        return path.stem, _REGISTERED[path.stem]
-    if teacher not in open_clip.list_models():
-        raise UserError(f"unknown teacher '{teacher}': not an open_clip name, hf-hub:, local-dir: nor a config JSON")
-    return teacher, _REGISTERED.get(teacher)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -120,78 +199,21 @@ def is_openai_archive(path: str | Path) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
-def schema_weights(model: str) -> str:
-    """The weights file open_clip loads for an hf-hub: or local-dir: model (refused when there is none:
-    open_clip would go on with random weights)."""
-    if model.startswith("local-dir:"):
-        found = _find_checkpoint_in_dir(Path(model.removeprefix("local-dir:")))
-        if found is None:
-            raise UserError(f"teacher '{model}': no weights (*.safetensors, *.bin, *.pth) in the folder")
-        return str(Path(found).resolve())
-    try:
-        return download_pretrained_from_hf(model.removeprefix("hf-hub:"))
-    except Exception as exc:
-        raise UserError(f"teacher '{model}': no weights in the Hugging Face cache: {first_line(exc)}") from None
-
-
-def resolve_identity(teacher: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> TeacherIdentity:
-    """Work out which weights and activation the teacher will use, before loading its weights.
-
-    pretrained: None (the 'openai' tag; for hf-hub:/local-dir: names the weights that come with them),
-    'none' (random weights, real architecture), a weights file, or an open_clip tag.
-    quick_gelu: None = automatic where it is certain: the model config says so (-quickgelu names, hub
-    configs), the tag was trained with QuickGELU, the hub repo's tag is openai, or the file is an OpenAI
-    TorchScript archive. A bare weights file for an architecture OpenAI released (BOTH_KINDS) can be
-    either kind: refused unless quick_gelu is given.
-    """
-    model, config = resolve_model(teacher)
-    auto_quick_gelu = bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
-    if has_schema(model):
-        if pretrained is not None:
-            raise UserError(f"--pretrained does not apply to '{teacher}', which brings its own weights: leave it out")
-        tag = schema_weights(model)
-        sha = sha256_file(tag)
-        auto_quick_gelu = auto_quick_gelu or model.lower().endswith(".openai")
-    elif pretrained is not None and pretrained.lower() in ("none", ""):
-        tag, sha = None, None
-    elif pretrained is not None and Path(pretrained).is_file():
-        tag, sha = str(Path(pretrained).resolve()), sha256_file(pretrained)
-        openai_archive = is_openai_archive(pretrained)
-        if quick_gelu is None and model in BOTH_KINDS and not openai_archive:
-            raise UserError(
-                f"--pretrained {pretrained}: {model} weights exist with QuickGELU (OpenAI's, also as "
-                f"open_clip_pytorch_model.bin on the hub) and with GELU (LAION, DataComp, ...): pass --quick-gelu "
-                f"for OpenAI weights, --no-quick-gelu for the others"
-            )
-        auto_quick_gelu = auto_quick_gelu or openai_archive
-    else:
-        pretrained = pretrained or "openai"
-        tag_cfg = get_pretrained_cfg(model, pretrained)
-        if not tag_cfg:
-            known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none known"
-            raise UserError(
-                f"--pretrained '{pretrained}' is neither a weights file nor an open_clip tag of {model} ({known})"
-            )
-        tag, sha = pretrained, None
-        auto_quick_gelu = auto_quick_gelu or bool(tag_cfg.get("quick_gelu"))
-    return TeacherIdentity(model, tag, sha, auto_quick_gelu if quick_gelu is None else quick_gelu, config)
-
-
 def create_clip(identity: TeacherIdentity, device: torch.device) -> torch.nn.Module:
     """The whole open_clip model (image and text towers) in eval mode, fp32, on `device`.
 
-    A config-JSON teacher is rebuilt from the config content the identity holds. Random weights
-    (pretrained None) are drawn from a fixed seed, so every process that asks for the same random
-    teacher (a resumed build, a Dask worker, a test) gets the same one.
+    A config-JSON teacher is rebuilt from the config content the identity holds; a hub or folder teacher
+    from its own config and weights. Random weights (pretrained None) are drawn from a fixed seed, so every
+    process that asks for the same random teacher (a resumed build, a Dask worker, a test) gets the same one.
     """
     if identity.config:
         register_config(identity.model, identity.config)
-    elif not has_schema(identity.model) and identity.model not in open_clip.list_models():
+    elif not identity.brings_weights and identity.model not in open_clip.list_models():
         raise UserError(
             f"teacher '{identity.model}' is not an open_clip model and no config was recorded with it: "
             "pass --teacher CONFIG.json"
         )
-    pretrained = None if has_schema(identity.model) else identity.pretrained
+    pretrained = None if identity.brings_weights else identity.pretrained
     logging.disable(logging.ERROR)  # open_clip logs what we report as one line below, and its info chatter
     try:
         with torch.random.fork_rng(devices=[]):

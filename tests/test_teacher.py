@@ -19,7 +19,7 @@ from zeroseg.evaluation.loading import ModelOptions, _text_teacher
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import BOTH_KINDS, Teacher, create_clip, resolve_identity, sha256_file
-from zeroseg.pipeline.teacher_identity import TeacherIdentity
+from zeroseg.pipeline.teacher_identity import TeacherIdentity, parse_teacher_name
 from zeroseg.trainer.cli import main as zs_train
 
 TIMM_TEACHER = FIXTURES / "zs-tiny-timm-clip.json"
@@ -42,6 +42,27 @@ def tiny_with(tmp_path: Path, name: str, **changes) -> Path:
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps({**json.loads(TINY_TEACHER.read_text()), **changes}))
     return path
+
+
+def test_a_teacher_name_is_parsed_once_into_schema_and_id(tmp_path):
+    assert parse_teacher_name("ViT-L-14") == ("open_clip", "ViT-L-14")
+    assert parse_teacher_name("hf-hub:org/repo") == ("hf-hub", "org/repo")
+    assert parse_teacher_name("local-dir:./folder") == ("local-dir", "./folder")
+    assert parse_teacher_name("zs-tiny-clip") == ("config", "zs-tiny-clip")  # shipped with zeroseg
+    assert parse_teacher_name("mine.json") == ("config", "mine.json")
+    assert parse_teacher_name(str(tmp_path / "mine")) == ("config", str(tmp_path / "mine"))
+    with pytest.raises(UserError, match="teacher 'hf-hub:' names nothing after 'hf-hub:'"):
+        parse_teacher_name("hf-hub:")
+
+
+def test_a_folder_teacher_records_the_weights_file_open_clip_picks(tmp_path):
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": json.loads(TINY_TEACHER.read_text())}))
+    for name in ("a.bin", "z.safetensors", "model.pth", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    picked = [Path(resolve_identity(f"local-dir:{tmp_path}").pretrained).name]
+    (tmp_path / "model.pth").unlink()  # open_clip's own names first, then .safetensors, then by name
+    picked.append(Path(resolve_identity(f"local-dir:{tmp_path}").pretrained).name)
+    assert picked == ["model.pth", "z.safetensors"]
 
 
 def test_weights_file_of_an_openai_architecture_needs_a_flag(photos, tmp_path):
@@ -201,8 +222,10 @@ def test_a_config_path_the_user_passes_wins_over_the_recorded_one(tmp_path):
     path = tiny_with(tmp_path, "zs-tiny-recorded", embed_dim=16)
     recorded = resolve_identity(str(path), "none")
     assert TeacherIdentity.from_dict(recorded.to_dict(), "test") == recorded  # the dict a store / checkpoint holds
-    older = {**recorded.to_dict(), "config": str(path)}
-    assert TeacherIdentity.from_dict(older, "test") == recorded  # older stores: the path
+    without_config = {key: value for key, value in recorded.to_dict().items() if key != "config"}
+    for older in ({**recorded.to_dict(), "config": str(path)}, without_config):
+        with pytest.raises(UserError, match="test: 'config' is not a model config"):
+            TeacherIdentity.from_dict(older, "test")  # one format: the config's content, recorded
     assert _text_teacher(recorded, ModelOptions(checkpoint="run")) == recorded
     other = _text_teacher(recorded, ModelOptions(checkpoint="run", teacher=str(TINY_TEACHER), pretrained="none"))
     assert other.model == "zs-tiny-clip" and json.loads(other.config) == json.loads(TINY_TEACHER.read_text())
