@@ -3,6 +3,7 @@
 import gc
 import os
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -13,7 +14,21 @@ import typer
 from zeroseg.errors import require
 from zeroseg.evaluation import cli_options
 from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DATASETS, open_dataset, prepared_coco_dir
+from zeroseg.evaluation.methods import METHODS, TRAINING_FREE
 from zeroseg.runtime import DEVICE_HELP, run_cli
+
+
+def methods_help() -> str:
+    """Each method of evaluation.methods.METHODS: its last block and its settings, wrapped, kept as written."""
+    width, indent = 108, " " * 13
+    lines = []
+    for name, method in METHODS.items():
+        block = method.last_block.formula if method.last_block else "the ZeroSeg student of --checkpoint"
+        lines.append(f"  {name:<10} {block}")
+        lines += textwrap.wrap(method.describe(), width, initial_indent=indent, subsequent_indent=indent,
+                               break_on_hyphens=False)  # fmt: skip
+    return "\b\n" + "\n".join(lines)
+
 
 HELP = """
 Labeling rules (--rule). Class names (index 0 'background' excluded) go through the text tower of the
@@ -29,24 +44,17 @@ does: [background, class scores] averaged over the windows covering a pixel, arg
 ties). softmax (the training-free methods' default, and the rule before, to reproduce old numbers):
 scores A, no prior; background where the best score is strictly below the threshold (--keep-best-group
 caps it at the window's best score), scores and thresholds averaged over windows.
-MaskCLIP, SCLIP, ClearCLIP, NACLIP (training-free, the CLIP's last image block changed as each paper
-defines it; MaskCLIP is Zhou et al., ECCV 2022, not the "MaskCLIP" row of the ZeroSeg paper's Table 1,
-Dong et al.): every patch token scores A, maps resized bilinearly, no image prior, background and
-fusion as the rule chosen. With background names the background class is scored in the same softmax
-and a pixel is also background where its best class scores below the background class. Thresholds per
-dataset: the method's, else the paper's 0.95 VOC / 0.05 Context / 0.35 COCO, or --bg-threshold.
+{TRAINING_FREE_NAMES} (training-free, the CLIP's last image block changed as each paper defines it;
+MaskCLIP is Zhou et al., ECCV 2022, not the "MaskCLIP" row of the ZeroSeg paper's Table 1, Dong et al.):
+every patch token scores A, maps resized bilinearly, no image prior, background and fusion as the rule
+chosen. With background names the background class is scored in the same softmax and a pixel is also
+background where its best class scores below the background class. Thresholds per dataset: the
+method's, else the paper's ({PAPER_THRESHOLDS}), or --bg-threshold.
 
-Method defaults (each an option). zeroseg: the groupvit rule, the CLIP's logit scale, the paper's
-thresholds, one prompt, short side 448, slide 448/224; maskclip the same with the softmax rule. The
-others, from their code, all with the softmax rule:
+Methods (--model), their last image block and their defaults, each an option (the training-free
+methods' from their code):
 
-\b
-  sclip      temperature 65 VOC, 50 Context/COCO; threshold 0.1; openai80; short side 336, slide 224/112;
-             background names: 26 stuff names (VOC, COCO), 'background' (Context)
-  clearclip  temperature 50; threshold 0.5 VOC, 0.15 Context, 0.4 COCO; openai80; short side 448,
-             slide 448/224; background name 'background'
-  naclip     temperature 40; threshold 0.1; openai80; short side 336, whole (VOC) or slide 224/112;
-             background names as sclip; Gaussian std 5 patches
+{METHODS_HELP}
 
 Geometry. Images are resized keeping their aspect ratio to --short-side (long side capped at
 --max-long-side), bicubic, sides rounded to a multiple of the patch size, and normalised with the
@@ -61,7 +69,11 @@ accuracy. Run under torchrun to shard images over processes; their matrices are 
 
 COCO-Object label maps from an instances JSON: zs-eval prepare coco --help. One table from several
 reports (methods as rows, datasets as columns): zs-eval compare --help.
-"""
+""".format(
+    TRAINING_FREE_NAMES=", ".join(TRAINING_FREE),
+    PAPER_THRESHOLDS=", ".join(f"{spec.bg_threshold:g} {name}" for name, spec in DATASETS.items()),
+    METHODS_HELP=methods_help(),
+)
 
 LAYOUT_HELP = DATA_LAYOUT.replace("\n\n", "\n\n\b\n", 1)  # click keeps a paragraph after \b as written
 
@@ -81,7 +93,7 @@ def evaluate(
     ),
     checkpoint: str | None = typer.Option(None, help=cli_options.CHECKPOINT_HELP),
     model: str = typer.Option(
-        "zeroseg", help="zeroseg (needs --checkpoint), or training-free: maskclip, sclip, clearclip, naclip."
+        "zeroseg", help=f"zeroseg (needs --checkpoint), or training-free: {', '.join(TRAINING_FREE)}."
     ),
     predictions: Path | None = typer.Option(
         None, help="Score saved label PNGs instead (<image id>.png in DIR/<dataset>/ if present, else DIR)."
@@ -114,7 +126,9 @@ def evaluate(
     background_names: str | None = typer.Option(
         None, help="Dense models: comma-separated names scored as the background class, or 'none'."
     ),
-    gaussian_std: float | None = typer.Option(None, help="NACLIP: neighbourhood prior std in patches (default 5)."),
+    gaussian_std: float | None = typer.Option(
+        None, help=f"NACLIP: neighbourhood prior std in patches (default {METHODS['naclip'].gaussian_std:g})."
+    ),
     keep_best_group: bool = typer.Option(
         False, help="softmax rule: never make a window's best-scoring segment background (groupvit always)."
     ),

@@ -1,20 +1,11 @@
-"""Training-free dense CLIP features: the image tower with its last block changed, for `--model maskclip`,
-`sclip`, `clearclip` and `naclip`.
+"""Training-free dense CLIP features: the image tower with its last block changed as a method of
+evaluation.methods defines it (`--model maskclip`, `sclip`, `clearclip`, `naclip`).
 
 The CLIP ViT runs unchanged up to its last block (positional embedding resized bicubically to the
 input's token grid, so any size whose sides are multiples of the patch size works). The last block
-is replaced as each paper defines it; ln_post and the visual projection `proj` then map every patch
-token into CLIP's joint space -> [B, h*w, D], compared there with the class text embeddings.
-
-With x the last block's input [B, 1+h*w, width], y = ln_1(x), per head q, k, v the block's own
-in-projections of y (head_dim d, scale = d^-1/2) and Attn(A) = out_proj(heads of A @ v concatenated):
-- maskclip (Zhou et al., ECCV 2022): A = I (each token keeps its own value); residual and MLP kept:
-  x' = x + Attn(I), out = x' + mlp(ln_2(x')).
-- sclip (Wang et al., 2024, correlative self-attention): A = softmax(q q^T * scale) + softmax(k k^T * scale);
-  residual and MLP kept as in maskclip.
-- clearclip (Lan et al., ECCV 2024): A = softmax(q q^T * scale); no residual, no MLP: out = Attn(A).
-- naclip (Hajimiri et al., WACV 2025): A = softmax(k k^T * scale + G), G the Gaussian neighbourhood prior
-  of `gaussian_prior` (std 5 patches by default); no residual, no MLP: out = Attn(A).
+computes the method's attention weights A from its own q, k (evaluation.methods has the formulas) and
+Attn(A) = out_proj(heads of A @ v); ln_post and the visual projection `proj` then map every patch token
+into CLIP's joint space -> [B, h*w, D], compared there with the class text embeddings.
 """
 
 import torch
@@ -23,15 +14,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from zeroseg.errors import UserError
-
-LAST_BLOCKS = {  # what each method's last block computes, recorded in its reports
-    "maskclip": "x + Attn(I), then + mlp(ln_2(.))",
-    "sclip": "x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.))",
-    "clearclip": "Attn(softmax(q q^T * scale)); no residual, no mlp",
-    "naclip": "Attn(softmax(k k^T * scale + gaussian_prior)); no residual, no mlp",
-}
-METHODS = tuple(LAST_BLOCKS)
-NACLIP_GAUSSIAN_STD = 5.0  # patches: NACLIP's default neighbourhood width
+from zeroseg.evaluation.methods import METHODS, TRAINING_FREE
 
 
 def check_vit_tower(visual: nn.Module, method: str) -> None:
@@ -70,27 +53,22 @@ def tokens_before_last_block(visual: VisionTransformer, images: torch.Tensor) ->
 
 
 def dense_features(
-    visual: VisionTransformer, images: torch.Tensor, method: str = "maskclip", gaussian_std: float = NACLIP_GAUSSIAN_STD
+    visual: VisionTransformer, images: torch.Tensor, method: str = "maskclip", gaussian_std: float | None = None
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """images [B, 3, H, W] normalised (H, W multiples of the patch size) -> ([B, h*w, D], (h, w)),
-    patch tokens in row-major order, D the CLIP embedding dim (not normalised)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown dense CLIP method '{method}' (choose from {', '.join(METHODS)})")
+    patch tokens in row-major order, D the CLIP embedding dim (not normalised). gaussian_std None: the method's."""
+    if method not in TRAINING_FREE:
+        raise ValueError(f"unknown dense CLIP method '{method}' (choose from {', '.join(TRAINING_FREE)})")
+    last_block, gaussian_std = METHODS[method].last_block, gaussian_std or METHODS[method].gaussian_std
     x, grid = tokens_before_last_block(visual, images)
     block = visual.transformer.resblocks[-1]
-    if method == "maskclip":
-        x = _with_residual_and_mlp(block, x, _value_path(block, block.ln_1(x)))
+    if last_block.attention is None:
+        attended = _value_path(block, block.ln_1(x))  # A = I
     else:
         q, k, v = head_projections(block, block.ln_1(x))  # each [B, heads, N, d]
-        scale = q.shape[-1] ** -0.5
-        if method == "sclip":
-            weights = ((q @ q.transpose(-1, -2)) * scale).softmax(-1) + ((k @ k.transpose(-1, -2)) * scale).softmax(-1)
-            x = _with_residual_and_mlp(block, x, attend(block, weights, v))
-        elif method == "clearclip":
-            x = attend(block, ((q @ q.transpose(-1, -2)) * scale).softmax(-1), v)
-        else:
-            prior = gaussian_prior(grid, gaussian_std).to(q)  # [N, N]
-            x = attend(block, ((k @ k.transpose(-1, -2)) * scale + prior).softmax(-1), v)
+        prior = None if gaussian_std is None else gaussian_prior(grid, gaussian_std).to(q)  # [N, N]
+        attended = attend(block, last_block.attention(q, k, prior), v)
+    x = _with_residual_and_mlp(block, x, attended) if last_block.residual_and_mlp else attended
     return visual.ln_post(x[:, 1:]) @ visual.proj, grid
 
 

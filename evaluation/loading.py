@@ -1,6 +1,6 @@
 """From command-line choices to segmenters: the student checkpoint (or a training-free dense CLIP method),
 the teacher CLIP whose text tower and logit_scale label the segments, and the class text embeddings of a
-vocabulary. Settings left unset take the method's own defaults (evaluation.baseline_settings)."""
+vocabulary. Settings left unset take the method's own (its row of evaluation.methods.METHODS)."""
 
 import math
 from collections.abc import Sequence
@@ -10,21 +10,13 @@ from pathlib import Path
 import torch
 
 from zeroseg.errors import UserError, require
-from zeroseg.evaluation.baseline_settings import method_settings
-from zeroseg.evaluation.dense_clip import LAST_BLOCKS, NACLIP_GAUSSIAN_STD
-from zeroseg.evaluation.dense_clip import METHODS as DENSE_METHODS
 from zeroseg.evaluation.labeling_rule import RULES, LabelingRule
+from zeroseg.evaluation.methods import METHODS, TRAINING_FREE
 from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.teacher import create_clip, register_config, resolve_identity
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
-
-MODELS = ("zeroseg", *DENSE_METHODS)
-MASKCLIP_NOTE = (
-    "MaskCLIP of Zhou et al., ECCV 2022 (Extract Free Dense Labels from CLIP); not the 'MaskCLIP' row of the"
-    " ZeroSeg paper's Table 1, which is Dong et al.'s masked self-distillation"
-)
 
 
 @dataclass
@@ -32,7 +24,8 @@ class ModelOptions:
     """What to segment with, and how pixels are labelled: the zs-eval / zs-segment options, checked when made
     (UserError naming the --flag). teacher / pretrained / quick_gelu None = as recorded in the checkpoint;
     templates, geometry fields absent from `geometry`, temperature, background_names, gaussian_std None = the
-    method's. predictions: zs-eval --predictions, label maps saved before, scored instead of loading a model."""
+    method's (evaluation.methods). predictions: zs-eval --predictions, label maps saved before, scored instead of
+    loading a model."""
 
     model: str = "zeroseg"
     checkpoint: str | None = None
@@ -54,7 +47,7 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         model = self.model
-        require(model in MODELS, f"unknown --model '{model}' (choose from {', '.join(MODELS)})")
+        require(model in METHODS, f"unknown --model '{model}' (choose from {', '.join(METHODS)})")
         if self.predictions is not None:
             require(self.checkpoint is None, "--predictions scores saved label maps; it takes no --checkpoint")
         elif model == "zeroseg":
@@ -71,10 +64,10 @@ class ModelOptions:
         require(self.window_batch >= 1, f"--window-batch must be positive, got {self.window_batch}")
         require(self.temperature is None or 0 < self.temperature <= 100,
                 f"--temperature must be in (0, 100] (scores cap it at 100), got {self.temperature}")
-        require(self.gaussian_std is None or (model == "naclip" and self.gaussian_std > 0),
+        require(self.gaussian_std is None or (METHODS[model].gaussian_std is not None and self.gaussian_std > 0),
                 "--gaussian-std is NACLIP's neighbourhood width (--model naclip), a positive number of patches")
-        require(self.background_names is None or model != "zeroseg",
-                "--background-names is for the dense CLIP models (maskclip, sclip, clearclip, naclip)")
+        require(self.background_names is None or model in TRAINING_FREE,
+                f"--background-names is for the dense CLIP models ({', '.join(TRAINING_FREE)})")
         require(self.background_names is None or any(name.strip() for name in self.background_names.split(",")),
                 "--background-names needs comma-separated names, or 'none'")
         require(self.bg_threshold is None or math.isfinite(self.bg_threshold),
@@ -103,7 +96,7 @@ class LoadedModel:
         if not class_names or class_names[0] != "background":
             raise ValueError(f"a vocabulary starts with 'background' (label 0), got {list(class_names[:1])}")
         options = self.options
-        settings = method_settings(options.model, dataset)
+        settings = METHODS[options.model].on(dataset)
         geometry = Geometry(**{**settings.geometry(), **options.geometry})
         temperature = options.temperature or settings.temperature
         logit_scale = float(self.clip.logit_scale.item()) if temperature is None else math.log(temperature)
@@ -118,7 +111,7 @@ class LoadedModel:
 
     def default_bg_threshold(self, dataset) -> float:
         """The method's background threshold on a SegmentationDataset, else the dataset's (ZeroSeg paper's)."""
-        threshold = method_settings(self.options.model, dataset.name).bg_threshold
+        threshold = METHODS[self.options.model].on(dataset.name).bg_threshold
         return dataset.bg_threshold if threshold is None else threshold
 
     def _embed(self, names: Sequence[str]):
@@ -140,8 +133,8 @@ def read_templates(choice: str) -> tuple[str, ...]:
 
 
 def load_eval_model(options: ModelOptions, device: torch.device) -> LoadedModel:
-    templates = read_templates(options.templates or method_settings(options.model, None).templates)
-    if options.model in DENSE_METHODS:
+    templates = read_templates(options.templates or METHODS[options.model].templates)
+    if options.model in TRAINING_FREE:
         return _load_dense_clip(options, templates, device)
     return _load_zeroseg(options, templates, device)
 
@@ -178,18 +171,18 @@ def _normalisation(store: dict, clip: torch.nn.Module) -> tuple[tuple[float, ...
 
 
 def _load_dense_clip(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
-    model = options.model
+    method = METHODS[options.model]
     identity = resolve_identity(options.teacher, options.pretrained, options.quick_gelu)
     clip = create_clip(identity, device)
     config = clip.visual.preprocess_cfg
-    description = {"model": model, "teacher": identity.to_dict(), "last_block": LAST_BLOCKS[model]}
-    if model == "maskclip":
-        description["method"] = MASKCLIP_NOTE
-    gaussian_std = options.gaussian_std or NACLIP_GAUSSIAN_STD
-    if model == "naclip":
+    description = {"model": options.model, "teacher": identity.to_dict(), "last_block": method.last_block.formula}
+    if method.note:
+        description["method"] = method.note
+    gaussian_std = options.gaussian_std or method.gaussian_std
+    if gaussian_std is not None:
         description["gaussian_std"] = gaussian_std
     return LoadedModel(
-        DenseClipScorer(clip.visual, model, gaussian_std), tuple(config["mean"]), tuple(config["std"]),
+        DenseClipScorer(clip.visual, options.model, gaussian_std), tuple(config["mean"]), tuple(config["std"]),
         clip, identity, templates, options, device, description,
     )  # fmt: skip
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zeroseg.evaluation.dense_clip import NACLIP_GAUSSIAN_STD, check_vit_tower, dense_features
+from zeroseg.evaluation.dense_clip import check_vit_tower, dense_features
 from zeroseg.evaluation.labeling_rule import LabelingRule, WindowScores, compose_assignments
 from zeroseg.evaluation.windows import Geometry, Window, plan_windows, resized_shape
 from zeroseg.trainer.model import ZeroSeg
@@ -58,9 +58,10 @@ class ZeroSegScorer:
 
 
 class DenseClipScorer:
-    """A CLIP image tower with its last block changed by `method` (evaluation.dense_clip)."""
+    """A CLIP image tower with its last block changed by `method` (evaluation.dense_clip; gaussian_std None: the
+    method's)."""
 
-    def __init__(self, visual: torch.nn.Module, method: str = "maskclip", gaussian_std: float = NACLIP_GAUSSIAN_STD):
+    def __init__(self, visual: torch.nn.Module, method: str = "maskclip", gaussian_std: float | None = None):
         check_vit_tower(visual, method)
         self.visual = visual.eval()
         self.method = method

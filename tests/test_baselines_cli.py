@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TINY_TEACHER, eval_data_root, invoke
-from zeroseg.evaluation.baseline_settings import STUFF_BACKGROUND
 from zeroseg.evaluation.cli import main as zs_eval
+from zeroseg.evaluation.methods import METHODS as TABLE
+from zeroseg.evaluation.methods import STUFF_BACKGROUND
 
 METHODS = ("sclip", "clearclip", "naclip")
 
@@ -112,3 +113,21 @@ def test_compare_prints_one_table_of_methods_by_datasets_and_writes_markdown_and
     foreign = invoke(zs_eval, "compare", tmp_path / "other.json")
     assert foreign.returncode == 2 and str(tmp_path / "other.json") in foreign.stderr
     assert foreign.stderr.count("\n") == 1
+
+
+def test_the_help_lists_every_method_of_the_table_with_its_settings():
+    shown = invoke(zs_eval, "--help")
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    for name, method in TABLE.items():
+        block = method.last_block.formula if method.last_block else "the ZeroSeg student of --checkpoint"
+        assert f" {name} {block} {method.describe()}" in text, name
+    assert (
+        "sclip x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.)) rule softmax; "
+        "temperature 65 (voc), 50 (context, coco), else 40; threshold 0.1; background names 'sky', 'wall', 'tree' "
+        "and 23 more (voc, coco), 'background' (context), else none; templates openai80; short side 336; "
+        "mode slide (crop 224, stride 112)"
+    ) in text
+    assert "threshold 0.5 (voc), 0.15 (context), 0.4 (coco), else 0; background names 'background';" in text
+    assert "mode whole (voc), else slide (crop 224, stride 112); Gaussian std 5 patches" in text
+    assert "the paper's (0.95 voc, 0.05 context, 0.35 coco)" in text

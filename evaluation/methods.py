@@ -1,0 +1,177 @@
+"""The methods zs-eval and zs-segment segment with, one row of METHODS each: the ZeroSeg student of a checkpoint,
+and the training-free dense CLIP methods, each with its changed last image block (run by evaluation.dense_clip)
+and its own evaluation settings. Adding a method is one row here. zs-eval's help is generated from this table,
+so it is light to import (no torch: the last blocks use tensor methods only).
+
+Last blocks. With x the last block's input [B, 1+h*w, width], y = ln_1(x), per head q, k, v the block's own
+in-projections of y (head_dim d, scale = d^-1/2) and Attn(A) = out_proj(heads of A @ v concatenated):
+- maskclip (Zhou et al., ECCV 2022): A = I (each token keeps its own value); residual and MLP kept:
+  x' = x + Attn(I), out = x' + mlp(ln_2(x')).
+- sclip (Wang et al., 2024, correlative self-attention): A = softmax(q q^T * scale) + softmax(k k^T * scale);
+  residual and MLP kept as in maskclip.
+- clearclip (Lan et al., ECCV 2024): A = softmax(q q^T * scale); no residual, no MLP: out = Attn(A).
+- naclip (Hajimiri et al., WACV 2025): A = softmax(k k^T * scale + G), G the Gaussian neighbourhood prior
+  (dense_clip.gaussian_prior, std gaussian_std patches); no residual, no MLP: out = Attn(A).
+
+Settings, from each paper's public code (configs/cfg_*.py of SCLIP, ClearCLIP and NACLIP; all three follow
+SCLIP's mmseg protocol); zs-eval uses them as the method's defaults, every one is an option (--rule,
+--temperature, --bg-threshold, --background-names, --templates, --mode, --short-side, --crop-size, --stride,
+--gaussian-std). A setting that differs per benchmark is a PerDataset.
+- rule: the labeling rule (evaluation.labeling_rule). The training-free methods threshold every pixel
+  alone, as their code does: `softmax`, without keep-best-group (the `groupvit` rule would always keep
+  each window's best patch as foreground).
+- temperature: cosines are multiplied by it before the softmax over classes (the "logit_scale" of their code);
+  None: the CLIP's own logit scale.
+- bg_threshold: a pixel whose best class probability is below it is background ("prob_thd"); None: the
+  dataset's (the ZeroSeg paper's).
+- background_names: names whose text embeddings together make the background class (its probability is
+  the highest of theirs, as their name files `cls_<dataset>.txt` give it); empty = no background class.
+- geometry: short side of the resize ("Resize scale=(2048, S)"), whole image or slide crop / stride.
+zeroseg: GroupViT's protocol (the groupvit rule, the CLIP's own logit scale, the dataset's paper threshold,
+one prompt, slide 448 / 224 at short side 448). MaskCLIP keeps that protocol but its own per-patch rule,
+softmax.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+class PerDataset:
+    """A setting that differs per benchmark: its value by dataset name, `otherwise` on the others (and in
+    zs-segment, which has no dataset)."""
+
+    def __init__(self, otherwise: Any, **by_dataset: Any):
+        self.otherwise = otherwise
+        self.by_dataset = by_dataset
+
+    def on(self, dataset: str | None) -> Any:
+        return self.by_dataset.get(dataset, self.otherwise)
+
+    def describe(self) -> str:
+        """'65 (voc), 50 (context, coco), else 40': datasets of equal value together."""
+        together: dict[str, list[str]] = {}
+        for dataset, value in self.by_dataset.items():
+            together.setdefault(_shown(value), []).append(dataset)
+        shown = [f"{value} ({', '.join(datasets)})" for value, datasets in together.items()]
+        return ", ".join([*shown, f"else {_shown(self.otherwise)}"])
+
+
+@dataclass(frozen=True)
+class LastBlock:
+    """How a training-free method changes the CLIP's last image block: its attention weights A
+    [B, heads, N, N] from the heads' q, k [B, heads, N, d] and the neighbourhood prior [N, N] (None
+    unless the method has a gaussian_std), or None for A = I; whether the block's residual and MLP stay;
+    the formula, as the method's reports record it."""
+
+    attention: Callable | None
+    residual_and_mlp: bool
+    formula: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of METHODS. Every setting is a value or a PerDataset; `on(dataset)` gives the values."""
+
+    last_block: LastBlock | None = None  # None: the ZeroSeg student of a checkpoint
+    rule: str = "groupvit"
+    temperature: float | None | PerDataset = None
+    bg_threshold: float | None | PerDataset = None
+    background_names: tuple[str, ...] | PerDataset = ()
+    templates: str = "single"
+    mode: str | PerDataset = "slide"
+    short_side: int = 448
+    crop_size: int = 448
+    stride: int = 224
+    gaussian_std: float | None = None  # patches: the neighbourhood prior's width (NACLIP)
+    note: str = ""  # a line for its reports
+
+    def on(self, dataset: str | None) -> "Method":
+        """The settings on `dataset` (voc, context, coco; None: the method's code defaults)."""
+        per_dataset = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.on(dataset) for k, v in per_dataset.items() if isinstance(v, PerDataset)})
+
+    def geometry(self) -> dict:
+        return {"mode": self.mode, "short_side": self.short_side, "crop_size": self.crop_size, "stride": self.stride}
+
+    def describe(self) -> str:
+        """The settings in one line, as zs-eval --help lists them."""
+        parts = [
+            f"rule {self.rule}",
+            "temperature " + _shown(self.temperature, none="the CLIP's logit scale"),
+            "threshold " + _shown(self.bg_threshold, none="the dataset's"),
+            f"background names {_shown(self.background_names)}",
+            f"templates {self.templates}",
+            f"short side {self.short_side}",
+            f"mode {_shown(self.mode)} (crop {self.crop_size}, stride {self.stride})",
+        ]
+        if self.gaussian_std is not None:
+            parts.append(f"Gaussian std {_shown(self.gaussian_std)} patches")
+        return "; ".join(parts)
+
+
+def _shown(value: Any, none: str = "none") -> str:
+    if isinstance(value, PerDataset):
+        return value.describe()
+    if isinstance(value, tuple):
+        quoted = [f"'{name}'" for name in value]
+        if len(quoted) > 3:
+            return f"{', '.join(quoted[:3])} and {len(quoted) - 3} more"
+        return ", ".join(quoted) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return none if value is None else str(value)
+
+
+def _similarity(t, prior=None):
+    """softmax(t t^T * scale (+ prior)) over the last axis: t [B, heads, N, d] -> [B, heads, N, N]."""
+    logits = (t @ t.transpose(-1, -2)) * t.shape[-1] ** -0.5
+    return (logits if prior is None else logits + prior).softmax(-1)
+
+
+def correlative(q, k, prior):
+    return _similarity(q) + _similarity(k)
+
+
+def query_query(q, k, prior):
+    return _similarity(q)
+
+
+def key_key_neighbourhood(q, k, prior):
+    return _similarity(k, prior)
+
+
+# SCLIP's and NACLIP's background class on VOC and COCO-Object (first line of their cls_voc21.txt).
+STUFF_BACKGROUND = (
+    "sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk", "bed", "building",
+    "cloud", "lamp", "door", "window", "wardrobe", "ceiling", "shelf", "curtain", "stair", "floor", "hill", "rail",
+    "fence",
+)  # fmt: skip
+SCLIP_BACKGROUND = PerDataset((), voc=STUFF_BACKGROUND, coco=STUFF_BACKGROUND, context=("background",))
+MASKCLIP_NOTE = (
+    "MaskCLIP of Zhou et al., ECCV 2022 (Extract Free Dense Labels from CLIP); not the 'MaskCLIP' row of the"
+    " ZeroSeg paper's Table 1, which is Dong et al.'s masked self-distillation"
+)
+
+METHODS = {
+    "zeroseg": Method(),
+    "maskclip": Method(
+        LastBlock(None, True, "x + Attn(I), then + mlp(ln_2(.))"), rule="softmax", note=MASKCLIP_NOTE
+    ),
+    "sclip": Method(
+        LastBlock(correlative, True, "x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.))"),
+        "softmax", PerDataset(40.0, voc=65.0, context=50.0, coco=50.0), 0.1, SCLIP_BACKGROUND, "openai80",
+        "slide", 336, 224, 112,
+    ),
+    "clearclip": Method(
+        LastBlock(query_query, False, "Attn(softmax(q q^T * scale)); no residual, no mlp"),
+        "softmax", 50.0, PerDataset(0.0, voc=0.5, context=0.15, coco=0.4), ("background",), "openai80",
+        "slide", 448, 448, 224,
+    ),
+    "naclip": Method(
+        LastBlock(key_key_neighbourhood, False, "Attn(softmax(k k^T * scale + gaussian_prior)); no residual, no mlp"),
+        "softmax", 40.0, 0.1, SCLIP_BACKGROUND, "openai80", PerDataset("slide", voc="whole"), 336, 224, 112,
+        gaussian_std=5.0,
+    ),
+}  # fmt: skip
+TRAINING_FREE = tuple(name for name, method in METHODS.items() if method.last_block is not None)
