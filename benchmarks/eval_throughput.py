@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
-from zeroseg.evaluation.datasets import open_dataset
+from zeroseg.evaluation.datasets import VOC_CLASS_NAMES, open_dataset
 from zeroseg.evaluation.evaluate import segment_split
 from zeroseg.evaluation.labeling_rule import LabelingRule
 from zeroseg.evaluation.segmenter import WindowSegmenter, ZeroSegScorer

@@ -1,8 +1,10 @@
-"""`zs-eval`: zero-shot mIoU on PASCAL VOC, PASCAL Context and COCO-Object, and `zs-eval prepare coco`."""
+"""`zs-eval`: zero-shot mIoU on PASCAL VOC, PASCAL Context and COCO-Object, and `zs-eval prepare coco`; the
+options zs-segment shares with it (their values are checked by evaluation.loading.ModelOptions)."""
 
 import gc
 import os
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
@@ -11,11 +13,21 @@ from pathlib import Path
 
 import typer
 
-from zeroseg.errors import require
-from zeroseg.evaluation import cli_options
+from zeroseg.errors import UserError, require
 from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DATASETS, open_dataset, prepared_coco_dir
 from zeroseg.evaluation.methods import METHODS, TRAINING_FREE
 from zeroseg.runtime import DEVICE_HELP, run_cli
+
+CHECKPOINT_HELP = (
+    "A checkpoint (.pt) written by zs-train, a run folder (its latest checkpoint) or a folder written by "
+    "zs-train export."
+)
+QUICK_GELU = typer.Option(
+    None, "--quick-gelu/--no-quick-gelu", help="Force the CLIP's activation (default: recorded / automatic)."
+)
+TEXT_CACHE: Path | None = typer.Option(None, help="Text-embedding cache folder (default ~/.cache/zeroseg/text).")
+MAX_LONG_SIDE = typer.Option(2048, help="Cap on the resized long side.")
+TOP_K = typer.Option(5, help="groupvit rule: classes kept by the image-level prior (at most the vocabulary).")
 
 
 def methods_help() -> str:
@@ -91,7 +103,7 @@ def evaluate(
     data_root: Path = typer.Option(
         ..., "--data-root", help="Folder holding VOCdevkit/ and coco/ (Data layout below)."
     ),
-    checkpoint: str | None = typer.Option(None, help=cli_options.CHECKPOINT_HELP),
+    checkpoint: str | None = typer.Option(None, help=CHECKPOINT_HELP),
     model: str = typer.Option(
         "zeroseg", help=f"zeroseg (needs --checkpoint), or training-free: {', '.join(TRAINING_FREE)}."
     ),
@@ -105,16 +117,16 @@ def evaluate(
     pretrained: str | None = typer.Option(
         None, help="Its weights: open_clip tag, weights file or 'none' (default: the checkpoint's; baselines: openai)."
     ),
-    quick_gelu: bool | None = cli_options.QUICK_GELU,
+    quick_gelu: bool | None = QUICK_GELU,
     templates: str | None = typer.Option(None, help="Prompts: single, openai80, or a file (default: the method's)."),
-    text_cache: Path | None = cli_options.TEXT_CACHE,
+    text_cache: Path | None = TEXT_CACHE,
     rule: str | None = typer.Option(
         None, help="Labeling rule: groupvit (GroupViT's, the paper's protocol) or softmax (default: the method's)."
     ),
-    top_k: int = cli_options.TOP_K,
+    top_k: int = TOP_K,
     mode: str | None = typer.Option(None, help="slide or whole (default: the method's; zeroseg: slide)."),
     short_side: int | None = typer.Option(None, help="Short side of the resized image (default: method's, 448)."),
-    max_long_side: int = cli_options.MAX_LONG_SIDE,
+    max_long_side: int = MAX_LONG_SIDE,
     crop_size: int | None = typer.Option(None, help="Slide window side (default: the method's, 448)."),
     stride: int | None = typer.Option(None, help="Slide window stride (default: the method's, 224)."),
     bg_threshold: float | None = typer.Option(
@@ -162,7 +174,7 @@ def evaluate(
     out_dir = out or _default_output(options)
     for folder, option in ((out_dir, "--out"), (save_predictions, "--save-predictions"), (save_vis, "--save-vis")):
         if folder is not None:
-            cli_options.check_writable_folder(folder, option)
+            check_writable_folder(folder, option)
     process = process_group.setup(device)
     loaded = None
     try:
@@ -196,10 +208,22 @@ def evaluate(
         process_group.shutdown(process)
 
 
+def check_writable_folder(folder: Path, option: str) -> None:
+    """UserError now, before any work, when results could not be written into `folder` (made if missing)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} '{folder}' is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".zs-write-check-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{option} '{folder}' is not writable: {exc.strerror or exc}") from None
+
+
 def _segment_dataset(loaded, dataset, threshold, process, saving, decode_threads: int, progress: bool):
     """(confusion matrix, config) of one dataset; its segmenter is released on return."""
-    from zeroseg.evaluation.evaluate import segment_split
-    from zeroseg.evaluation.score_predictions import write_run_record
+    from zeroseg.evaluation.evaluate import segment_split, write_run_record
 
     segmenter = loaded.segmenter(dataset.class_names, threshold, dataset.name)
     started = time.time()

@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from zeroseg.errors import UserError, first_line
-from zeroseg.evaluation.classnames import COCO_CATEGORY_TO_INDEX
+from zeroseg.evaluation.datasets import COCO_CATEGORY_TO_INDEX
 from zeroseg.evaluation.drawing import label_image, save_png
 
 

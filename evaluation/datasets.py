@@ -1,9 +1,15 @@
-"""The benchmarks, one `DatasetSpec` each in DATASETS, and their readers.
+"""The benchmarks, one `DatasetSpec` each in DATASETS, their class names and their readers.
 
 A spec holds everything the tools know of a benchmark: its name on the command line, default split, the
 paper's background threshold, class names, its part of the data layout (`zs-eval --help`) and how its
 (image id, image file, label file) triples are found. Adding a benchmark is one spec here and its class
-names in classnames.py; evaluation/baseline_settings.py may give the baselines' paper settings for it.
+names; a method's row in evaluation.methods may give its paper settings for it (a PerDataset).
+
+Class names, index 0 always 'background', are both legend labels and CLIP text. Only the foreground names
+(index 1 on) go through the text tower; background is what a segment becomes when no class scores above the
+threshold. The text names are those GroupViT feeds its text encoder, so scores stay comparable with it: VOC's
+diningtable / pottedplant / tvmonitor are 'table' / 'plant' / 'monitor', and PASCAL Context says 'airplane',
+'plant', 'monitor'. COCO keeps the official category names.
 
 Labels are returned as [H, W] uint8 arrays of class indices, images as RGB PIL images of the same size.
 EXIF orientation is not applied: the benchmarks' label maps are drawn on the stored pixels.
@@ -17,15 +23,47 @@ import numpy as np
 from PIL import Image
 
 from zeroseg.errors import UserError, first_line
-from zeroseg.evaluation.classnames import (
-    COCO_CATEGORY_TO_INDEX,
-    COCO_OBJECT_CLASS_NAMES,
-    CONTEXT_CLASS_NAMES,
-    VOC_CLASS_NAMES,
-)
 
 IGNORE_INDEX = 255
 _LABEL_MODES = ("P", "L", "I;16", "I")
+
+VOC_CLASS_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "table", "dog", "horse", "motorbike", "person", "plant", "sheep", "sofa", "train", "monitor",
+)  # fmt: skip
+
+# PASCAL Context 59 classes in the label order of mmsegmentation's VOC2010 converter, plus background.
+CONTEXT_CLASS_NAMES = (
+    "background", "airplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book",
+    "bottle", "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow",
+    "cup", "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse",
+    "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform", "plant", "road",
+    "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree",
+    "truck", "monitor", "wall", "water", "window", "wood",
+)  # fmt: skip
+
+# The 80 COCO thing categories as (category id in the instances JSON, name); ids run 1..90 with gaps.
+COCO_THING_CATEGORIES = (
+    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"), (7, "train"),
+    (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"), (13, "stop sign"),
+    (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"), (18, "dog"), (19, "horse"),
+    (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"), (24, "zebra"), (25, "giraffe"),
+    (27, "backpack"), (28, "umbrella"), (31, "handbag"), (32, "tie"), (33, "suitcase"), (34, "frisbee"),
+    (35, "skis"), (36, "snowboard"), (37, "sports ball"), (38, "kite"), (39, "baseball bat"),
+    (40, "baseball glove"), (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"),
+    (46, "wine glass"), (47, "cup"), (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"),
+    (52, "banana"), (53, "apple"), (54, "sandwich"), (55, "orange"), (56, "broccoli"), (57, "carrot"),
+    (58, "hot dog"), (59, "pizza"), (60, "donut"), (61, "cake"), (62, "chair"), (63, "couch"),
+    (64, "potted plant"), (65, "bed"), (67, "dining table"), (70, "toilet"), (72, "tv"), (73, "laptop"),
+    (74, "mouse"), (75, "remote"), (76, "keyboard"), (77, "cell phone"), (78, "microwave"), (79, "oven"),
+    (80, "toaster"), (81, "sink"), (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"),
+    (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
+)  # fmt: skip
+
+# COCO category id -> COCO-Object class index (1..80, in category id order; 0 is background).
+COCO_CATEGORY_TO_INDEX = {category: index for index, (category, _) in enumerate(COCO_THING_CATEGORIES, 1)}
+
+COCO_OBJECT_CLASS_NAMES = ("background",) + tuple(name for _, name in COCO_THING_CATEGORIES)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,12 @@
 """zs-eval's core: label every image of a split (segment it, or read a saved PNG), one confusion matrix,
-the scores, and the files (results JSON + Markdown, prediction PNGs, overlays)."""
+the scores, and the files (results JSON + Markdown, prediction PNGs, overlays).
+
+Saved label maps of any method are scored by `zs-eval --predictions DIR`: DIR holds one PNG per image of the
+split, named <image id>.png, palette or greyscale (8 or 16 bit), pixel values = class indices of the dataset's
+vocabulary. Pixels whose ground truth is the ignore label are not scored, so their predicted value does not
+matter. `zs-eval --save-predictions` also writes RUN_RECORD into each folder: which model saved the maps and
+when. Scoring warns when some maps were written outside that run (a folder mixing two runs' files).
+"""
 
 import json
 import sys
@@ -7,22 +14,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from zeroseg import __version__
-from zeroseg.evaluation.datasets import SegmentationDataset
+from zeroseg.errors import UserError
+from zeroseg.evaluation.datasets import SegmentationDataset, read_label_png
 from zeroseg.evaluation.drawing import label_image, overlay, save_png
-from zeroseg.evaluation.score_predictions import (
-    add_prediction,
-    mixed_runs_warning,
-    prediction_paths,
-    read_prediction,
-)
 from zeroseg.evaluation.scores import ConfusionMatrix, format_results, segmentation_results
 from zeroseg.evaluation.segmenter import WindowSegmenter
 from zeroseg.io import write_atomically
 from zeroseg.process_group import Process
 from zeroseg.runtime import prefetch_map
+
+RUN_RECORD = "zs-eval-run.json"
+CLOCK_SLACK_S = 2.0  # file-system timestamps vs time.time(), and ranks that start a moment apart
 
 
 def segment_split(
@@ -81,9 +87,63 @@ def score_saved_predictions(
     indices = process.shard(range(len(dataset)))
     for index in tqdm(indices, desc=f"scoring {dataset.name}", disable=not (progress and process.is_main)):
         labels = dataset.load_label(index)  # [H, W]
-        add_prediction(confusion, labels, read_prediction(paths[index], labels.shape), paths[index])
+        try:
+            confusion.update(labels, read_prediction(paths[index], labels.shape))
+        except ValueError as exc:  # a class index out of range
+            raise UserError(f"prediction {paths[index]}: {exc}") from None
     confusion.all_reduce()
     return confusion
+
+
+def prediction_paths(dataset: SegmentationDataset, predictions_dir: str | Path) -> list[Path]:
+    """<dir>/<image id>.png for every sample; UserError naming the first one missing."""
+    directory = Path(predictions_dir)
+    if not directory.is_dir():
+        raise UserError(f"predictions folder {directory} not found")
+    paths = [directory / f"{sample.image_id}.png" for sample in dataset.samples]
+    missing = next((path for path in paths if not path.is_file()), None)
+    if missing is not None:
+        raise UserError(f"prediction {missing} missing: expected one <image id>.png per {dataset.name} image")
+    return paths
+
+
+def read_prediction(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The saved label map [H, W] int64; UserError when it is not the ground truth's size."""
+    predicted = read_label_png(path)  # [H, W]
+    if predicted.shape != shape:
+        raise UserError(
+            f"prediction {path} is {predicted.shape[1]}x{predicted.shape[0]}, ground truth is {shape[1]}x{shape[0]}"
+        )
+    return predicted.astype(np.int64)
+
+
+def write_run_record(folder: Path, dataset: str, started: float, run: dict) -> None:
+    """Record in `folder` that the maps saved there since `started` (time.time()) come from `run`."""
+    record = {"dataset": dataset, "started": started, "finished": time.time(), "run": run}
+    write_atomically(folder / RUN_RECORD, json.dumps(record, indent=1))
+
+
+def mixed_runs_warning(folder: Path, paths: list[Path]) -> str | None:
+    """A warning line when some of `paths` were not written by the run recorded in `folder`, else None."""
+    try:
+        record = json.loads((folder / RUN_RECORD).read_text())
+        started, finished = float(record["started"]), float(record["finished"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return f"warning: {folder / RUN_RECORD} is damaged: cannot tell whether all predictions come from one run"
+    outside = [
+        path for path in paths
+        if not started - CLOCK_SLACK_S <= path.stat().st_mtime <= finished + CLOCK_SLACK_S
+    ]  # fmt: skip
+    if not outside:
+        return None
+    saved_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    return (
+        f"warning: {len(outside)} of {len(paths)} predictions in {folder} were not written by the run that saved "
+        f"this folder ({record.get('run', {}).get('model', '?')} at {saved_at}), e.g. {outside[0].name}: "
+        "the folder mixes files of different runs"
+    )
 
 
 def results_document(dataset: SegmentationDataset, split: str, confusion: ConfusionMatrix, config: dict) -> dict:

@@ -10,11 +10,12 @@ from pathlib import Path
 import typer
 
 from zeroseg.errors import UserError
-from zeroseg.evaluation import cli_options
-from zeroseg.evaluation.classnames import IMAGENET_VOCABULARY_NAMES, imagenet_class_names
+from zeroseg.evaluation.cli import CHECKPOINT_HELP, MAX_LONG_SIDE, QUICK_GELU, TEXT_CACHE, TOP_K, check_writable_folder
 from zeroseg.evaluation.datasets import DATASET_NAMES, DATASETS
 from zeroseg.pipeline.sources import IMAGE_EXTENSIONS
 from zeroseg.runtime import DEVICE_HELP, run_cli
+
+IMAGENET_VOCABULARY_NAMES = ("imagenet", "imagenet1k")
 
 app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 
@@ -39,7 +40,7 @@ Unreadable images are reported one line each and skipped; the exit code is then 
 )
 def segment(
     images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders.", show_default=False),
-    checkpoint: str = typer.Option(..., help=cli_options.CHECKPOINT_HELP),
+    checkpoint: str = typer.Option(..., help=CHECKPOINT_HELP),
     classes: str | None = typer.Option(None, help='Comma-separated class names, e.g. "cat,dog,grass,sky".'),
     vocabulary: str | None = typer.Option(
         None, help=f"imagenet1k, {', '.join(DATASET_NAMES)}, or a text file with one class name per line."
@@ -49,18 +50,20 @@ def segment(
     keep_best_group: bool = typer.Option(
         False, help="softmax rule with --bg-threshold: the best segment is never background (groupvit always)."
     ),
-    rule: str = cli_options.RULE,
-    top_k: int = cli_options.TOP_K,
+    rule: str = typer.Option(
+        "groupvit", help="Labeling rule: groupvit (GroupViT's, the paper's protocol) or softmax (see --help)."
+    ),
+    top_k: int = TOP_K,
     teacher: str | None = typer.Option(None, help="CLIP for the text side (default: the checkpoint's teacher)."),
     pretrained: str | None = typer.Option(None, help="Its weights: open_clip tag, file, or 'none'."),
-    quick_gelu: bool | None = cli_options.QUICK_GELU,
-    templates: str = cli_options.TEMPLATES,
-    text_cache: Path | None = cli_options.TEXT_CACHE,
-    mode: str = cli_options.MODE,
-    short_side: int = cli_options.SHORT_SIDE,
-    max_long_side: int = cli_options.MAX_LONG_SIDE,
-    crop_size: int = cli_options.CROP_SIZE,
-    stride: int = cli_options.STRIDE,
+    quick_gelu: bool | None = QUICK_GELU,
+    templates: str = typer.Option("single", help="Prompts: single ('a photo of a {}.'), openai80, or a file."),
+    text_cache: Path | None = TEXT_CACHE,
+    mode: str = typer.Option("whole", help="whole or slide (see zs-eval --help, Geometry)."),
+    short_side: int = typer.Option(448, help="Short side of the resized image."),
+    max_long_side: int = MAX_LONG_SIDE,
+    crop_size: int = typer.Option(448, help="Slide window side (a multiple of the patch size)."),
+    stride: int = typer.Option(224, help="Slide window stride."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -80,7 +83,7 @@ def segment(
         "zeroseg", checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
         geometry, keep_best_group, rule=rule, top_k=top_k, bg_threshold=bg_threshold,
     )  # fmt: skip
-    cli_options.check_writable_folder(Path(out), "--out")
+    check_writable_folder(Path(out), "--out")
     inputs = collect_images(images, out)
     loaded = load_eval_model(options, resolve_device(device))
     segmenter = loaded.segmenter(class_names, options.bg_threshold)
@@ -116,7 +119,9 @@ def read_vocabulary(classes: str | None, vocabulary: str | None) -> tuple[str, .
     if (classes is None) == (vocabulary is None):
         raise UserError('give exactly one of --classes "a,b,c" and --vocabulary NAME_OR_FILE')
     if vocabulary in IMAGENET_VOCABULARY_NAMES:
-        return imagenet_class_names()
+        import open_clip  # and torch: only when asked for
+
+        return ("background",) + tuple(open_clip.IMAGENET_CLASSNAMES)  # the CLIP paper's cleaned list
     if vocabulary in DATASETS:
         return DATASETS[vocabulary].class_names
     if vocabulary is not None:

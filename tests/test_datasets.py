@@ -201,9 +201,8 @@ def test_coco_stuff_maps_become_things_and_background(tmp_path):
 def test_a_benchmark_added_as_one_spec_is_evaluated_by_zs_eval(monkeypatch, tmp_path):
     """Adding a benchmark is one DatasetSpec: zs-eval opens it, takes its split, threshold and class names."""
     from tests.conftest import invoke
-    from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
     from zeroseg.evaluation.cli import main as zs_eval
-    from zeroseg.evaluation.datasets import DATASETS, DatasetSpec
+    from zeroseg.evaluation.datasets import DATASETS, VOC_CLASS_NAMES, DatasetSpec
 
     def find_samples(root: Path, split: str):
         base = root / "VOCdevkit" / "VOC2012"

@@ -10,7 +10,7 @@ from PIL import Image
 from tests.conftest import TINY_TEACHER, VOC_ROOT
 from tests.groupvit_reference import numpy_groupvit_labels
 from zeroseg.evaluation import labeling_rule as rule_module
-from zeroseg.evaluation.classnames import VOC_CLASS_NAMES
+from zeroseg.evaluation.datasets import VOC_CLASS_NAMES
 from zeroseg.evaluation.dense_clip import dense_features
 from zeroseg.evaluation.labeling_rule import (
     DenseWindowScores,
