@@ -88,8 +88,8 @@ class Method:
 
     def on(self, dataset: str | None) -> "Method":
         """The settings on `dataset` (voc, context, coco; None: the method's code defaults)."""
-        per_dataset = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.on(dataset) for k, v in per_dataset.items() if isinstance(v, PerDataset)})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: v.on(dataset) for name, v in values.items() if isinstance(v, PerDataset)})
 
     def geometry(self) -> dict:
         return {"mode": self.mode, "short_side": self.short_side, "crop_size": self.crop_size, "stride": self.stride}
@@ -129,15 +129,15 @@ def _similarity(t, prior=None):
     return (logits if prior is None else logits + prior).softmax(-1)
 
 
-def correlative(q, k, prior):
+def correlative(q, k, prior):  # SCLIP
     return _similarity(q) + _similarity(k)
 
 
-def query_query(q, k, prior):
+def query_query(q, k, prior):  # ClearCLIP
     return _similarity(q)
 
 
-def key_key_neighbourhood(q, k, prior):
+def key_key_neighbourhood(q, k, prior):  # NACLIP
     return _similarity(k, prior)
 
 

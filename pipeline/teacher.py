@@ -16,7 +16,6 @@ import open_clip
 import torch
 from open_clip.pretrained import download_pretrained_from_hf, get_pretrained_cfg
 
-from zeroseg.configs import TEACHER_SUFFIXES, shipped_config
 from zeroseg.errors import UserError, first_line
 from zeroseg.pipeline.crops import grid_views
 from zeroseg.pipeline.teacher_identity import (
@@ -115,9 +114,9 @@ def _bundled_identity(model: str, weights: str, pretrained: str | None, quick_ge
 
 
 def _config_teacher(name: str, pretrained: str | None, quick_gelu: bool | None) -> TeacherIdentity:
-    """A model-config JSON, a path or a shipped config's name: registered with open_clip under its file stem, its
-    content recorded (later stages rebuild the model from that, without the file)."""
-    path = shipped_config(name, TEACHER_SUFFIXES) or Path(name)
+    """A model-config JSON file: registered with open_clip under its file stem, its content recorded (later
+    stages rebuild the model from that, without the file)."""
+    path = Path(name)
     if not path.is_file():
         raise UserError(f"teacher config '{name}' does not exist")
     try:

@@ -12,23 +12,24 @@ from zeroseg.errors import DAMAGED, UserError, recorded_fields
 
 HF_HUB = "hf-hub"  # hf-hub:ORG/REPO: open_clip_config.json and weights in the Hugging Face cache
 LOCAL_DIR = "local-dir"  # local-dir:FOLDER: open_clip_config.json and a weights file in FOLDER
-CONFIG = "config"  # a model-config JSON: a path (*.json, or with a folder), or the name of one shipped with zeroseg
+CONFIG = "config"  # a model-config JSON's path (*.json, or with a folder); a shipped one's name names its file
 OPEN_CLIP = "open_clip"  # a model open_clip knows by name, e.g. ViT-L-14
 BUNDLED = (HF_HUB, LOCAL_DIR)  # written as a prefix; they bring their own weights, which open_clip finds
 
 
 def parse_teacher_name(name: str) -> tuple[str, str]:
-    """(schema, id): ('hf-hub', 'ORG/REPO'), ('local-dir', 'FOLDER'), ('config', path or shipped name) or
-    ('open_clip', name)."""
+    """(schema, id): ('hf-hub', 'ORG/REPO'), ('local-dir', 'FOLDER'), ('config', a path; for the name of a
+    config shipped with zeroseg, its file) or ('open_clip', name)."""
     for schema in BUNDLED:
         if name.startswith(f"{schema}:"):
             identifier = name.removeprefix(f"{schema}:")
             if not identifier:
                 raise UserError(f"teacher '{name}' names nothing after '{schema}:'")
             return schema, identifier
-    if name.endswith(".json") or os.sep in name or shipped_config(name, TEACHER_SUFFIXES):
+    if name.endswith(".json") or os.sep in name:
         return CONFIG, name
-    return OPEN_CLIP, name
+    shipped = shipped_config(name, TEACHER_SUFFIXES)
+    return (CONFIG, str(shipped)) if shipped else (OPEN_CLIP, name)
 
 
 @dataclass(frozen=True)

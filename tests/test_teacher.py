@@ -48,7 +48,8 @@ def test_a_teacher_name_is_parsed_once_into_schema_and_id(tmp_path):
     assert parse_teacher_name("ViT-L-14") == ("open_clip", "ViT-L-14")
     assert parse_teacher_name("hf-hub:org/repo") == ("hf-hub", "org/repo")
     assert parse_teacher_name("local-dir:./folder") == ("local-dir", "./folder")
-    assert parse_teacher_name("zs-tiny-clip") == ("config", "zs-tiny-clip")  # shipped with zeroseg
+    shipped = parse_teacher_name("zs-tiny-clip")  # a config shipped with zeroseg: its file
+    assert shipped[0] == "config" and json.loads(Path(shipped[1]).read_text()) == json.loads(TINY_TEACHER.read_text())
     assert parse_teacher_name("mine.json") == ("config", "mine.json")
     assert parse_teacher_name(str(tmp_path / "mine")) == ("config", str(tmp_path / "mine"))
     with pytest.raises(UserError, match="teacher 'hf-hub:' names nothing after 'hf-hub:'"):
