@@ -11,6 +11,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from open_clip.factory import _find_checkpoint_in_dir
 
 from tests.conftest import FIXTURES, TINY_TEACHER, invoke, run_cli
 from zeroseg.errors import UserError
@@ -60,10 +61,13 @@ def test_a_folder_teacher_records_the_weights_file_open_clip_picks(tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": json.loads(TINY_TEACHER.read_text())}))
     for name in ("a.bin", "z.safetensors", "model.pth", "notes.txt"):
         (tmp_path / name).write_text(name)
-    picked = [Path(resolve_identity(f"local-dir:{tmp_path}").pretrained).name]
-    (tmp_path / "model.pth").unlink()  # open_clip's own names first, then .safetensors, then by name
-    picked.append(Path(resolve_identity(f"local-dir:{tmp_path}").pretrained).name)
-    assert picked == ["model.pth", "z.safetensors"]
+    picked, opened = [], []  # ours; open_clip's own pick, the file it loads (a private function: a guard on drift)
+    for leave_out in (None, "model.pth"):  # open_clip's preferred names first, then .safetensors, then by name
+        if leave_out:
+            (tmp_path / leave_out).unlink()
+        picked.append(Path(resolve_identity(f"local-dir:{tmp_path}").pretrained).name)
+        opened.append(Path(_find_checkpoint_in_dir(tmp_path)).name)
+    assert picked == opened == ["model.pth", "z.safetensors"]
 
 
 def test_weights_file_of_an_openai_architecture_needs_a_flag(photos, tmp_path):
