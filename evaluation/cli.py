@@ -30,6 +30,9 @@ MAX_LONG_SIDE = typer.Option(2048, help="Cap on the resized long side.")
 TOP_K = typer.Option(5, help="groupvit rule: classes kept by the image-level prior (at most the vocabulary).")
 
 
+ZEROSEG = METHODS["zeroseg"]  # the defaults the option texts name
+
+
 def methods_help() -> str:
     """Each method of evaluation.methods.METHODS: its last block and its settings, wrapped, kept as written."""
     width, indent = 108, " " * 13
@@ -124,11 +127,17 @@ def evaluate(
         None, help="Labeling rule: groupvit (GroupViT's, the paper's protocol) or softmax (default: the method's)."
     ),
     top_k: int = TOP_K,
-    mode: str | None = typer.Option(None, help="slide or whole (default: the method's; zeroseg: slide)."),
-    short_side: int | None = typer.Option(None, help="Short side of the resized image (default: method's, 448)."),
+    mode: str | None = typer.Option(None, help=f"slide or whole (default: the method's; zeroseg {ZEROSEG.mode})."),
+    short_side: int | None = typer.Option(
+        None, help=f"Short side of the resized image (default: the method's; zeroseg {ZEROSEG.short_side})."
+    ),
     max_long_side: int = MAX_LONG_SIDE,
-    crop_size: int | None = typer.Option(None, help="Slide window side (default: the method's, 448)."),
-    stride: int | None = typer.Option(None, help="Slide window stride (default: the method's, 224)."),
+    crop_size: int | None = typer.Option(
+        None, help=f"Slide window side (default: the method's; zeroseg {ZEROSEG.crop_size})."
+    ),
+    stride: int | None = typer.Option(
+        None, help=f"Slide window stride (default: the method's; zeroseg {ZEROSEG.stride})."
+    ),
     bg_threshold: float | None = typer.Option(
         None, help="Background threshold for every dataset (default: the method's, else the paper's)."
     ),
