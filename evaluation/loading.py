@@ -146,28 +146,18 @@ def _load_zeroseg(options: ModelOptions, templates: tuple[str, ...], device: tor
     recorded = TeacherIdentity.from_dict(meta["store"]["teacher"], f"checkpoint '{meta['path']}': store.teacher")
     identity = _text_teacher(recorded, options)
     clip = create_clip(identity, device)
-    mean, std, source = _normalisation(meta["store"], clip)
+    preprocessing = meta["store"]["preprocessing"]  # the mean/std zs-cache normalised the teacher's views with
     description = {
         "model": "zeroseg",
         "checkpoint": str(Path(meta["path"]).resolve()),
-        "step": meta.get("step"),
+        "step": meta["step"],
         "model_config": model.cfg.to_dict(),
         "teacher_recorded": recorded.to_dict(),
         "teacher": identity.to_dict(),
         "teacher_matches_checkpoint": identity.same_teacher(recorded),
-        "normalisation_from": source,
     }
+    mean, std = tuple(preprocessing["mean"]), tuple(preprocessing["std"])
     return LoadedModel(ZeroSegScorer(model), mean, std, clip, identity, templates, options, device, description)
-
-
-def _normalisation(store: dict, clip: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...], str]:
-    """The store's mean/std as the checkpoint records them, else the teacher CLIP's own (zs-cache
-    normalises the teacher's views with exactly those) -> (mean, std, where they came from)."""
-    recorded = store.get("preprocessing") or {}
-    if "mean" in recorded and "std" in recorded:
-        return tuple(recorded["mean"]), tuple(recorded["std"]), "checkpoint"
-    config = clip.visual.preprocess_cfg
-    return tuple(config["mean"]), tuple(config["std"]), "teacher CLIP preprocess_cfg"
 
 
 def _load_dense_clip(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
