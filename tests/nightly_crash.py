@@ -4,16 +4,20 @@ cache, train, eval: the stage command is started as usual and SIGKILLed once the
 check sees that it has committed something (or it ended); report: the runner dies after writing the
 Markdown and before the JSON that marks the report done. Either way the runner then exits CRASH_EXIT, as
 a night killed at that point would leave things.
+
+hold-before-STEP: the runner prints "holding before STEP (pid N)" and waits up to HOLD_S seconds before that
+step starts: a moment between stages at which a test signals it.
 """
 
+import os
 import runpy
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 CRASH_EXIT = 86
+HOLD_S = 120
 NIGHTLY = Path(__file__).resolve().parents[1] / "workflows" / "nightly.py"
 
 
@@ -25,12 +29,16 @@ def crash(step: str) -> None:
 def main() -> None:
     step, sys.argv = sys.argv[1], [str(NIGHTLY), *sys.argv[2:]]
     nightly = runpy.run_path(str(NIGHTLY), run_name="nightly")
-    run_step, write_atomically = nightly["run_step"], nightly["write_atomically"]
+    night_class, write_atomically = nightly["Night"], nightly["write_atomically"]
+    run_stage = night_class.run_stage
 
-    def crashing_run_step(name, command, durable):
+    def crashing_run_stage(night, name, command, durable):
+        if step == f"hold-before-{name}":
+            print(f"nightly: holding before {name} (pid {os.getpid()})", flush=True)
+            time.sleep(HOLD_S)
         if name != step:
-            return run_step(name, command, durable)
-        child = subprocess.Popen(command)
+            return run_stage(night, name, command, durable)
+        child = night.start(name, command)
         while child.poll() is None and not durable():
             time.sleep(0.05)
         if child.poll() is None:
@@ -43,8 +51,8 @@ def main() -> None:
             crash(step)
         write_atomically(path, text)
 
-    main_globals = nightly["main"].__globals__
-    main_globals["run_step"], main_globals["write_atomically"] = crashing_run_step, crashing_write
+    night_class.run_stage = crashing_run_stage
+    nightly["main"].__globals__["write_atomically"] = crashing_write
     nightly["main"]()
 
 

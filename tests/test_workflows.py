@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,9 +12,11 @@ import tomllib
 from pathlib import Path
 
 import kubernetes_validate
+import numpy as np
 import pytest
 import yaml
 from filelock import FileLock
+from PIL import Image
 
 from tests.conftest import PHOTOS, TINY_TEACHER, VOC_ROOT
 from zeroseg.pipeline.check import verify
@@ -63,21 +66,48 @@ def reports(config) -> list[Path]:
     return sorted((Path(config["work_dir"]) / "reports").glob("*.json"))
 
 
+def night_records(config) -> list[str]:
+    return [path.read_text() for path in sorted((Path(config["work_dir"]) / "nights").glob("*.md"))]
+
+
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d ")
+C0 = (31, 119, 180)  # matplotlib's first line colour
+
+
+def drawn_pixels(png: Path, box: tuple[int, int, int, int]) -> int:
+    """Pixels of the first line colour inside `box` (left, top, right, bottom, in fractions of the image)."""
+    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=int)  # (height, width, 3)
+    height, width, _ = pixels.shape
+    crop = pixels[int(box[1] * height):int(box[3] * height), int(box[0] * width):int(box[2] * width)]
+    return int((np.abs(crop - np.array(C0)) < 40).all(axis=-1).sum())
+
+
 def test_nightly_runs_then_does_nothing_then_caches_exactly_the_new_images(nightly):
     path, config = nightly
     first = run_nightly(path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "cache: 8 new images" in first.stdout and "train: step 0 -> 2 on 8 images" in first.stdout
-    assert "nightly: done" in first.stdout
+    assert "nightly: done (exit 0)" in first.stdout
+    lines = first.stdout.splitlines()
+    assert all(TIMESTAMP.match(line) for line in lines), first.stdout
+    assert "==== zeroseg nightly, pid" in lines[0]
     [report] = reports(config)
     document = json.loads(report.read_text())
     assert document["checkpoint"] == "step-00000002" and set(document["datasets"]) == {"voc"}
-    assert report.with_suffix(".md").is_file() and report.with_suffix(".png").stat().st_size > 1000
+    assert report.with_suffix(".md").is_file()
+    # One metrics line so far (log_every 20 > 2 steps): the learning-rate panel shows its point.
+    assert len((Path(config["train"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == 1
+    assert drawn_pixels(report.with_suffix(".png"), (0.55, 0.1, 0.95, 0.45)) > 10
+    [record] = night_records(config)
+    assert record.startswith("# zeroseg night ") and record.splitlines()[0].endswith(": done (exit 0)")
+    assert "- cache: 8 new images" in record and "- train: step 0 -> 2 on 8 images" in record
+    assert f"- report: {report.with_suffix('.md')}" in record and "What failed" not in record
 
     second = run_nightly(path)
     assert second.returncode == 0, second.stderr
     assert "cache: no new images" in second.stdout and "train: up to date at step 2" in second.stdout
-    assert "nightly: nothing new, no work done" in second.stdout and len(reports(config)) == 1
+    assert "nightly: nothing new, no work done (exit 0)" in second.stdout and len(reports(config)) == 1
+    assert len(night_records(config)) == 2 and "- train: up to date at step 2" in night_records(config)[1]
 
     for source in PHOTOS[8:10]:
         shutil.copy(source, Path(config["sources"][0]["path"]) / source.name)
@@ -101,7 +131,9 @@ def test_a_crash_in_each_step_is_recovered_by_the_next_run(nightly):
     assert problems == [] and counts["ok"] == 8
     [report] = reports(config)
     assert json.loads(report.read_text())["checkpoint"] == "step-00000002"
-    assert run_nightly(path).stdout.strip().endswith("nightly: nothing new, no work done")
+    assert "nightly: nothing new, no work done (exit 0)" in run_nightly(path).stdout.splitlines()[-1]
+    records = night_records(config)
+    assert len(records) == 6 and all("no end recorded (still running, or killed)" in r for r in records[:4])
 
 
 def test_a_second_runner_exits_0_while_the_lock_is_held(nightly):
@@ -110,7 +142,7 @@ def test_a_second_runner_exits_0_while_the_lock_is_held(nightly):
     with FileLock(str(Path(config["work_dir"]) / "nightly.lock")):
         second = run_nightly(path)
     assert second.returncode == 0
-    assert second.stdout.strip().startswith("nightly: already running")
+    assert "nightly: already running" in second.stdout
     assert not Path(config["store"]).exists()
 
 
@@ -150,7 +182,10 @@ def test_sigterm_to_the_runner_reaches_zs_train_which_checkpoints_before_the_run
     runner.send_signal(signal.SIGTERM)  # to the runner only, as `kill PID` would
     out, err = runner.communicate(timeout=120)
     assert runner.returncode == 143, err[-2000:]
-    assert "nightly: SIGTERM passed on to train, which exited 143; the next run continues" in out
+    assert "nightly: SIGTERM: passing SIGTERM on to the stage, then ending the night" in out
+    assert "nightly: train exited 143; the next night continues" in out and "stopped by SIGTERM (exit 143)" in out
+    [record] = night_records(config)
+    assert "stopped by SIGTERM (exit 143)" in record.splitlines()[0] and "-train.log`" in record
     [checkpoint] = sorted((Path(config["train"]["run_dir"]) / "checkpoints").glob("step-*.pt"))
     assert int(checkpoint.stem.split("-")[1]) >= 1
     trainers = subprocess.run(["pgrep", "-f", "--", f"--run-dir {config['train']['run_dir']}"], capture_output=True)

@@ -77,10 +77,11 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     records = read_metrics(run_dir)
     steps = [r["step"] for r in records]
+    marker = "o" if len(records) == 1 else None  # a line through one point draws nothing
     figure, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     losses = axes[0, 0]
     for key in ("loss", *LOSS_TERMS):
-        losses.plot(steps, [r[key] for r in records], label=key)
+        losses.plot(steps, [r[key] for r in records], label=key, marker=marker)
     losses.set_yscale("log")
     losses.set_title("loss terms")
     losses.legend()
@@ -89,7 +90,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         (axes[1, 0], "images_per_s", "images / s (all processes)"),
         (axes[1, 1], "data_wait", "fraction of time waiting for data"),
     ):
-        axis.plot(steps, [r[key] for r in records])
+        axis.plot(steps, [r[key] for r in records], marker=marker)
         axis.set_title(title)
     for axis in axes[1]:
         axis.set_xlabel("optimizer step")
