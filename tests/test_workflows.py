@@ -136,6 +136,105 @@ def test_a_crash_in_each_step_is_recovered_by_the_next_run(nightly):
     assert len(records) == 6 and all("no end recorded (still running, or killed)" in r for r in records[:4])
 
 
+def test_a_night_after_a_killed_one_trains_on_every_image_cached_so_far(nightly):
+    """The killed night's target covered 8 images; 2 came since: the next night trains a stretch on all 10."""
+    path, config = nightly
+    killed = run_nightly(path, crash="train")
+    assert killed.returncode == 86, killed.stdout + killed.stderr
+    for source in PHOTOS[8:10]:
+        shutil.copy(source, Path(config["sources"][0]["path"]) / source.name)
+    recovery = run_nightly(path)
+    assert recovery.returncode == 0, recovery.stdout + recovery.stderr
+    [(start, target)] = re.findall(r"train: step (\d+) -> (\d+) on 10 images", recovery.stdout)
+    assert 1 <= int(start) and int(target) == int(start) + config["train"]["steps_per_night"]
+    assert json.loads((Path(config["work_dir"]) / "state.json").read_text())["trained_rows"] == 10
+    quiet = run_nightly(path)
+    assert "train: up to date" in quiet.stdout and "nothing new, no work done (exit 0)" in quiet.stdout
+
+
+def test_a_failed_night_leaves_a_record_of_what_failed_and_how_to_see_why(nightly):
+    path, config = nightly
+    config["eval"]["data_root"] = str(Path(config["work_dir"]).parent / "no-such-eval-data")
+    path.write_text(yaml.safe_dump(config))
+    failed = run_nightly(path)
+    assert failed.returncode == 1 and "nightly: failed in eval, which exited 2 (exit 1)" in failed.stdout, failed.stdout
+    [record] = night_records(config)
+    assert record.splitlines()[0].endswith(": failed in eval, which exited 2 (exit 1)")
+    assert "- train: step 0 -> 2 on 8 images" in record and "## What failed" in record
+    assert "`eval` exited 2: `" in record and "no-such-eval-data" in record.split("The end of its output:")[1]
+    [log] = re.findall(r"To see why: `less (\S+-eval\.log)`", record)
+    assert "no-such-eval-data" in Path(log).read_text()
+
+
+def long_training(config_path: Path, config: dict) -> None:
+    """A night whose training runs for minutes, logging every step and checkpointing only when stopped."""
+    config["train"]["steps_per_night"] = 5000
+    config["train"]["args"] += ["--set", "run.checkpoint_every=100000", "--set", "run.log_every=1"]
+    config_path.write_text(yaml.safe_dump(config))
+
+
+def wait_for_training(config: dict, process: subprocess.Popen) -> int:
+    """The pid of the night's zs-train once it has logged a step."""
+    metrics = Path(config["train"]["run_dir"]) / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text()):
+        assert process.poll() is None and time.time() < deadline, "the night did not start training"
+        time.sleep(0.1)
+    return int(trainer_pids(config)[0])
+
+
+def trainer_pids(config: dict) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", "--", f"--run-dir {config['train']['run_dir']}"], capture_output=True,
+                           text=True)
+    return found.stdout.split()
+
+
+def test_a_killed_runner_stops_its_stage_and_no_night_starts_while_the_stage_lives(nightly):
+    config_path, config = nightly
+    long_training(config_path, config)
+    runner = subprocess.Popen([sys.executable, str(NIGHTLY), "--config", str(config_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    trainer = wait_for_training(config, runner)
+    os.kill(trainer, signal.SIGSTOP)  # holds the stage alive while the runner dies and the next night starts
+    runner.kill()
+    runner.communicate(timeout=60)
+    next_night = run_nightly(config_path)
+    assert next_night.returncode == 0 and "nightly: already running" in next_night.stdout, next_night.stdout
+    os.kill(trainer, signal.SIGCONT)  # the parent-death SIGTERM it got waits for this
+    deadline = time.time() + 120
+    while trainer_pids(config):
+        assert time.time() < deadline, "zs-train kept running after its runner was killed"
+        time.sleep(0.2)
+    [checkpoint] = (Path(config["train"]["run_dir"]) / "checkpoints").glob("step-*.pt")  # stopped cleanly
+    assert int(checkpoint.stem.split("-")[1]) >= 1
+    [record] = night_records(config)
+    assert "no end recorded" in record.splitlines()[0] and "- train: step 0 -> 5000 on 8 images" in record
+    FileLock(str(Path(config["work_dir"]) / "nightly.lock")).acquire(timeout=0)  # free once the stage ended
+
+
+def test_sigterm_to_the_runner_as_pid_1_between_stages_ends_the_night(nightly):
+    """As in a container: the runner is PID 1 of its own PID namespace, where unhandled signals are ignored."""
+    config_path, config = nightly
+    command = ["unshare", "--pid", "--fork", "--kill-child", sys.executable, str(NIGHTLY_CRASH),
+               "hold-before-train", "--config", str(config_path)]
+    if subprocess.run([*command[:4], "true"], capture_output=True).returncode:
+        pytest.skip("unshare --pid needs root or user namespaces")
+    wrapper = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in wrapper.stdout:
+        if "holding before train" in line:
+            break
+    assert line.strip().endswith("holding before train (pid 1)"), line
+    [runner] = Path(f"/proc/{wrapper.pid}/task/{wrapper.pid}/children").read_text().split()
+    os.kill(int(runner), signal.SIGTERM)  # from outside its namespace, as the container runtime sends it
+    out, err = wrapper.communicate(timeout=60)
+    assert wrapper.returncode == 143, out + err
+    assert "nightly: stopped by SIGTERM (exit 143)" in out
+    [record] = night_records(config)
+    assert "stopped by SIGTERM (exit 143)" in record.splitlines()[0] and "- cache: 8 new images" in record
+    assert not (Path(config["train"]["run_dir"])).exists()
+
+
 def test_a_second_runner_exits_0_while_the_lock_is_held(nightly):
     path, config = nightly
     Path(config["work_dir"]).mkdir()

@@ -104,7 +104,7 @@ class Stopped(Exception):
 
 class StageFailed(Exception):
     def __init__(self, name: str, command: list[str], returncode: int, log: Path):
-        super().__init__(f"failed in {name} (exit {returncode})")
+        super().__init__(f"failed in {name}, which exited {returncode}")
         self.exit_code = 1
         tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:]
         self.lines = [f"`{name}` exited {returncode}: `{shlex.join(command)}`", "", "The end of its output:", "",
