@@ -1,5 +1,6 @@
 # The zeroseg image: CUDA PyTorch with zeroseg installed, and the repository's configs/ and workflows/
-# at /opt/zeroseg (the Kubernetes CronJob in workflows/k8s runs /opt/zeroseg/workflows/nightly.py).
+# at /opt/zeroseg (the Kubernetes CronJob in workflows/k8s runs /opt/zeroseg/workflows/nightly.py), run as
+# the non-root user zeroseg (uid 1000, which the CronJob's securityContext names).
 #
 #   docker build -t registry.example.com/zeroseg:0.1.0 .      # tag = the version in pyproject.toml
 #   docker run --gpus all --shm-size 16g -v /data:/data registry.example.com/zeroseg:0.1.0 \
@@ -8,15 +9,24 @@ FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 HF_HOME=/data/hf-cache
 WORKDIR /opt/zeroseg
+RUN useradd --create-home --uid 1000 --user-group zeroseg
 
-# The package first (its layer changes only with the code), on the image's own CUDA torch and torchvision.
-COPY pyproject.toml README.md ./
+# The dependencies in a layer of their own, listed from pyproject.toml alone, so a code change does not
+# reinstall them; torch and torchvision are the image's own CUDA builds, which satisfy pyproject's pins.
+COPY pyproject.toml ./
+RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+        > requirements.txt \
+    && pip install -r requirements.txt && rm requirements.txt
+
+# The package: every folder pyproject.toml maps to a package (configs/ is zeroseg.configs), then the install.
+COPY README.md ./
 COPY src ./src
 COPY pipeline ./pipeline
 COPY trainer ./trainer
 COPY evaluation ./evaluation
-RUN pip install . && python -m zeroseg --help >/dev/null
-
 COPY configs ./configs
+RUN pip install --no-deps . && python -m zeroseg --help >/dev/null
+
 COPY workflows ./workflows
+USER zeroseg
 CMD ["python", "-m", "zeroseg", "--help"]
