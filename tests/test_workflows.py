@@ -324,6 +324,22 @@ def test_cronjob_runs_the_image_the_dockerfile_builds():
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "zeroseg-data"
+    [uid] = re.findall(r"^RUN useradd .*--uid (\d+)", "\n".join(dockerfile), re.MULTILINE)
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == int(uid)
+
+
+def test_cronjob_ends_a_hung_night_and_lets_zs_train_checkpoint_on_gpu_nodes():
+    cronjob = cronjob_spec()
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert cronjob["spec"]["timeZone"] == "Etc/UTC"
+    period_s = 24 * 3600  # "0 2 * * *": nightly
+    assert cronjob["spec"]["schedule"] == "0 2 * * *" and 0 < job["activeDeadlineSeconds"] < period_s
+    train_window_s = int(re.search(r"SHUTDOWN_TIMEOUT:-(\d+)", (REPO / "workflows/slurm/train.sbatch").read_text())[1])
+    assert pod["terminationGracePeriodSeconds"] > train_window_s
+    assert pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"]
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
