@@ -1,6 +1,7 @@
 """The three job specs in workflows/slurm submitted to a real single-node Slurm, with CPU settings by
 environment: a store built by a Dask cluster over srun, torchrun training that is stopped by the spec's
---signal margin, checkpoints, requeues itself and resumes to the end, and an evaluation report."""
+--signal margin, checkpoints, requeues itself and resumes to the end, a finished run that the margin signal
+does not requeue, and an evaluation of a run's latest checkpoint into a folder named by its step."""
 
 import json
 import shutil
@@ -106,7 +107,7 @@ def test_train_job_checkpoints_on_the_margin_signal_requeues_and_resumes_to_the_
     assert (requeued.state, requeued.restarts) == ("PENDING", 1), stopped_log
     assert "effective batch 4 (2 x 1 passes x 2 processes) on cpu" in stopped_log
     stopped = [line for line in stopped_log.splitlines() if line.startswith("stopped by SIGTERM after step")]
-    assert stopped and "requeueing to resume" in stopped_log, stopped_log
+    assert stopped and f"of {TRAIN_STEPS}, requeueing" in stopped_log, stopped_log
     step = int(stopped[0].split()[5])
     assert 1 <= step < TRAIN_STEPS
     assert (final.state, final.exit_code, final.restarts) == ("COMPLETED", "0:0", 1), (log, slurm.daemon_log(job_id))
@@ -118,22 +119,46 @@ def test_train_job_checkpoints_on_the_margin_signal_requeues_and_resumes_to_the_
     assert [line["step"] for line in lines] == list(range(1, TRAIN_STEPS + 1))
 
 
-def test_eval_job_writes_its_report(slurm, train_job):
+def test_a_finished_run_is_not_requeued_when_the_margin_signal_comes(slurm, train_job):
+    """The margin signal reaches a job whose run is at its last step (here while it starts, resuming to find
+    nothing to do; in the issue, during torchrun's shutdown after the last step): the job ends COMPLETED."""
+    _, final, train_folder, _, _ = train_job
+    assert final.state == "COMPLETED"
+    folder = train_folder.parent / "slurm-train-finished"
+    folder.mkdir()
+    env = job_env(STORE=str(train_folder.parent / "slurm-cache" / "store"), RUN_DIR=str(train_folder / "run"),
+                  STEPS=str(TRAIN_STEPS), GPUS_PER_NODE="2", DEVICE="cpu", RDZV_PORT=str(free_port()))
+    job_id = slurm.submit(SPECS / "train.sbatch", "--nodes=1", "--cpus-per-task=2", "--gpus-per-node=2",
+                          "--time=10", env=env, cwd=folder)
+    path, deadline = folder / f"zs-train-{job_id}.log", time.monotonic() + JOB_TIMEOUT_S
+    while not (path.is_file() and "(restart 0): zs-train run" in path.read_text()):  # the script has set its trap
+        assert time.monotonic() < deadline and slurm.job(job_id).state in {"PENDING", "RUNNING"}
+        time.sleep(0.2)
+    slurm.signal_batch(job_id, "USR1")
+    state = slurm.wait(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, JOB_TIMEOUT_S)
+    log = log_of(folder, "zs-train", job_id)
+    assert (state.state, state.exit_code, state.restarts) == ("COMPLETED", "0:0", 0), (log, slurm.daemon_log(job_id))
+    assert "stop signal" in log and f"at step {TRAIN_STEPS} of {TRAIN_STEPS}, finished: not requeueing" in log
+
+
+def test_eval_job_evaluates_a_runs_latest_checkpoint_into_a_folder_named_by_its_step(slurm, train_job):
     _, final, train_folder, _, _ = train_job
     assert final.state == "COMPLETED"
     folder = train_folder.parent / "slurm-eval"
     folder.mkdir()
-    checkpoint = train_folder / "run" / "checkpoints" / f"step-{TRAIN_STEPS:08d}.pt"
     env = job_env(
-        CHECKPOINT=str(checkpoint), DATA_ROOT=str(VOC_ROOT.parents[1]), DATASETS="voc", OUTPUT=str(folder / "out"),
-        GPUS="2", DEVICE="cpu", EXTRA_ARGS="--short-side 64 --max-long-side 128",
+        CHECKPOINT=str(train_folder / "run"), DATA_ROOT=str(VOC_ROOT.parents[1]), DATASETS="voc", GPUS="2",
+        DEVICE="cpu", EXTRA_ARGS="--short-side 64 --max-long-side 128",
     )  # fmt: skip
+    del env["TQDM_DISABLE"]  # the spec itself turns progress bars off
     job_id = slurm.submit(SPECS / "eval.sbatch", "--cpus-per-task=2", "--gpus-per-node=2", "--time=10", env=env,
                           cwd=folder)
     state = slurm.wait(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, JOB_TIMEOUT_S)
-    assert (state.state, state.exit_code) == ("COMPLETED", "0:0"), (log_of(folder, "zs-eval", job_id),
-                                                                   slurm.daemon_log(job_id))
-    report = json.loads((folder / "out" / "voc.json").read_text())
+    log = log_of(folder, "zs-eval", job_id)
+    assert (state.state, state.exit_code) == ("COMPLETED", "0:0"), (log, slurm.daemon_log(job_id))
+    out = train_folder / "run" / "checkpoints" / f"step-{TRAIN_STEPS:08d}-eval"
+    report = json.loads((out / "voc.json").read_text())
     assert (report["dataset"], report["num_images"], report["num_classes"]) == ("voc", 2, 21)
     assert 0 <= report["mIoU"] <= 100
-    assert (folder / "out" / "voc.md").read_text().startswith(f"# voc val: mIoU {report['mIoU']:.2f}")
+    assert (out / "voc.md").read_text().startswith(f"# voc val: mIoU {report['mIoU']:.2f}")
+    assert "\r" not in log and "it/s" not in log, log  # no progress bars
