@@ -44,7 +44,7 @@ from filelock import FileLock, Timeout
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from zeroseg.errors import UserError, first_line
-from zeroseg.io import atomic_path
+from zeroseg.io import atomic_path, remove_dead_partials
 from zeroseg.pipeline.integrity import (
     chunk_key,
     decode_record,
@@ -69,8 +69,7 @@ PART_ROW_GROUP = 4096  # rows per Parquet row group of a part: the trainer reads
 T = TypeVar("T")
 PART_NAME = re.compile(r"shard-(\d{6,})\.parquet")
 COMPACTED_NAME = re.compile(r"shards-(\d{6,})-(\d{6,})\.parquet")
-# zeroseg.io's temporary name of a part being written
-PARTIAL_PART = re.compile(rf"\.(?:{PART_NAME.pattern}|{COMPACTED_NAME.pattern})\.\d+\.partial")
+PART_FILE = re.compile(rf"{PART_NAME.pattern}|{COMPACTED_NAME.pattern}")
 
 class FeatureStore:
     def __init__(self, path: str | Path, group: zarr.Group):
@@ -310,11 +309,9 @@ class FeatureStore:
         return sorted(name for name in os.listdir(self.path / MANIFEST_DIR) if not name.startswith("."))
 
     def remove_partial_parts(self) -> None:
-        """Delete the temporary files of parts whose writer died before renaming them (a killed build or compact).
-        Call it holding the builder lock: every writer of parts holds it, so no such file is still being written."""
-        for entry in (self.path / MANIFEST_DIR).iterdir():
-            if PARTIAL_PART.fullmatch(entry.name):
-                entry.unlink(missing_ok=True)
+        """Delete the temporary files of parts whose writer died before renaming them (a killed build or compact;
+        zeroseg.io.remove_dead_partials, the rule for every folder zeroseg writes into)."""
+        remove_dead_partials(self.path / MANIFEST_DIR, PART_FILE)
 
     def _footer(self, path: Path) -> dict[bytes, bytes] | None:
         return self._metadata(path).metadata

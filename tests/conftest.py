@@ -175,3 +175,35 @@ def eval_data_root(root: Path) -> Path:
     assert prepared.returncode == 0, prepared.stderr
     assert "wrote 6 COCO-Object label maps" in prepared.stdout
     return data
+
+
+KILLED_WRITER = """
+import io, os, signal, sys, torch
+from zeroseg.io import atomic_path
+
+class DiesMidway(io.FileIO):  # torch.save's file: SIGKILL once a megabyte is written
+    def write(self, data):
+        written = super().write(data)
+        if self.tell() > 1 << 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
+
+with atomic_path(sys.argv[1]) as partial:
+    torch.save({"weights": torch.zeros(1 << 20)}, DiesMidway(partial, "w"))
+"""
+
+
+def killed_writer(target: Path) -> Path:
+    """The temporary file a process killed with SIGKILL inside torch.save(target) leaves (zeroseg.io.atomic_path)."""
+    died = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], capture_output=True)
+    assert died.returncode == -9, died.stderr
+    (partial,) = target.parent.glob(f".{target.name}.*.partial")
+    assert partial.stat().st_size > 1 << 20
+    return partial
+
+
+def dead_pid() -> int:
+    """The process id of a process that has exited (the writer of a temporary file left behind)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -1,8 +1,12 @@
 """Files appear whole or not at all."""
 
+import os
+import re
+
 import pytest
 
-from zeroseg.io import atomic_path, write_atomically
+from tests.conftest import dead_pid
+from zeroseg.io import atomic_path, remove_dead_partials, write_atomically
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path):
@@ -15,3 +19,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
     write_atomically(tmp_path / "deeper" / "new.bin", b"\x00\x01")
     assert (tmp_path / "deeper" / "new.bin").read_bytes() == b"\x00\x01"
+
+
+def test_only_the_temporary_files_of_dead_writers_for_the_named_targets_are_removed(tmp_path):
+    dead, alive = dead_pid(), os.getpid()
+    names = [f".a.pt.{dead}.partial", f".b.pt.{alive}.partial", f".c.json.{dead}.partial", ".notes", "d.pt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert remove_dead_partials(tmp_path, re.compile(r".+\.pt")) == [tmp_path / f".a.pt.{dead}.partial"]
+    assert remove_dead_partials(tmp_path) == [tmp_path / f".c.json.{dead}.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[1], ".notes", "d.pt"])

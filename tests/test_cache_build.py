@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+from tests.conftest import PHOTOS, TINY_TEACHER, dead_pid, invoke, run_cli
 from zeroseg.errors import UserError
 from zeroseg.io import human_size
 from zeroseg.pipeline.build import run_build
@@ -160,7 +160,8 @@ def test_a_rerun_removes_the_temporary_parts_of_a_killed_writer_and_nothing_else
     build(photos, tmp_path / "store", shard_size=4)
     manifest = tmp_path / "store" / "manifest"
     before = FeatureStore.open(tmp_path / "store").manifest()
-    dead = [".shard-000002.parquet.4242.partial", ".shards-000000-000003.parquet.4242.partial"]
+    pid = dead_pid()
+    dead = [f".shard-000002.parquet.{pid}.partial", f".shards-000000-000003.parquet.{pid}.partial"]
     for name in dead:
         (manifest / name).write_bytes(b"PAR1 half a part")  # what a build or compact killed mid-write leaves
     (manifest / ".notes").write_text("not a part")

@@ -10,7 +10,7 @@ import timm
 import torch
 from PIL import Image
 
-from tests.conftest import PHOTOS, TINY_TEACHER, invoke, tiny_checkpoint
+from tests.conftest import PHOTOS, TINY_TEACHER, invoke, killed_writer, tiny_checkpoint
 from zeroseg.errors import UserError
 from zeroseg.evaluation.pretrained import Segmenter
 from zeroseg.evaluation.segment_cli import main as zs_segment
@@ -139,3 +139,14 @@ def test_an_export_of_another_format_is_refused_in_one_line(trained, tmp_path):
     (older / "config.json").write_text(json.dumps({key: value for key, value in document.items() if key != "format"}))
     with pytest.raises(UserError, match="config.json is not a zeroseg export: it has no format$"):
         load_trained_model(older)
+
+
+def test_an_export_removes_what_a_killed_export_left_in_its_folder(trained, tmp_path):
+    out = tmp_path / "again"
+    killed = [killed_writer(out / "model.safetensors"), killed_writer(out / "teacher" / "zs-tiny-clip.json")]
+    exported = invoke(zs_train, "export", trained["run"], "--out", out)
+    assert exported.returncode == 0, exported.stderr
+    assert not any(path.exists() for path in killed)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "config.json", "model.safetensors", "teacher", "teacher/zs-tiny-clip.json"
+    ]

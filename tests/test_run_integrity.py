@@ -10,7 +10,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tests.conftest import REPO, TINY_RUN, invoke, make_store, train
+from tests.conftest import REPO, TINY_RUN, invoke, killed_writer, make_store, train
 from zeroseg.errors import UserError
 from zeroseg.trainer.checkpoint import FORMAT, list_checkpoints, payload_digest, read_checkpoint
 from zeroseg.trainer.cli import main
@@ -105,3 +105,15 @@ def test_a_second_trainer_on_one_run_directory_is_refused_in_one_line(store, tmp
     assert first.returncode == 143
     with FileLock(str(run_dir / ".lock"), timeout=0):  # released with the first trainer
         pass
+
+
+def test_a_resume_removes_what_a_writer_killed_inside_torch_save_left_and_keeps_a_live_ones(store, tmp_path):
+    run_dir = tmp_path / "run"
+    two_checkpoints(store, run_dir)
+    killed = killed_writer(run_dir / "checkpoints" / "step-00000004.pt")
+    live = run_dir / "checkpoints" / f".step-00000009.pt.{os.getpid()}.partial"  # a writer still alive: this one
+    live.write_bytes(b"being written")
+    resumed = invoke(main, "run", "--run-dir", run_dir, "--resume", "--steps", "4", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not killed.exists() and live.exists()
+    assert [path.name for path in list_checkpoints(run_dir)] == ["step-00000003.pt", "step-00000004.pt"]

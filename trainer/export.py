@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from zeroseg.errors import UserError
-from zeroseg.io import atomic_path, write_atomically
+from zeroseg.io import atomic_path, remove_dead_partials, write_atomically
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint
 from zeroseg.trainer.model import ZeroSeg
@@ -42,6 +42,7 @@ from zeroseg.trainer.model_config import ModelConfig
 EXPORT_FORMAT = "zeroseg-export-1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TEACHER_DIR = "teacher"
 
 
 def is_export(path: str | Path) -> bool:
@@ -76,9 +77,11 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
     model, meta = load_trained_model(source, "cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / TEACHER_DIR):  # what a killed export was writing
+        remove_dead_partials(folder)
     teacher = dict(meta["store"]["teacher"])
     config = TeacherIdentity.from_dict(teacher, f"checkpoint '{source}': store.teacher").config  # canonical JSON
-    config_copy = f"teacher/{teacher['model']}.json"
+    config_copy = f"{TEACHER_DIR}/{teacher['model']}.json"
     if teacher["config"] and config is None:
         raise UserError(f"the teacher's model config {teacher['config']} recorded in the checkpoint is not here")
     if config:

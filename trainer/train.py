@@ -33,10 +33,11 @@ from tqdm import tqdm
 
 from zeroseg import process_group
 from zeroseg.errors import UserError
-from zeroseg.io import write_atomically
+from zeroseg.io import remove_dead_partials, write_atomically
 from zeroseg.pipeline.device_decode import check_decode_device
 from zeroseg.process_group import StopRequest
 from zeroseg.trainer.checkpoint import (
+    CHECKPOINT_DIR,
     CONFIG_FILE,
     check_effective_batch,
     latest_checkpoint,
@@ -111,7 +112,8 @@ def run_training(
 @contextmanager
 def run_dir_lock(run_dir: str | Path):
     """One trainer per run directory: the first process (rank 0, or the only one) holds an OS file lock on
-    RUN_DIR/.lock for the whole run (released by the kernel if it dies); a second is refused in one line."""
+    RUN_DIR/.lock for the whole run (released by the kernel if it dies); a second is refused in one line. The
+    holder deletes the temporary files a killed trainer left (zeroseg.io.remove_dead_partials)."""
     run_dir = Path(run_dir)
     if os.environ.get("RANK", "0") != "0":
         yield
@@ -129,6 +131,8 @@ def run_dir_lock(run_dir: str | Path):
         ) from None
     except OSError as exc:
         raise UserError(f"cannot write run directory '{run_dir}': {exc.strerror or exc}") from None
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR):  # what a killed trainer was writing (kill -9 in torch.save)
+        remove_dead_partials(folder)
     try:
         yield
     finally:

@@ -3,6 +3,7 @@ over the target, so a reader or a process resumed after a kill sees the old file
 one), and byte counts as people read them."""
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+PARTIAL_NAME = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)\.partial")  # atomic_path's temporary name
+
+
+def remove_dead_partials(folder: str | Path, targets: re.Pattern[str] | None = None) -> list[Path]:
+    """Delete the temporary files atomic_path left in `folder` (not below it), for targets whose name matches
+    `targets` (any when None), whose writer process is no longer alive on this machine: a writer killed before
+    its rename (kill -9, out of memory). A live writer's file is kept. Returns the files removed."""
+    folder = Path(folder)
+    removed = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = PARTIAL_NAME.fullmatch(entry.name)
+        if match is None or (targets is not None and not targets.fullmatch(match["target"])):
+            continue
+        if not _alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_atomically(path: str | Path, content: str | bytes) -> None:
