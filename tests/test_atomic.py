@@ -2,6 +2,7 @@
 
 import os
 import re
+import stat
 
 import pytest
 
@@ -29,3 +30,13 @@ def test_only_the_temporary_files_of_dead_writers_for_the_named_targets_are_remo
     assert remove_dead_partials(tmp_path, re.compile(r".+\.pt")) == [tmp_path / f".a.pt.{dead}.partial"]
     assert remove_dead_partials(tmp_path) == [tmp_path / f".c.json.{dead}.partial"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[1], ".notes", "d.pt"])
+
+
+def test_a_file_written_whole_gets_the_mode_the_umask_gives(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "private-by-default") as partial:
+            partial.touch(mode=0o600)  # as safetensors' save_file makes it
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "private-by-default").stat().st_mode) == 0o640

@@ -2,7 +2,9 @@
 and Segmenter.from_pretrained / zs-segment --checkpoint read it."""
 
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -150,3 +152,15 @@ def test_an_export_removes_what_a_killed_export_left_in_its_folder(trained, tmp_
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
         "config.json", "model.safetensors", "teacher", "teacher/zs-tiny-clip.json"
     ]
+
+
+def test_every_exported_file_follows_the_umask(trained, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        exported = invoke(zs_train, "export", trained["run"], "--out", tmp_path / "shared")
+    finally:
+        os.umask(previous)
+    assert exported.returncode == 0, exported.stderr
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "shared").rglob("*")}
+    assert modes == {"shared/config.json": 0o644, "shared/model.safetensors": 0o644, "shared/teacher": 0o755,
+                     "shared/teacher/zs-tiny-clip.json": 0o644}

@@ -12,12 +12,14 @@ from pathlib import Path
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields the temporary path to write (a dot-name beside `path`, ignored by Parquet readers, source
-    listings and globs); when the block ends it is synced and renamed over `path`, or removed on error."""
+    listings and globs); when the block ends it gets the mode the umask gives a new file, is synced and renamed
+    over `path`, or removed on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         yield partial
+        os.chmod(partial, 0o666 & ~_umask())  # as open() would make it (safetensors' save_file makes 0600)
         with open(partial, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(partial, path)
@@ -43,6 +45,12 @@ def remove_dead_partials(folder: str | Path, targets: re.Pattern[str] | None = N
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)  # reading it means setting it: meanwhile, files are made narrower, never wider
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:
