@@ -3,7 +3,6 @@ schema's loader (LOADERS) into the identity a store records (which model, weight
 model built from that identity; and the Teacher turning batches of centre crops into the (B, V, D) grid-view
 features of the store."""
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -17,6 +16,7 @@ import torch
 from open_clip.pretrained import download_pretrained_from_hf, get_pretrained_cfg
 
 from zeroseg.errors import UserError, first_line
+from zeroseg.io import sha256_file
 from zeroseg.pipeline.crops import grid_views
 from zeroseg.pipeline.teacher_identity import (
     CONFIG,
@@ -180,14 +180,6 @@ def register_config(name: str, config: str) -> None:
         path.write_text(config)
         open_clip.add_model_config(path)  # open_clip keeps the parsed config after the file is gone
     _REGISTERED[name] = config
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_openai_archive(path: str | Path) -> bool:

@@ -361,7 +361,8 @@ def test_a_store_without_a_decode_setting_decodes_in_full(photos, tmp_path):
 
 def test_local_weights_file_is_loaded_and_recorded(photos, tmp_path):
     """The offline path for real weights: a checkpoint file saved here, loaded by path, hashed."""
-    from zeroseg.pipeline.teacher import create_clip, sha256_file
+    from zeroseg.io import sha256_file
+    from zeroseg.pipeline.teacher import create_clip
 
     identity = resolve_identity(str(TINY_TEACHER), "none")
     torch.manual_seed(7)

@@ -12,14 +12,14 @@ import timm
 import torch
 from PIL import Image
 
-from tests.conftest import PHOTOS, TINY_TEACHER, invoke, killed_writer, tiny_checkpoint
+from tests.conftest import PHOTOS, TINY_TEACHER, flip_byte, invoke, killed_writer, tiny_checkpoint
 from zeroseg.errors import UserError
 from zeroseg.evaluation.pretrained import Segmenter
 from zeroseg.evaluation.segment_cli import main as zs_segment
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.cli import main as zs_train
-from zeroseg.trainer.export import EXPORT_FORMAT, load_export, load_trained_model
+from zeroseg.trainer.export import EXPORT_FORMAT, document_digest, load_export, load_trained_model
 from zeroseg.trainer.vit import interpolate_pos_embed
 
 GEOMETRY = Geometry("whole", 64, 128, 64, 32)
@@ -125,9 +125,39 @@ def test_zs_segment_reads_an_exported_folder(trained, tmp_path):
 def test_damaged_export_is_one_error_naming_the_file(trained, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(trained["export"], damaged)
-    (damaged / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(UserError, match="model.safetensors cannot be read"):
+    weights, config = damaged / "model.safetensors", damaged / "config.json"
+    flip_byte(weights, weights.stat().st_size - 1)  # an exponent bit of the last weight: loads without a word
+    with pytest.raises(UserError, match=f"^exported file {weights} is damaged: its sha256 differs from the one in "):
         load_trained_model(damaged)
+    shutil.copy(trained["export"] / "model.safetensors", weights)
+    document = json.loads(config.read_text())
+    document["preprocessing"]["mean"][0] += 0.25
+    config.write_text(json.dumps(document, indent=1))
+    with pytest.raises(UserError, match=f"^exported model config {config} is damaged: its contents do not match"):
+        load_trained_model(damaged)
+    del document["preprocessing"]
+    config.write_text(json.dumps(document))
+    with pytest.raises(UserError, match=f"^{config} has no key 'preprocessing' \\(damaged"):
+        load_trained_model(damaged)
+    weights.unlink()
+    config.write_text((trained["export"] / "config.json").read_text())
+    with pytest.raises(UserError, match=f"^exported file {weights} cannot be read: No such file"):
+        load_trained_model(damaged)
+
+
+def test_paths_in_an_export_are_resolved_inside_it(trained, tmp_path):
+    hostile = tmp_path / "hostile"
+    shutil.copytree(trained["export"], hostile)
+    document = json.loads((hostile / "config.json").read_text())
+    for key, name in (("config", "../../../../etc/passwd"), ("weights_file", "/etc/passwd")):
+        changed = {**document, "teacher": {**document["teacher"], key: name}}
+        (hostile / "config.json").write_text(json.dumps({**changed, "checksum": document_digest(changed)}))
+        with pytest.raises(UserError, match=f"^{hostile / 'config.json'} names '{name}', which lies outside"):
+            load_trained_model(hostile)
+    changed = {**document, "files": {**document["files"], "../../../../etc/passwd": "0" * 64}}
+    (hostile / "config.json").write_text(json.dumps({**changed, "checksum": document_digest(changed)}))
+    with pytest.raises(UserError, match="names '../../../../etc/passwd', which lies outside"):
+        load_trained_model(hostile)
 
 
 def test_an_export_of_another_format_is_refused_in_one_line(trained, tmp_path):

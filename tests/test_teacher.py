@@ -17,9 +17,10 @@ from tests.conftest import FIXTURES, TINY_TEACHER, invoke, run_cli
 from zeroseg.errors import UserError
 from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.loading import ModelOptions, _text_teacher
+from zeroseg.io import sha256_file
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.pipeline.teacher import BOTH_KINDS, Teacher, create_clip, resolve_identity, sha256_file
+from zeroseg.pipeline.teacher import BOTH_KINDS, Teacher, create_clip, resolve_identity
 from zeroseg.pipeline.teacher_identity import TeacherIdentity, parse_teacher_name
 from zeroseg.trainer.cli import main as zs_train
 

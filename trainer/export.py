@@ -14,6 +14,11 @@ config.json holds no absolute path:
                     model-config JSON rather than a built-in open_clip name (the content the checkpoint recorded)
     preprocessing   the input normalisation (mean, std) and image_size of training
     step            optimizer steps of the checkpoint exported; source: that checkpoint's file name
+    files           sha256 of every other file of the export (model.safetensors, the teacher config copy)
+    checksum        sha256 of this document's canonical JSON, itself left out (`document_digest`)
+
+A flipped bit in a weight or an edited pixel mean, which would load without a word, makes the export "damaged"
+(one line naming the file). Paths in config.json are resolved inside the export folder, refused otherwise.
 
 Encoder key layout. The keys `patch_embed.proj.*`, `blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`
 and `norm.*` are a plain pre-norm ViT without class token: they load with strict=True into
@@ -24,6 +29,7 @@ are the reconstruction decoder (decoder_*, mask_token), the grouping head (seg_e
 segment_blocks, seg_norm) and the projections into the teacher's space (segment_proj, global_*).
 """
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -32,9 +38,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from zeroseg.errors import UserError
-from zeroseg.io import atomic_path, remove_dead_partials, write_atomically
-from zeroseg.pipeline.teacher_identity import TeacherIdentity
+from zeroseg.errors import DAMAGED, UserError, first_line
+from zeroseg.io import atomic_path, inside, remove_dead_partials, sha256_file, write_atomically
+from zeroseg.pipeline.teacher_identity import TeacherIdentity, canonical_json
 from zeroseg.trainer.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import ModelConfig
@@ -43,10 +49,7 @@ EXPORT_FORMAT = "zeroseg-export-1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TEACHER_DIR = "teacher"
-
-
-def is_export(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+DOCUMENT_KEYS = ("model_config", "teacher", "preprocessing", "step", "source", "files", "checksum")
 
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
@@ -57,7 +60,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     effective_batch, world_size, config and loss_config.
     """
     path = Path(path)
-    if is_export(path):
+    if (path / CONFIG_FILE).is_file():  # an export folder
         return load_export(path, device)
     if path.is_dir():
         found = latest_checkpoint(path)
@@ -105,10 +108,21 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
         "source": Path(meta["path"]).name,
     }
     state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
-    with atomic_path(out / WEIGHTS_FILE) as partial:
-        save_file(state, str(partial), metadata={"format": EXPORT_FORMAT})
+    try:
+        with atomic_path(out / WEIGHTS_FILE) as partial:
+            save_file(state, str(partial), metadata={"format": EXPORT_FORMAT})
+    except SafetensorError as exc:  # a full disk among them
+        raise UserError(f"exported weights {out / WEIGHTS_FILE} could not be written: {first_line(exc)}") from None
+    files = [WEIGHTS_FILE, config_copy] if config else [WEIGHTS_FILE]
+    document["files"] = {name: sha256_file(out / name) for name in files}
+    document["checksum"] = document_digest(document)
     write_atomically(out / CONFIG_FILE, json.dumps(document, indent=1) + "\n")
     return out
+
+
+def document_digest(document: dict[str, Any]) -> str:
+    """sha256 of config.json's content (canonical JSON, its "checksum" left out): an edited mean is damage."""
+    return hashlib.sha256(canonical_json({k: v for k, v in document.items() if k != "checksum"}).encode()).hexdigest()
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
@@ -126,6 +140,19 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[Z
         raise UserError(
             f"{config_file} is an export of format {document['format']!r}; this zeroseg reads format {EXPORT_FORMAT}"
         )
+    missing = [key for key in DOCUMENT_KEYS if key not in document]
+    if missing:
+        raise UserError(f"{config_file} has no key '{missing[0]}' ({DAMAGED})")
+    if document["checksum"] != document_digest(document):
+        raise UserError(f"exported model config {config_file} is damaged: its contents do not match its checksum")
+    for name, sha256 in document["files"].items():
+        file = inside(path, name, config_file)
+        try:
+            intact = sha256_file(file) == sha256
+        except OSError as exc:
+            raise UserError(f"exported file {path / name} cannot be read: {exc.strerror}") from None
+        if not intact:
+            raise UserError(f"exported file {path / name} is damaged: its sha256 differs from the one in {config_file}")
     try:
         state = load_file(str(weights_file))
     except (OSError, SafetensorError) as exc:
@@ -141,10 +168,10 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[Z
     weights = exported["weights_file"]
     teacher = {
         "model": exported["model"],
-        "pretrained": str((path / weights).resolve()) if weights else exported["pretrained"],
+        "pretrained": str(inside(path, weights, config_file)) if weights else exported["pretrained"],
         "weights_sha256": exported["weights_sha256"],
         "quick_gelu": exported["quick_gelu"],
-        "config": _read_teacher_config(path / exported["config"]) if exported["config"] else None,
+        "config": _read_teacher_config(inside(path, exported["config"], config_file)) if exported["config"] else None,
     }
     preprocessing = {key: value for key, value in document["preprocessing"].items() if key != "image_size"}
     store = {"teacher": teacher, "preprocessing": preprocessing}

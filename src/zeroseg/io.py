@@ -2,11 +2,14 @@
 over the target, so a reader or a process resumed after a kill sees the old file or the new one, never a partial
 one), and byte counts as people read them."""
 
+import hashlib
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from zeroseg.errors import UserError
 
 
 @contextmanager
@@ -78,6 +81,24 @@ def sync_folder(path: str | Path) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
+
+
+def inside(folder: str | Path, name: str, where: str | Path) -> Path:
+    """folder/name, links resolved, when it lies inside `folder`; UserError naming `where` (the file that names
+    it) otherwise: a name recorded in an export or a store cannot reach other files ("../../etc/passwd")."""
+    root = Path(folder).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise UserError(f"{where} names '{name}', which lies outside '{folder}': refused")
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def human_size(count: int) -> str:
