@@ -12,7 +12,7 @@ import timm
 import torch
 from PIL import Image
 
-from tests.conftest import PHOTOS, TINY_TEACHER, flip_byte, invoke, killed_writer, tiny_checkpoint
+from tests.conftest import PHOTOS, TINY_TEACHER, flip_byte, invoke, killed_writer, tiny_checkpoint, tmpfs
 from zeroseg.errors import UserError
 from zeroseg.evaluation.pretrained import Segmenter
 from zeroseg.evaluation.segment_cli import main as zs_segment
@@ -194,3 +194,14 @@ def test_every_exported_file_follows_the_umask(trained, tmp_path):
     modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "shared").rglob("*")}
     assert modes == {"shared/config.json": 0o644, "shared/model.safetensors": 0o644, "shared/teacher": 0o755,
                      "shared/teacher/zs-tiny-clip.json": 0o644}
+
+
+def test_a_disk_that_fills_during_an_export_is_one_line(trained, tmp_path):
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        exported = invoke(zs_train, "export", trained["run"], "--out", small / "exported")
+        assert exported.returncode == 2 and "Traceback" not in exported.stderr
+        assert exported.stderr.strip() == (
+            f"error: exported weights {small / 'exported' / 'model.safetensors'} could not be written: "
+            f"Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+        assert not [path.name for path in (small / "exported").iterdir() if path.name.endswith(".partial")]

@@ -6,11 +6,10 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 
 import pytest
 
-from tests.conftest import FIXTURES, PHOTOS, TINY_TEACHER, VOC_ROOT, invoke, make_store, train
+from tests.conftest import FIXTURES, PHOTOS, TINY_TEACHER, VOC_ROOT, invoke, make_store, tmpfs, train
 from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.segment_cli import main as zs_segment
 from zeroseg.evaluation.text import _read_cache
@@ -26,20 +25,6 @@ def one_line(result, code: int = 2) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-@contextmanager
-def tmpfs(path, options: str):
-    """A real tmpfs at `path` (root only): skipped with a reason where this machine cannot mount."""
-    path.mkdir(parents=True, exist_ok=True)
-    command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
-    mounted = subprocess.run(command, capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture(scope="module")
