@@ -178,26 +178,29 @@ def test_run_directory_metrics_plot_and_model_for_evaluation(store, finished_run
     assert output.g.shape == (1, 4, 32) and output.pred is None
 
 
-def test_sigterm_checkpoints_after_the_current_step_and_resume_continues(store, tmp_path):
-    """A scheduler's SIGTERM to the whole process group (loader worker included): a checkpoint at the step
-    reached, exit 143, and --resume goes on from there."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_checkpoint_after_the_current_step_and_resume_continues(store, tmp_path, stop):
+    """A scheduler's SIGTERM or a terminal's Ctrl-C (SIGINT) to the whole process group (loader worker included): a
+    checkpoint at the step reached, exit 128 + the signal, and --resume goes on from there."""
     command = [sys.executable, "-m", "zeroseg.trainer.cli", "run", "--store", str(store),
                "--run-dir", str(tmp_path / "run"), *TINY_RUN, "--steps", "5000", "--workers", "1",
                "--set", "run.checkpoint_every=100000", "--set", "run.log_every=7"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job
     log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not log.is_file() or not log.read_text()):
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, stop)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err[-2000:]
+    assert process.returncode == 128 + stop, err[-2000:]
     [checkpoint] = list_checkpoints(tmp_path / "run")
     step = int(checkpoint.stem.split("-")[1])
     assert 7 <= step < 5000
-    assert out.strip() == f"stopped by SIGTERM after step {step} of 5000; checkpoint {checkpoint}; --resume continues"
+    stopped = f"stopped by {stop.name} after step {step} of 5000; checkpoint {checkpoint}; --resume continues"
+    assert out.strip() == stopped
     assert metrics(tmp_path / "run")[-1]["step"] == step  # the steps since the last line are logged too
     resumed = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--steps", str(step + 2), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr

@@ -6,8 +6,9 @@ Shutdown order matters on gloo: the caller drops the DDP model and the optimizer
 collector before `shutdown` destroys the process group (destroying it first aborts at exit in about one
 run in six).
 
-Stopping: SIGTERM (SLURM, Kubernetes) or SIGUSR1 (SLURM's --signal) asks a run to finish its current step, write a
-checkpoint and exit, so `--resume` loses nothing (`StopRequest`); loader workers ignore these signals.
+Stopping: SIGTERM (SLURM, Kubernetes), SIGUSR1 (SLURM's --signal) or SIGINT (Ctrl-C) asks a run to finish its
+current step, write a checkpoint and exit, so `--resume` loses nothing (`StopRequest`); a second Ctrl-C stops at once
+(KeyboardInterrupt, no checkpoint). Loader workers ignore these signals.
 """
 
 import os
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from zeroseg.runtime import resolve_device
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class StopRequest:
             signal.signal(number, handler)
 
     def _record(self, number: int, frame) -> None:
+        if number == signal.SIGINT and self.signal == signal.SIGINT:  # Ctrl-C twice: the user will not wait
+            raise KeyboardInterrupt
         self.signal = number
 
     def agreed(self, process: Process) -> bool:
