@@ -16,6 +16,7 @@ import typer
 from zeroseg.errors import UserError, require
 from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DATASETS, open_dataset, prepared_coco_dir
 from zeroseg.evaluation.methods import METHODS, TRAINING_FREE
+from zeroseg.pipeline.options import DEFAULT_MAX_PIXELS
 from zeroseg.runtime import DEVICE_HELP, run_cli
 
 CHECKPOINT_HELP = (
@@ -28,6 +29,13 @@ QUICK_GELU = typer.Option(
 TEXT_CACHE: Path | None = typer.Option(None, help="Text-embedding cache folder (default ~/.cache/zeroseg/text).")
 MAX_LONG_SIDE = typer.Option(2048, help="Cap on the resized long side.")
 TOP_K = typer.Option(5, help="groupvit rule: classes kept by the image-level prior (at most the vocabulary).")
+
+
+def max_pixels_option(what_happens: str):
+    """--max-pixels as zs-cache's (its default; the header check of pipeline.images), saying what becomes of such
+    an image."""
+    return typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Images of more pixels (width x height, read from the "
+                        f"header before decoding: decompression bombs) {what_happens}")
 
 
 ZEROSEG = METHODS["zeroseg"]  # the defaults the option texts name
@@ -163,6 +171,7 @@ def evaluate(
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     decode_threads: int | None = typer.Option(None, help="Threads decoding images ahead of the model [default: 2]."),
+    max_pixels: int = max_pixels_option("stop the evaluation with an error naming the image."),
     window_batch: int = typer.Option(8, help="Windows per forward pass in slide mode."),
     progress: bool = typer.Option(True, help="Show a progress bar (rank 0)."),
 ) -> None:
@@ -172,7 +181,8 @@ def evaluate(
     from zeroseg.evaluation.scores import format_results
 
     decode_threads = 2 if decode_threads is None else decode_threads
-    opened = [(open_dataset(name, data_root, split), split or DATASETS[name].default_split) for name in datasets]
+    opened = [(open_dataset(name, data_root, split, max_pixels), split or DATASETS[name].default_split)
+              for name in datasets]
     given = {"mode": mode, "short_side": short_side, "max_long_side": max_long_side, "crop_size": crop_size}
     geometry = {name: value for name, value in {**given, "stride": stride}.items() if value is not None}
     options = ModelOptions(

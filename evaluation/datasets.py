@@ -15,6 +15,7 @@ Labels are returned as [H, W] uint8 arrays of class indices, images as RGB PIL i
 EXIF orientation is not applied: the benchmarks' label maps are drawn on the stored pixels.
 """
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from zeroseg.errors import UserError, first_line
+from zeroseg.pipeline.images import read_header
+from zeroseg.pipeline.options import DEFAULT_MAX_PIXELS
 
 IGNORE_INDEX = 255
 _LABEL_MODES = ("P", "L", "I;16", "I")
@@ -98,6 +101,7 @@ class SegmentationDataset:
     bg_threshold: float
     ignore_index: int = IGNORE_INDEX
     label_lookup: np.ndarray | None = None  # [256] uint8: stored label value -> class index
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images or label maps are an error, told from the header
 
     @property
     def num_classes(self) -> int:
@@ -120,14 +124,16 @@ class SegmentationDataset:
     def load_image(self, index: int) -> Image.Image:
         path = self.samples[index].image_path
         try:
-            with Image.open(path) as opened:
+            data = path.read_bytes()
+            read_header(data, self.max_pixels)
+            with Image.open(io.BytesIO(data)) as opened:
                 return opened.convert("RGB")
         except (OSError, SyntaxError, ValueError) as exc:
             raise UserError(f"cannot read image {path}: {first_line(exc)}") from None
 
     def load_label(self, index: int) -> np.ndarray:
         path = self.samples[index].label_path
-        labels = read_label_png(path)
+        labels = read_label_png(path, self.max_pixels)
         if self.label_lookup is not None:
             if labels.dtype != np.uint8:
                 raise UserError(f"label map {path} is not 8-bit; COCO-Stuff maps hold values 0..255")
@@ -141,10 +147,13 @@ class SegmentationDataset:
         return labels.astype(np.uint8)
 
 
-def read_label_png(path: Path) -> np.ndarray:
-    """A PNG of class indices (palette or greyscale, 8 or 16 bit) -> [H, W] integer array."""
+def read_label_png(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A PNG of class indices (palette or greyscale, 8 or 16 bit, at most max_pixels pixels) -> [H, W] integer
+    array."""
     try:
-        with Image.open(path) as opened:
+        data = path.read_bytes()
+        read_header(data, max_pixels)
+        with Image.open(io.BytesIO(data)) as opened:
             if opened.mode not in _LABEL_MODES:
                 raise UserError(f"{path} is a {opened.mode} image, not palette or greyscale class indices")
             return np.asarray(opened)
@@ -160,14 +169,18 @@ def coco_stuff_lookup() -> np.ndarray:
     return lookup
 
 
-def open_dataset(name: str, data_root: str | Path, split: str | None = None) -> SegmentationDataset:
-    """The split (default: the spec's) of dataset `name` under data_root; UserError if incomplete."""
+def open_dataset(
+    name: str, data_root: str | Path, split: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> SegmentationDataset:
+    """The split (default: the spec's) of dataset `name` under data_root, whose images and label maps may have at
+    most max_pixels pixels; UserError if incomplete."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}' (choose from {', '.join(DATASET_NAMES)})")
     spec = DATASETS[name]
     samples, lookup = spec.find_samples(Path(data_root), split or spec.default_split)
     _require_files(samples)
-    return SegmentationDataset(name, samples, spec.class_names, spec.bg_threshold, label_lookup=lookup)
+    return SegmentationDataset(name, samples, spec.class_names, spec.bg_threshold, label_lookup=lookup,
+                               max_pixels=max_pixels)
 
 
 def prepared_coco_dir(data_root: str | Path, split: str = "val2017") -> Path:

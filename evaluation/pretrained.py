@@ -25,6 +25,7 @@ from zeroseg.evaluation.loading import LoadedModel, ModelOptions, load_eval_mode
 from zeroseg.evaluation.segmenter import WindowSegmenter, describe_segments
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.images import decode_image
+from zeroseg.pipeline.options import DEFAULT_MAX_PIXELS
 from zeroseg.runtime import resolve_device
 
 
@@ -101,4 +102,4 @@ def _as_image(image: Image.Image | np.ndarray | str | Path) -> Image.Image:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"an image array is [H, W, 3] uint8, got {image.shape} {image.dtype}")
         return Image.fromarray(image)
-    return decode_image(Path(image).read_bytes())
+    return decode_image(Path(image).read_bytes(), DEFAULT_MAX_PIXELS)  # a decompression bomb is an ImageDecodeError

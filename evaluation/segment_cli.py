@@ -10,7 +10,15 @@ from pathlib import Path
 import typer
 
 from zeroseg.errors import UserError
-from zeroseg.evaluation.cli import CHECKPOINT_HELP, MAX_LONG_SIDE, QUICK_GELU, TEXT_CACHE, TOP_K, check_writable_folder
+from zeroseg.evaluation.cli import (
+    CHECKPOINT_HELP,
+    MAX_LONG_SIDE,
+    QUICK_GELU,
+    TEXT_CACHE,
+    TOP_K,
+    check_writable_folder,
+    max_pixels_option,
+)
 from zeroseg.evaluation.datasets import DATASET_NAMES, DATASETS
 from zeroseg.pipeline.sources import IMAGE_EXTENSIONS
 from zeroseg.runtime import DEVICE_HELP, run_cli
@@ -36,7 +44,8 @@ classes of the image embedding), pixels take their segment's scores through the 
 assignments. By default there is no background: every segment gets a class. With --bg-threshold T a
 pixel whose best score is below T (groupvit: below min(T, the window's best score)) is background (0).
 
-Unreadable images are reported one line each and skipped; the exit code is then 1.""",
+Unreadable images, and images of more than --max-pixels pixels, are reported one line each and skipped;
+the exit code is then 1.""",
 )
 def segment(
     images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files or folders.", show_default=False),
@@ -64,6 +73,7 @@ def segment(
     max_long_side: int = MAX_LONG_SIDE,
     crop_size: int = typer.Option(448, help="Slide window side (a multiple of the patch size)."),
     stride: int = typer.Option(224, help="Slide window stride."),
+    max_pixels: int = max_pixels_option("are reported in one line and skipped, as unreadable images are."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -93,7 +103,7 @@ def segment(
     failed = 0
     for path, name in tqdm(inputs, desc="segmenting", disable=not progress):
         try:
-            image = decode_image(path.read_bytes())
+            image = decode_image(path.read_bytes(), max_pixels)
         except (OSError, ImageDecodeError) as exc:
             typer.echo(f"error: {path}: {exc}", err=True)
             failed += 1

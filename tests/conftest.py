@@ -5,8 +5,10 @@ import contextlib
 import io
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,3 +223,16 @@ def tmpfs(path, options: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def bomb_png(path: Path, side: int = 10_000) -> Path:
+    """A real PNG of side x side 1-bit pixels in a few kilobytes: a decompression bomb's shape (10000 x 10000 is
+    more than the default --max-pixels)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = (b"\x00" + bytes((side + 7) // 8)) * side  # filter byte + packed bits, per row
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
+                     + chunk(b"IEND", b""))
+    return path

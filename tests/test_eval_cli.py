@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import COCO_ROOT, FIXTURES, TINY_TEACHER, VOC_ROOT, eval_data_root, invoke, tiny_checkpoint
+from tests.conftest import (
+    COCO_ROOT,
+    FIXTURES,
+    TINY_TEACHER,
+    VOC_ROOT,
+    bomb_png,
+    eval_data_root,
+    invoke,
+    tiny_checkpoint,
+)
 from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.segment_cli import main as zs_segment
 
@@ -211,3 +220,31 @@ def test_user_errors_are_one_line_and_exit_2(setup, tmp_path):
     assert garbage.stderr.startswith(f"error: checkpoint '{tmp_path / 'garbage.pt'}' cannot be read")
     bad_rule = invoke(zs_eval, "voc", "--checkpoint", setup["checkpoint"], *setup["common"], "--rule", "mmseg")
     assert bad_rule.returncode == 2 and "--rule 'mmseg' is not one of groupvit, softmax" in bad_rule.stderr
+
+
+def test_images_of_more_than_max_pixels_are_one_line_each(setup, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(VOC_ROOT / "JPEGImages" / "2007_000033.jpg", images / "plane.jpg")
+    bomb = bomb_png(images / "bomb.png")
+    assert bomb.stat().st_size < 20_000
+    common = [a for a in setup["common"] if str(a) != "--data-root" and a != setup["data"]]
+    out = invoke(zs_segment, images, "--checkpoint", setup["checkpoint"], "--classes", "aeroplane, sky",
+                 "--out", tmp_path / "out", *common)
+    assert out.returncode == 1 and "segmented 1 of 2 images" in out.stdout
+    assert out.stderr.splitlines() == [
+        f"error: {bomb}: image too large: 10000x10000 = 100000000 pixels, more than --max-pixels 64000000",
+        "error: 1 image(s) could not be read",
+    ]
+    data = tmp_path / "data"
+    shutil.copytree(VOC_ROOT.parent, data / "VOCdevkit")
+    first = bomb_png(data / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000033.jpg")  # of the val split
+    common = [data if a == setup["data"] else a for a in setup["common"]]
+    refused = invoke(zs_eval, "voc", "--checkpoint", setup["checkpoint"], *common, "--out", tmp_path / "res")
+    assert refused.returncode == 2 and not (tmp_path / "res" / "voc.json").exists()
+    assert refused.stderr.strip() == (
+        f"error: cannot read image {first}: image too large: 10000x10000 = 100000000 pixels, more than --max-pixels "
+        f"64000000"
+    )
+    assert "are reported in one line and skipped" in " ".join(invoke(zs_segment, "--help").stdout.split())
+    assert "stop the evaluation with an error naming the image" in " ".join(invoke(zs_eval, "--help").stdout.split())
