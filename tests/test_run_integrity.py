@@ -12,6 +12,7 @@ from filelock import FileLock
 
 from tests.conftest import REPO, TINY_RUN, invoke, killed_writer, make_store, train
 from zeroseg.errors import UserError
+from zeroseg.trainer import checkpoint as checkpoint_module
 from zeroseg.trainer.checkpoint import FORMAT, list_checkpoints, payload_digest, read_checkpoint
 from zeroseg.trainer.cli import main
 from zeroseg.trainer.export import load_trained_model
@@ -117,3 +118,25 @@ def test_a_resume_removes_what_a_writer_killed_inside_torch_save_left_and_keeps_
     assert resumed.returncode == 0, resumed.stderr
     assert not killed.exists() and live.exists()
     assert [path.name for path in list_checkpoints(run_dir)] == ["step-00000003.pt", "step-00000004.pt"]
+
+
+def test_a_run_folder_read_while_keep_last_prunes_gives_its_newest_checkpoint(store, tmp_path, monkeypatch):
+    """The race of evaluating a run while it trains with run.keep_last=1: the listing still shows step 2, then the
+    trainer renames step 3 in and prunes step 2 before the reader opens it (made deterministic by doing the
+    trainer's two file changes right after the real listing)."""
+    older, newest = two_checkpoints(store, tmp_path / "run")
+    hidden = newest.rename(newest.with_name(f".{newest.name}.{os.getpid()}.partial"))  # not renamed in yet
+    listing = checkpoint_module.list_checkpoints
+
+    def listing_then_trainer_saves_and_prunes(run_dir):
+        found = listing(run_dir)
+        if hidden.exists():
+            hidden.rename(newest)
+            older.unlink()
+        return found
+
+    monkeypatch.setattr(checkpoint_module, "list_checkpoints", listing_then_trainer_saves_and_prunes)
+    model, meta = load_trained_model(tmp_path / "run")
+    assert meta["path"] == str(newest) and meta["step"] == 3
+    with pytest.raises(UserError, match=f"^checkpoint '{older}' does not exist; a run keeps its last run.keep_last"):
+        load_trained_model(older)  # named by hand, pruned since

@@ -151,10 +151,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The payload of a checkpoint file (tensors on the CPU); UserError when it is missing, unreadable (e.g.
     truncated) or damaged (its checksum differs)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        pruned = "; a run keeps its last run.keep_last: give the run folder for its newest" if path.parent.name == \
+            CHECKPOINT_DIR else ""
+        raise UserError(f"checkpoint '{path}' does not exist{pruned}") from None
     except Exception as exc:
         raise UserError(f"checkpoint '{path}' cannot be read: {type(exc).__name__}: {exc}") from None
     if not isinstance(payload, dict) or "format" not in payload:
@@ -164,6 +166,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if payload.get("checksum") != payload_digest(payload):
         raise UserError(f"checkpoint '{path}' is damaged: its contents do not match its checksum")
     return payload
+
+
+def read_newest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of a run and its payload, also while the run trains: a checkpoint that run.keep_last
+    pruned between the listing and the opening is passed over for the newest one that exists then."""
+    while True:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise UserError(f"run directory '{run_dir}' holds no checkpoint ({CHECKPOINT_DIR}/step-*.pt)")
+        try:
+            return found, read_checkpoint(found)
+        except UserError:
+            if found.exists():
+                raise
 
 
 def resume_payload(cfg: TrainConfig, store: dict[str, Any], resume: bool, log: Callable[[str], None]) -> dict | None:

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from zeroseg.errors import DAMAGED, UserError, first_line
 from zeroseg.io import atomic_path, inside, remove_dead_partials, sha256_file, write_atomically
 from zeroseg.pipeline.teacher_identity import TeacherIdentity, canonical_json
-from zeroseg.trainer.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint
+from zeroseg.trainer.checkpoint import read_checkpoint, read_newest_checkpoint
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import ModelConfig
 
@@ -62,12 +62,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     path = Path(path)
     if (path / CONFIG_FILE).is_file():  # an export folder
         return load_export(path, device)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"run directory '{path}' holds no checkpoint ({CHECKPOINT_DIR}/step-*.pt)")
-        path = found
-    payload = read_checkpoint(path)
+    path, payload = read_newest_checkpoint(path) if path.is_dir() else (path, read_checkpoint(path))
     model = ZeroSeg(ModelConfig.from_dict(payload["model_config"]))
     model.load_state_dict(payload["model"])
     model.to(device).eval()
