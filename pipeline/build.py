@@ -36,7 +36,7 @@ from zeroseg.pipeline.shards import (
     store_decode,
     write_and_commit,
 )
-from zeroseg.pipeline.sources import Source, open_source
+from zeroseg.pipeline.sources import ListSource, Source, open_source
 from zeroseg.pipeline.store import FeatureStore, builder_lock
 from zeroseg.pipeline.store_meta import StoreMeta
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
@@ -134,6 +134,8 @@ def open_build_source(opts: BuildOptions) -> tuple[Source, str, list[str]]:
     keys = source.keys()
     if not keys:
         raise UserError(f"no images found in '{opts.source}'")
+    if isinstance(source, ListSource) and not opts.outside_paths:
+        source.refuse_outside_paths(keys)
     return source, opts.source_name or Path(source.spec.path).stem, keys
 
 

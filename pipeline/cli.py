@@ -72,6 +72,10 @@ def build(
         DEFAULT.source_name, help="Name of the source inside the store (default: its stem)."
     ),
     column: str | None = typer.Option(DEFAULT.column, help="Column of paths in a Parquet list file (default 'path')."),
+    outside_paths: bool = typer.Option(
+        DEFAULT.outside_paths, help="A list file may name absolute paths and paths through '..' (outside its "
+        "folder); without this, such a list is refused."
+    ),
     compile: bool = typer.Option(
         DEFAULT.compile, help="torch.compile the teacher on CUDA (~20 s once; ignored on CPU); --no-compile: eager."
     ),
@@ -125,7 +129,8 @@ def build(
         source=source, store=store, grids=parse_grids(grids), teacher=teacher, pretrained=pretrained,
         quick_gelu=quick_gelu, batch_size=batch_size, device=device, shard_size=shard_size,
         chunk_size=chunk_size, image_size=image_size, max_error_fraction=max_error_fraction,
-        decode_threads=decode_threads, source_name=source_name, column=column, compile=compile, progress=progress,
+        decode_threads=decode_threads, source_name=source_name, column=column, outside_paths=outside_paths,
+        compile=compile, progress=progress,
         store_crops=store_crops, scheduler=scheduler, scheduler_file=scheduler_file, workers=workers, repair=repair,
         max_pixels=max_pixels, max_file_mb=max_file_mb, decode=decode,
     )

@@ -20,7 +20,7 @@ says their chunks are unchecked, and readers fall back to "a chunk holding an ok
 
 import json
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import google_crc32c
 import numpy as np
@@ -95,6 +95,7 @@ def decode_record(metadata: dict[bytes, bytes] | None, part: Path) -> dict[str, 
     record = _decode(metadata, RECORD_KEY, RECORD_CRC_KEY, part, "chunk record")
     if not _is_record(record):
         raise UserError(f"manifest part '{part}' is damaged (its chunk record is malformed)")
+    _refuse_outside(record, part)
     return record
 
 
@@ -105,6 +106,8 @@ def decode_shard_records(metadata: dict[bytes, bytes] | None, part: Path) -> dic
     records = _decode(metadata, SHARDS_KEY, SHARDS_CRC_KEY, part, "shard records")
     if not (isinstance(records, dict) and records and all(k.isdigit() and _is_record(v) for k, v in records.items())):
         raise UserError(f"manifest part '{part}' is damaged (its shard records are malformed)")
+    for record in records.values():
+        _refuse_outside(record, part)
     return {int(shard): records[shard] for shard in sorted(records, key=int)}
 
 
@@ -120,6 +123,15 @@ def _decode(metadata: dict[bytes, bytes], key: bytes, crc_key: bytes, part: Path
         return json.loads(metadata[key])
     except ValueError:
         raise UserError(f"manifest part '{part}' is damaged (its {what} is not JSON)") from None
+
+
+def _refuse_outside(record: dict[str, dict[str, str]], part: Path) -> None:
+    """Chunk files are named relative to the store: one an absolute path or '..' would reach is refused."""
+    for name, files in record.items():
+        for key in files:
+            file = PurePosixPath(name, key)
+            if file.is_absolute() or ".." in file.parts:
+                raise UserError(f"manifest part '{part}' names chunk file '{file}', outside the store: refused")
 
 
 def _is_record(record) -> bool:

@@ -33,6 +33,7 @@ class BuildOptions:
     decode_threads: int = DEFAULT_DECODE_THREADS
     source_name: str | None = None
     column: str | None = None
+    outside_paths: bool = False  # a list file may name absolute paths and paths through '..'
     compile: bool = True  # torch.compile the teacher on CUDA (Teacher ignores it on CPU)
     progress: bool = True
     store_crops: bool = False  # keep the crops in the store (implied for tar sources and stores that have them)

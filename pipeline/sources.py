@@ -266,7 +266,8 @@ class H5Source:
 
 class ListSource:
     """Paths listed one per line in a text file (blank lines and #-comments skipped), or in a column of
-    a Parquet file; relative paths are relative to the list file's folder; key = the path as listed."""
+    a Parquet file; relative paths are relative to the list file's folder; key = the path as listed. A build
+    refuses absolute paths and paths through '..' unless told (`refuse_outside_paths`)."""
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec
@@ -288,6 +289,16 @@ class ListSource:
 
     def read(self, key: str, max_bytes: int | None = None) -> bytes:
         return read_regular_file(unescape_path(self.base, key), max_bytes)
+
+    def refuse_outside_paths(self, keys: list[str]) -> None:
+        """UserError naming the first key that is an absolute path or goes through '..' (zs-cache build reads such
+        keys only with --outside-paths)."""
+        outside = next((key for key in keys if Path(key).is_absolute() or ".." in Path(key).parts), None)
+        if outside is not None:
+            raise UserError(
+                f"list file '{self.spec.path}' names '{outside}', outside its folder: pass --outside-paths to read "
+                f"absolute paths and paths through '..'"
+            )
 
 
 Source = FolderSource | TarShardSource | H5Source | ListSource

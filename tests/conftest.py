@@ -225,14 +225,13 @@ def tmpfs(path, options: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def bomb_png(path: Path, side: int = 10_000) -> Path:
-    """A real PNG of side x side 1-bit pixels in a few kilobytes: a decompression bomb's shape (10000 x 10000 is
-    more than the default --max-pixels)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    rows = (b"\x00" + bytes((side + 7) // 8)) * side  # filter byte + packed bits, per row
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
-                     + chunk(b"IEND", b""))
-    return path
+
+def png_bomb_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height greyscale pixels but holds only the first rows: decoding it would
+    allocate the whole image before failing; refusing it from the header allocates nothing."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(bytes(4 * (width + 1)))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")

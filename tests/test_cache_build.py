@@ -190,9 +190,9 @@ def test_hdf5_and_list_sources_match_the_folder(photos, tmp_path):
     listing.parent.mkdir()
     keys = sorted(str(p.relative_to(photos)) for p in photos.rglob("*.jpg"))
     listing.write_text("# photos\n" + "\n".join(f"../photos/{k}" for k in keys) + "\n\n")
-    build(listing, tmp_path / "list")
+    build(listing, tmp_path / "list", outside_paths=True)
     pq.write_table(pa.table({"file": [str(photos / k) for k in keys]}), tmp_path / "paths.parquet")
-    build(tmp_path / "paths.parquet", tmp_path / "parquet", column="file")
+    build(tmp_path / "paths.parquet", tmp_path / "parquet", column="file", outside_paths=True)
     folder = by_key(tmp_path / "folder")
     h5 = by_key(tmp_path / "h5")
     listed = {k.removeprefix("../photos/"): v for k, v in by_key(tmp_path / "list").items()}

@@ -1,15 +1,17 @@
 """Sources a careful user should not have to clean first: odd names, link loops, bombs, FIFOs, devices."""
 
+import json
 import os
-import struct
+import shutil
 import tarfile
-import zlib
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+from tests.conftest import PHOTOS, TINY_TEACHER, invoke, png_bomb_header, run_cli, train
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
+from zeroseg.pipeline.integrity import RECORD_KEY, encode_record
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.sources import (
     FolderSource,
@@ -24,18 +26,6 @@ from zeroseg.pipeline.store import FeatureStore
 
 TINY_BUILD = ("--teacher", TINY_TEACHER, "--pretrained", "none", "--device", "cpu", "--image-size", "32",
               "--shard-size", "4", "--chunk-size", "2", "--no-progress", "--max-error-fraction", "1")
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_bomb_header(width: int, height: int) -> bytes:
-    """A PNG that declares width x height greyscale pixels but holds only the first rows: decoding it would
-    allocate the whole image before failing; refusing it from the header allocates nothing."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(bytes(4 * (width + 1)))
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
 
 
 def hostile_folder(root):
@@ -117,3 +107,39 @@ def test_impossible_grids_or_sizes_are_refused_before_anything_is_created(photos
         assert built.returncode == 2 and built.stderr.startswith(message), built.stderr
         assert len(built.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "store").exists()
+
+
+def test_a_list_file_reads_outside_its_folder_only_when_told(photos, tmp_path):
+    (photos / "inside").mkdir()
+    shutil.copy(PHOTOS[0], photos / "inside" / "a.jpg")
+    for line in ("/etc/passwd", "../../../../etc/passwd", "inside/../../outside.jpg"):
+        listing = photos / "list.txt"
+        listing.write_text(f"inside/a.jpg\n{line}\n")
+        refused = invoke(zs_cache, "build", listing, "--store", tmp_path / "store", *TINY_BUILD)
+        assert refused.returncode == 2 and not (tmp_path / "store").exists()
+        assert refused.stderr.strip() == (
+            f"error: list file '{listing}' names '{line}', outside its folder: pass --outside-paths to read absolute "
+            f"paths and paths through '..'"
+        )
+    listing.write_text(f"inside/a.jpg\n{PHOTOS[1]}\n")
+    built = invoke(zs_cache, "build", listing, "--store", tmp_path / "store", *TINY_BUILD, "--outside-paths")
+    assert built.returncode == 0, built.stderr
+    assert sorted(FeatureStore.open(tmp_path / "store").manifest(["key"])["key"].to_pylist()) == sorted(
+        ["inside/a.jpg", str(PHOTOS[1])]
+    )
+    assert "--outside-paths" in invoke(zs_cache, "build", "--help").stdout
+
+
+def test_a_commit_record_naming_a_file_outside_the_store_is_refused(crops_store, tmp_path):
+    """A part whose record (crc32c recomputed, as anyone can) names ../../../../etc/passwd as a chunk file."""
+    part = sorted((crops_store / "manifest").glob("shard-*.parquet"))[0]
+    table = pq.read_table(part)
+    record = json.loads(table.schema.metadata[RECORD_KEY])
+    record["features"]["../../../../etc/passwd"] = "00000000"
+    metadata = {**table.schema.metadata, **encode_record(record)}
+    pq.write_table(table.replace_schema_metadata(metadata), part, write_page_checksum=True)
+    refusal = f"manifest part '{part}' names chunk file 'features/../../../../etc/passwd', outside the store: refused"
+    verified = run_cli("zeroseg.pipeline.cli", "verify", crops_store)
+    assert verified.returncode == 1 and f"problem: {refusal}" in verified.stderr.splitlines()
+    trained = train(crops_store, tmp_path / "run", "--steps", "1")
+    assert trained.returncode == 2 and trained.stderr.strip() == f"error: {refusal}"
