@@ -33,7 +33,7 @@ def prepare_coco_object(instances_json: str | Path, out_dir: str | Path, progres
         target = out_dir / f"{Path(info['file_name']).stem}.png"
         if target.exists():
             continue
-        save_png(label_image(_label_map(coco, info)), target)
+        save_png(label_image(_label_map(coco, info, Path(instances_json))), target)
         written += 1
     return written
 
@@ -54,10 +54,17 @@ def _load_instances(path: Path) -> COCO:
     return coco
 
 
-def _label_map(coco: COCO, info: dict) -> np.ndarray:
+def _label_map(coco: COCO, info: dict, path: Path) -> np.ndarray:
     labels = np.zeros((info["height"], info["width"]), dtype=np.uint8)  # [H, W]
     annotations = sorted(coco.imgToAnns[info["id"]], key=lambda ann: (-ann["area"], ann["id"]))
     for ann in annotations:
-        mask = coco.annToMask(ann).astype(bool)  # [H, W]; polygons, RLE and uncompressed (crowd) RLE
+        polygons = ann["segmentation"] if isinstance(ann["segmentation"], list) else []
+        # pycocotools refuses fewer than 4 numbers with a bare Exception and reads 4 as a box, not a polygon
+        if any(not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2 for polygon in polygons):
+            raise UserError(f"{path}: annotation {ann['id']} has a polygon that is not 3 or more x, y pairs")
+        try:
+            mask = coco.annToMask(ann).astype(bool)  # [H, W]; polygons, RLE and uncompressed (crowd) RLE
+        except Exception as exc:  # pycocotools' own checks raise bare Exception
+            raise UserError(f"{path}: annotation {ann['id']} cannot be drawn: {first_line(exc)}") from None
         labels[mask] = COCO_CATEGORY_TO_INDEX[ann["category_id"]]
     return labels

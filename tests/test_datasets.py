@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from tests.conftest import invoke
 from zeroseg.errors import UserError
+from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.coco_prepare import prepare_coco_object
 from zeroseg.evaluation.datasets import Sample, coco_stuff_lookup, open_dataset
 
@@ -225,3 +227,17 @@ def test_every_benchmark_is_in_the_data_layout_help():
     assert DATA_LAYOUT.startswith("Data layout under --data-root (DATA_ROOT):\n\n")
     named = [line.split()[0] for line in DATA_LAYOUT.splitlines() if line.startswith("  ") and line[2] != " "]
     assert named == list(DATASETS)
+
+
+@pytest.mark.parametrize("polygon", [[10.0, 20.0, 30.0], [10.0, 20.0, 30.0, 40.0], [1, 2, 3, 4, 5, 6, 7]])
+def test_prepare_refuses_a_polygon_that_is_not_pairs_of_three_points_or_more_in_one_line(tmp_path, polygon):
+    """pycocotools raises a bare 'input type is not supported' for 3 numbers and reads 4 as a box."""
+    instances = json.loads(COCO_JSON.read_text())
+    ann = next(a for a in instances["annotations"] if isinstance(a["segmentation"], list))
+    ann["segmentation"] = [polygon]
+    hostile = tmp_path / "instances.json"
+    hostile.write_text(json.dumps(instances))
+    prepared = invoke(zs_eval, "prepare", "coco", "--instances", hostile, "--out", tmp_path / "out", "--no-progress")
+    assert prepared.returncode == 2 and prepared.stderr == (
+        f"error: {hostile}: annotation {ann['id']} has a polygon that is not 3 or more x, y pairs\n"
+    )
