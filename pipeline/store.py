@@ -43,7 +43,7 @@ import zarr
 from filelock import FileLock, Timeout
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from zeroseg.errors import UserError, first_line
+from zeroseg.errors import DAMAGED, UserError, first_line
 from zeroseg.io import atomic_path, remove_dead_partials
 from zeroseg.pipeline.integrity import (
     chunk_key,
@@ -51,6 +51,7 @@ from zeroseg.pipeline.integrity import (
     decode_shard_records,
     encode_record,
     encode_shard_records,
+    has_checksums,
     shard_record,
 )
 from zeroseg.pipeline.manifest import MANIFEST_SCHEMA, name_list, refuse_duplicates
@@ -125,7 +126,12 @@ class FeatureStore:
         version = recorded.get("format_version") if isinstance(recorded, dict) else None
         if version != FORMAT_VERSION:
             raise UserError(f"'{path}' has store format {version}; this zeroseg reads format {FORMAT_VERSION}")
-        return cls(path, group)
+        store = cls(path, group)
+        for array in arrays if store.meta.commit_records else ():  # chunks written since checksums end in a crc32c
+            if not has_checksums(array):
+                raise UserError(f"'{store.path / array.path / 'zarr.json'}' lacks the crc32c codec of its chunks "
+                                f"({DAMAGED})")
+        return store
 
     @classmethod
     def create(cls, path: str | Path, meta: StoreMeta) -> "FeatureStore":

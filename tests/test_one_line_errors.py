@@ -1,5 +1,6 @@
 """Failures a user can cause are one line and a non-zero exit, never a traceback (real files, mounts, signals)."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -126,3 +127,16 @@ def test_a_corrupt_text_cache_file_is_rebuilt_with_a_warning(tmp_path):
         warnings.simplefilter("always")
         assert _read_cache(path, ["cat"], ["a photo of a {}."]) is None
     assert any("is damaged" in str(w.message) and "rebuilding it" in str(w.message) for w in caught)
+
+
+def test_a_features_array_whose_crc32c_codec_was_removed_is_one_line_naming_it(tmp_path):
+    """Its chunks still end in a crc32c, which zstd cannot decode (a RuntimeError traceback in verify and train)."""
+    store = make_store(tmp_path, count=4)
+    metadata = store / "features" / "zarr.json"
+    document = json.loads(metadata.read_text())
+    document["codecs"] = [codec for codec in document["codecs"] if codec["name"] != "crc32c"]
+    metadata.write_text(json.dumps(document))
+    refusal = f"error: '{metadata}' lacks the crc32c codec of its chunks (damaged, or written by another zeroseg"
+    verified = invoke(zs_cache, "verify", store)
+    assert one_line(verified).startswith(refusal)
+    assert one_line(train(store, tmp_path / "run", "--steps", "1")).startswith(refusal)
