@@ -23,7 +23,7 @@ from zeroseg.evaluation.datasets import SegmentationDataset, read_label_png
 from zeroseg.evaluation.drawing import label_image, overlay, save_png
 from zeroseg.evaluation.scores import ConfusionMatrix, format_results, segmentation_results
 from zeroseg.evaluation.segmenter import WindowSegmenter
-from zeroseg.io import write_atomically
+from zeroseg.io import remove_dead_partials, write_atomically
 from zeroseg.process_group import Process
 from zeroseg.runtime import prefetch_map
 
@@ -159,8 +159,10 @@ def results_document(dataset: SegmentationDataset, split: str, confusion: Confus
 
 
 def write_results(document: dict, out_dir: Path) -> tuple[Path, Path]:
-    """<out_dir>/<dataset>.json and <dataset>.md (the per-class table), each written atomically."""
+    """<out_dir>/<dataset>.json and <dataset>.md (the per-class table), each written atomically (and what a killed
+    writer left there removed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(out_dir)
     json_path = out_dir / f"{document['dataset']}.json"
     markdown_path = out_dir / f"{document['dataset']}.md"
     write_atomically(json_path, _json_with_matrix_rows(document))

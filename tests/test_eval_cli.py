@@ -249,3 +249,31 @@ def test_images_of_more_than_max_pixels_are_one_line_each(setup, tmp_path):
     )
     assert "are reported in one line and skipped" in " ".join(invoke(zs_segment, "--help").stdout.split())
     assert "stop the evaluation with an error naming the image" in " ".join(invoke(zs_eval, "--help").stdout.split())
+
+
+KILLED_AT_REPORT = """
+import os, signal, sys
+from zeroseg.evaluation.cli import main
+
+synced = os.fsync
+def fsync_then_die_at_the_report(handle):  # SIGKILL once the new voc.json is written, before its rename
+    synced(handle)
+    if os.path.basename(os.readlink(f"/proc/self/fd/{handle}")).startswith(".voc.json."):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.fsync = fsync_then_die_at_the_report
+sys.argv[0] = "zs-eval"
+main()
+"""
+
+
+def test_a_kill_while_the_report_is_written_leaves_the_previous_report_whole(tmp_path):
+    labels = VOC_ROOT / "SegmentationClass"
+    args = ["voc", "--data-root", FIXTURES, "--predictions", labels, "--out", tmp_path, "--no-progress"]
+    assert invoke(zs_eval, *args).returncode == 0
+    before = (tmp_path / "voc.json").read_text()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_REPORT, *map(str, args)], capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / "voc.json").read_text() == before and json.loads(before)["mIoU"] == 100.0
+    assert len(list(tmp_path.glob(".voc.json.*.partial"))) == 1
+    assert invoke(zs_eval, *args).returncode == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["voc.json", "voc.md"]
