@@ -41,3 +41,32 @@ def test_two_builds_started_at_the_same_instant_one_refused_and_the_store_whole(
     assert run_cli("zeroseg.pipeline.cli", "verify", store).returncode == 0
     keys = FeatureStore.open(store).manifest(["key"])["key"].to_pylist()
     assert sorted(keys) == sorted(str(path.relative_to(photos)) for path in photos.rglob("*.jpg"))
+
+
+KILLED_WRITING_A_PART = """
+import os, signal, sys
+import pyarrow.parquet as pq
+from zeroseg.pipeline.compact import compact
+from zeroseg.pipeline.options import CompactOptions
+
+written = pq.write_table
+def half_written_then_killed(table, where, **kwargs):  # SIGKILL in the middle of writing the merged part
+    written(table, where, **kwargs)
+    os.truncate(where, os.path.getsize(where) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+pq.write_table = half_written_then_killed
+compact(CompactOptions(sys.argv[1], 100))
+"""
+
+
+def test_a_compact_killed_while_it_writes_a_part_leaves_a_store_that_reads_verifies_and_compacts(crops_store):
+    manifest = FeatureStore.open(crops_store).manifest().sort_by("key")
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITING_A_PART, str(crops_store)], capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    (partial,) = (crops_store / "manifest").glob(".shards-*.partial")
+    assert FeatureStore.open(crops_store).manifest().sort_by("key").equals(manifest)
+    assert run_cli("zeroseg.pipeline.cli", "verify", crops_store).returncode == 0
+    compacted = run_cli("zeroseg.pipeline.cli", "compact", crops_store)
+    assert compacted.returncode == 0, compacted.stderr
+    assert sorted(path.name for path in (crops_store / "manifest").iterdir()) == ["shards-000000-000002.parquet"]
+    assert FeatureStore.open(crops_store).manifest().sort_by("key").equals(manifest)
