@@ -51,9 +51,15 @@ def remove_dead_partials(folder: str | Path, targets: re.Pattern[str] | None = N
 
 
 def _umask() -> int:
-    mask = os.umask(0o077)  # reading it means setting it: meanwhile, files are made narrower, never wider
-    os.umask(mask)
-    return mask
+    """The process's umask, read from /proc (Linux): os.umask reads it only by setting it, which would narrow the
+    files other threads make meanwhile (Zarr chunks); elsewhere that narrowing is the price."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        mask = os.umask(0o077)
+        os.umask(mask)
+        return mask
+    return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
 
 
 def _alive(pid: int) -> bool:
