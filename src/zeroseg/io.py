@@ -1,6 +1,7 @@
 """Files as every stage writes them: whole or not at all (write a temporary sibling, flush it to disk, rename it
 over the target, so a reader or a process resumed after a kill sees the old file or the new one, never a partial
-one), and byte counts as people read them."""
+one), with the mode the umask gives, and the temporary files of killed writers removed by the next writer; names
+a recorded folder holds resolved inside it; file digests; and byte counts as people read them."""
 
 import hashlib
 import os
@@ -68,7 +69,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
