@@ -85,14 +85,16 @@ def invoke(main, *args: str) -> CliResult:
 
 
 def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops: bool = False, decode: str = "full"):
-    """A store of the first `count` fixture photos with the tiny teacher: chunks of 2, shards of 4."""
+    """A store of the first `count` fixture photos (more than there are: copies under other names) with the tiny
+    teacher: chunks of 2, shards of 4."""
     from zeroseg.pipeline.build import run_build
     from zeroseg.pipeline.options import BuildOptions
 
     photos = root / "photos"
     photos.mkdir(parents=True)
-    for path in PHOTOS[:count]:
-        shutil.copy(path, photos / path.name)
+    for i in range(count):
+        path = PHOTOS[i % len(PHOTOS)]
+        shutil.copy(path, photos / (path.name if i < len(PHOTOS) else f"copy{i}-{path.name}"))
     opts = BuildOptions(
         source=str(photos), store=str(root / "store"), teacher=str(TINY_TEACHER), pretrained="none", device="cpu",
         shard_size=4, chunk_size=STORE_CHUNK, batch_size=10, image_size=image_size, progress=False,

@@ -1,6 +1,7 @@
 """Stage two's data: the chunk-window sample order and the batches read from a real tiny store."""
 
 import dataclasses
+import os
 from collections import Counter
 
 import numpy as np
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import make_store
+from tests.conftest import STORE_CHUNK, make_store
 from zeroseg.errors import UserError
 from zeroseg.pipeline import store as store_module
 from zeroseg.pipeline.compact import compact
@@ -70,14 +71,17 @@ def _windows(order: np.ndarray, chunk_of: np.ndarray, window: int) -> list[set]:
     return windows
 
 
-def test_device_batches_do_not_depend_on_the_number_of_processes():
-    one = BatchPlan(batch=3, accum=4, world=1, rank=0)
-    two = [BatchPlan(batch=3, accum=2, world=2, rank=r) for r in range(2)]
-    four = [BatchPlan(batch=3, accum=1, world=4, rank=r) for r in range(4)]
+@pytest.mark.parametrize("streams, run", [(1, 1), (2, 3), (3, 1)])
+def test_device_batches_do_not_depend_on_the_number_of_processes(streams, run):
+    one = BatchPlan(batch=3, accum=4, world=1, rank=0, streams=streams, run=run)
+    two = [BatchPlan(batch=3, accum=2, world=2, rank=r, streams=streams, run=run) for r in range(2)]
+    four = [BatchPlan(batch=3, accum=1, world=4, rank=r, streams=streams, run=run) for r in range(4)]
     assert one.effective_batch == two[0].effective_batch == four[0].effective_batch == 12
-    for step in range(3):
+    block = streams * run  # steps per block; a block's steps cover its 12 x block positions, each batch once
+    starts = []
+    for step in range(2 * block):
         expected = [one.start(step * 4 + a) for a in range(4)]  # device batch m of the step, m = 0..3
-        assert expected == [step * 12 + 3 * m for m in range(4)]
+        starts += expected
         for plans in (two, four):
             found = {}
             for plan in plans:
@@ -85,6 +89,23 @@ def test_device_batches_do_not_depend_on_the_number_of_processes():
                     j = step * plan.accum + a
                     found[plan.step_and_index(j)] = plan.start(j)
             assert found == {(step, m): start for m, start in enumerate(expected)}
+    assert sorted(starts) == list(range(0, 24 * block, 3))
+    if streams == run == 1:  # the plain order: device batch m of step s at s * E + m * batch
+        assert starts == list(range(0, 24, 3))
+    # block 0, device batch slot 1 (one's accumulation pass 1) owns positions 3 x block ... 6 x block - 1: run c of
+    # it, R batches, serves the steps u with u % streams == c in turn
+    slot = [one.start(u * 4 + 1) for u in range(block)]
+    assert sorted(slot) == list(range(3 * block, 6 * block, 3))
+    assert slot[:: streams] == list(range(3 * block, 3 * block + 3 * run, 3))
+
+
+def test_plans_that_read_whole_runs_fit_an_epoch_into_a_block():
+    plan = BatchPlan.reading(256, 1, 8, 3, workers=8, samples=1_281_167, window_samples=16 * 64)
+    assert (plan.streams, plan.run) == (8, 64)  # 16 windows of 1,024 in batches of 256
+    small = BatchPlan.reading(2, 1, 2, 0, workers=3, samples=48, window_samples=4)
+    assert (small.streams, small.run) == (3, 4)  # 3 x 4 steps of 4 samples: one epoch of 48
+    alone = BatchPlan.reading(4, 1, 1, 0, workers=0, samples=10, window_samples=4)
+    assert [alone.start(j) for j in range(9)] == list(range(0, 36, 4))  # one reader, one slot: the plain order
 
 
 def test_batches_hold_the_store_rows_and_the_crops_the_teacher_saw(store):
@@ -199,6 +220,43 @@ def test_a_worker_reads_each_chunk_once_per_epoch(store, monkeypatch):
     dataset = StoreBatches(samples, BatchPlan(batch=5, accum=1, world=1, rank=0), window=2, seed=3)
     dataset[0], dataset[1]  # one epoch: 10 samples in 5 chunks, windows of 2 chunks
     assert reads == dict.fromkeys(range(5), 1)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_each_chunk_is_read_about_once_per_epoch_by_one_worker_of_two_ranks(tmp_path, monkeypatch, workers):
+    store = make_store(tmp_path, count=48, store_crops=True)  # 24 chunks of 2, windows of 2 chunks
+    log = tmp_path / "reads"
+    original = StoreBatches.read_chunk
+
+    def logged(self, index):  # runs in the loader workers: one line per Zarr read of a chunk
+        with log.open("a") as out:
+            out.write(f"{os.getpid()} {index}\n")
+        return original(self, index)
+
+    monkeypatch.setattr(StoreBatches, "read_chunk", logged)
+    samples = StoreSamples.open(store)
+
+    def epoch(plans: list[BatchPlan]) -> tuple[list[int], Counter, set]:
+        """One epoch (12 steps of 2 ranks x 2) through real loaders: rows seen, reads per chunk, readers."""
+        log.write_text("")
+        rows = []
+        for plan in plans:
+            loader = make_loader(StoreBatches(samples, plan, window=2, seed=5), 0, 12, workers, prefetch=2, pin=False)
+            rows += [row for batch in loader for row in batch.rows.tolist()]
+        reads = [line.split() for line in log.read_text().splitlines()]
+        return rows, Counter(int(index) for _, index in reads), {pid for pid, _ in reads}
+
+    plain = epoch([BatchPlan(batch=2, accum=1, world=2, rank=r) for r in range(2)])
+    laid_out = epoch([BatchPlan.reading(2, 1, 2, r, workers, len(samples), 2 * STORE_CHUNK) for r in range(2)])
+    for rows, per_chunk, readers in (plain, laid_out):
+        assert sorted(rows) == list(range(48))  # one block is this epoch
+        assert set(per_chunk) == set(range(24)) and len(readers) == 2 * workers
+    _, per_chunk, _ = laid_out
+    if workers != 4:  # runs of 6 (2 workers) or 4 batches (3) cover whole windows: one read of every chunk
+        assert per_chunk == dict.fromkeys(range(24), 1)
+    else:  # runs of 3 batches of 2: 8 of the 12 windows of 4 samples straddle two runs, each reads its chunks
+        assert max(per_chunk.values()) == 2 and sum(per_chunk.values()) <= 24 + 8 * 2
+    assert sum(plain[1].values()) > sum(per_chunk.values())
 
 
 def test_model_input_normalises_and_resizes_on_the_device(store):

@@ -6,13 +6,14 @@ StoreBatches  map-style dataset: this process's device batch j -> Batch, in the 
 make_loader   a DataLoader over device batches [first, last): worker processes, pinned memory
 ModelInput    on the device: uint8 crops -> normalised float images of the model's input size
 
-Each DataLoader worker keeps the last 2 x shuffle_window decompressed chunks (features, and the crops of a
-store that keeps them, or else the chunk's image records from the manifest), so a worker reads each chunk
-once per window it serves (one Zarr read of the chunk's rows per array) however many of its batches draw
-from that chunk. A store made with --store-crops gives its own crops that way; otherwise
-pipeline.reader.CropReader decodes the source images with the build's decode and crop (the store's
-preprocessing `decode`, full or reduced); with decode "device" the workers only read and parse them
-(Batch.encoded) and the training step decodes and crops them on its device (Batch.device_crops).
+Each DataLoader worker keeps the last 2 x shuffle_window x accum_steps decompressed chunks (features, and the
+crops of a store that keeps them, or else the chunk's image records from the manifest), so a worker reads each
+chunk once per window it serves (one Zarr read of the chunk's rows per array) however many of its batches draw
+from that chunk; trainer.sampling lays the batches out so that a worker serves whole runs of windows (each
+chunk decompressed about once per epoch by one worker of one process). A store made with --store-crops gives
+its own crops that way; otherwise pipeline.reader.CropReader decodes the source images with the build's decode
+and crop (the store's preprocessing `decode`, full or reduced); with decode "device" the workers only read and parse
+them (Batch.encoded) and the training step decodes and crops them on its device (Batch.device_crops).
 """
 
 import os
@@ -201,7 +202,7 @@ class StoreBatches(Dataset):
         self.reader = CropReader(samples.meta, samples.path)  # decodes the source images of a store without crops
         self.arrays = (FEATURES, CROPS) if self.reader.reads_stored_crops else (FEATURES,)
         self.chunk_size = samples.meta.chunk_size
-        self.cache_size = 2 * window
+        self.cache_size = 2 * window * plan.accum  # a window and the next for each of the accum runs it reads
         self._store: FeatureStore | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._pid: int | None = None

@@ -18,14 +18,30 @@ sorted path order, so on ImageNet a chunk is mostly one class and a window of K 
 K classes. The losses are per sample (no batch statistics), so this only makes the gradient noisier than a
 uniform shuffle would; raise the window to mix more, at the memory cost noted in DataConfig.
 
-The epochs are concatenated into one stream of sample ids. Optimizer step s takes the stream positions
-[s * E, (s + 1) * E), E = batch x accum x world (batches may straddle an epoch boundary, no sample is
-dropped). Those E positions are cut into accum x world device batches of `batch` samples; device batch
-m = a * world + r of step s (accumulation pass a, rank r) covers [s * E + m * batch, ... + batch).
-So the samples of a step, and of each of its device batches, depend on the effective batch and the
-per-process batch, never on how the passes are spread over processes: 1 process x 2 passes sees the
-same device batches as 2 processes x 1 pass. A position in the stream is a pure function of the step,
-so a resumed run skips the samples it has seen without reading them.
+The epochs are concatenated into one stream of sample ids. Optimizer step s takes E = batch x accum x world
+positions of the stream (batches may straddle an epoch boundary, no sample is dropped), cut into M = accum x
+world device batches of `batch` samples; device batch m = a * world + r of step s (accumulation pass a, rank
+r) covers `batch` consecutive positions. Which ones is laid out for the readers: a process reads its device
+batch j in loader worker j % workers, and a reader decompresses a chunk once per window it serves only if its
+consecutive batches come from the same windows. So the stream is cut into blocks of T = P x R steps (T x E
+positions), P = read streams (the loader workers, at least 1), R = device batches of one run (16 windows'
+worth, fewer when a block would exceed an epoch). Within a block, device batch slot m owns T x batch
+consecutive positions, cut into P runs of R batches; step u of the block (u = 0..T-1) takes batch u // P of
+run u % P:
+
+    start(step s = block * T + u, slot m) = block * T * E + (m * T + (u % P) * R + u // P) * batch
+
+A worker serves run (m, u % P) whole (its batches j = s * accum + a, a fixed slot, s = u mod P: j % workers
+depends on u % P only when P x accum is a multiple of workers, which P = workers makes true), so it
+decompresses each chunk of its runs once, plus the windows two neighbouring runs share (1/16 more); it keeps
+accum runs open, so its cache holds 2 x window x accum chunks. The layout depends on (batch, E, P, R), never
+on how the passes are spread over processes: 1 process x 2 passes sees the same device batches as 2
+processes x 1 pass (at the same data.workers; a different worker count is another layout, so a resumed run
+keeps the one in its config.yaml). A step takes E positions of its block, the block as a whole every
+position of its span: every sample is seen once per epoch of the stream, at most one block away from its
+place in the plain order. A position is a pure function of the step, so a resumed run skips the samples it
+has seen without reading them. With P = R = 1 (no loader worker, a single device batch per step or a store
+smaller than a run) this is the plain order: device batch m of step s covers [s * E + m * batch, ... + batch).
 """
 
 from dataclasses import dataclass
@@ -96,19 +112,34 @@ class SampleOrder:
         return ids
 
 
+RUN_WINDOWS = 16  # windows of one read stream's run: the two it shares with its neighbours cost 1/16 more reads
+
+
 @dataclass(frozen=True)
 class BatchPlan:
-    """Which stream positions one process's device batches cover.
+    """Which stream positions one process's device batches cover (the layout in the module docstring).
 
     batch: samples per device batch; accum: device batches per optimizer step and process;
-    world / rank: processes and this one's index. The process's device batch j belongs to optimizer step
-    j // accum, accumulation pass j % accum.
+    world / rank: processes and this one's index; streams (P), run (R): the read streams of the layout and
+    the device batches of a run. The process's device batch j belongs to optimizer step j // accum,
+    accumulation pass j % accum.
     """
 
     batch: int
     accum: int
     world: int
     rank: int
+    streams: int = 1
+    run: int = 1
+
+    @classmethod
+    def reading(cls, batch: int, accum: int, world: int, rank: int, workers: int, samples: int,
+                window_samples: int) -> "BatchPlan":
+        """The plan whose runs each of `workers` loader workers reads whole: P = max(1, workers), R = RUN_WINDOWS
+        windows of `window_samples` in batches, at most one epoch of `samples` per block."""
+        streams = max(1, workers)
+        run = min(-(-RUN_WINDOWS * window_samples // batch), samples // (streams * batch * accum * world))
+        return cls(batch, accum, world, rank, streams, max(1, run))
 
     @property
     def effective_batch(self) -> int:
@@ -122,4 +153,7 @@ class BatchPlan:
     def start(self, j: int) -> int:
         """First stream position of local device batch j."""
         step, index = self.step_and_index(j)
-        return step * self.effective_batch + index * self.batch
+        steps = self.streams * self.run  # T, steps per block
+        block, u = divmod(step, steps)
+        within = index * steps + (u % self.streams) * self.run + u // self.streams  # device batches into the block
+        return block * steps * self.effective_batch + within * self.batch

@@ -148,6 +148,10 @@ def _train_locked(
     samples = StoreSamples.open(cfg.data.store)
     check_store(samples, cfg.model, cfg.loss, cfg.data.resize)
     payload = resume_payload(cfg, samples.identity(), resume, log)
+    trained_workers = payload["config"]["data"]["workers"] if payload is not None else cfg.data.workers
+    if max(1, trained_workers) != max(1, cfg.data.workers):  # trainer.sampling: the read streams
+        log(f"data.workers was {trained_workers}, now {cfg.data.workers}: the batches are laid out for the new "
+            f"number of loader workers (a continuation, not an exact replay)")
     process = process_group.setup(cfg.run.device)
     trainer = None
     try:
@@ -174,7 +178,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, process: process_group.Process, samples: StoreSamples, payload: dict | None):
         self.cfg, self.process, self.samples = cfg, process, samples
         self.device = process.device
-        self.plan = BatchPlan(cfg.data.batch_size, cfg.optim.accum_steps, process.world_size, process.rank)
+        self.plan = BatchPlan.reading(
+            cfg.data.batch_size, cfg.optim.accum_steps, process.world_size, process.rank, cfg.data.workers,
+            len(samples), cfg.data.shuffle_window * samples.meta.chunk_size,
+        )
         self.schedule = make_schedule(cfg.schedule, cfg.optim, len(samples), self.plan.effective_batch)
         if payload is not None:
             check_effective_batch(payload, self.plan.effective_batch)
