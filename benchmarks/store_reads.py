@@ -1,36 +1,40 @@
-"""Stored-crop reads in the trainer: images per CPU-second (= per core) in the real sampling order.
+"""Stored-crop reads in the trainer: chunk decompressions per epoch and images per CPU-second (= per core) in the
+real worker/rank order.
 
 Synthesises a store that keeps its crops (--rows rows of the fixture photos' centre crops at --crop-size,
-fp16 features of --views x --dim random values, chunks of --chunk-size images), then reads one epoch of
-device batches of --batch-size in trainer.sampling's order, in this one process, three ways:
+fp16 features of --views x --dim random values, chunks of --chunk-size images), then reads the steps of one
+epoch of device batches of --batch-size the way --ranks training processes with --workers DataLoader workers
+each read them: reader (rank r, worker w) is a fresh trainer.data.StoreBatches (its own chunk cache, as in a
+worker process) reading the rank's device batches j with j % workers == w, in order. Three ways, in this one
+process:
 
-  dataset     trainer.data.StoreBatches (what a loader worker runs: each chunk decompressed once per window)
-  per batch   the crops of each batch by one orthogonal Zarr read of its rows (CropReader.crops), the
-              way batches were read before the chunk cache held crops; features from the chunk cache
+  plain       the batch layout before trainer.sampling's runs (BatchPlan without streams: the plain order)
+  laid out    BatchPlan.reading, the layout `zs-train` uses (each worker reads whole runs of windows)
   chunks      every chunk of both arrays read whole, once, in row order (the ceiling)
 
-Prints images per CPU-second and wall-second of each, and dataset / per batch (target >= 4,000 images/s
-per core at batch 256 for the dataset).
+Prints chunk decompressions (reads of one chunk of every array) per epoch and images per CPU-second and
+wall-second of each, then the decompressions of an ImageNet-sized epoch (1,281,167 samples in chunks of 64,
+--ranks x --workers readers, --batch-size, --window), counted on the sample ids alone (no store).
 
-    python benchmarks/store_reads.py                         # 2,048 rows of 224 px, batch 256
+    python benchmarks/store_reads.py                         # 4,096 rows of 224 px, 2 ranks x 4 workers
 """
 
 import argparse
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.manifest import ImageRecord
-from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.sources import SourceSpec
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.store_meta import Preprocessing, StoreMeta
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.data import StoreBatches, StoreSamples
-from zeroseg.trainer.sampling import BatchPlan
+from zeroseg.trainer.sampling import BatchPlan, SampleOrder
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
@@ -60,59 +64,88 @@ def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, views: in
         store.commit(shard, manifest_rows(shard, records), record)
 
 
-def rate(read, images: int) -> tuple[float, float]:
-    """(images per CPU-second, images per wall-second) of `read()`."""
-    cpu, wall = time.process_time(), time.perf_counter()
-    read()
-    return images / (time.process_time() - cpu), images / (time.perf_counter() - wall)
+def plans(args, samples: int, laid_out: bool) -> list[BatchPlan]:
+    """Each rank's BatchPlan: laid out for the workers (BatchPlan.reading) or the plain order."""
+    if laid_out:
+        window = args.window * args.chunk_size
+        return [BatchPlan.reading(args.batch_size, 1, args.ranks, r, args.workers, samples, window)
+                for r in range(args.ranks)]  # fmt: skip
+    return [BatchPlan(args.batch_size, 1, args.ranks, r) for r in range(args.ranks)]
+
+
+def reader_batches(plan: BatchPlan, workers: int, steps: int) -> list[list[int]]:
+    """The device batches each loader worker of `plan`'s rank reads in `steps` steps, in order."""
+    return [list(range(w, steps, max(1, workers))) for w in range(max(1, workers))]
+
+
+def simulated_reads(args, samples: int, laid_out: bool) -> int:
+    """Chunk decompressions of one epoch of `samples` in chunks of 64, each reader an LRU cache of
+    StoreBatches' size, on the sample ids alone."""
+    order = SampleOrder(np.arange(samples) // args.chunk_size, args.window, seed=0)
+    steps = samples // (args.batch_size * args.ranks)
+    reads = 0
+    for plan in plans(args, samples, laid_out):
+        for batches in reader_batches(plan, args.workers, steps):
+            cache: OrderedDict[int, None] = OrderedDict()
+            for j in batches:
+                for chunk in np.unique(order.positions(plan.start(j), plan.batch) // args.chunk_size).tolist():
+                    if chunk in cache:
+                        cache.move_to_end(chunk)
+                        continue
+                    reads += 1
+                    cache[chunk] = None
+                    if len(cache) > 2 * args.window:
+                        cache.popitem(last=False)
+    return reads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--views", type=int, default=30)
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--window", type=int, default=16, help="shuffle window (chunks)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--window", type=int, default=4, help="shuffle window (chunks)")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=4, help="loader workers per rank")
     args = parser.parse_args()
 
+    results = {}
     with tempfile.TemporaryDirectory() as scratch:
         synthesise(Path(scratch), args.rows, args.crop_size, args.chunk_size, args.views, args.dim)
         path = Path(scratch) / "store"
         samples = StoreSamples.open(path)
-        batches = len(samples) // args.batch_size
-        images = batches * args.batch_size
-
-        def dataset() -> None:
-            reader = StoreBatches(samples, BatchPlan(args.batch_size, 1, 1, 0), args.window, seed=0)
-            for j in range(batches):
-                reader[j]
-
-        def per_batch() -> None:
-            reader = StoreBatches(samples, BatchPlan(args.batch_size, 1, 1, 0), args.window, seed=0)
-            reader.arrays = ("features",)
-            crops = CropReader(samples.meta, path)
-            for j in range(batches):
-                ids = reader.order.positions(reader.plan.start(j), args.batch_size)
-                rows = samples.rows[ids]
-                np.stack([reader.chunk(int(r) // args.chunk_size)["features"][int(r) % args.chunk_size] for r in rows])
-                crops.crops([ImageRecord("synthetic", f"{r:08d}", int(r)) for r in rows])
-
-        def chunks() -> None:
-            store = FeatureStore.open(path)
-            for start in range(0, images, args.chunk_size):
-                store.features[start : start + args.chunk_size], store.crops[start : start + args.chunk_size]
-
-        results = {name: rate(read, images) for name, read in (("dataset", dataset), ("per batch", per_batch),
-                                                               ("chunks", chunks))}  # fmt: skip
-    print(f"{images} images of {args.crop_size} px with {args.views}x{args.dim} features, batch {args.batch_size}, "
-          f"window {args.window} x chunk {args.chunk_size}")  # fmt: skip
-    for name, (per_cpu, per_wall) in results.items():
-        print(f"{name:<10} {per_cpu:9.0f} images/CPU-s  {per_wall:9.0f} images/s")
-    print(f"dataset / per batch: {results['dataset'][0] / results['per batch'][0]:.2f} (per CPU-second; "
-          f"target: dataset >= 4000 images/CPU-s)")
+        steps = len(samples) // (args.batch_size * args.ranks)  # one epoch of steps
+        images = steps * args.batch_size * args.ranks
+        for name, laid_out in (("plain", False), ("laid out", True)):
+            reads = 0
+            cpu, wall = time.process_time(), time.perf_counter()
+            for plan in plans(args, len(samples), laid_out):
+                for batches in reader_batches(plan, args.workers, steps):
+                    reader = StoreBatches(samples, plan, args.window, seed=0)
+                    read, counted = reader.read_chunk, []
+                    reader.read_chunk = lambda index: counted.append(index) or read(index)  # noqa: B023
+                    for j in batches:
+                        reader[j]
+                    reads += len(counted)
+            results[name] = reads, images / (time.process_time() - cpu), images / (time.perf_counter() - wall)
+        store = FeatureStore.open(path)
+        cpu, wall = time.process_time(), time.perf_counter()
+        for start in range(0, images, args.chunk_size):
+            store.features[start : start + args.chunk_size], store.crops[start : start + args.chunk_size]
+        chunks = -(-images // args.chunk_size)
+        results["chunks"] = chunks, images / (time.process_time() - cpu), images / (time.perf_counter() - wall)
+    print(f"{images} images ({chunks} chunks) of {args.crop_size} px with {args.views}x{args.dim} features, "
+          f"{args.ranks} ranks x {args.workers} workers, batch {args.batch_size}, window {args.window} x chunk "
+          f"{args.chunk_size}")  # fmt: skip
+    for name, (reads, per_cpu, per_wall) in results.items():
+        print(f"{name:<9} {reads:7d} chunk reads per epoch  {per_cpu:7.0f} images/CPU-s  {per_wall:7.0f} images/s")
+    imagenet = 1_281_167
+    plain, laid_out = simulated_reads(args, imagenet, False), simulated_reads(args, imagenet, True)
+    print(f"ImageNet-sized epoch ({-(-imagenet // args.chunk_size)} chunks), same readers: {plain} chunk reads "
+          f"plain, {laid_out} laid out")
 
 
 if __name__ == "__main__":
