@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tests.conftest import invoke
@@ -94,7 +93,7 @@ def test_schedule_length_from_epochs_and_the_lr_scaling_rule():
 
 def test_weight_decay_covers_every_matrix_and_the_learned_tokens_as_mae_and_groupvit():
     model = ZeroSeg(model_preset("tiny"))
-    optimizer = make_optimizer(model, build_config({}, []).optim, torch.device("cpu"))
+    optimizer = make_optimizer(model, build_config({}, []).optim)
     decayed, plain = optimizer.param_groups
     assert (decayed["weight_decay"], plain["weight_decay"], optimizer.defaults["betas"]) == (0.05, 0.0, (0.9, 0.95))
     decay_names, plain_names = decay_split(model)
@@ -111,7 +110,7 @@ def test_weight_decay_covers_every_matrix_and_the_learned_tokens_as_mae_and_grou
     assert exempt.decay_tokens is False
     decay_names, plain_names = decay_split(model, exempt.decay_tokens)
     assert tokens <= set(plain_names) and tokens.isdisjoint(decay_names)
-    assert len(make_optimizer(model, exempt, torch.device("cpu")).param_groups[1]["params"]) == len(plain_names)
+    assert len(make_optimizer(model, exempt).param_groups[1]["params"]) == len(plain_names)
 
 
 def test_a_config_overlays_its_bases_section_by_section_and_key_by_key(tmp_path):

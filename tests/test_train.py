@@ -278,3 +278,59 @@ def test_resume_refuses_a_store_whose_teacher_changed(store, tmp_path):
     assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1
     assert "step-00000001.pt was trained on 10 images of a store with teacher zs-tiny-clip;" in resumed.stderr
     assert "resume on the same store, or start a new run" in resumed.stderr
+
+
+def test_a_non_finite_step_is_never_applied_and_the_run_stops_at_the_next_read(store, tmp_path):
+    """A gradient made NaN in step 6 (0-based 5) of 8, the loss read every 4 steps: the fused AdamW skips step 6
+    and every later one on the device, the run stops after step 8 without writing its checkpoint, and the
+    model and optimizer are those of 5 good steps."""
+    from zeroseg import process_group
+    from zeroseg.trainer.data import StoreSamples
+    from zeroseg.trainer.train import Trainer, TrainingDiverged
+
+    straight = train(store, tmp_path / "straight", "--steps", "8", "--stop-at", "5")
+    assert straight.returncode == 0, straight.stderr
+    cfg = build_config({}, ["optim.lr=1e-3", "schedule.warmup_steps=1", "run.log_every=4", "run.checkpoint_every=4"], {
+        "model.preset": "tiny", "run.device": "cpu", "data.batch_size": 2, "data.workers": 0, "data.store": str(store),
+        "run.dir": str(tmp_path / "run"), "schedule.steps": 8,
+    })  # fmt: skip
+    process = process_group.setup("cpu")
+    trainer = Trainer(cfg, process, StoreSamples.open(store), None)
+    backward = iter(range(100))
+    nan_in_step_6 = lambda grad: grad * math.nan if next(backward) == 5 else grad  # noqa: E731
+    trainer.model.decoder_pred.weight.register_hook(nan_in_step_6)
+    try:
+        with pytest.raises(TrainingDiverged) as diverged:
+            trainer.run(None, lambda line: None, progress=False)
+        assert str(diverged.value).startswith("non-finite loss or gradient in step 6, found after step 8 ")
+        assert "after 5 good steps; the last checkpoint is " in str(diverged.value)
+        assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000004.pt"]
+        good = torch.load(tmp_path / "straight/checkpoints/step-00000005.pt", weights_only=True)
+        assert all(torch.equal(value, good["model"][name]) for name, value in trainer.model.state_dict().items())
+        adam = trainer.optimizer.state_dict()["state"]
+        for index, state in good["optimizer"]["state"].items():
+            assert all(torch.equal(adam[index][key], value) for key, value in state.items())
+    finally:
+        trainer.release()
+        process_group.shutdown(process)
+
+
+def test_the_training_step_reads_the_device_only_every_log_every_steps(store, tmp_path, monkeypatch):
+    """Host reads of tensors (what waits for a GPU) made by the code that runs on the device, counted over 8 steps
+    read every 4: the loss sums and the non-finite check are read together, twice."""
+    device_code = {"train.py", "model.py", "losses.py", "grouping.py", "vit.py", "masking.py"}
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "trainer" in caller and Path(caller).name in device_code:
+                reads.append(f"{Path(caller).name}:{sys._getframe(1).f_lineno} {_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    every_4 = ("--set", "run.log_every=4", "--set", "run.checkpoint_every=8")
+    result = train(store, tmp_path / "run", "--steps", "8", *every_4)
+    assert result.returncode == 0, result.stderr
+    assert len(reads) == 2 and len(set(reads)) == 1, reads  # before: 2 per step (the terms' tolist, float(grad_norm))

@@ -42,10 +42,11 @@ def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = Tru
     ]
 
 
-def make_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the configured betas; the lr is set before every step by the schedule."""
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with the configured betas; the lr is set before every step by the schedule. Fused on every device:
+    its found_inf (a 0-dim float tensor set as the optimizer's attribute) skips a step on the device."""
     groups = param_groups(model, optim.weight_decay, optim.decay_tokens)
-    return torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, fused=True)
 
 
 @dataclass(frozen=True)

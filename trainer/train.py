@@ -5,9 +5,13 @@ One optimizer step, in each process:
       uint8 crops -> device (a decode "device" store's are decoded there) -> ModelInput -> ZeroSeg under bf16
       autocast (CUDA) -> total_loss / accum_steps
       -> backward (DDP averages the gradients over processes on the last pass only)
-  the loss terms are averaged over processes; a non-finite loss or gradient norm stops the run before the
-  optimizer step (TrainingDiverged), so the checkpoints on disk stay the last good ones;
-  otherwise the gradient is clipped (optional), the lr of the step is set and AdamW steps.
+  the loss terms are averaged over processes; the gradient is clipped (optional), the lr of the step is set and
+  AdamW steps, unless this or an earlier step had a non-finite loss or gradient norm: that is found on the
+  device (no host wait) and gates the fused AdamW (its found_inf, as a GradScaler does), so such a step and
+  every step after it leave the model and the optimizer as they were. The host reads the device (the loss
+  sums and the first non-finite step, one transfer) every run.log_every steps and before every checkpoint,
+  and stops there (TrainingDiverged) when a step was non-finite, so the checkpoints on disk are all good.
+  Under torchrun the processes agree on a scheduler's stop signal every STOP_EVERY steps (one all-reduce).
 
 The masking and Gumbel noise come from one generator reseeded before every device batch from
 (seed, step, index of the device batch in its step), so the noise a sample gets does not depend on the
@@ -15,7 +19,6 @@ number of processes, and resuming at a step restores it exactly.
 """
 
 import gc
-import math
 import os
 import signal
 import time
@@ -54,6 +57,7 @@ from zeroseg.trainer.optim import make_optimizer, make_schedule
 from zeroseg.trainer.sampling import BatchPlan
 
 STEP_VALUES = ("total", *LOSS_TERMS)  # what each step averages over its passes and the processes
+STOP_EVERY = 5  # steps between two checks that every process agrees on a stop signal (under torchrun)
 LOCK_FILE = ".lock"
 
 
@@ -187,7 +191,7 @@ class Trainer:
             check_effective_batch(payload, self.plan.effective_batch)
         torch.manual_seed(cfg.run.seed)
         self.model = ZeroSeg(cfg.model).to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
         self.start_step = 0
         if payload is not None:
             self.model.load_state_dict(payload["model"])
@@ -206,6 +210,7 @@ class Trainer:
             if process.distributed
             else self.model
         )
+        self.first_bad = torch.tensor(-1, device=self.device)  # the first step with a non-finite loss/gradient
         self.generator = torch.Generator(self.device)
         self.model_input = ModelInput(samples.meta, cfg.model.image_size, self.device)
         self.crop_size = samples.meta.preprocessing.crop_size
@@ -237,25 +242,33 @@ class Trainer:
         )
         self.batches = iter(loader)
         bar = tqdm(total=end, initial=self.start_step, unit="step", desc="zs-train", disable=not (main and progress))
-        interval = Interval(time.perf_counter())
+        interval = Interval(time.perf_counter(), self.device)
+        stop_every = STOP_EVERY if self.process.distributed else 1  # a single process checks a flag on the host
         stop_signal = None
         try:
             with StopRequest() as stop:
                 for step in range(self.start_step, end):
-                    stats = self.train_step(step)
+                    interval.add(*self.train_step(step))
                     done = step + 1
-                    interval.add(stats)
                     bar.update()
-                    if done < end and stop.agreed(self.process):  # a scheduler asked us to stop: end here
+                    if done < end and done % stop_every == 0 and stop.agreed(self.process):  # a scheduler asked
                         end = done
                         stop_signal = stop.signal or signal.SIGTERM  # SIGTERM when another rank was signalled
-                    if main and (done % cfg.run.log_every == 0 or done == end):
+                    logs = done % cfg.run.log_every == 0 or done == end
+                    saves = done % cfg.run.checkpoint_every == 0 or done == end
+                    if not (logs or saves):
+                        continue
+                    means, first_bad = interval.read(self.first_bad)  # the host waits for the device here only
+                    if first_bad >= 0:
+                        raise self.diverged(first_bad, done)
+                    if main and logs:
                         epoch = done * self.plan.effective_batch / len(self.samples)
-                        record = interval.record(done, epoch, self.plan.effective_batch, started)
+                        record = interval.record(means, done, epoch, self.plan.effective_batch, started)
                         metrics.write(record)
                         bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
-                        interval = Interval(time.perf_counter())
-                    if done % cfg.run.checkpoint_every == 0 or done == end:
+                    if logs:
+                        interval = Interval(time.perf_counter(), self.device)
+                    if saves:
                         last_checkpoint = self.save(done)
                     if done == end:
                         break
@@ -268,8 +281,9 @@ class Trainer:
             run_dir, self.start_step, end, self.schedule.total_steps, last_checkpoint, seconds, stop_signal
         )
 
-    def train_step(self, step: int) -> "StepStats":
-        """One optimizer step (0-based index `step`)."""
+    def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
+        """One optimizer step (0-based index `step`): (STEP_VALUES and the gradient norm before clipping, on the
+        device; the lr; seconds this process waited for its batches). Nothing in it waits for the device."""
         cfg, process = self.cfg, self.process
         accum = cfg.optim.accum_steps
         terms = torch.zeros(len(STEP_VALUES), device=self.device)
@@ -289,28 +303,30 @@ class Trainer:
                     losses = total_loss(output, images, features, self.layout, cfg.loss, cfg.model)
                 (losses["total"] / accum).backward()
             terms += torch.stack([losses[name].detach().float() for name in STEP_VALUES]) / accum
-        values = dict(zip(STEP_VALUES, process_group.mean_over_processes(terms, process).tolist()))
+        terms = process_group.mean_over_processes(terms, process)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.optim.clip_grad is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        grad_norm = float(grad_norm)
-        if not (math.isfinite(values["total"]) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.cfg.run.dir)
-            kept = f"the last checkpoint is {last}" if last else "no checkpoint had been written yet"
-            terms_text = ", ".join(f"{name}={value:.4g}" for name, value in values.items())
-            raise TrainingDiverged(
-                f"non-finite loss or gradient in step {step + 1} ({terms_text}, grad_norm={grad_norm:.4g}); "
-                f"stopped before applying it, after {step} good steps; {kept}"
-            )
+        finite = torch.isfinite(terms[0]) & torch.isfinite(grad_norm)  # the same on every process
+        self.first_bad = torch.where(finite | (self.first_bad >= 0), self.first_bad, step)
+        self.optimizer.found_inf = (self.first_bad >= 0).float()  # fused AdamW skips the whole update when 1
         lr = self.schedule.lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(values, grad_norm, lr, data_wait)
+        return torch.cat([terms, grad_norm.float()[None]]), lr, data_wait
+
+    def diverged(self, first_bad: int, done: int) -> TrainingDiverged:
+        last = latest_checkpoint(self.cfg.run.dir)
+        kept = f"the last checkpoint is {last}" if last else "no checkpoint had been written yet"
+        return TrainingDiverged(
+            f"non-finite loss or gradient in step {first_bad + 1}, found after step {done} (read every "
+            f"run.log_every steps); stopped without applying it or any later step, after {first_bad} good steps; "
+            f"{kept}"
+        )
 
     def save(self, step: int) -> Path:
         """Checkpoint after `step` steps (written by rank 0; every process waits for it)."""
@@ -336,38 +352,34 @@ class Trainer:
         )
 
 
-@dataclass
-class StepStats:
-    terms: dict[str, float]  # STEP_VALUES averaged over the step's passes and the processes
-    grad_norm: float  # before clipping
-    lr: float
-    data_wait: float  # seconds this process waited for its batches
-
-
 class Interval:
-    """Sums over the steps between two metric lines (trainer.metrics_log documents the record)."""
+    """Sums over the steps between two metric lines (trainer.metrics_log documents the record): the loss terms
+    and gradient norms on the device, read once."""
 
-    def __init__(self, began: float):
+    def __init__(self, began: float, device: torch.device):
         self.began = began
         self.steps = 0
-        self.sums = dict.fromkeys((*STEP_VALUES, "grad_norm", "data_wait"), 0.0)
+        self.sums = torch.zeros(len(STEP_VALUES) + 1, dtype=torch.float64, device=device)  # STEP_VALUES, grad_norm
+        self.data_wait = 0.0
         self.lr = 0.0
 
-    def add(self, stats: StepStats) -> None:
+    def add(self, values: torch.Tensor, lr: float, data_wait: float) -> None:
         self.steps += 1
-        self.lr = stats.lr
-        for name, value in (*stats.terms.items(), ("grad_norm", stats.grad_norm), ("data_wait", stats.data_wait)):
-            self.sums[name] += value
+        self.sums += values
+        self.lr = lr
+        self.data_wait += data_wait
 
-    def record(self, step: int, epoch: float, effective_batch: int, started: float) -> dict:
+    def read(self, first_bad: torch.Tensor) -> tuple[dict[str, float], int]:
+        """(the means of STEP_VALUES and grad_norm, the first non-finite step or -1) in one host read."""
+        *sums, bad = torch.cat([self.sums, first_bad.double()[None]]).tolist()
+        return {name: total / max(self.steps, 1) for name, total in zip((*STEP_VALUES, "grad_norm"), sums)}, int(bad)
+
+    def record(self, mean: dict[str, float], step: int, epoch: float, effective_batch: int, started: float) -> dict:
         now = time.perf_counter()
         seconds = max(now - self.began, 1e-9)
-        mean = {name: total / self.steps for name, total in self.sums.items()}
         return {
             "step": step, "epoch": epoch, "lr": self.lr, "loss": mean["total"],
             **{name: mean[name] for name in LOSS_TERMS}, "grad_norm": mean["grad_norm"],
             "images_per_s": self.steps * effective_batch / seconds,
-            "data_wait": min(1.0, self.sums["data_wait"] / seconds), "elapsed_s": now - started,
+            "data_wait": min(1.0, self.data_wait / seconds), "elapsed_s": now - started,
         }  # fmt: skip
-
-
