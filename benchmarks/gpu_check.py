@@ -1,104 +1,176 @@
-"""One command for a GPU session: the throughput ratios of stage one, stage two and evaluation, in one run.
+"""One command for a GPU session: what the GPU, the student, evaluation and the teacher do, in one run.
 
-Runs the benchmarks next to this file one after another on the same device and prints their outputs, then
-a summary of the numbers the scale issue asks for:
+Prints the machine (GPU names, torch, CUDA and driver versions), then runs the benchmarks next to this file one
+after another on the same device, every part whatever happened to the ones before (a failed part is reported
+with its exit code and last error line), the student first and the teacher last:
 
-  teacher       bare ViT-L-14 forward vs `zs-cache build` (bf16 on CUDA), without and with torch.compile
-  views         peak memory of a batch of teacher views built in bf16 vs built in fp32 and cast
-  student       training steps fed from a store with crops vs from batches in memory, batch 256; and fed from
-                a `--decode device` store without crops (the steps decode the JPEGs on the GPU)
-  decode        `--decode device`: decode_jpeg + torch crop on the device (nvjpeg on CUDA), images/s in batches
-                of 256, next to the CPU per image of the full decode and of a loader's side of the device decode
+  student       training steps fed from the store vs from batches in memory (train_throughput.py): with
+                stored crops at batch B (images/s, data-wait fraction, FLOP per image, MFU, peak memory) and at
+                batch 2B (peak memory); the default path (crops decoded from the source images by the loader
+                workers); a `--decode device` store (the steps decode the JPEGs on the GPU)
+  ddp           one 2-process training step under torchrun (NCCL on two GPUs, gloo with --tiny; skipped with
+                fewer than two GPUs)
   evaluation    images/s of zs-eval's segmenter, whole-image and slide inference
+  decode        `--decode device`: decode_jpeg + torch crop on the device (nvjpeg on CUDA), images/s in batches
+                of B, next to the CPU per image of the full decode and of a loader's side of the device decode
+  teacher       peak memory of a batch of teacher views built in bf16 vs fp32 and cast; bare ViT-L-14 forward
+                vs `zs-cache build`, without and with torch.compile
 
-Default sizes fit one GPU in under 8 minutes (random weights: no download). --tiny runs every part with the
-tiny test teacher and student on the CPU in about a minute (what the test suite does; the compiled teacher is
-skipped there, as the teacher compiles only on CUDA).
+One set of argument lists (`runs`) takes its sizes from SIZES: the default ("gpu") fits one H100 in under 8
+minutes (random weights: no download); --tiny shrinks the sizes to the tiny test teacher and student on the CPU
+(about two minutes; what the test suite runs; the compiled teacher is skipped there, as the teacher compiles
+only on CUDA). The stores the student parts build hold the tiny teacher's 32-dim features; the student's
+teacher_dim follows the store.
 
-    python benchmarks/gpu_check.py            # one GPU
+    python benchmarks/gpu_check.py            # one or two GPUs
     python benchmarks/gpu_check.py --tiny     # CPU smoke run
 """
 
 import argparse
+import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TINY_TEACHER = str(HERE.parent / "tests" / "fixtures" / "zs-tiny-clip.json")
 
-GPU = {
-    "teacher": ["--teacher", "ViT-L-14", "--pretrained", "none", "--images", "1024", "--batch-size", "64"],
-    "views": ["--batch-size", "64"],
-    "student": ["--preset", "base", "--store-crops", "--images", "4096", "--image-size", "224", "--batch-size",
-                "256", "--workers", "8", "--steps", "20", "--rounds", "3", "--warmup", "5"],
-    "student, decode": ["--preset", "base", "--decode", "device", "--images", "4096", "--image-size", "224",
-                        "--batch-size", "256", "--workers", "8", "--steps", "20", "--rounds", "3", "--warmup", "5"],
-    "evaluation": ["--preset", "base", "--images", "64"],
-    "decode": ["--device", "cuda", "--batch-size", "256", "--rounds", "1", "--seconds", "1"],
-}  # fmt: skip
-TINY = {
-    "teacher": ["--teacher", TINY_TEACHER, "--pretrained", "none", "--images", "8", "--batch-size", "4",
-                "--image-size", "64", "--device", "cpu"],
-    "views": ["--batch-size", "4", "--crop-size", "64", "--view-size", "32", "--device", "cpu"],
-    "student": ["--preset", "tiny", "--store-crops", "--images", "16", "--image-size", "32", "--batch-size", "4",
-                "--workers", "0", "--steps", "2", "--rounds", "1", "--warmup", "1", "--device", "cpu"],
-    "student, decode": ["--preset", "tiny", "--decode", "device", "--images", "16", "--image-size", "32",
-                        "--batch-size", "4", "--workers", "0", "--steps", "2", "--rounds", "1", "--warmup", "1",
-                        "--device", "cpu"],
-    "evaluation": ["--preset", "tiny", "--images", "2", "--short-side", "64", "--workers", "1", "--device", "cpu"],
-    "decode": ["--device", "cpu", "--batch-size", "4", "--rounds", "1", "--seconds", "0.05", "--crop-size", "32"],
+SIZES = {
+    "gpu": {"device": "cuda", "preset": "base", "images": 4096, "size": 224, "batch": 256, "workers": 8, "steps": 20,
+            "rounds": 3, "warmup": 5, "eval_images": 64, "short_side": 448, "teacher": "ViT-L-14",
+            "teacher_images": 1024, "teacher_batch": 64, "view_size": 224, "decode_seconds": 1},
+    "tiny": {"device": "cpu", "preset": "tiny", "images": 16, "size": 32, "batch": 4, "workers": 0, "steps": 2,
+             "rounds": 1, "warmup": 1, "eval_images": 2, "short_side": 64, "teacher": TINY_TEACHER,
+             "teacher_images": 8, "teacher_batch": 4, "view_size": 32, "decode_seconds": 0.05},
 }  # fmt: skip
 
-RUNS = [  # (summary label, script, part of the settings, extra arguments)
-    ("teacher, eager", "cache_throughput.py", "teacher", ["--no-compile"]),
-    ("teacher, compiled", "cache_throughput.py", "teacher", ["--compile"]),
-    ("teacher views", "view_memory.py", "views", []),
-    ("student, stored crops", "train_throughput.py", "student", []),
-    ("student, device decode", "train_throughput.py", "student, decode", []),
-    ("evaluation, whole", "eval_throughput.py", "evaluation", ["--mode", "whole"]),
-    ("evaluation, slide", "eval_throughput.py", "evaluation", ["--mode", "slide"]),
-    ("device decode", "decode_cost.py", "decode", []),
-]
-SUMMARY = [  # what each run's summary line quotes from its output
-    re.compile(r"ratio loop/bare:\s+\S+"),
-    re.compile(r"pipeline overhead:\s+\S+ ms per image"),
-    re.compile(r"views, (?:teacher dtype|float32, cast):\s+peak\s+\S+ MiB"),
-    re.compile(r"ratio peak memory teacher dtype / float32, cast: \S+"),
+
+def runs(size: dict) -> list[tuple[str, list[str]]]:
+    """(label, script and arguments) of every part, in order."""
+    student = ["train_throughput.py", "--preset", size["preset"], "--device", size["device"], "--images",
+               str(size["images"]), "--image-size", str(size["size"]), "--workers", str(size["workers"])]
+    timed = ["--batch-size", str(size["batch"]), "--steps", str(size["steps"]), "--rounds", str(size["rounds"]),
+             "--warmup", str(size["warmup"])]
+    evaluation = ["eval_throughput.py", "--preset", size["preset"], "--device", size["device"], "--images",
+                  str(size["eval_images"]), "--short-side", str(size["short_side"])]
+    teacher = ["cache_throughput.py", "--teacher", size["teacher"], "--pretrained", "none", "--device",
+               size["device"], "--images", str(size["teacher_images"]), "--batch-size", str(size["teacher_batch"]),
+               "--image-size", str(size["size"])]
+    return [
+        ("student, stored crops", [*student, *timed, "--store-crops"]),
+        ("student, batch x 2", [*student, "--batch-size", str(2 * size["batch"]), "--steps", "2", "--rounds", "1",
+                                "--warmup", "1", "--store-crops"]),
+        ("student, default path", [*student, *timed]),
+        ("student, device decode", [*student, *timed, "--decode", "device"]),
+        ("ddp, 2 processes", ["ddp_step", "--preset", size["preset"], "--device", size["device"], "--image-size",
+                              str(size["size"])]),
+        ("evaluation, whole", [*evaluation, "--mode", "whole"]),
+        ("evaluation, slide", [*evaluation, "--mode", "slide"]),
+        ("device decode", ["decode_cost.py", "--device", size["device"], "--batch-size", str(size["batch"]),
+                           "--rounds", "1", "--seconds", str(size["decode_seconds"]),
+                           "--crop-size", str(size["size"])]),
+        ("teacher views", ["view_memory.py", "--device", size["device"], "--batch-size", str(size["teacher_batch"]),
+                           "--crop-size", str(size["size"]), "--view-size", str(size["view_size"])]),
+        ("teacher, eager", [*teacher, "--no-compile"]),
+        ("teacher, compiled", [*teacher, "--compile"]),
+    ]  # fmt: skip
+
+
+SUMMARY = [  # what each part's summary line quotes from its output
+    re.compile(r"fed from the store :.*images/s"),
     re.compile(r"ratio store / memory: \S+"),
-    re.compile(r"fed from the store :.*"),
+    re.compile(r"data wait: \S+"),
+    re.compile(r"MFU fed from the store: \S+"),
+    re.compile(r"peak memory: \S+ GiB at batch \d+"),
+    re.compile(r"2 processes \(\w+\): .*"),
     re.compile(r"end to end\s+\S+ images/s"),
     re.compile(r"model only\s+\S+ images/s"),
     re.compile(r"ratio full / loader side of --decode device: \S+"),
     re.compile(r"device decode\+crop on \w+, batches of \d+: \S+ images/s, \S+ ms CPU per image"),
+    re.compile(r"views, (?:teacher dtype|float32, cast):\s+peak\s+\S+ MiB"),
+    re.compile(r"ratio peak memory teacher dtype / float32, cast: \S+"),
+    re.compile(r"ratio loop/bare:\s+\S+"),
+    re.compile(r"pipeline overhead:\s+\S+ ms per image"),
 ]
+
+
+def machine() -> str:
+    """GPU names, torch, CUDA and driver versions, CPU cores."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    driver = "none"
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        driver = subprocess.run(query, capture_output=True, text=True).stdout.split("\n")[0].strip() or "unknown"
+    return (f"GPUs: {', '.join(gpus) or 'none'}; torch {torch.__version__}, CUDA {torch.version.cuda}, driver "
+            f"{driver}; {len(os.sched_getaffinity(0))} CPU cores")  # fmt: skip
+
+
+def ddp_step(preset: str, device: str, image_size: int) -> subprocess.CompletedProcess | str:
+    """One training step of 2 processes under torchrun on a store of 32 fixture photos; a reason when skipped."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from train_throughput import fixture_store
+
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        return f"skipped: {torch.cuda.device_count()} GPU visible"
+    with tempfile.TemporaryDirectory() as scratch:
+        store = fixture_store(Path(scratch), 32, image_size, True, "full", device)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                   "-m", "zeroseg.trainer.cli", "run", "--store", str(store), "--run-dir", f"{scratch}/run", "--preset",
+                   preset, "--device", "auto" if device == "cuda" else device, "--batch-size", "4", "--workers", "0",
+                   "--steps", "1", "--no-progress", "--set", "model.teacher_dim=32", "--set",
+                   "schedule.warmup_steps=0"]  # fmt: skip
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        backend = "nccl" if device == "cuda" else "gloo"
+        if result.returncode == 0:
+            result.stdout += f"2 processes ({backend}): one step in {time.perf_counter() - started:.1f} s\n"
+        return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a smoke run)")
     args = parser.parse_args()
-    settings = TINY if args.tiny else GPU
-    summary, started = [], time.perf_counter()
-    for label, script, part, extra in RUNS:
-        if args.tiny and extra == ["--compile"]:
-            summary.append(f"{label:<22} skipped: the teacher compiles only on CUDA")
+    print(machine(), flush=True)
+    summary, failed, started = [], 0, time.perf_counter()
+    for label, (script, *arguments) in runs(SIZES["tiny" if args.tiny else "gpu"]):
+        print(f"== {label}: {script} {' '.join(arguments)}", flush=True)
+        if args.tiny and "--compile" in arguments:
+            summary.append(f"{label:<23} skipped: the teacher compiles only on CUDA")
             continue
-        command = [sys.executable, str(HERE / script), *settings[part], *extra]
-        print(f"== {label}: {' '.join(command[1:])}", flush=True)
-        result = subprocess.run(command, capture_output=True, text=True)
+        if script == "ddp_step":
+            options = dict(zip(arguments[::2], arguments[1::2]))
+            result = ddp_step(options["--preset"], options["--device"], int(options["--image-size"]))
+        else:
+            result = subprocess.run([sys.executable, str(HERE / script), *arguments], capture_output=True, text=True)
+        if isinstance(result, str):
+            summary.append(f"{label:<23} {result}")
+            continue
         print(result.stdout, end="", flush=True)
         if result.returncode:
+            failed += 1
             print(result.stderr, end="", file=sys.stderr)
-            print(f"gpu_check: {script} failed (exit {result.returncode})", file=sys.stderr)
-            return 1
+            lines = result.stderr.strip().splitlines() or ["no error output"]
+            last = next((line for line in lines if line.startswith("error: ")), lines[-1])
+            summary.append(f"{label:<23} FAILED (exit {result.returncode}): {last}")
+            continue
         quoted = [m.group(0) for pattern in SUMMARY for m in pattern.finditer(result.stdout)]
-        summary.append(f"{label:<22} " + "; ".join(" ".join(q.split()) for q in quoted))
-    print(f"== summary ({time.perf_counter() - started:.0f} s)")
+        summary.append(f"{label:<23} " + "; ".join(" ".join(q.split()) for q in quoted))
+    print(f"== summary ({time.perf_counter() - started:.0f} s, {failed} failed)")
     print("\n".join(summary))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
