@@ -33,7 +33,7 @@ from zeroseg import process_group
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.options import BuildOptions
 from zeroseg.trainer.config import build_config
-from zeroseg.trainer.data import StoreBatches, StoreSamples, check_store, make_loader
+from zeroseg.trainer.data import DeviceBatches, StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.train import Trainer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -101,14 +101,11 @@ def main() -> None:
         trainer = Trainer(cfg, process, samples, payload=None)
         dataset = StoreBatches(samples, trainer.plan, cfg.data.shuffle_window, cfg.run.seed)
         pin = process.device.type == "cuda"
-        store_batches = iter(make_loader(dataset, 0, 4 + args.warmup + args.rounds * args.steps, cfg.data.workers,
-                                         cfg.data.prefetch, pin))  # fmt: skip
-        crop_size, device = samples.meta.preprocessing.crop_size, process.device
-        in_memory = itertools.cycle(
-            [batch._replace(crops=batch.device_crops(device, crop_size, samples.path), encoded=None,
-                            features=batch.features.to(device))
-             for batch in itertools.islice(store_batches, 4)]
-        )  # fmt: skip
+        loader = make_loader(dataset, 0, 4 + args.warmup + args.rounds * args.steps, cfg.data.workers,
+                             cfg.data.prefetch, pin)  # fmt: skip
+        device = process.device
+        store_batches = DeviceBatches(iter(loader), device, samples.meta.preprocessing.crop_size, samples.path)
+        in_memory = itertools.cycle(list(itertools.islice(store_batches, 4)))  # on the device
         for batches in (store_batches, in_memory):  # warm-up (workers, chunk caches, allocator, kernels) untimed
             trainer.batches = batches
             timed_steps(trainer, 0, args.warmup)
@@ -124,6 +121,7 @@ def main() -> None:
             trainer.batches = in_memory
             memory_seconds += timed_steps(trainer, args.warmup, args.steps)[0]
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        store_batches.close()
 
     batch = trainer.plan.effective_batch
     timed = args.rounds * args.steps

@@ -88,34 +88,35 @@ def decode_crops(batch: EncodedBatch, size: int, device: torch.device) -> tuple[
     """(B, size, size, 3) uint8 centre crops on `device`, and per image None or the reason it does not decode (its
     crop is left zero: a build makes it an error row). The JPEGs are decoded DECODE_GROUP at a time, so that at
     most that many whole images are on the device at once (3000 x 2000 photos: 18 MB each); one the device's
-    decoder rejects is decoded by Pillow (the same rule in both stages, so the same pixels)."""
+    decoder rejects is decoded by Pillow (the same rule in both stages, so the same pixels). The centre squares
+    of one side length are resized together (`resize_squares`)."""
     crops = torch.zeros(len(batch), size, size, 3, dtype=torch.uint8, device=device)
     errors: list[str | None] = [None] * len(batch)
-    for index, pixels in enumerate(batch.pixels):
-        if pixels is not None:
-            crops[index] = _crop_pixels(pixels, size, device)
+    pillow = [(i, _pillow_square(pixels, device)) for i, pixels in enumerate(batch.pixels) if pixels is not None]
+    resize_squares(crops, pillow, size)
     offsets, orientation = batch.offsets.tolist(), batch.orientation.tolist()
     jpegs = [i for i in range(len(batch)) if offsets[i + 1] > offsets[i]]
     for start in range(0, len(jpegs), DECODE_GROUP):
         group = jpegs[start : start + DECODE_GROUP]
         encoded = [batch.data[offsets[i] : offsets[i + 1]] for i in group]
+        squares = []
         for i, data, image in zip(group, encoded, _decode_jpegs(encoded, device)):
             if image is not None:
-                crops[i] = centre_resize(orient(image, orientation[i]), size).permute(1, 2, 0)
+                squares.append((i, centre_square(orient(image, orientation[i]))))
                 continue
             try:  # a JPEG the device's decoder rejects (nvjpeg takes fewer than libjpeg): Pillow, as parse_image does
                 pixels = np.array(decode_image(data.numpy().tobytes()), dtype=np.uint8)
             except ImageDecodeError as exc:
                 errors[i] = str(exc)
             else:
-                crops[i] = _crop_pixels(torch.from_numpy(pixels), size, device)
+                squares.append((i, _pillow_square(torch.from_numpy(pixels), device)))
+        resize_squares(crops, squares, size)
     return crops, errors
 
 
-def _crop_pixels(pixels: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB of Pillow's decode -> its (size, size, 3) centre crop, made on `device`."""
-    image = pixels.to(device, non_blocking=True).permute(2, 0, 1)  # (3, H, W)
-    return centre_resize(image, size).permute(1, 2, 0)
+def _pillow_square(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB of Pillow's decode -> its (3, h, h) centre square, on `device`."""
+    return centre_square(pixels.to(device, non_blocking=True).permute(2, 0, 1))
 
 
 def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -146,15 +147,32 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image.flip(dims) if dims else image
 
 
-def centre_resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, size, size) uint8: the centre square (pipeline.crops.centre_box) resized with
-    antialiased bicubic in float32, rounded and clamped to 0..255."""
+def centre_square(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) -> the (3, h, h) centre square of pipeline.crops.centre_box (a view)."""
     left, top, right, bottom = centre_box(image.shape[2], image.shape[1])
-    square = image[:, top:bottom, left:right]
-    if square.shape[1] == size:
-        return square
-    resized = F.interpolate(square[None].float(), size=(size, size), mode="bicubic", antialias=True)
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
+    return image[:, top:bottom, left:right]
+
+
+def centre_resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8: the centre square resized as `resize_squares` does."""
+    crops = torch.empty(1, size, size, 3, dtype=torch.uint8, device=image.device)
+    resize_squares(crops, [(0, centre_square(image))], size)
+    return crops[0].permute(2, 0, 1)
+
+
+def resize_squares(crops: torch.Tensor, squares: list[tuple[int, torch.Tensor]], size: int) -> None:
+    """crops[i] (size, size, 3) = square i (3, h, h) uint8 resized with antialiased bicubic in float32, rounded and
+    clamped to 0..255 (or as it is when h == size); one interpolate call per side length h (each image is resized
+    on its own inside it: the same pixels as one call per image)."""
+    by_side: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for index, square in squares:
+        by_side.setdefault(square.shape[1], []).append((index, square))
+    for side, members in by_side.items():
+        stacked = torch.stack([square for _, square in members])  # (n, 3, h, h)
+        if side != size:
+            stacked = F.interpolate(stacked.float(), size=(size, size), mode="bicubic", antialias=True)
+            stacked = stacked.round().clamp(0, 255).to(torch.uint8)
+        crops[[index for index, _ in members]] = stacked.permute(0, 2, 3, 1)
 
 
 def check_decode_device(recorded: str | None, device_type: str, store: str, doing: str) -> None:

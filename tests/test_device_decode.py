@@ -23,7 +23,7 @@ from zeroseg.pipeline.manifest import image_records
 from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.trainer.data import Batch, StoreBatches, StoreSamples
+from zeroseg.trainer.data import Batch, DeviceBatches, StoreBatches, StoreSamples, make_loader
 from zeroseg.trainer.sampling import BatchPlan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -183,6 +183,41 @@ def test_the_trainers_device_decode_gives_the_stored_crops_byte_for_byte(device_
     reader = CropReader(stored.meta, stored.path)  # a store with crops reads them, on any device
     assert reader.reads_stored_crops and not reader.decodes_on_device
     np.testing.assert_array_equal(reader.crops(ok), stored.crops[:][[r.row for r in ok]])
+
+
+def test_squares_of_one_size_resized_together_give_the_pixels_of_one_resize_per_image():
+    """decode_crops resizes the centre squares of one side length in one call; the pixels are those of the former
+    resize of each image on its own (F.interpolate of one image, rounded, clamped)."""
+    images = [Image.open(path).convert("RGB") for path in PHOTOS[:4]]
+    images += [images[0].resize((90, 60)), images[1].resize((60, 90)), images[2].resize((90, 60)), images[0]]
+    parsed = [parse_image(encode(image, "JPEG", quality=90)) for image in images]
+    parsed.append(parse_image(encode(images[3].resize((90, 60)), "PNG")))  # Pillow's pixels, a square of 60 too
+    crops, errors = decode_crops(EncodedBatch.of(parsed), 24, CPU)
+    assert errors == [None] * len(parsed)
+    for crop, image in zip(crops, parsed):
+        pixels = decode_jpeg(torch.frombuffer(bytearray(image.data), dtype=torch.uint8)) if image.data else (
+            torch.from_numpy(image.pixels).permute(2, 0, 1))
+        left, top, right, bottom = centre_box(pixels.shape[2], pixels.shape[1])
+        square = pixels[None, :, top:bottom, left:right].float()
+        alone = torch.nn.functional.interpolate(square, size=(24, 24), mode="bicubic", antialias=True)
+        assert torch.equal(crop, alone[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0))
+
+
+def test_device_batches_are_the_loaders_batches_decoded_on_the_device_a_batch_ahead(device_stores):
+    _, _, decoded_path = device_stores
+    samples = StoreSamples.open(decoded_path)
+    dataset = StoreBatches(samples, BatchPlan(batch=4, accum=1, world=1, rank=0), window=2, seed=0)
+    ahead = DeviceBatches(iter(make_loader(dataset, 0, 3, workers=1, prefetch=2, pin=False)), CPU, 32, decoded_path)
+    try:
+        batches = list(ahead)
+    finally:
+        ahead.close()
+    assert len(batches) == 3
+    for j, batch in enumerate(batches):
+        expected = dataset[j]
+        assert batch.encoded is None and torch.equal(batch.rows, expected.rows)
+        assert torch.equal(batch.features, expected.features)
+        assert torch.equal(batch.crops, expected.device_crops(CPU, 32, decoded_path))
 
 
 def test_a_rerun_with_another_decode_or_device_type_is_refused(device_stores, tmp_path):

@@ -4,6 +4,7 @@ StoreSamples  the usable (status ok) rows of a store, the images of a chunk's ro
 check_store   refuse, with one line, a store that does not fit the model and loss configuration
 StoreBatches  map-style dataset: this process's device batch j -> Batch, in the order of trainer.sampling
 make_loader   a DataLoader over device batches [first, last): worker processes, pinned memory
+DeviceBatches the loader's batches on the device, each moved or decoded there while the step before trains
 ModelInput    on the device: uint8 crops -> normalised float images of the model's input size
 
 Each DataLoader worker keeps the last 2 x shuffle_window x accum_steps decompressed chunks (features, and the
@@ -13,12 +14,16 @@ from that chunk; trainer.sampling lays the batches out so that a worker serves w
 chunk decompressed about once per epoch by one worker of one process). A store made with --store-crops gives
 its own crops that way; otherwise pipeline.reader.CropReader decodes the source images with the build's decode
 and crop (the store's preprocessing `decode`, full or reduced); with decode "device" the workers only read and parse
-them (Batch.encoded) and the training step decodes and crops them on its device (Batch.device_crops).
+them (Batch.encoded) and DeviceBatches decodes and crops them on the training device (Batch.device_crops), a
+batch ahead of the training step.
 """
 
 import os
 import signal
 from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -278,6 +283,49 @@ def ignore_stop_signals(worker_id: int) -> None:
 
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+class DeviceBatches:
+    """Batches with their crops and features on `device`, each made while the step before trains: one thread
+    takes batch k+1 from the loader and moves it (or decodes it, Batch.device_crops) on a side CUDA stream while
+    the training step runs batch k; the step's stream waits for that work on the device (an event), never the
+    host. On the CPU the thread does the same work without streams."""
+
+    def __init__(self, batches: Iterator[Batch], device: torch.device, crop_size: int, store: Path):
+        self.batches, self.device, self.crop_size, self.store = batches, device, crop_size, store
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="zs-device-batches")
+        self.ahead = self.thread.submit(self.prepare)
+
+    def prepare(self) -> tuple[Batch, torch.cuda.Event | None] | None:
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            crops = batch.device_crops(self.device, self.crop_size, self.store)  # (B, S, S, 3) uint8
+            features = batch.features.to(self.device, non_blocking=True)  # (B, V, D)
+            done = self.stream.record_event() if self.stream is not None else None
+        return Batch(crops, features, batch.rows), done
+
+    def __iter__(self) -> "DeviceBatches":
+        return self
+
+    def __next__(self) -> Batch:
+        prepared = self.ahead.result()
+        if prepared is None:
+            raise StopIteration
+        self.ahead = self.thread.submit(self.prepare)
+        batch, done = prepared
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            batch.crops.record_stream(stream)  # their memory is not reused before the step's work on them is done
+            batch.features.record_stream(stream)
+        return batch
+
+    def close(self) -> None:
+        """Wait for the batch being made, then end the thread."""
+        self.thread.shutdown(wait=True, cancel_futures=True)
 
 
 class ModelInput:

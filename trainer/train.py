@@ -2,7 +2,8 @@
 
 One optimizer step, in each process:
   for each of the accum_steps device batches (trainer.sampling decides which samples):
-      uint8 crops -> device (a decode "device" store's are decoded there) -> ModelInput -> ZeroSeg under bf16
+      uint8 crops on the device (trainer.data.DeviceBatches: moved, or decoded for a decode "device" store, while
+      the step before ran) -> ModelInput -> ZeroSeg under bf16
       autocast (CUDA) -> total_loss / accum_steps
       -> backward (DDP averages the gradients over processes on the last pass only)
   the loss terms are averaged over processes; the gradient is clipped (optional), the lr of the step is set and
@@ -49,7 +50,7 @@ from zeroseg.trainer.checkpoint import (
     save_checkpoint,
 )
 from zeroseg.trainer.config import TrainConfig, config_yaml
-from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
+from zeroseg.trainer.data import DeviceBatches, ModelInput, StoreBatches, StoreSamples, check_store, make_loader
 from zeroseg.trainer.losses import LOSS_TERMS, total_loss
 from zeroseg.trainer.metrics_log import MetricsLog
 from zeroseg.trainer.model import ZeroSeg
@@ -240,7 +241,7 @@ class Trainer:
             dataset, self.start_step * accum, end * accum, cfg.data.workers, cfg.data.prefetch,
             pin=self.device.type == "cuda",
         )
-        self.batches = iter(loader)
+        self.batches = DeviceBatches(iter(loader), self.device, self.crop_size, self.samples.path)
         bar = tqdm(total=end, initial=self.start_step, unit="step", desc="zs-train", disable=not (main and progress))
         interval = Interval(time.perf_counter(), self.device)
         stop_every = STOP_EVERY if self.process.distributed else 1  # a single process checks a flag on the host
@@ -292,9 +293,8 @@ class Trainer:
             waiting = time.perf_counter()
             batch = next(self.batches)
             data_wait += time.perf_counter() - waiting
-            crops = batch.device_crops(self.device, self.crop_size, self.samples.path)  # (B, S, S, 3) uint8
-            images = self.model_input(crops)  # (B, 3, H, W)
-            features = batch.features.to(self.device, non_blocking=True)  # (B, V, D)
+            images = self.model_input(batch.crops)  # (B, S, S, 3) uint8 on the device -> (B, 3, H, W)
+            features = batch.features  # (B, V, D) on the device
             self.generator.manual_seed(noise_seed(cfg.run.seed, step, accum_pass * process.world_size + process.rank))
             defer_sync = process.distributed and accum_pass < accum - 1  # DDP averages on the last pass only
             with self.ddp.no_sync() if defer_sync else nullcontext():
@@ -338,7 +338,10 @@ class Trainer:
         return path
 
     def release(self) -> None:
-        """Drop the DDP model, the optimizer and the batch iterator (its workers) before the process group."""
+        """Drop the DDP model, the optimizer and the batches (their thread, the loader's workers) before the process
+        group."""
+        if isinstance(self.batches, DeviceBatches):
+            self.batches.close()
         del self.ddp, self.optimizer, self.batches
 
     def _describe(self, end: int) -> str:
