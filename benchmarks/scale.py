@@ -9,7 +9,9 @@ after imports:
   manifest  reading the whole manifest (FeatureStore.manifest, every column, duplicates refused)
   plan      the no-op rerun's planning: which of the source's N keys are not yet in the store
   inspect   zs-cache inspect's summary (pipeline.check.describe)
-  verify    zs-cache verify (pipeline.check.verify)
+  verify    zs-cache verify (pipeline.check.verify), on a second store of --verify-rows rows with real-sized
+            features (30 views x 768 fp16, ViT-B/16's; verify reads every feature byte), its time per row
+            extrapolated
   startup   one trainer rank's start-up: StoreSamples.open and the dataset of its batches
   epoch     one epoch's sample order (trainer.sampling.SampleOrder.epoch)
   records   what a loader worker reads per features chunk of a store without crops: the image records of
@@ -83,7 +85,7 @@ def run_step(step: str, root: Path, rows: int) -> dict:
     from zeroseg.trainer.data import StoreBatches, StoreSamples
     from zeroseg.trainer.sampling import BatchPlan
 
-    path = root / "store"
+    path = root / ("verify" if step == "verify" else "") / "store"
     keys = [key(i) for i in range(rows)] if step == "plan" else None
     samples = StoreSamples.open(path) if step in ("epoch", "records") else None
     baseline = peak_rss()
@@ -96,8 +98,11 @@ def run_step(step: str, root: Path, rows: int) -> dict:
     elif step == "inspect":
         check.describe(FeatureStore.open(path))
     elif step == "verify":
-        problems, _ = check.verify(FeatureStore.open(path), progress=False)
+        store = FeatureStore.open(path)
+        problems, _ = check.verify(store, progress=False)
         assert not problems, problems[:3]
+        return {"seconds": time.perf_counter() - started, "peak": max(0, peak_rss() - baseline),
+                "rows": store.features.shape[0]}  # fmt: skip
     elif step == "startup":
         StoreBatches(StoreSamples.open(path), BatchPlan(256, 1, 8, 0), 16, 0)
     elif step == "epoch":
@@ -126,6 +131,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=8, help="feature dim of the synthetic features")
     parser.add_argument("--crops", action="store_true", help="the store keeps (16, 16, 3) crops")
     parser.add_argument("--extrapolate", type=int, default=12_000_000, help="rows to extrapolate to")
+    parser.add_argument("--verify-rows", type=int, default=8192, help="rows of the real-sized store verify reads")
     parser.add_argument("--root", help="reuse (or create) the synthetic store under this folder")
     parser.add_argument("--repeat", type=int, default=1, help="runs per step: the least seconds, the most memory")
     parser.add_argument("--compact", type=int, metavar="ROWS", help="then compact into parts of ROWS rows and rerun")
@@ -139,6 +145,10 @@ def main() -> None:
         started = time.perf_counter()
         synthesise(root, args.rows, args.shard_size, args.chunk_size, args.views, args.dim, args.crops)
         print(f"synthesised {args.rows} rows under {root} in {time.perf_counter() - started:.0f} s")
+    if not (root / "verify" / "store").exists():
+        verify_rows = min(args.rows, args.verify_rows)
+        synthesise(root / "verify", verify_rows, args.shard_size, args.chunk_size, 30, 768, args.crops)
+        print(f"synthesised {verify_rows} rows of 30 x 768 fp16 features for verify")
     print_steps(root, args.rows, args.extrapolate, args.repeat)
     if args.compact:
         from zeroseg.pipeline.compact import compact
@@ -154,7 +164,6 @@ def print_steps(root: Path, rows: int, extrapolate: int, repeat: int) -> None:
     """Each step in a fresh process: its seconds and peak memory, and both extrapolated to `extrapolate` rows."""
     from zeroseg.pipeline.store import FeatureStore
 
-    scale = extrapolate / rows
     parts = len(FeatureStore.open(root / "store").part_files())
     print(f"{parts} manifest parts")
     print(f"{'step':<8} {'seconds':>8} {'us/row':>7} {'peak MiB':>9} | at {extrapolate:,}: {'s':>7} {'MiB':>7}")
@@ -163,8 +172,10 @@ def print_steps(root: Path, rows: int, extrapolate: int, repeat: int) -> None:
         results = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
                    for _ in range(repeat)]  # fmt: skip
         seconds, mib = min(r["seconds"] for r in results), max(r["peak"] for r in results) / 2**20
-        per_row = 1e6 * seconds / results[0].get("images", rows)
-        at = f"{seconds * scale:7.0f} {mib * scale:7.0f}" if "images" not in results[0] else f"{'(per image)':>15}"
+        measured = results[0].get("rows", rows)  # verify's store has its own rows
+        per_row = 1e6 * seconds / results[0].get("images", measured)
+        at = f"{'(per image)':>15}" if "images" in results[0] else (
+            f"{seconds * extrapolate / measured:7.0f} {mib * extrapolate / measured:7.0f}")
         print(f"{step:<8} {seconds:8.2f} {per_row:7.2f} {mib:9.0f} | {' ' * (len(f'at {extrapolate:,}:') - 1)} {at}")
 
 

@@ -9,9 +9,12 @@ do and exits (the seconds of run_build in a fresh process, after its imports):
   scan    without the index (.zs-tar-index removed): every member header of every tar is read
   index   with the index the scan run wrote: one small JSON per tar, the tars only stat()ed
 
-for each S of --samples, fits seconds = a + b * images per mode (a: start-up and per-tar costs, the same
-1,200 tars at any S) and extrapolates to --extrapolate images. The tars stay in the page cache, so the scan
-times are CPU, not disk: on a cold network filesystem the scan is slower still.
+for each S of --samples, --repeats times each (the median kept), fits seconds = a + b * images per mode by least
+squares (a: start-up and per-tar costs, the same 1,200 tars at any S) and extrapolates to --extrapolate images
+only when the medians increase with the images and the fit has a positive slope and start-up; otherwise it says
+so and prints no
+extrapolation (noise larger than the effect: widen --samples or raise --repeats). The tars stay in the page
+cache, so the scan times are CPU, not disk: on a cold network filesystem the scan is slower still.
 
     python benchmarks/tar_rerun.py --tars 1200 --samples 100,300
 """
@@ -20,12 +23,15 @@ import argparse
 import io
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 TINY_TEACHER = Path(__file__).parents[1] / "tests" / "fixtures" / "zs-tiny-clip.json"
 IMAGE_SIZE = 32
@@ -96,6 +102,7 @@ def main() -> None:
     parser.add_argument("--tars", type=int, default=1200)
     parser.add_argument("--samples", default="100,300", help="samples per tar, comma-separated (two or more)")
     parser.add_argument("--extrapolate", type=int, default=12_000_000, help="images to extrapolate to")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each mode at each size (median kept)")
     parser.add_argument("--root", help="work folder (default: a new temporary one, removed at the end)")
     parser.add_argument("--rerun", nargs=2, metavar=("SOURCE", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,6 +112,8 @@ def main() -> None:
     sizes = sorted({int(s) for s in args.samples.split(",")})
     if len(sizes) < 2 or sizes[0] < 1:
         parser.error(f"--samples needs two or more distinct positive sizes to fit a line, got '{args.samples}'")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     root = Path(args.root or tempfile.mkdtemp(prefix="zs-tar-rerun-"))
     print(f"{'images':>9} {'tars':>5} {'mode':<6} {'seconds':>8} {'us/image':>9}")
     measured: dict[str, list[tuple[int, float]]] = {mode: [] for mode in MODES}
@@ -114,20 +123,32 @@ def main() -> None:
         source, store = synthesise(folder, args.tars, samples)
         images = args.tars * samples
         print(f"(synthesised {images} images in {args.tars} tars in {time.perf_counter() - started:.0f} s)")
-        shutil.rmtree(source / ".zs-tar-index", ignore_errors=True)
-        for mode in MODES:  # the scan run writes the index the index run reads
-            seconds = rerun(source, store)
+        for mode in MODES:
+            times = []
+            for _ in range(args.repeats):
+                if mode == "scan":  # each scan run writes the index the index runs read
+                    shutil.rmtree(source / ".zs-tar-index", ignore_errors=True)
+                times.append(rerun(source, store))
+            seconds = statistics.median(times)
             measured[mode].append((images, seconds))
-            print(f"{images:9d} {args.tars:5d} {mode:<6} {seconds:8.2f} {1e6 * seconds / images:9.2f}")
+            print(f"{images:9d} {args.tars:5d} {mode:<6} {seconds:8.2f} {1e6 * seconds / images:9.2f}  "
+                  f"(median of {' '.join(f'{t:.2f}' for t in times)})")
         shutil.rmtree(folder)
-    print(f"fit seconds = a + b * images, extrapolated to {args.extrapolate:,} images in {args.tars} tars:")
+    print(f"least-squares fit seconds = a + b * images, extrapolated to {args.extrapolate:,} images in {args.tars} "
+          f"tars:")  # fmt: skip
     fits = {}
     for mode, points in measured.items():
-        (n0, t0), (n1, t1) = points[0], points[-1]
-        slope = (t1 - t0) / (n1 - n0)
-        fits[mode] = t0 - slope * n0 + slope * args.extrapolate
-        print(f"  {mode:<6} a = {t0 - slope * n0:6.2f} s, b = {1e6 * slope:6.2f} us/image -> {fits[mode]:7.1f} s")
-    print(json.dumps({"ratio_scan_over_index": round(fits["scan"] / fits["index"], 1)}))
+        images, seconds = zip(*points)
+        slope, intercept = np.polyfit(images, seconds, 1)
+        line = f"  {mode:<6} a = {intercept:6.2f} s, b = {1e6 * slope:6.2f} us/image"
+        if slope <= 0 or intercept < 0 or any(b <= a for a, b in zip(seconds, seconds[1:])):
+            print(f"{line} -> no extrapolation: the times do not increase with the images (noise larger than the "
+                  f"effect: widen --samples or raise --repeats)")
+            continue
+        fits[mode] = intercept + slope * args.extrapolate
+        print(f"{line} -> {fits[mode]:7.1f} s")
+    if len(fits) == len(MODES):
+        print(json.dumps({"ratio_scan_over_index": round(fits["scan"] / fits["index"], 1)}))
     if not args.root:
         shutil.rmtree(root)
 
