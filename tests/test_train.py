@@ -334,3 +334,22 @@ def test_the_training_step_reads_the_device_only_every_log_every_steps(store, tm
     result = train(store, tmp_path / "run", "--steps", "8", *every_4)
     assert result.returncode == 0, result.stderr
     assert len(reads) == 2 and len(set(reads)) == 1, reads  # before: 2 per step (the terms' tolist, float(grad_norm))
+
+
+def test_the_models_buffers_are_constant_so_ddp_need_not_broadcast_them():
+    """Trainer's DDP runs with broadcast_buffers=False: the student's buffers (its fixed sin-cos positions) are the
+    same after a training step, and on every process, as they are made from the config alone."""
+    from zeroseg.trainer.model import ZeroSeg
+    from zeroseg.trainer.model_config import model_preset
+
+    torch.manual_seed(0)
+    model = ZeroSeg(model_preset("tiny"))
+    torch.manual_seed(1)
+    other = ZeroSeg(model_preset("tiny"))
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    assert before and all(torch.equal(buffer, dict(other.named_buffers())[name]) for name, buffer in before.items())
+    output = model(torch.randn(2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    values = [value for value in vars(output).values() if isinstance(value, torch.Tensor) and value.requires_grad]
+    sum(value.float().sum() for value in values).backward()
+    torch.optim.AdamW(model.parameters(), lr=1.0).step()
+    assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())

@@ -201,12 +201,16 @@ class Trainer:
             self.start_step = payload["step"]
         # Ablations leave the same parts of the model without gradient in every step (mask ratio 0: the
         # decoder; grids (1,): the segment projection); DDP's static-graph mode learns which after step one.
+        # The gradients are views of DDP's buckets (no copy between them); the model's only buffers are its fixed
+        # sin-cos positions, equal on every process, so they are never broadcast.
         every_part_trained = cfg.model.masks_patches and bool(cfg.loss.matching_grids)
         self.ddp = (
             DistributedDataParallel(
                 self.model,
                 device_ids=[self.device] if self.device.type == "cuda" else None,
                 static_graph=not every_part_trained,
+                gradient_as_bucket_view=True,
+                broadcast_buffers=False,
             )
             if process.distributed
             else self.model
