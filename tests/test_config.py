@@ -1,6 +1,7 @@
 """zs-train's configuration, lr schedule and optimizer groups (no store, no training)."""
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -185,3 +186,9 @@ def test_every_ablation_config_builds_and_changes_only_what_it_ablates():
     assert sorted(cfg.loss.w_match for name, cfg in built.items() if name.startswith("w-match")) == [0.5, 2, 4, 8, 16]
     for cfg in built.values():
         assert (cfg.optim, cfg.schedule, cfg.data) == (reference.optim, reference.schedule, reference.data)
+
+
+def test_the_default_loader_workers_fit_the_cores_this_process_may_use():
+    cores = len(os.sched_getaffinity(0))
+    assert build_config({}, [], {"model.preset": "tiny"}).data.workers == min(8, cores)
+    assert build_config({}, ["data.workers=3"]).data.workers == 3

@@ -15,6 +15,7 @@ configuration (the model section fully resolved), saved as `config.yaml` in the 
 """
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -29,13 +30,21 @@ from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import ModelConfig, model_preset
 
 
+def default_workers() -> int:
+    """Loader workers per training process when none are set: the CPU cores it may run on, at most 8."""
+    return min(8, len(os.sched_getaffinity(0)))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """store: the feature store directory (zs-cache build).
     batch_size: images per process per forward pass; effective batch = batch_size x accum_steps x world size.
-    workers: DataLoader processes per training process (0 = read in the training process).
+    workers: DataLoader processes per training process (0 = read in the training process); by default one per
+        CPU core this process may run on, at most 8 (`default_workers`). The batches are laid out for this many
+        readers (trainer.sampling), so a resumed run keeps the number in its config.yaml.
     shuffle_window: chunks whose rows are shuffled together (trainer.sampling); memory per worker is about
-        2 x shuffle_window x chunk_size x (views x dim x 2 + crop_size^2 x 3 for a store with crops) bytes.
+        2 x shuffle_window x accum_steps x chunk_size x (views x dim x 2 + crop_size^2 x 3 for a store with crops)
+        bytes.
     prefetch: batches each worker prepares ahead.
     resize: accept a store whose crop size differs from model.image_size and resize the crops on the
         device (bicubic); off by default, as the student should see the exact pixels the teacher saw.
@@ -43,7 +52,7 @@ class DataConfig:
 
     store: str = ""
     batch_size: int = 64
-    workers: int = 8
+    workers: int = field(default_factory=default_workers)
     shuffle_window: int = 16
     prefetch: int = 2
     resize: bool = False
