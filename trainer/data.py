@@ -23,7 +23,6 @@ import signal
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -301,11 +300,12 @@ class DeviceBatches:
         batch = next(self.batches, None)
         if batch is None:
             return None
-        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+        if self.stream is None:
+            return Batch(batch.device_crops(self.device, self.crop_size, self.store), batch.features, batch.rows), None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):  # this thread's device is cuda:0 else
             crops = batch.device_crops(self.device, self.crop_size, self.store)  # (B, S, S, 3) uint8
-            features = batch.features.to(self.device, non_blocking=True)  # (B, V, D)
-            done = self.stream.record_event() if self.stream is not None else None
-        return Batch(crops, features, batch.rows), done
+            features = batch.features.to(self.device, non_blocking=True)  # (B, V, D), from pinned memory
+            return Batch(crops, features, batch.rows), self.stream.record_event()
 
     def __iter__(self) -> "DeviceBatches":
         return self
