@@ -353,3 +353,26 @@ def test_the_models_buffers_are_constant_so_ddp_need_not_broadcast_them():
     sum(value.float().sum() for value in values).backward()
     torch.optim.AdamW(model.parameters(), lr=1.0).step()
     assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())
+
+
+
+def test_run_compile_makes_the_step_call_the_compiled_student_and_checkpoints_keep_plain_names(store, tmp_path):
+    """run.compile wraps what the step calls in torch.compile (compiling it on the CPU takes minutes on this
+    machine, so no step runs here); the checkpointed module is the plain one."""
+    from zeroseg import process_group
+    from zeroseg.trainer.data import StoreSamples
+    from zeroseg.trainer.train import Trainer
+
+    cfg = build_config({}, ["run.compile=true"], {
+        "model.preset": "tiny", "run.device": "cpu", "data.batch_size": 2, "data.store": str(store),
+        "run.dir": str(tmp_path / "run"), "schedule.steps": 2, "schedule.warmup_steps": 1,
+    })  # fmt: skip
+    process = process_group.setup("cpu")
+    trainer = Trainer(cfg, process, StoreSamples.open(store), None)
+    try:
+        assert isinstance(trainer.student, torch._dynamo.eval_frame.OptimizedModule)
+        assert trainer.student._orig_mod is trainer.ddp is trainer.model
+        assert not any(name.startswith("_orig_mod") for name in trainer.model.state_dict())
+    finally:
+        trainer.release()
+        process_group.shutdown(process)

@@ -112,6 +112,8 @@ class RunConfig:
     keep_last: checkpoints kept. log_every: optimizer steps per metrics line.
     device: auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda or cuda:K (single process).
     bf16: bf16 autocast on CUDA (ignored on the CPU).
+    compile: torch.compile the student (its DDP wrapper under torchrun) before the first step (opt-in; the first
+        steps then take the compile time).
     """
 
     dir: str = ""
@@ -121,6 +123,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "run", "checkpoint_every", "keep_last", "log_every")

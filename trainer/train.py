@@ -216,6 +216,7 @@ class Trainer:
             else self.model
         )
         self.first_bad = torch.tensor(-1, device=self.device)  # the first step with a non-finite loss/gradient
+        self.student = torch.compile(self.ddp) if cfg.run.compile else self.ddp  # what the step calls
         self.generator = torch.Generator(self.device)
         self.model_input = ModelInput(samples.meta, cfg.model.image_size, self.device)
         self.crop_size = samples.meta.preprocessing.crop_size
@@ -303,7 +304,7 @@ class Trainer:
             defer_sync = process.distributed and accum_pass < accum - 1  # DDP averages on the last pass only
             with self.ddp.no_sync() if defer_sync else nullcontext():
                 with self.autocast:
-                    output = self.ddp(images, generator=self.generator)
+                    output = self.student(images, generator=self.generator)
                     losses = total_loss(output, images, features, self.layout, cfg.loss, cfg.model)
                 (losses["total"] / accum).backward()
             terms += torch.stack([losses[name].detach().float() for name in STEP_VALUES]) / accum
@@ -346,7 +347,7 @@ class Trainer:
         group."""
         if isinstance(self.batches, DeviceBatches):
             self.batches.close()
-        del self.ddp, self.optimizer, self.batches
+        del self.student, self.ddp, self.optimizer, self.batches
 
     def _describe(self, end: int) -> str:
         plan, schedule = self.plan, self.schedule
