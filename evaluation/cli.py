@@ -1,5 +1,6 @@
-"""`zs-eval`: zero-shot mIoU on PASCAL VOC, PASCAL Context and COCO-Object, and `zs-eval prepare coco`; the
-options zs-segment shares with it (their values are checked by evaluation.loading.ModelOptions)."""
+"""`zs-eval`: zero-shot mIoU on the benchmarks of evaluation.datasets, `zs-eval prepare` (the label maps a
+benchmark needs from its official download) and `zs-eval compare`;
+the options zs-segment shares with it (their values are checked by evaluation.loading.ModelOptions)."""
 
 import gc
 import os
@@ -72,7 +73,9 @@ MaskCLIP is Zhou et al., ECCV 2022, not the "MaskCLIP" row of the ZeroSeg paper'
 every patch token scores A, maps resized bilinearly, no image prior, background and fusion as the rule
 chosen. With background names the background class is scored in the same softmax and a pixel is also
 background where its best class scores below the background class. Thresholds per dataset: the
-method's, else the paper's ({PAPER_THRESHOLDS}), or --bg-threshold.
+method's, else the paper's ({PAPER_THRESHOLDS}), or --bg-threshold. Benchmarks without a background
+class ({NO_BACKGROUND}): every name goes through the text tower and every pixel takes its best class
+(labels and saved predictions 0..C-1); no threshold, no background names.
 
 Methods (--model), their last image block and their defaults, each an option (the training-free
 methods' from their code):
@@ -94,7 +97,8 @@ COCO-Object label maps from an instances JSON: zs-eval prepare coco --help. One 
 reports (methods as rows, datasets as columns): zs-eval compare --help.
 """.format(
     TRAINING_FREE_NAMES=", ".join(TRAINING_FREE),
-    PAPER_THRESHOLDS=", ".join(f"{spec.bg_threshold:g} {name}" for name, spec in DATASETS.items()),
+    PAPER_THRESHOLDS=", ".join(f"{s.bg_threshold:g} {name}" for name, s in DATASETS.items() if s.has_background),
+    NO_BACKGROUND=", ".join(name for name, spec in DATASETS.items() if not spec.has_background),
     METHODS_HELP=methods_help(),
 )
 
@@ -112,7 +116,7 @@ def evaluate(
         ..., metavar="DATASET", help=f"One or more of {', '.join(DATASET_NAMES)}.", show_default=False
     ),
     data_root: Path = typer.Option(
-        ..., "--data-root", help="Folder holding VOCdevkit/ and coco/ (Data layout below)."
+        ..., "--data-root", help="Folder holding the benchmarks' folders (Data layout below)."
     ),
     checkpoint: str | None = typer.Option(None, help=CHECKPOINT_HELP),
     model: str = typer.Option(
@@ -147,7 +151,7 @@ def evaluate(
         None, help=f"Slide window stride (default: the method's; zeroseg {ZEROSEG.stride})."
     ),
     bg_threshold: float | None = typer.Option(
-        None, help="Background threshold for every dataset (default: the method's, else the paper's)."
+        None, help="Background threshold for every dataset with background (default: the method's, else the paper's)."
     ),
     temperature: float | None = typer.Option(
         None, help="Multiplies cosines before the class softmax (default: the method's; zeroseg: the CLIP's)."
@@ -161,7 +165,8 @@ def evaluate(
     keep_best_group: bool = typer.Option(
         False, help="softmax rule: never make a window's best-scoring segment background (groupvit always)."
     ),
-    split: str | None = typer.Option(None, help="Split (default: val for VOC/Context, val2017 for COCO)."),
+    split: str | None = typer.Option(None, help="Split (default: " + ", ".join(
+        f"{spec.default_split} {name}" for name, spec in DATASETS.items()) + ")."),
     out: Path | None = typer.Option(
         None, help="Results folder (default: <checkpoint>-eval/ next to it, or ./zs-eval-results/<model>)."
     ),
@@ -207,7 +212,8 @@ def evaluate(
                 confusion = score_saved_predictions(dataset, folder, process, progress)
                 config = {"model": "predictions", "predictions": str(folder.resolve())}
             else:
-                threshold = loaded.default_bg_threshold(dataset) if bg_threshold is None else bg_threshold
+                threshold = bg_threshold if bg_threshold is not None and dataset.has_background else None
+                threshold = loaded.default_bg_threshold(dataset) if threshold is None else threshold
                 saving = [folder / dataset.name if folder else None for folder in (save_predictions, save_vis)]
                 confusion, config = _segment_dataset(
                     loaded, dataset, threshold, process, saving, decode_threads, progress
@@ -244,7 +250,7 @@ def _segment_dataset(loaded, dataset, threshold, process, saving, decode_threads
     """(confusion matrix, config) of one dataset; its segmenter is released on return."""
     from zeroseg.evaluation.evaluate import segment_split, write_run_record
 
-    segmenter = loaded.segmenter(dataset.class_names, threshold, dataset.name)
+    segmenter = loaded.segmenter(dataset.class_names, threshold, dataset.name, dataset.has_background)
     started = time.time()
     confusion = segment_split(dataset, segmenter, process, *saving, workers=decode_threads, progress=progress)
     if saving[0] is not None and process.is_main:

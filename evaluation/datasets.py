@@ -1,15 +1,23 @@
 """The benchmarks, one `DatasetSpec` each in DATASETS, their class names and their readers.
 
-A spec holds everything the tools know of a benchmark: its name on the command line, default split, the
-paper's background threshold, class names, its part of the data layout (`zs-eval --help`) and how its
-(image id, image file, label file) triples are found. Adding a benchmark is one spec here and its class
-names; a method's row in evaluation.methods may give its paper settings for it (a PerDataset).
+A spec holds everything the tools know of a benchmark: its name on the command line, default split,
+whether it has a background class (and the paper's threshold for it), class names, how stored label values
+map to class indices, its part of the data layout (`zs-eval --help`) and how its (image id, image file, label
+file) triples are found. Adding a benchmark is one spec here and its class names; a method's row in
+evaluation.methods may give its paper settings for it (a PerDataset).
 
-Class names, index 0 always 'background', are both legend labels and CLIP text. Only the foreground names
-(index 1 on) go through the text tower; background is what a segment becomes when no class scores above the
-threshold. The text names are those GroupViT feeds its text encoder, so scores stay comparable with it: VOC's
-diningtable / pottedplant / tvmonitor are 'table' / 'plant' / 'monitor', and PASCAL Context says 'airplane',
-'plant', 'monitor'. COCO keeps the official category names.
+Class names are both legend labels and CLIP text. A benchmark with a background class (voc, context, coco)
+has 'background' at index 0: only the names from index 1 go through the text tower, and background is what a
+segment becomes when no class scores above the threshold. A benchmark without one (voc20, context59,
+coco-stuff, cityscapes, ade20k: mmsegmentation's protocol of the training-free methods) sends every name
+through the text tower and every pixel takes a class; its ground truth's background, if any, is ignored.
+The text names of voc and context are those GroupViT feeds its text encoder, so scores stay comparable with
+it: VOC's diningtable / pottedplant / tvmonitor are 'table' / 'plant' / 'monitor', and PASCAL Context says
+'airplane', 'plant', 'monitor'; voc20 and context59 are their lists without background. COCO keeps the
+official category names; COCO-Stuff, Cityscapes and ADE20K mmsegmentation's.
+
+Stored label values v become class v - label_offset (mmsegmentation's reduce_zero_label is offset 1: value 0
+is then ignored); 255 is ignored everywhere; any other value is an error naming the file.
 
 Labels are returned as [H, W] uint8 arrays of class indices, images as RGB PIL images of the same size.
 EXIF orientation is not applied: the benchmarks' label maps are drawn on the stored pixels.
@@ -68,6 +76,46 @@ COCO_CATEGORY_TO_INDEX = {category: index for index, (category, _) in enumerate(
 
 COCO_OBJECT_CLASS_NAMES = ("background",) + tuple(name for _, name in COCO_THING_CATEGORIES)
 
+# COCO-Stuff-164k's 91 stuff classes (category ids 92..182), in id order; its 171 classes are the 80 things, then these.
+COCO_STUFF_NAMES = (
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
+    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower",
+    "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house", "leaves",
+    "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow",
+    "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
+    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs", "stone", "straw",
+    "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete",
+    "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind",
+    "window-other", "wood",
+)  # fmt: skip
+COCO_STUFF_CLASS_NAMES = COCO_OBJECT_CLASS_NAMES[1:] + COCO_STUFF_NAMES
+
+# Cityscapes' 19 evaluated classes in train-id order.
+CITYSCAPES_CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+
+# ADE20K (SceneParsing, ADEChallengeData2016) 150 classes, label values 1..150 in order.
+ADE20K_CLASS_NAMES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -85,10 +133,19 @@ class DatasetSpec:
 
     name: str  # on the command line and in reports
     default_split: str
-    bg_threshold: float  # the background threshold of the ZeroSeg rule
-    class_names: tuple[str, ...]  # index 0 is background
+    bg_threshold: float | None  # the ZeroSeg paper's background threshold; None: no background class
+    class_names: tuple[str, ...]  # index 0 is 'background' exactly when the benchmark has one
     find_samples: SampleFinder  # may return a [256] uint8 table: stored label value -> class index
     layout: str  # its part of DATA_LAYOUT
+    label_offset: int = 0  # stored value v is class v - label_offset; values below it are ignored
+
+    def __post_init__(self) -> None:
+        if self.has_background != (self.class_names[:1] == ("background",)):
+            raise ValueError(f"{self.name}: 'background' is class 0 exactly when there is a background threshold")
+
+    @property
+    def has_background(self) -> bool:
+        return self.bg_threshold is not None
 
 
 @dataclass
@@ -98,14 +155,19 @@ class SegmentationDataset:
     name: str
     samples: list[Sample]
     class_names: tuple[str, ...]
-    bg_threshold: float
+    bg_threshold: float | None  # None: no background class (every pixel takes a class)
     ignore_index: int = IGNORE_INDEX
     label_lookup: np.ndarray | None = None  # [256] uint8: stored label value -> class index
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images or label maps are an error, told from the header
+    label_offset: int = 0  # stored value v is class v - label_offset; values below it are ignored
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def has_background(self) -> bool:
+        return self.bg_threshold is not None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -138,13 +200,17 @@ class SegmentationDataset:
             if labels.dtype != np.uint8:
                 raise UserError(f"label map {path} is not 8-bit; COCO-Stuff maps hold values 0..255")
             return self.label_lookup[labels]
-        invalid = (labels >= self.num_classes) & (labels != self.ignore_index)
+        ignored = labels == self.ignore_index
+        classes = labels.astype(np.int64) - self.label_offset  # [H, W]
+        invalid = ~ignored & (classes >= self.num_classes)
         if invalid.any():
+            first, last = self.label_offset, self.label_offset + self.num_classes - 1
             raise UserError(
                 f"label map {path} holds value {int(labels[invalid][0])}: "
-                f"{self.name} has classes 0..{self.num_classes - 1} and ignore {self.ignore_index}"
+                f"{self.name} stores classes as {first}..{last} and ignores {self.ignore_index}"
+                + (f" and values below {first}" if first else "")
             )
-        return labels.astype(np.uint8)
+        return np.where(ignored | (classes < 0), self.ignore_index, classes).astype(np.uint8)
 
 
 def read_label_png(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -179,8 +245,10 @@ def open_dataset(
     spec = DATASETS[name]
     samples, lookup = spec.find_samples(Path(data_root), split or spec.default_split)
     _require_files(samples)
-    return SegmentationDataset(name, samples, spec.class_names, spec.bg_threshold, label_lookup=lookup,
-                               max_pixels=max_pixels)
+    return SegmentationDataset(
+        name, samples, spec.class_names, spec.bg_threshold, label_lookup=lookup, max_pixels=max_pixels,
+        label_offset=spec.label_offset,
+    )
 
 
 def prepared_coco_dir(data_root: str | Path, split: str = "val2017") -> Path:
@@ -230,6 +298,33 @@ def _coco_object_samples(root: Path, split: str) -> tuple[list[Sample], np.ndarr
     return [Sample(i, image_dir / f"{i}.jpg", label_dir / f"{i}.png") for i in ids], lookup
 
 
+def _folder_samples(
+    dataset_dir: str, image_dir: str, label_dir: str, image_suffix: str, label_suffix: str, nested: bool = False,
+    prepare: str = "",
+) -> SampleFinder:
+    """The finder of a benchmark whose split is every DATA_ROOT/<dataset_dir>/<image_dir>/<split>/[<folder>/]
+    <id><image_suffix> (nested: one folder deep) with its label map <label_dir>/<split>/[<folder>/]<id><label_suffix>;
+    `prepare` names the zs-eval prepare command that makes missing label maps."""
+
+    def find(root: Path, split: str) -> tuple[list[Sample], None]:
+        images, labels = root / dataset_dir / image_dir / split, root / dataset_dir / label_dir / split
+        if not images.is_dir():
+            raise UserError(f"image folder {images} not found (the expected layout: zs-eval --help, Data layout)")
+        paths = sorted(images.glob(("*/*" if nested else "*") + image_suffix))
+        if not paths:
+            raise UserError(f"image folder {images} holds no *{image_suffix} images")
+        samples = []
+        for path in paths:
+            image_id = path.name[: -len(image_suffix)]
+            label = labels / path.parent.relative_to(images) / f"{image_id}{label_suffix}"
+            if prepare and not label.is_file():
+                raise UserError(f"label map {label} not found; `zs-eval prepare {prepare}` makes them")
+            samples.append(Sample(image_id, path, label))
+        return samples, None
+
+    return find
+
+
 def _require_files(samples: list[Sample]) -> None:
     for sample in samples:
         for path in (sample.image_path, sample.label_path):
@@ -237,7 +332,7 @@ def _require_files(samples: list[Sample]) -> None:
                 raise UserError(f"dataset file {path} not found (listed image id '{sample.image_id}')")
 
 
-# Background thresholds are the ZeroSeg paper's (section 4.2).
+# Background thresholds are the ZeroSeg paper's (section 4.2); None: no background class.
 DATASETS = {
     spec.name: spec
     for spec in (
@@ -249,6 +344,13 @@ DATASETS = {
 """,
         ),
         DatasetSpec(
+            "voc20", "val", None, VOC_CLASS_NAMES[1:], _pascal_samples("2012", "Segmentation", "SegmentationClass"),
+            """\
+  voc20    as voc, without the background class: 0 ignored, 1..20 the classes 0..19.
+""",
+            label_offset=1,
+        ),
+        DatasetSpec(
             "context", "val", 0.05, CONTEXT_CLASS_NAMES,
             _pascal_samples("2010", "SegmentationContext", "SegmentationClassContext"),
             """\
@@ -256,6 +358,14 @@ DATASETS = {
            JPEGImages/<id>.jpg, SegmentationClassContext/<id>.png (0 background, 1..59, 255 ignored),
            ImageSets/SegmentationContext/<split>.txt.
 """,
+        ),
+        DatasetSpec(
+            "context59", "val", None, CONTEXT_CLASS_NAMES[1:],
+            _pascal_samples("2010", "SegmentationContext", "SegmentationClassContext"),
+            """\
+  context59  as context, without the background class: 0 ignored, 1..59 the classes 0..58.
+""",
+            label_offset=1,
         ),
         DatasetSpec(
             "coco", "val2017", 0.35, COCO_OBJECT_CLASS_NAMES, _coco_object_samples,
@@ -268,6 +378,36 @@ DATASETS = {
            The split's ids are the .jpg stems in the image folder; each needs a label map.
            `zs-eval prepare coco --instances instances_val2017.json --data-root DATA_ROOT` makes the former.
 """,
+        ),
+        DatasetSpec(
+            "coco-stuff", "val2017", None, COCO_STUFF_CLASS_NAMES,
+            _folder_samples("coco_stuff164k", "images", "annotations", ".jpg", "_labelTrainIds.png",
+                            prepare="coco-stuff"),
+            """\
+  coco-stuff  DATA_ROOT/coco_stuff164k/  as mmsegmentation's coco_stuff164k converter writes it:
+           images/<split>/<id>.jpg, annotations/<split>/<id>_labelTrainIds.png (0..170: the 80 things, then
+           the 91 stuff classes; 255 ignored). The split's ids are the .jpg stems. `zs-eval prepare coco-stuff`
+           makes them from the stuffthingmaps annotations/<split>/<id>.png.
+""",
+        ),
+        DatasetSpec(
+            "cityscapes", "val", None, CITYSCAPES_CLASS_NAMES,
+            _folder_samples("cityscapes", "leftImg8bit", "gtFine", "_leftImg8bit.png", "_gtFine_labelTrainIds.png",
+                            nested=True, prepare="cityscapes"),
+            """\
+  cityscapes  DATA_ROOT/cityscapes/  leftImg8bit/<split>/<city>/<name>_leftImg8bit.png,
+           gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png (train ids 0..18, 255 ignored); image id
+           <name>. `zs-eval prepare cityscapes` makes them from gtFine's <name>_gtFine_labelIds.png.
+""",
+        ),
+        DatasetSpec(
+            "ade20k", "validation", None, ADE20K_CLASS_NAMES,
+            _folder_samples("ADEChallengeData2016", "images", "annotations", ".jpg", ".png"),
+            """\
+  ade20k   DATA_ROOT/ADEChallengeData2016/  images/<split>/<id>.jpg, annotations/<split>/<id>.png (0 ignored,
+           1..150 the classes); the split's ids are the .jpg stems.
+""",
+            label_offset=1,
         ),
     )
 }

@@ -26,6 +26,10 @@ background value.
 
 Both: without bg_threshold no pixel is background; class ties go to the lower class index.
 
+Vocabularies without a background class (`background=False`: voc20, context59, coco-stuff, cityscapes,
+ade20k) have no threshold and no background names: every pixel takes its best class, labelled k - 1 for
+foreground class k, so labels are the class indices 0..C_fg-1 of the vocabulary.
+
 Background class (dense scorers with background names, SCLIP's protocol): the softmax runs over those
 names and the foreground classes together; the background probability of a patch is the highest of
 the names', resized bilinearly to the window, and a pixel's background value is the larger of that and
@@ -261,8 +265,11 @@ class LabelingRule:
     top_k: int = 5
     background_names: tuple[str, ...] = ()  # dense scorers: names scored as the background class
     background_text: torch.Tensor | None = None  # [len(background_names), D]
+    background: bool = True  # False: no background class; labels are 0..C_fg-1
 
     def __post_init__(self) -> None:
+        if not self.background and (self.bg_threshold is not None or self.background_text is not None):
+            raise ValueError("a vocabulary without background has no background threshold or background names")
         if self.name not in RULES:
             raise ValueError(f"rule '{self.name}' is not one of {', '.join(RULES)}")
         if self.top_k < 1:
@@ -311,8 +318,10 @@ class LabelingRule:
     def decide(self, windows: list[WindowScores], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels [H, W] int64 and best averaged foreground scores [H, W] of an image's windows."""
         if self.name == "softmax":
-            return combine_windows(windows, height, width, len(self.text))
-        return fuse_window_logits(windows, height, width, len(self.text), self.bg_threshold is not None)
+            labels, scores = combine_windows(windows, height, width, len(self.text))
+        else:
+            labels, scores = fuse_window_logits(windows, height, width, len(self.text), self.bg_threshold is not None)
+        return (labels if self.background else labels - 1), scores
 
     def to_dict(self) -> dict:
         groupvit = self.name == "groupvit"
@@ -326,6 +335,7 @@ class LabelingRule:
             "bg_threshold": self.bg_threshold,
             "keep_best_group": self.keep_best_group or groupvit,
             "background_names": list(self.background_names),
+            "background_class": self.background,
             "window_fusion": "mean of [background 0/1, class scores], argmax (mmseg)"
             if groupvit
             else "mean of class scores and background values",

@@ -89,28 +89,37 @@ class LoadedModel:
     description: dict  # what was loaded, for the results' config
 
     def segmenter(
-        self, class_names: Sequence[str], bg_threshold: float | None, dataset: str | None = None
+        self, class_names: Sequence[str], bg_threshold: float | None, dataset: str | None = None,
+        background: bool = True,
     ) -> WindowSegmenter:
-        """A segmenter for a vocabulary whose index 0 is background (only names 1.. go through CLIP), with the
-        method's settings for `dataset` (voc, context, coco) where the options leave them unset."""
-        if not class_names or class_names[0] != "background":
+        """A segmenter for a vocabulary whose index 0 is background (only names 1.. go through CLIP), or with
+        background=False one without (every name goes through CLIP, every pixel takes a class: no threshold, no
+        background names), with the method's settings for `dataset` (a DATASETS name) where the options leave
+        them unset."""
+        if background and (not class_names or class_names[0] != "background"):
             raise ValueError(f"a vocabulary starts with 'background' (label 0), got {list(class_names[:1])}")
+        if not background and bg_threshold is not None:
+            raise ValueError("a vocabulary without background has no background threshold")
         options = self.options
         settings = METHODS[options.model].on(dataset)
         geometry = Geometry(**{**settings.geometry(), **options.geometry})
         temperature = options.temperature or settings.temperature
         logit_scale = float(self.clip.logit_scale.item()) if temperature is None else math.log(temperature)
-        background = settings.background_names
-        if options.background_names is not None:
-            background = _background_names(options.background_names)
+        names = settings.background_names if background else ()
+        if options.background_names is not None and background:
+            names = _background_names(options.background_names)
         rule = LabelingRule(
-            self._embed(class_names[1:]), logit_scale, bg_threshold, options.keep_best_group,
-            options.rule or settings.rule, options.top_k, background, self._embed(background) if background else None,
+            self._embed(class_names[1:] if background else class_names), logit_scale, bg_threshold,
+            options.keep_best_group, options.rule or settings.rule, options.top_k, names,
+            self._embed(names) if names else None, background,
         )  # fmt: skip
         return WindowSegmenter(self.scorer, rule, geometry, self.mean, self.std, self.device, options.window_batch)
 
-    def default_bg_threshold(self, dataset) -> float:
-        """The method's background threshold on a SegmentationDataset, else the dataset's (ZeroSeg paper's)."""
+    def default_bg_threshold(self, dataset) -> float | None:
+        """The method's background threshold on a SegmentationDataset, else the dataset's (ZeroSeg paper's);
+        None on a dataset without background class."""
+        if not dataset.has_background:
+            return None
         threshold = METHODS[self.options.model].on(dataset.name).bg_threshold
         return dataset.bg_threshold if threshold is None else threshold
 

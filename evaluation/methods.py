@@ -27,9 +27,13 @@ SCLIP's mmseg protocol); zs-eval uses them as the method's defaults, every one i
 - background_names: names whose text embeddings together make the background class (its probability is
   the highest of theirs, as their name files `cls_<dataset>.txt` give it); empty = no background class.
 - geometry: short side of the resize ("Resize scale=(2048, S)"), whole image or slide crop / stride.
+On the benchmarks without background (voc20, context59, coco-stuff, cityscapes, ade20k) their configs set no
+threshold and their name files no background entry: every pixel takes a class (zs-eval applies neither), and
+their settings are the segmentor's defaults but for the resize (SCLIP: 336, coco-stuff 448, cityscapes 560;
+NACLIP: 336, cityscapes 560; ClearCLIP: 448), ClearCLIP's 224 crop on cityscapes and NACLIP's whole image on voc20.
 zeroseg: GroupViT's protocol (the groupvit rule, the CLIP's own logit scale, the dataset's paper threshold,
-one prompt, slide 448 / 224 at short side 448). MaskCLIP keeps that protocol but its own per-patch rule,
-softmax.
+one prompt, slide 448 / 224 at short side 448), on every benchmark (GroupViT has no configs for the five
+without background). MaskCLIP keeps that protocol but its own per-patch rule, softmax.
 """
 
 from collections.abc import Callable
@@ -80,14 +84,14 @@ class Method:
     background_names: tuple[str, ...] | PerDataset = ()
     templates: str = "single"
     mode: str | PerDataset = "slide"
-    short_side: int = 448
-    crop_size: int = 448
+    short_side: int | PerDataset = 448
+    crop_size: int | PerDataset = 448
     stride: int = 224
     gaussian_std: float | None = None  # patches: the neighbourhood prior's width (NACLIP)
     note: str = ""  # a line for its reports
 
     def on(self, dataset: str | None) -> "Method":
-        """The settings on `dataset` (voc, context, coco; None: the method's code defaults)."""
+        """The settings on `dataset` (a DATASETS name; None: the method's code defaults)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{name: v.on(dataset) for name, v in values.items() if isinstance(v, PerDataset)})
 
@@ -102,8 +106,8 @@ class Method:
             "threshold " + _shown(self.bg_threshold, none="the dataset's"),
             f"background names {_shown(self.background_names)}",
             f"templates {self.templates}",
-            f"short side {self.short_side}",
-            f"mode {_shown(self.mode)} (crop {self.crop_size}, stride {self.stride})",
+            f"short side {_shown(self.short_side)}",
+            f"mode {_shown(self.mode)} (crop {_shown(self.crop_size)}, stride {self.stride})",
         ]
         if self.gaussian_std is not None:
             parts.append(f"Gaussian std {_shown(self.gaussian_std)} patches")
@@ -161,16 +165,17 @@ METHODS = {
     "sclip": Method(
         LastBlock(correlative, True, "x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.))"),
         "softmax", PerDataset(40.0, voc=65.0, context=50.0, coco=50.0), 0.1, SCLIP_BACKGROUND, "openai80",
-        "slide", 336, 224, 112,
+        "slide", PerDataset(336, **{"coco-stuff": 448, "cityscapes": 560}), 224, 112,
     ),
     "clearclip": Method(
         LastBlock(query_query, False, "Attn(softmax(q q^T * scale)); no residual, no mlp"),
         "softmax", 50.0, PerDataset(0.0, voc=0.5, context=0.15, coco=0.4), ("background",), "openai80",
-        "slide", 448, 448, 224,
+        "slide", 448, PerDataset(448, cityscapes=224), 224,
     ),
     "naclip": Method(
         LastBlock(key_key_neighbourhood, False, "Attn(softmax(k k^T * scale + gaussian_prior)); no residual, no mlp"),
-        "softmax", 40.0, 0.1, SCLIP_BACKGROUND, "openai80", PerDataset("slide", voc="whole"), 336, 224, 112,
+        "softmax", 40.0, 0.1, SCLIP_BACKGROUND, "openai80", PerDataset("slide", voc="whole", voc20="whole"),
+        PerDataset(336, cityscapes=560), 224, 112,
         gaussian_std=5.0,
     ),
 }  # fmt: skip
