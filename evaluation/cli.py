@@ -93,7 +93,9 @@ Metric. One int64 confusion matrix over the whole split (ignore label left out);
 over the classes present in ground truth or prediction (the others are listed as absent), pixel
 accuracy. Run under torchrun to shard images over processes; their matrices are summed.
 
-COCO-Object label maps from an instances JSON: zs-eval prepare coco --help. One table from several
+Label maps from official downloads: zs-eval prepare coco --help (COCO-Object from an instances
+JSON), zs-eval prepare cityscapes --help, zs-eval prepare coco-stuff --help (train ids, as
+mmsegmentation's converters write them). One table from several
 reports (methods as rows, datasets as columns): zs-eval compare --help.
 """.format(
     TRAINING_FREE_NAMES=", ".join(TRAINING_FREE),
@@ -337,6 +339,35 @@ def prepare_coco(
     target = CocoTarget(data_root, out, split).folder
     written = prepare_coco_object(instances, target, progress=progress)
     typer.echo(f"wrote {written} COCO-Object label maps to {target}")
+
+
+def _train_id_command(benchmark: str):
+    """`zs-eval prepare <benchmark>`: train-id label maps (evaluation.train_ids.CONVERSIONS) beside their sources."""
+    from zeroseg.evaluation.train_ids import CONVERSIONS
+
+    conversion = CONVERSIONS[benchmark]
+
+    def command(
+        data_root: Path = typer.Option(..., help="The --data-root of zs-eval (Data layout: zs-eval --help)."),
+        split: str = typer.Option(DATASETS[benchmark].default_split, help="Split folder."),
+        progress: bool = typer.Option(True, help="Show a progress bar."),
+    ) -> None:
+        from zeroseg.evaluation.train_ids import convert_label_maps
+
+        written = convert_label_maps(conversion, data_root, split, progress)
+        typer.echo(f"wrote {written} {benchmark} train-id label maps (*{conversion.target_suffix})")
+
+    command.__doc__ = (
+        f"{benchmark} label maps *{conversion.target_suffix} from the {conversion.source} "
+        f"DATA_ROOT/{conversion.folder.format(split='<split>')}/{'<city>/' if conversion.nested else ''}"
+        f"*{conversion.source_suffix}, "
+        "as mmsegmentation's converter writes them."
+    )
+    return command
+
+
+for _benchmark in ("cityscapes", "coco-stuff"):
+    prepare_app.command(_benchmark)(_train_id_command(_benchmark))
 
 
 compare_app = typer.Typer(pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)

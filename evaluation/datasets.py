@@ -227,12 +227,16 @@ def read_label_png(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> n
         raise UserError(f"cannot read label map {path}: {first_line(exc)}") from None
 
 
+def lookup_table(mapping: dict[int, int], otherwise: int) -> np.ndarray:
+    """[256] int16 table of stored 8-bit label values: mapping's values, `otherwise` for the other values."""
+    table = np.full(256, otherwise, dtype=np.int16)
+    table[list(mapping)] = list(mapping.values())
+    return table
+
+
 def coco_stuff_lookup() -> np.ndarray:
     """[256] uint8 table: COCO-Stuff-164k stuffthingmaps value -> COCO-Object class index."""
-    lookup = np.zeros(256, dtype=np.uint8)
-    for category_id, index in COCO_CATEGORY_TO_INDEX.items():
-        lookup[category_id - 1] = index
-    return lookup
+    return lookup_table({category - 1: index for category, index in COCO_CATEGORY_TO_INDEX.items()}, 0).astype(np.uint8)
 
 
 def open_dataset(
