@@ -133,7 +133,8 @@ def read_vocabulary(classes: str | None, vocabulary: str | None) -> tuple[str, .
 
         return ("background",) + tuple(open_clip.IMAGENET_CLASSNAMES)  # the CLIP paper's cleaned list
     if vocabulary in DATASETS:
-        return DATASETS[vocabulary].class_names
+        spec = DATASETS[vocabulary]
+        return spec.class_names if spec.has_background else ("background", *spec.class_names)
     if vocabulary is not None:
         path = Path(vocabulary)
         if not path.is_file():
