@@ -25,11 +25,12 @@ def read_report(path: Path) -> dict:
     return report
 
 
-def method_label(config: dict) -> str:
-    """The row name of a report's configuration."""
+def method_label(config: dict, dataset: str = "") -> str:
+    """The row name of a report's configuration (of `dataset`: predictions read from DIR/<dataset>/ are DIR's)."""
     model = config.get("model", "?")
     if model == "predictions":
-        return f"predictions {Path(config.get('predictions', '?')).name}"
+        folder = Path(config.get("predictions", "?"))
+        return f"predictions {(folder.parent if folder.name == dataset else folder).name}"
     if model == "zeroseg":
         return f"zeroseg {Path(config.get('checkpoint', '?')).name}"
     teacher = config.get("teacher") or {}
@@ -44,7 +45,7 @@ def comparison_table(paths: Sequence[Path]) -> tuple[list[str], list[str], dict[
     methods: list[str] = []
     for path in paths:
         report = read_report(path)
-        key = (method_label(report["config"]), report["dataset"])
+        key = (method_label(report["config"], report["dataset"]), report["dataset"])
         if key in sources:
             raise UserError(f"two reports of {key[0]} on {key[1]}: {sources[key]} and {path}")
         sources[key], cells[key] = path, report["mIoU"]
