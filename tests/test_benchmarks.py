@@ -48,11 +48,16 @@ SIZES = ((24, 32), (30, 20))  # (height, width) of the two images of each benchm
 SMALL = ("--short-side", "32", "--no-progress", "--templates", "single")
 
 
+def image_ids(files: str) -> list[tuple[str, str]]:
+    """(city, image id) of the two images of a layout (city: Cityscapes only)."""
+    return IDS.get(files, [("", f"2008_00000{i}" if files in SPLIT_LISTS else f"00000000013{i}") for i in (1, 2)])
+
+
 def generate(root: Path, seed: int = 0) -> Path:
     """Two images with random label maps per benchmark, in its layout under root."""
     rng = np.random.default_rng(seed)
     for files, (image_pattern, label_pattern) in LAYOUT.items():
-        ids = IDS.get(files, [("", f"2008_00000{i}" if files in SPLIT_LISTS else f"00000000013{i}") for i in (1, 2)])
+        ids = image_ids(files)
         for (city, image_id), (height, width) in zip(ids, SIZES, strict=True):
             image_path = root / image_pattern.format(id=image_id, city=city)
             label_path = root / label_pattern.format(id=image_id, city=city)
@@ -76,11 +81,8 @@ def truth_of(dataset: str, root: Path) -> dict[str, np.ndarray]:
     values below the offset and 255 are the ignore label 255."""
     files = FILES_OF.get(dataset, dataset)
     offset = OFFSET.get(dataset, 0)
-    ids = IDS.get(files) or [("", line) for line in (root / SPLIT_LISTS[files]).read_text().split()] if (
-        files in SPLIT_LISTS
-    ) else IDS.get(files, [("", f"00000000013{i}") for i in (1, 2)])
     truth = {}
-    for city, image_id in ids:
+    for city, image_id in image_ids(files):
         stored = np.asarray(Image.open(root / LAYOUT[files][1].format(id=image_id, city=city))).astype(np.int64)
         truth[image_id] = np.where((stored == 255) | (stored < offset), 255, stored - offset)
     return truth
