@@ -206,8 +206,8 @@ def test_user_errors_are_one_line_and_exit_2(setup, tmp_path):
     missing = invoke(zs_eval, "voc", "--data-root", tmp_path, "--predictions", tmp_path)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert str(tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt") in missing.stderr
-    unknown = invoke(zs_eval, "cityscapes", "--data-root", FIXTURES, "--predictions", tmp_path)
-    assert unknown.returncode == 2 and "unknown dataset 'cityscapes'" in unknown.stderr
+    unknown = invoke(zs_eval, "kitti", "--data-root", FIXTURES, "--predictions", tmp_path)
+    assert unknown.returncode == 2 and "unknown dataset 'kitti'" in unknown.stderr
     no_checkpoint = invoke(zs_eval, "voc", "--checkpoint", tmp_path / "nope.pt", *setup["common"])
     assert no_checkpoint.returncode == 2 and "nope.pt" in no_checkpoint.stderr
     no_coco_labels = invoke(zs_eval, "coco", "--data-root", FIXTURES, "--predictions", tmp_path)
