@@ -177,3 +177,17 @@ def test_rule_choices_are_checked_and_recorded():
     record = LabelingRule(torch.eye(3), 0.0, 0.35).to_dict()
     assert record["rule"] == "groupvit" and record["top_k"] == 3 and record["keep_best_group"] is True
     assert "mmseg" in record["window_fusion"]
+
+
+@pytest.mark.parametrize("name", ["groupvit", "softmax"])
+def test_a_vocabulary_without_background_labels_every_pixel_with_its_class_index(name):
+    # Two groups over a 1x3 window: pixel 0 owned by group 0, pixels 1, 2 by group 1; three classes.
+    group_scores = torch.tensor([[0.02, 0.97, 0.01], [0.30, 0.30, 0.40]])  # [G, C]
+    rule = LabelingRule(torch.eye(3), 0.0, None, name=name, background=False)
+    window = GroupWindowScores((0, 0, 1, 3), rule.threshold(group_scores), torch.tensor([[0, 1, 1]]), group_scores)
+    labels, scores = rule.decide([window], 1, 3)
+    assert labels.tolist() == [[1, 2, 2]]  # class indices 0..C-1: no label is reserved for background
+    torch.testing.assert_close(scores, torch.tensor([[0.97, 0.40, 0.40]]))
+    assert rule.to_dict()["background_class"] is False
+    with pytest.raises(ValueError, match="without background"):
+        LabelingRule(torch.eye(3), 0.0, 0.5, name=name, background=False)
