@@ -15,7 +15,14 @@ from pathlib import Path
 import typer
 
 from zeroseg.errors import UserError, require
-from zeroseg.evaluation.datasets import DATA_LAYOUT, DATASET_NAMES, DATASETS, open_dataset, prepared_coco_dir
+from zeroseg.evaluation.datasets import (
+    DATA_LAYOUT,
+    DATASET_NAMES,
+    DATASETS,
+    GROUPVIT_THRESHOLDS,
+    open_dataset,
+    prepared_coco_dir,
+)
 from zeroseg.evaluation.methods import METHODS, TRAINING_FREE
 from zeroseg.pipeline.options import DEFAULT_MAX_PIXELS
 from zeroseg.runtime import DEVICE_HELP, run_cli
@@ -56,24 +63,26 @@ def methods_help() -> str:
 
 HELP = """
 Labeling rules (--rule). Class names (index 0 'background' excluded) go through the text tower of the
-teacher CLIP recorded in the checkpoint (or --teacher/--pretrained), one embedding per class: the mean
+teacher CLIP recorded in the checkpoint (or --teacher/--pretrained), one embedding per name: the mean
 of the L2-normalised prompt embeddings, normalised again. With s = min(exp(logit_scale), 100) of that
 CLIP (or --temperature), A = softmax over the foreground classes of cos(e, t_c) * s.
-groupvit (zeroseg's default, GroupViT's protocol, which the paper follows): per window, the top-k
+groupvit (zeroseg's default, GroupViT's encode_decode, which the paper follows): per window, the top-k
 classes (--top-k, 5) of the image embedding z's softmax are the image prior; every segment's A
-restricted to them and softmaxed again, times A, is its score P; pixels take the scores of their argmax
-segment (soft assignments of the grouping stages, chained and resized bilinearly); a pixel's background
-channel is 1 where its best score < min(threshold, best P of the window). Windows are fused as mmseg
-does: [background, class scores] averaged over the windows covering a pixel, argmax (background wins
-ties). softmax (the training-free methods' default, and the rule before, to reproduce old numbers):
-scores A, no prior; background where the best score is strictly below the threshold (--keep-best-group
-caps it at the window's best score), scores and thresholds averaged over windows.
+restricted to them and softmaxed again, times A, is its score P; window pixels take the scores of their
+argmax segment (soft assignments of the grouping stages, chained and resized bilinearly to the window);
+a pixel's background channel is 1 where its best score < min(threshold, best P of the window).
+[background, class scores] are averaged over the windows on the resized image (mmseg), resized once
+bilinearly to the original size, argmax (background wins ties). softmax (the rule before, to reproduce
+old numbers): scores A, no prior; background where the best fused score is strictly below the fused
+threshold (--keep-best-group caps it at the window's best score).
 {TRAINING_FREE_NAMES} (training-free, the CLIP's last image block changed as each paper defines it;
 MaskCLIP is Zhou et al., ECCV 2022, not the "MaskCLIP" row of the ZeroSeg paper's Table 1, Dong et al.):
-every patch token scores A, maps resized bilinearly, no image prior, background and fusion as the rule
-chosen. With background names the background class is scored in the same softmax and a pixel is also
-background where its best class scores below the background class. Thresholds per dataset: the
-method's, else the paper's ({PAPER_THRESHOLDS}), or --bg-threshold. Benchmarks without a background
+their own order (SCLIP's code): the cosines of every patch with every name, resized bilinearly to the
+window, averaged over windows, resized to the original size, (PAMR, --pamr), softmax over all names of
+cosine * s, a class scores the max over its names (the method's names file, line 0 the background
+class), small classes dropped (--area-filter), argmax, background below the threshold. Thresholds per
+dataset: the method's, else the paper's ({PAPER_THRESHOLDS}; --thresholds groupvit: GroupViT's configs'
+{GROUPVIT_THRESHOLDS}), or --bg-threshold. Benchmarks without a background
 class ({NO_BACKGROUND}): every name goes through the text tower and every pixel takes its best class
 (labels and saved predictions 0..C-1); no threshold, no background names.
 
@@ -82,12 +91,12 @@ methods' from their code):
 
 {METHODS_HELP}
 
-Geometry. Images are resized keeping their aspect ratio to --short-side (long side capped at
---max-long-side), bicubic, sides rounded to a multiple of the patch size, and normalised with the
-checkpoint's mean/std (the training-free methods: the CLIP's). slide (zeroseg's and maskclip's default,
-GroupViT's setting for VOC, Context and COCO): --crop-size windows every --stride pixels, fused as the
-rule says. whole: one forward of the resized image. Scores are produced at the original image size,
-where the metric is computed.
+Geometry (mmcv / mmseg 0.x, as GroupViT's test pipeline). Images are resized keeping their aspect ratio
+to --short-side (long side capped at --max-long-side), bilinear, each side int(side * scale + 0.5) (not
+rounded to the patch), and normalised with the checkpoint's mean/std (the training-free methods: the
+CLIP's). slide (zeroseg's default, GroupViT's setting for VOC, Context and COCO): --crop-size windows
+every --stride pixels of the resized image. whole: one forward of the resized image. Window maps are
+fused on the resized image and resized once to the original size, where the metric is computed.
 
 Metric. One int64 confusion matrix over the whole split (ignore label left out); per-class IoU, mIoU
 over the classes present in ground truth or prediction (the others are listed as absent), pixel
@@ -101,6 +110,7 @@ reports (methods as rows, datasets as columns): zs-eval compare --help.
     TRAINING_FREE_NAMES=", ".join(TRAINING_FREE),
     PAPER_THRESHOLDS=", ".join(f"{s.bg_threshold:g} {name}" for name, s in DATASETS.items() if s.has_background),
     NO_BACKGROUND=", ".join(name for name, spec in DATASETS.items() if not spec.has_background),
+    GROUPVIT_THRESHOLDS=", ".join(f"{value:g} {name}" for name, value in GROUPVIT_THRESHOLDS.items()),
     METHODS_HELP=methods_help(),
 )
 
@@ -155,6 +165,11 @@ def evaluate(
     bg_threshold: float | None = typer.Option(
         None, help="Background threshold for every dataset with background (default: the method's, else the paper's)."
     ),
+    thresholds: str = typer.Option(
+        "paper", help="Datasets' background thresholds: paper (ZeroSeg's) or groupvit (GroupViT's configs')."
+    ),
+    area_filter: bool = typer.Option(True, help="SCLIP's area_thd where the method's settings have one (sclip voc)."),
+    pamr: bool = typer.Option(True, help="NACLIP's PAMR (10 steps) where the method's settings run it (naclip)."),
     temperature: float | None = typer.Option(
         None, help="Multiplies cosines before the class softmax (default: the method's; zeroseg: the CLIP's)."
     ),
@@ -195,7 +210,8 @@ def evaluate(
     options = ModelOptions(
         model, checkpoint, teacher, pretrained, quick_gelu, templates, str(text_cache) if text_cache else None,
         geometry, keep_best_group, window_batch, rule, top_k, temperature, background_names, gaussian_std,
-        bg_threshold=bg_threshold, predictions=str(predictions) if predictions else None,
+        bg_threshold=bg_threshold, thresholds=thresholds, area_filter=area_filter, pamr=pamr,
+        predictions=str(predictions) if predictions else None,
     )  # fmt: skip
     out_dir = out or _default_output(options)
     for folder, option in ((out_dir, "--out"), (save_predictions, "--save-predictions"), (save_vis, "--save-vis")):
@@ -260,7 +276,7 @@ def _segment_dataset(loaded, dataset, threshold, process, saving, decode_threads
         write_run_record(saving[0], dataset.name, started, run)
     config = {
         **loaded.description,
-        "labeling": segmenter.rule.to_dict(),
+        "labeling": {**segmenter.rule.to_dict(), "thresholds": loaded.options.thresholds},
         "geometry": vars(segmenter.geometry),
         "templates": list(loaded.templates),
         "normalisation": {"mean": list(loaded.mean), "std": list(loaded.std)},

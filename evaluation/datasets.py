@@ -336,7 +336,12 @@ def _require_files(samples: list[Sample]) -> None:
                 raise UserError(f"dataset file {path} not found (listed image id '{sample.image_id}')")
 
 
-# Background thresholds are the ZeroSeg paper's (section 4.2); None: no background class.
+# Background thresholds are the ZeroSeg paper's (section 4.2): 0.95 VOC, 0.05 Context, 0.35 COCO;
+# None: no background class.
+# GroupViT's configs (segmentation/configs/_base_/datasets/*.py, test_cfg bg_thresh) use other ones, one
+# option away: zs-eval --thresholds groupvit.
+GROUPVIT_THRESHOLDS = {"voc": 0.95, "context": 0.35, "coco": 0.95}
+THRESHOLD_SETS = ("paper", "groupvit")
 DATASETS = {
     spec.name: spec
     for spec in (

@@ -2,7 +2,8 @@
 evaluation.methods defines it (`--model maskclip`, `sclip`, `clearclip`, `naclip`).
 
 The CLIP ViT runs unchanged up to its last block (positional embedding resized bicubically to the
-input's token grid, so any size whose sides are multiples of the patch size works). The last block
+input's token grid as SCLIP's code does, `resized_positional_embedding`; a remainder of the input that is
+not a multiple of the patch is dropped by the patch convolution). The last block
 computes the method's attention weights A from its own q, k (evaluation.methods has the formulas) and
 Attn(A) = out_proj(heads of A @ v); ln_post and the visual projection `proj` then map every patch token
 into CLIP's joint space -> [B, h*w, D], compared there with the class text embeddings.
@@ -29,13 +30,18 @@ def check_vit_tower(visual: nn.Module, method: str) -> None:
 
 
 def resized_positional_embedding(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
-    """[1 + h*w, width]: the class position, then the patch positions resized bicubically to `grid`."""
+    """[1 + h*w, width]: the class position, then the patch positions resized bicubically as SCLIP, ClearCLIP
+    and NACLIP do it: sampled with scale_factor (n + 0.1) / n0 per side (not resized to a target size: the
+    bicubic samples sit at (i + 1/2) n0 / (n + 0.1) - 1/2), which gives floor(n + 0.1) = n positions."""
     embedding = visual.positional_embedding  # [1 + h0*w0, width]
     base = tuple(visual.grid_size)
     if tuple(grid) == base:
         return embedding
     patches = embedding[1:].reshape(1, *base, -1).permute(0, 3, 1, 2)  # [1, width, h0, w0]
-    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    scale = ((grid[0] + 0.1) / base[0], (grid[1] + 0.1) / base[1])
+    patches = F.interpolate(
+        patches, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False
+    )  # [1, width, h, w]
     return torch.cat([embedding[:1], patches.flatten(2)[0].T])
 
 

@@ -1,52 +1,51 @@
-"""The labeling rule of zero-shot evaluation, whole: embeddings -> class scores -> per-window pixel scores
--> one label per original pixel. Pure tensor functions, no model; the window geometry is evaluation.windows.
+"""The labeling rule of zero-shot evaluation, whole: embeddings -> per-window channel maps on the resized
+image -> fused there -> resized once to the original image -> one label per pixel. Pure tensor functions,
+no model; the window geometry is evaluation.windows, the order of the steps mmseg 0.x's
+`EncoderDecoder.slide_inference` / `whole_inference` (sum / count of the windows' maps on the resized
+image, one bilinear resize to the original size, then the decision).
 
-Label convention everywhere: 0 is background, k >= 1 is foreground class k, whose text embedding is
-row k - 1 of the [C_fg, D] text matrix (the vocabulary without its background entry). Embeddings and
-texts are L2-normalised here; s = min(exp(logit_scale), 100) and A = softmax over classes of cos * s.
+Label convention everywhere: 0 is background, k >= 1 is foreground class k. Embeddings and texts are
+L2-normalised here; s = min(exp(logit_scale), 100).
 
-Rule `groupvit` (default; GroupViT's `encode_decode`, the protocol behind the paper's Table 1), per window:
+Rule `groupvit` (default; GroupViT's `GroupViTSegInference.encode_decode`, the protocol of the paper's Table 1),
+per window, text t [C_fg, D] one row per class:
   A      = softmax_c(g t^T s)                                   [G, C_fg]  g: segment embeddings
   prior  = the top-k classes (k = min(top_k, C_fg)) of softmax_c(z t^T s), z the image embedding;
   A_top  = softmax_c of g t^T s with the other classes set to -inf [G, C_fg]
   P      = A_top * A                                              [G, C_fg]
-  every pixel takes the row of P of its group (argmax of the composed soft assignment); its background
-  channel is 1 where its best score < min(bg_threshold, max P), else 0 (so the best group never is).
-  Windows are fused as mmseg's slide_inference: the [1 + C_fg, h, w] logits (background channel first)
-  are summed where windows overlap and divided by the count; the pixel takes the argmax, background
-  (index 0) winning ties as torch.argmax does.
-  Dense scorers (MaskCLIP's per-patch scores [C_fg, h, w], no groups, no prior) give A per patch,
-  resized bilinearly to the window; the background channel and the fusion are the same.
+  channels [1 + C_fg] per window pixel: its group's (the argmax of the composed soft assignment resized
+  bilinearly to the window) background 0/1 (1 where the group's best score < min(bg_threshold, max P))
+  and its row of P. The fused, resized channels' argmax is the label; background (channel 0) wins ties.
+Rule `softmax` on groups (the rule before GroupViT's; kept to reproduce those numbers): the rows are A and
+channel 0 holds the window's background value (bg_threshold, or min(bg_threshold, best score of the window)
+with keep_best_group); a pixel is background where its best fused score is strictly below the fused value.
 
-Rule `softmax` (the rule before GroupViT's was the default; kept to reproduce those numbers): the scores
-are A (no prior, no product); a window's background value is bg_threshold, or min(bg_threshold, best
-score of the window) with keep_best_group; scores and background values are averaged over the windows
-covering a pixel, which takes its best class, or background where that is strictly below the averaged
-background value.
+Dense scorers (MaskCLIP, SCLIP, ClearCLIP, NACLIP; always their own `softmax` order, as SCLIP's
+`postprocess_result` runs it): the channels are the raw cosines of every query (a class may have several
+names, the background class too), resized bilinearly to the window and fused; after the resize (and the
+optional refinement, evaluation.refinement) the scores are softmax over all queries of cosine * s, a class
+scores the max over its names, classes below `area_threshold` of the foreground area lose their scores
+(SCLIP's area_thd), the pixel takes the best class, and background where that score is below bg_threshold.
 
-Both: without bg_threshold no pixel is background; class ties go to the lower class index.
+Without bg_threshold no pixel is background by threshold; ties go to the lower class index.
 
 Vocabularies without a background class (`background=False`: voc20, context59, coco-stuff, cityscapes,
 ade20k) have no threshold and no background names: every pixel takes its best class, labelled k - 1 for
 foreground class k, so labels are the class indices 0..C_fg-1 of the vocabulary.
-
-Background class (dense scorers with background names, SCLIP's protocol): the softmax runs over those
-names and the foreground classes together; the background probability of a patch is the highest of
-the names', resized bilinearly to the window, and a pixel's background value is the larger of that and
-the window's threshold (`background_values`, a per-pixel [h, w] threshold; both rules compare it
-elementwise with the pixel's best foreground score).
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from zeroseg.evaluation.refinement import area_filter_kept, pamr
+
 RULES = ("groupvit", "softmax")
-_ELEMENTS_PER_CHUNK = 1 << 24  # class-score elements held at once when averaging windows (64 MiB fp32)
+NEVER = -1.0  # a background value no score is below (scores are probabilities); finite, so resizing keeps it
+_ELEMENTS_PER_CHUNK = 1 << 24  # channel elements held at once when fusing windows (64 MiB fp32)
 
 
 def compose_assignments(
@@ -72,7 +71,7 @@ def compose_assignments(
 def class_scores(
     embeddings: torch.Tensor, text_emb: torch.Tensor, logit_scale: float | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """[..., D] embeddings, [C_fg, D] text -> [..., C_fg] float32 scores, both sides L2-normalised here:
+    """[..., D] embeddings, [C, D] text -> [..., C] float32 scores, both sides L2-normalised here:
     the cosine, or with logit_scale A = the softmax over classes of cosine * min(exp(logit_scale), 100)."""
     cosine = F.normalize(embeddings.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T
     if logit_scale is None:
@@ -97,174 +96,94 @@ def _scale(logit_scale: float | torch.Tensor) -> float:
     return min(math.exp(float(logit_scale)), 100.0)
 
 
-class WindowScores(Protocol):
-    """One window's class scores over its footprint `box` (top, left, height, width) of the original image."""
-
-    box: tuple[int, int, int, int]
-    threshold: float | torch.Tensor  # the window's background value, or one per pixel [h, w] (`background_values`)
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def class_scores(self, start: int, stop: int) -> torch.Tensor:
-        """Scores of foreground classes start..stop-1 -> [stop - start, h, w]."""
-
-    def best(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best foreground score [h, w] and its class (0-based foreground index) [h, w]."""
-
-
 @dataclass
-class GroupWindowScores:
-    """ZeroSeg: each pixel scores as the group that owns it (argmax of the composed soft assignment)."""
+class GroupWindow:
+    """ZeroSeg: each window pixel takes the row of `table` [G, 1 + C_fg] of the group that owns it."""
 
-    box: tuple[int, int, int, int]
-    threshold: float
+    box: tuple[int, int, int, int]  # top, left, height, width on the resized image
     owner: torch.Tensor  # [h, w] int64 group index
-    group_scores: torch.Tensor  # [G, C_fg]
+    table: torch.Tensor  # [G, 1 + C_fg]: the background channel, then the class scores
 
-    @property
-    def device(self) -> torch.device:
-        return self.owner.device
-
-    def class_scores(self, start: int, stop: int) -> torch.Tensor:
-        return self.group_scores[:, start:stop][self.owner].permute(2, 0, 1)  # [stop - start, h, w]
-
-    def best(self) -> tuple[torch.Tensor, torch.Tensor]:
-        value, index = self.group_scores.max(dim=-1)  # [G], [G]
-        return value[self.owner], index[self.owner]
+    def channels(self, start: int, stop: int) -> torch.Tensor:
+        return self.table[:, start:stop][self.owner].permute(2, 0, 1)  # [stop - start, h, w]
 
 
 @dataclass
-class DenseWindowScores:
-    """Dense scorers (MaskCLIP, SCLIP, ClearCLIP, NACLIP): per-patch scores resized bilinearly
-    (align_corners=False) to the footprint."""
+class DenseWindow:
+    """Dense scorers: per-patch cosines resized bilinearly (align_corners=False) to the window, or to the
+    window padded to the patch grid and cut back (`offset`, ClearCLIP's forward_slide)."""
 
     box: tuple[int, int, int, int]
-    threshold: float | torch.Tensor  # or per pixel [h, w] (`background_values`)
-    patch_scores: torch.Tensor  # [C_fg, h_tokens, w_tokens]
+    patch_logits: torch.Tensor  # [Q, h_tokens, w_tokens]
+    size: tuple[int, int]  # the size the patch maps are resized to (the window's, or its padded one)
+    offset: tuple[int, int] = (0, 0)  # top, left of the window inside `size`
 
-    @property
-    def device(self) -> torch.device:
-        return self.patch_scores.device
-
-    def class_scores(self, start: int, stop: int) -> torch.Tensor:
-        size = self.box[2:]
-        return F.interpolate(self.patch_scores[None, start:stop], size=size, mode="bilinear", align_corners=False)[0]
-
-    def best(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _running_best(self.class_scores, len(self.patch_scores), self.box[2:], self.device)
+    def channels(self, start: int, stop: int) -> torch.Tensor:
+        resized = F.interpolate(self.patch_logits[None, start:stop], size=self.size, mode="bilinear")[0]
+        (top, left), (_, _, rows, cols) = self.offset, self.box
+        return resized[:, top : top + rows, left : left + cols]
 
 
-def background_values(patch_background: torch.Tensor, box: tuple[int, int, int, int], threshold: float) -> torch.Tensor:
-    """Per-pixel background values of a window whose background class scores patch_background [h_t, w_t]:
-    those scores resized bilinearly to the footprint, raised to `threshold` where lower -> [h, w]."""
-    resized = F.interpolate(patch_background[None, None], size=box[2:], mode="bilinear", align_corners=False)[0, 0]
-    return resized.clamp(min=threshold)
-
-
-def window_threshold(scores: torch.Tensor, bg_threshold: float | None, keep_best_group: bool) -> float:
-    """The background value of a window whose groups (or patches) score `scores` [N, C_fg]:
-    bg_threshold, capped at the best score of the window with keep_best_group (the window's best-scoring
-    group is never background); -inf without threshold."""
-    if bg_threshold is None:
-        return -math.inf
-    return min(bg_threshold, scores.max().item()) if keep_best_group else bg_threshold
-
-
-def fuse_window_logits(
-    windows: list[WindowScores], height: int, width: int, num_fg: int, with_background: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """groupvit's pixel decision and mmseg's window fusion (module docstring) -> labels [H, W] int64 and
-    each pixel's best averaged foreground score [H, W] float32."""
-    if len(windows) == 1:
-        value, index = windows[0].best()
-        background = (value < windows[0].threshold).float()  # [h, w] the 0/1 background channel
-    else:
-        count = _coverage(windows, height, width)
-        background = torch.zeros(height, width, device=count.device)  # [H, W]
-        for window in windows:
-            top, left, rows, cols = window.box
-            background[top : top + rows, left : left + cols] += (window.best()[0] < window.threshold).float()
-        background = background / count
-        value, index = _best_over_classes(windows, count, height, width, num_fg)
-    if not with_background:
-        return index + 1, value
-    return torch.where(value <= background, 0, index + 1), value  # argmax over [background, classes]
-
-
-def combine_windows(
-    windows: list[WindowScores], height: int, width: int, num_fg: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax's pixel decision (module docstring): scores and background values averaged -> labels
-    [H, W] int64 (0 background, k = foreground class k) and each pixel's best averaged score [H, W]."""
-    if len(windows) == 1:
-        value, index = windows[0].best()
-        return torch.where(value < windows[0].threshold, 0, index + 1), value
-    count = _coverage(windows, height, width)
-    background = torch.zeros(height, width, device=count.device)  # [H, W]
-    for window in windows:
-        top, left, rows, cols = window.box
-        background[top : top + rows, left : left + cols] += window.threshold
-    value, index = _best_over_classes(windows, count, height, width, num_fg)
-    return torch.where(value < background / count, 0, index + 1), value
-
-
-def _coverage(windows: list[WindowScores], height: int, width: int) -> torch.Tensor:
-    """[H, W] number of windows covering each pixel."""
-    count = torch.zeros(height, width, device=windows[0].device)
+def fused_channels(
+    windows: Sequence[GroupWindow | DenseWindow], canvas_hw: tuple[int, int], out_hw: tuple[int, int]
+) -> Callable[[int, int], torch.Tensor]:
+    """mmseg's fusion: channels start..stop-1 of the windows summed on the resized image, divided by the
+    number of windows covering each pixel, resized bilinearly to out_hw -> [stop - start, H, W]."""
+    device = windows[0].owner.device if isinstance(windows[0], GroupWindow) else windows[0].patch_logits.device
+    count = torch.zeros(canvas_hw, device=device)
     for window in windows:
         top, left, rows, cols = window.box
         count[top : top + rows, left : left + cols] += 1
-    return count
 
-
-def _best_over_classes(
-    windows: list[WindowScores], count: torch.Tensor, height: int, width: int, num_fg: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and argmax over classes of the window-averaged scores [H, W]."""
-
-    def averaged(start: int, stop: int) -> torch.Tensor:
-        total = torch.zeros(stop - start, height, width, device=count.device)  # [chunk, H, W]
+    def channels(start: int, stop: int) -> torch.Tensor:
+        total = torch.zeros(stop - start, *canvas_hw, device=device)  # [chunk, H', W']
         for window in windows:
             top, left, rows, cols = window.box
-            total[:, top : top + rows, left : left + cols] += window.class_scores(start, stop)
-        return total / count
+            total[:, top : top + rows, left : left + cols] += window.channels(start, stop)
+        return F.interpolate((total / count)[None], size=out_hw, mode="bilinear", align_corners=False)[0]
 
-    return _running_best(averaged, num_fg, (height, width), count.device)
+    return channels
 
 
-def _running_best(
-    scores, num_fg: int, shape: tuple[int, int], device: torch.device
+def _chunks(count: int, out_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    step = max(1, _ELEMENTS_PER_CHUNK // (out_hw[0] * out_hw[1]))
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def best_channel(
+    channels: Callable[[int, int], torch.Tensor], start: int, stop: int, out_hw: tuple[int, int], device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and argmax over classes of scores(start, stop) -> [stop - start, H, W], a chunk of classes at
-    a time so that memory stays bounded for large vocabularies."""
-    best = torch.full(shape, -math.inf, device=device)
-    best_class = torch.zeros(shape, dtype=torch.int64, device=device)
-    step = max(1, _ELEMENTS_PER_CHUNK // (shape[0] * shape[1]))
-    for start in range(0, num_fg, step):
-        value, index = scores(start, min(start + step, num_fg)).max(dim=0)
-        better = value > best  # strictly: an earlier class keeps a tie
+    """Max and argmax (relative to `start`; an earlier channel keeps a tie) over channels start..stop-1,
+    a chunk at a time so that memory stays bounded for large vocabularies -> [H, W], [H, W]."""
+    best = torch.full(out_hw, -math.inf, device=device)
+    best_index = torch.zeros(out_hw, dtype=torch.int64, device=device)
+    for first, last in _chunks(stop - start, out_hw):
+        value, index = channels(start + first, start + last).max(dim=0)
+        better = value > best
         best = torch.where(better, value, best)
-        best_class = torch.where(better, index + start, best_class)
-    return best, best_class
+        best_index = torch.where(better, index + first, best_index)
+    return best, best_index
 
 
 @dataclass
 class LabelingRule:
     """The rule of the module docstring, with its vocabulary and thresholds; what scorers call.
 
-    Scorers give `group_window` (segment tokens and their pixel owners) or `dense_window` (per-patch
-    scores [C_fg, h, w]) per window; `decide` turns an image's windows into labels.
+    text [Q, D] has one row per name; query_class gives each row's class (1..C_fg; None: row i is class
+    i + 1, one name per class). background_text [B, D], dense scorers only, are the background class's names.
     """
 
-    text: torch.Tensor  # [C_fg, D] class text embeddings
-    logit_scale: float | None  # None: cosine scores (softmax rule only)
+    text: torch.Tensor
+    logit_scale: float | None  # None: cosine scores (softmax rule on groups only)
     bg_threshold: float | None
-    keep_best_group: bool = False  # softmax rule; groupvit always keeps the best group
+    keep_best_group: bool = False  # softmax rule on groups; groupvit always keeps the best group
     name: str = "groupvit"
     top_k: int = 5
-    background_names: tuple[str, ...] = ()  # dense scorers: names scored as the background class
-    background_text: torch.Tensor | None = None  # [len(background_names), D]
+    background_names: tuple[str, ...] = ()
+    background_text: torch.Tensor | None = None
+    query_class: tuple[int, ...] | None = None
+    area_threshold: float | None = None  # dense: SCLIP's area_thd
+    pamr_steps: int = 0  # dense: NACLIP's PAMR iterations (0: off)
     background: bool = True  # False: no background class; labels are 0..C_fg-1
 
     def __post_init__(self) -> None:
@@ -276,52 +195,90 @@ class LabelingRule:
             raise ValueError(f"top-k must be positive, got {self.top_k}")
         if self.name == "groupvit" and self.logit_scale is None:
             raise ValueError("the groupvit rule needs the CLIP's logit_scale")
+        if self.query_class is None:
+            self.query_class = tuple(range(1, len(self.text) + 1))
 
-    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """A: [..., D] -> [..., C_fg] (dense scorers' per-patch scores under both rules)."""
-        return class_scores(embeddings, self.text.to(embeddings.device), self.logit_scale)
+    @property
+    def num_fg(self) -> int:
+        return max(self.query_class)
 
-    def dense_scores(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[..., D] -> (foreground A [..., C_fg], background probability [...] or None without background text):
-        with background text the softmax runs over the background names and the classes together."""
-        if self.background_text is None:
-            return self.scores(embeddings), None
-        names = len(self.background_text)
-        text = torch.cat([self.background_text, self.text]).to(embeddings.device)  # [names + C_fg, D]
-        scores = class_scores(embeddings, text, self.logit_scale)  # [..., names + C_fg]
-        return scores[..., names:], scores[..., :names].amax(dim=-1)
+    def queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All query texts [Q', D] (background names first) and each one's label [Q'] (0 background)."""
+        background = self.background_text if self.background_text is not None else self.text[:0]
+        labels = (0,) * len(background) + tuple(self.query_class)
+        return torch.cat([background, self.text]), torch.tensor(labels)
 
-    def group_scores(self, groups: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Segment tokens [N, G, D] and image embeddings [N, D] -> [N, G, C_fg]: P (groupvit) or A (softmax)."""
+    def dense_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings [..., D] -> cosines with every query [..., Q']."""
+        return class_scores(embeddings, self.queries()[0].to(embeddings.device))
+
+    def group_window(self, box: tuple, owner: torch.Tensor, groups: torch.Tensor, image: torch.Tensor) -> GroupWindow:
+        """owner [h, w] group per window pixel; groups [G, D] segment tokens, image [D] image embedding."""
+        text = self.text.to(groups.device)
         if self.name == "softmax":
-            return self.scores(groups)
-        return image_prior_scores(groups, image, self.text.to(groups.device), self.logit_scale, self.top_k)
-
-    def threshold(self, scores: torch.Tensor) -> float:
-        """The background value of a window scoring `scores` [N, C_fg]."""
-        return window_threshold(scores, self.bg_threshold, self.keep_best_group or self.name == "groupvit")
-
-    def group_window(self, box: tuple, owner: torch.Tensor, group_scores: torch.Tensor) -> GroupWindowScores:
-        """owner [h, w] group per footprint pixel, group_scores [G, C_fg] from `group_scores`."""
-        return GroupWindowScores(box, self.threshold(group_scores), owner, group_scores)
-
-    def dense_window(
-        self, box: tuple, patch_scores: torch.Tensor, patch_background: torch.Tensor | None = None
-    ) -> DenseWindowScores:
-        """patch_scores [C_fg, h_tokens, w_tokens] and, with background names, the background class's
-        patch_background [h_tokens, w_tokens] (both from `dense_scores`), resized to the box."""
-        threshold = self.threshold(patch_scores.flatten(1).T)
-        if patch_background is not None:
-            threshold = background_values(patch_background, box, threshold)  # [h, w]
-        return DenseWindowScores(box, threshold, patch_scores)
-
-    def decide(self, windows: list[WindowScores], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Labels [H, W] int64 and best averaged foreground scores [H, W] of an image's windows."""
-        if self.name == "softmax":
-            labels, scores = combine_windows(windows, height, width, len(self.text))
+            scores = class_scores(groups, text, self.logit_scale)  # A [G, C_fg]
+            threshold = NEVER if self.bg_threshold is None else self.bg_threshold
+            if self.keep_best_group and self.bg_threshold is not None:
+                threshold = min(threshold, scores.max().item())
+            background = torch.full_like(scores[:, :1], threshold)  # [G, 1]
         else:
-            labels, scores = fuse_window_logits(windows, height, width, len(self.text), self.bg_threshold is not None)
+            scores = image_prior_scores(groups[None], image[None], text, self.logit_scale, self.top_k)[0]  # P
+            if self.bg_threshold is None:
+                background = torch.full_like(scores[:, :1], NEVER)
+            else:
+                cut = min(self.bg_threshold, scores.max().item())
+                background = (scores.max(dim=-1, keepdim=True).values < cut).float()  # [G, 1] 0/1
+        return GroupWindow(box, owner, torch.cat([background, scores], dim=1))
+
+    def decide(
+        self,
+        windows: Sequence[GroupWindow | DenseWindow],
+        canvas_hw: tuple[int, int],
+        out_hw: tuple[int, int],
+        guide: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels [H, W] int64 and each pixel's best foreground score [H, W] of an image's windows on the
+        resized image canvas_hw, decided at the original size out_hw; guide [3, H, W]: the resized image
+        brought back to the original size (PAMR's affinities)."""
+        channels = fused_channels(windows, canvas_hw, out_hw)
+        if isinstance(windows[0], DenseWindow):
+            labels, scores = self._decide_dense(channels, out_hw, guide)
+        else:
+            device = windows[0].owner.device
+            background = channels(0, 1)[0]
+            scores, index = best_channel(channels, 1, 1 + self.num_fg, out_hw, device)
+            is_background = scores <= background if self.name == "groupvit" else scores < background
+            labels = torch.where(is_background, 0, index + 1)
         return (labels if self.background else labels - 1), scores
+
+    def _decide_dense(self, channels, out_hw, guide) -> tuple[torch.Tensor, torch.Tensor]:
+        """SCLIP's postprocess_result (module docstring), over query chunks: the running log-sum-exp of
+        s * cosine gives the softmax's denominator, the running best query the best class."""
+        labels = self.queries()[1]
+        if self.pamr_steps:
+            resized = channels
+            channels = lambda start, stop: pamr(guide, resized(start, stop), self.pamr_steps)  # noqa: E731
+        scale = _scale(self.logit_scale)
+        device = guide.device if guide is not None else self.text.device
+        normaliser = torch.full(out_hw, -math.inf, device=device)
+        for start, stop in _chunks(len(labels), out_hw):
+            normaliser = torch.logaddexp(normaliser, torch.logsumexp(channels(start, stop) * scale, dim=0))
+        best, query = best_channel(channels, 0, len(labels), out_hw, device)
+        label = labels.to(device)[query]
+        if self.area_threshold is not None:
+            kept = area_filter_kept(label, self.num_fg, self.area_threshold)  # [1 + C_fg] bool
+            if not kept[label].all():
+                kept_query = kept.to(device)[labels.to(device)]  # [Q']
+
+                def kept_channels(start: int, stop: int) -> torch.Tensor:
+                    return channels(start, stop).masked_fill(~kept_query[start:stop, None, None], -math.inf)
+
+                best, query = best_channel(kept_channels, 0, len(labels), out_hw, device)
+                label = labels.to(device)[query]
+        probability = torch.exp(best * scale - normaliser)
+        if self.bg_threshold is not None:
+            label = torch.where(probability < self.bg_threshold, 0, label)
+        return label, probability
 
     def to_dict(self) -> dict:
         groupvit = self.name == "groupvit"
@@ -329,14 +286,16 @@ class LabelingRule:
         return {
             "rule": self.name,
             "score": "top-k image prior softmax * softmax (GroupViT)" if groupvit else cosine,
-            "top_k": min(self.top_k, len(self.text)) if groupvit else None,
+            "top_k": min(self.top_k, self.num_fg) if groupvit else None,
             "logit_scale": self.logit_scale,
             "temperature": None if self.logit_scale is None else _scale(self.logit_scale),
             "bg_threshold": self.bg_threshold,
             "keep_best_group": self.keep_best_group or groupvit,
             "background_names": list(self.background_names),
+            "names_per_class": len(self.query_class) / max(1, self.num_fg),
+            "area_threshold": self.area_threshold,
+            "pamr_steps": self.pamr_steps,
             "background_class": self.background,
-            "window_fusion": "mean of [background 0/1, class scores], argmax (mmseg)"
-            if groupvit
-            else "mean of class scores and background values",
+            "window_fusion": "mean of the windows' channels on the resized image (mmseg), one bilinear resize to"
+            " the original size, then the decision",
         }

@@ -5,11 +5,13 @@ vocabulary. Settings left unset take the method's own (its row of evaluation.met
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from zeroseg.errors import UserError, require
+from zeroseg.evaluation.datasets import GROUPVIT_THRESHOLDS, THRESHOLD_SETS
 from zeroseg.evaluation.labeling_rule import RULES, LabelingRule
 from zeroseg.evaluation.methods import METHODS, TRAINING_FREE
 from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, WindowSegmenter, ZeroSegScorer
@@ -43,6 +45,9 @@ class ModelOptions:
     background_names: str | None = None  # comma-separated names of a background class, or 'none'
     gaussian_std: float | None = None  # NACLIP's neighbourhood prior, in patches
     bg_threshold: float | None = None  # None: zs-eval the method's per dataset, zs-segment no background
+    thresholds: str = "paper"  # the datasets' background thresholds: paper (ZeroSeg's) or groupvit (its configs')
+    area_filter: bool = True  # SCLIP's area_thd where the method's settings have one
+    pamr: bool = True  # NACLIP's PAMR where the method's settings run it
     predictions: str | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +75,10 @@ class ModelOptions:
                 f"--background-names is for the dense CLIP models ({', '.join(TRAINING_FREE)})")
         require(self.background_names is None or any(name.strip() for name in self.background_names.split(",")),
                 "--background-names needs comma-separated names, or 'none'")
+        require(self.thresholds in THRESHOLD_SETS,
+                f"--thresholds '{self.thresholds}' is not one of {', '.join(THRESHOLD_SETS)}")
+        require((self.rule or METHODS[model].rule) == "softmax" or model == "zeroseg",
+                f"--model {model} labels pixels by its own softmax order; --rule groupvit is ZeroSeg's")
         require(self.bg_threshold is None or math.isfinite(self.bg_threshold),
                 f"--bg-threshold must be a finite number, got {self.bg_threshold}")
 
@@ -105,23 +114,38 @@ class LoadedModel:
         geometry = Geometry(**{**settings.geometry(), **options.geometry})
         temperature = options.temperature or settings.temperature
         logit_scale = float(self.clip.logit_scale.item()) if temperature is None else math.log(temperature)
-        names = settings.background_names if background else ()
+        names, query_class = list(class_names[1:] if background else class_names), None
+        background_names = settings.background_names if background else ()
+        if settings.names is not None and background:
+            lines = read_names_file(settings.names, len(class_names))
+            background_names = tuple(lines[0])
+            names = [name for line in lines[1:] for name in line]
+            query_class = tuple(index for index, line in enumerate(lines[1:], 1) for _ in line)
         if options.background_names is not None and background:
-            names = _background_names(options.background_names)
+            background_names = _background_names(options.background_names)
         rule = LabelingRule(
-            self._embed(class_names[1:] if background else class_names), logit_scale, bg_threshold,
-            options.keep_best_group, options.rule or settings.rule, options.top_k, names,
-            self._embed(names) if names else None, background,
+            self._embed(names), logit_scale, bg_threshold, options.keep_best_group, options.rule or settings.rule,
+            options.top_k, background_names, self._embed(background_names) if background_names else None,
+            query_class, settings.area_threshold if options.area_filter else None,
+            settings.pamr_steps if options.pamr else 0, background,
         )  # fmt: skip
-        return WindowSegmenter(self.scorer, rule, geometry, self.mean, self.std, self.device, options.window_batch)
+        scorer = self.scorer
+        if isinstance(scorer, DenseClipScorer):  # ClearCLIP pads windows in its forward_slide only
+            pad = settings.pad_windows and geometry.mode == "slide"
+            scorer = DenseClipScorer(scorer.visual, scorer.method, scorer.gaussian_std, pad)
+        return WindowSegmenter(scorer, rule, geometry, self.mean, self.std, self.device, options.window_batch)
 
     def default_bg_threshold(self, dataset) -> float | None:
-        """The method's background threshold on a SegmentationDataset, else the dataset's (ZeroSeg paper's);
-        None on a dataset without background class."""
+        """The method's background threshold on a SegmentationDataset, else the dataset's: the ZeroSeg paper's,
+        or with --thresholds groupvit GroupViT's configs' (evaluation.datasets.GROUPVIT_THRESHOLDS); None on a
+        dataset without background class."""
         if not dataset.has_background:
             return None
         threshold = METHODS[self.options.model].on(dataset.name).bg_threshold
-        return dataset.bg_threshold if threshold is None else threshold
+        if threshold is not None:
+            return threshold
+        groupvit = GROUPVIT_THRESHOLDS.get(dataset.name, dataset.bg_threshold)
+        return groupvit if self.options.thresholds == "groupvit" else dataset.bg_threshold
 
     def _embed(self, names: Sequence[str]):
         return class_text_embeddings(self.clip, self.identity, list(names), self.templates, self.options.text_cache)
@@ -181,9 +205,18 @@ def _load_dense_clip(options: ModelOptions, templates: tuple[str, ...], device: 
     if gaussian_std is not None:
         description["gaussian_std"] = gaussian_std
     return LoadedModel(
-        DenseClipScorer(clip.visual, options.model, gaussian_std), tuple(config["mean"]), tuple(config["std"]),
-        clip, identity, templates, options, device, description,
+        DenseClipScorer(clip.visual, options.model, gaussian_std),
+        tuple(config["mean"]), tuple(config["std"]), clip, identity, templates, options, device, description,
     )  # fmt: skip
+
+
+def read_names_file(stem: str, count: int) -> list[list[str]]:
+    """A names file of evaluation/names: line k holds class k's names, split on ', ' as SCLIP's get_cls_idx
+    does (line 0: the background class's) -> `count` lists of names."""
+    lines = (resources.files("zeroseg.evaluation") / "names" / f"{stem}.txt").read_text().splitlines()
+    if len(lines) != count:
+        raise ValueError(f"names file {stem}.txt has {len(lines)} lines, the vocabulary {count} classes")
+    return [line.split(", ") for line in lines]
 
 
 def _background_names(choice: str) -> tuple[str, ...]:

@@ -88,6 +88,10 @@ class Method:
     crop_size: int | PerDataset = 448
     stride: int = 224
     gaussian_std: float | None = None  # patches: the neighbourhood prior's width (NACLIP)
+    names: str | None | PerDataset = None  # file of evaluation/names (line k: class k's names); None: GroupViT's
+    area_threshold: float | None | PerDataset = None  # SCLIP's area_thd (evaluation.refinement)
+    pamr_steps: int | PerDataset = 0  # NACLIP's PAMR iterations (evaluation.refinement); 0: off
+    pad_windows: bool = False  # ClearCLIP's forward_slide pads a window to the patch grid (evaluation.segmenter)
     note: str = ""  # a line for its reports
 
     def on(self, dataset: str | None) -> "Method":
@@ -111,6 +115,12 @@ class Method:
         ]
         if self.gaussian_std is not None:
             parts.append(f"Gaussian std {_shown(self.gaussian_std)} patches")
+        if self.names is not None:
+            parts.append(f"names {_shown(self.names)}")
+        if self.area_threshold is not None:
+            parts.append(f"area threshold {_shown(self.area_threshold)}")
+        if self.pamr_steps:
+            parts.append(f"PAMR {_shown(self.pamr_steps)} steps")
         return "; ".join(parts)
 
 
@@ -141,22 +151,28 @@ def query_query(q, k, prior):  # ClearCLIP
     return _similarity(q)
 
 
+def query_key(q, k, prior):  # ClearCLIP's released configs/base_config.py (model_type='vanilla')
+    return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
+
+
 def key_key_neighbourhood(q, k, prior):  # NACLIP
     return _similarity(k, prior)
 
 
-# SCLIP's and NACLIP's background class on VOC and COCO-Object (first line of their cls_voc21.txt).
-STUFF_BACKGROUND = (
-    "sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk", "bed", "building",
-    "cloud", "lamp", "door", "window", "wardrobe", "ceiling", "shelf", "curtain", "stair", "floor", "hill", "rail",
-    "fence",
-)  # fmt: skip
-SCLIP_BACKGROUND = PerDataset((), voc=STUFF_BACKGROUND, coco=STUFF_BACKGROUND, context=("background",))
+# Each method's own name files (configs/cls_voc21.txt, cls_context60.txt, cls_coco_object.txt of its repository;
+# NACLIP's are SCLIP's, ClearCLIP's Context list is SCLIP's): line 0 names the background class.
+SCLIP_NAMES = PerDataset(None, voc="sclip_voc", context="sclip_context", coco="sclip_coco")
+CLEARCLIP_NAMES = PerDataset(None, voc="clearclip_voc", context="sclip_context", coco="clearclip_coco")
 MASKCLIP_NOTE = (
     "MaskCLIP of Zhou et al., ECCV 2022 (Extract Free Dense Labels from CLIP); not the 'MaskCLIP' row of the"
     " ZeroSeg paper's Table 1, which is Dong et al.'s masked self-distillation"
 )
 
+CLEARCLIP = Method(
+    LastBlock(query_query, False, "Attn(softmax(q q^T * scale)); no residual, no mlp"),
+    "softmax", 50.0, PerDataset(0.0, voc=0.5, context=0.15, coco=0.4), ("background",), "openai80",
+    "slide", 448, PerDataset(448, cityscapes=224), 224, names=CLEARCLIP_NAMES, pad_windows=True,
+)  # fmt: skip
 METHODS = {
     "zeroseg": Method(),
     "maskclip": Method(
@@ -164,19 +180,19 @@ METHODS = {
     ),
     "sclip": Method(
         LastBlock(correlative, True, "x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.))"),
-        "softmax", PerDataset(40.0, voc=65.0, context=50.0, coco=50.0), 0.1, SCLIP_BACKGROUND, "openai80",
-        "slide", PerDataset(336, **{"coco-stuff": 448, "cityscapes": 560}), 224, 112,
+        "softmax", PerDataset(40.0, voc=65.0, context=50.0, coco=50.0), 0.1, (), "openai80",
+        "slide", PerDataset(336, **{"coco-stuff": 448, "cityscapes": 560}), 224, 112, names=SCLIP_NAMES,
+        area_threshold=PerDataset(None, voc=0.1),
     ),
-    "clearclip": Method(
-        LastBlock(query_query, False, "Attn(softmax(q q^T * scale)); no residual, no mlp"),
-        "softmax", 50.0, PerDataset(0.0, voc=0.5, context=0.15, coco=0.4), ("background",), "openai80",
-        "slide", 448, PerDataset(448, cityscapes=224), 224,
+    "clearclip": CLEARCLIP,
+    "clearclip-qk": replace(
+        CLEARCLIP, last_block=LastBlock(query_key, False, "Attn(softmax(q k^T * scale)); no residual, no mlp"),
+        note="ClearCLIP as its released configs/base_config.py runs it (model_type='vanilla': q k^T attention)",
     ),
     "naclip": Method(
         LastBlock(key_key_neighbourhood, False, "Attn(softmax(k k^T * scale + gaussian_prior)); no residual, no mlp"),
-        "softmax", 40.0, 0.1, SCLIP_BACKGROUND, "openai80", PerDataset("slide", voc="whole", voc20="whole"),
-        PerDataset(336, cityscapes=560), 224, 112,
-        gaussian_std=5.0,
+        "softmax", 40.0, 0.1, (), "openai80", PerDataset("slide", voc="whole", voc20="whole"),
+        PerDataset(336, cityscapes=560), 224, 112, gaussian_std=5.0, names=SCLIP_NAMES, pamr_steps=10,
     ),
 }  # fmt: skip
 TRAINING_FREE = tuple(name for name, method in METHODS.items() if method.last_block is not None)

@@ -1,17 +1,20 @@
 """The segmenter: a PIL image in, a label map of the vocabulary out (0 background, k = class k).
 
-    image --(evaluation.windows geometry, normalise)--> windows [N, 3, h, w]
-          --(scorer)--> per-window class scores over the window's footprint
-          --(LabelingRule.decide)--> labels [H, W] at the image's own size
+    image --(evaluation.windows: mmcv keep-ratio bilinear resize, normalise)--> resized image [3, H', W']
+          --(evaluation.windows: whole, or mmseg's slide windows)--> windows [N, 3, h, w]
+          --(scorer)--> per-window channel maps at the window's size on the resized image
+          --(LabelingRule.decide: fused there, resized once to the original size)--> labels [H, W]
 
-Scorers (the rule itself, scores, prior, background and window fusion, is evaluation.labeling_rule):
-- ZeroSeg (`ZeroSegScorer`): the student sees all patches; its segment tokens g and image embedding z
-  score every class (`LabelingRule.group_scores`); the soft group assignments of its grouping stages,
-  chained and resized bilinearly to the footprint, give every pixel its argmax group (`group_window`).
-- MaskCLIP, SCLIP, ClearCLIP, NACLIP (`DenseClipScorer`), dense scorers: each patch token of
-  evaluation.dense_clip scores every class (`LabelingRule.dense_scores`); the per-class patch score maps
-  [C_fg, h, w], and with background names (SCLIP's protocol) the background class's probability map
-  [h, w], go to `LabelingRule.dense_window`.
+Scorers (the rule itself, scores, prior, background, fusion and decision, is evaluation.labeling_rule):
+- ZeroSeg (`ZeroSegScorer`, GroupViT's `encode_decode`): the student sees the window cut to a multiple of
+  the patch (GroupViT's patch convolution drops the rest), its segment tokens g and image embedding z
+  score every class, and the soft group assignments of its grouping stages, chained and resized
+  bilinearly to the whole window, give every window pixel its argmax group.
+- MaskCLIP, SCLIP, ClearCLIP, NACLIP (`DenseClipScorer`, their `forward_feature`): each patch token of
+  evaluation.dense_clip has a cosine with every query (class names and background names); the maps
+  [Q, h_tokens, w_tokens] are resized bilinearly to the window. The patch convolution drops a remainder
+  that is not a multiple of the patch, as their code does, except with `pad_windows` (ClearCLIP's
+  forward_slide): the window is zero-padded evenly to the patch grid and the maps cut back.
 """
 
 from collections.abc import Sequence
@@ -20,19 +23,20 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from zeroseg.evaluation.dense_clip import check_vit_tower, dense_features
-from zeroseg.evaluation.labeling_rule import LabelingRule, WindowScores, compose_assignments
-from zeroseg.evaluation.windows import Geometry, Window, plan_windows, resized_shape
+from zeroseg.evaluation.labeling_rule import DenseWindow, GroupWindow, LabelingRule, compose_assignments
+from zeroseg.evaluation.windows import Geometry, plan_windows, resized_shape
 from zeroseg.trainer.model import ZeroSeg
 
 
 class Scorer(Protocol):
     patch_size: int
 
-    def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list[WindowScores]:
-        """batch [N, 3, h, w] of windows, boxes their N footprints (top, left, height, width)."""
+    def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list:
+        """batch [N, 3, h, w] of windows, boxes their N places (top, left, height, width) on the resized image."""
 
 
 class ZeroSegScorer:
@@ -44,39 +48,52 @@ class ZeroSegScorer:
         self.bf16 = bf16
 
     @torch.inference_mode()
-    def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list[WindowScores]:
+    def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list[GroupWindow]:
+        rows, cols = batch.shape[-2:]
+        seen = batch[..., : rows // self.patch_size * self.patch_size, : cols // self.patch_size * self.patch_size]
         on_cuda = batch.device.type == "cuda"
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.bf16 and on_cuda):
-            out = self.model(batch, mask_ratio=0.0)
-        scores = rule.group_scores(out.g.float(), out.z.float())  # [N, G, C_fg]
+            out = self.model(seen, mask_ratio=0.0)
         result = []
         for index, box in enumerate(boxes):
             soft_maps = [stage_map[index : index + 1].float() for stage_map in out.soft_assignments]
-            owner = compose_assignments(soft_maps, out.grid_size, box[2:])[0].argmax(dim=0)  # [h, w]
-            result.append(rule.group_window(box, owner, scores[index]))
+            owner = compose_assignments(soft_maps, out.grid_size, (rows, cols))[0].argmax(dim=0)  # [h, w]
+            result.append(rule.group_window(box, owner, out.g[index].float(), out.z[index].float()))
         return result
 
 
 class DenseClipScorer:
     """A CLIP image tower with its last block changed by `method` (evaluation.dense_clip; gaussian_std None: the
-    method's)."""
+    method's); pad_windows: ClearCLIP's padding of a window to the patch grid."""
 
-    def __init__(self, visual: torch.nn.Module, method: str = "maskclip", gaussian_std: float | None = None):
+    def __init__(
+        self, visual: torch.nn.Module, method: str = "maskclip", gaussian_std: float | None = None,
+        pad_windows: bool = False,
+    ):  # fmt: skip
         check_vit_tower(visual, method)
         self.visual = visual.eval()
         self.method = method
         self.gaussian_std = gaussian_std
+        self.pad_windows = pad_windows
         self.patch_size = int(visual.patch_size[0])
 
     @torch.inference_mode()
-    def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list[WindowScores]:
-        features, (rows, cols) = dense_features(self.visual, batch, self.method, self.gaussian_std)  # [N, h*w, D]
-        scores, background = rule.dense_scores(features)  # [N, h*w, C_fg], [N, h*w] or None
-        patch_maps = scores.transpose(1, 2).reshape(len(batch), -1, rows, cols)  # [N, C_fg, h, w]
-        if background is None:
-            return [rule.dense_window(box, patch_maps[index]) for index, box in enumerate(boxes)]
-        background_maps = background.view(len(batch), rows, cols)  # [N, h, w]
-        return [rule.dense_window(box, patch_maps[i], background_maps[i]) for i, box in enumerate(boxes)]
+    def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list[DenseWindow]:
+        rows, cols = batch.shape[-2:]
+        top, left, bottom, right = _even_padding(rows, cols, self.patch_size) if self.pad_windows else (0, 0, 0, 0)
+        padded = F.pad(batch, (left, right, top, bottom))  # [N, 3, h + top + bottom, w + left + right]
+        features, grid = dense_features(self.visual, padded, self.method, self.gaussian_std)
+        logits = rule.dense_logits(features)  # [N, h*w, Q]
+        maps = logits.transpose(1, 2).reshape(len(batch), -1, *grid)  # [N, Q, h_tokens, w_tokens]
+        size = tuple(padded.shape[-2:])
+        return [DenseWindow(box, maps[index], size, (top, left)) for index, box in enumerate(boxes)]
+
+
+def _even_padding(rows: int, cols: int, patch: int) -> tuple[int, int, int, int]:
+    """ClearCLIP's compute_padsize: (top, left, bottom, right) zeros up to the next multiple of the patch,
+    the smaller half first."""
+    height, width = -rows % patch, -cols % patch
+    return height // 2, width // 2, height - height // 2, width - width // 2
 
 
 @dataclass
@@ -107,27 +124,28 @@ class WindowSegmenter:
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
-        """The resized, normalised image [3, H', W'] on the device (bicubic resize)."""
-        rows, cols = resized_shape(image.height, image.width, self.geometry, self.scorer.patch_size)
-        pixels = np.array(image.convert("RGB").resize((cols, rows), Image.Resampling.BICUBIC))  # [H', W', 3]
-        tensor = torch.from_numpy(pixels).to(self.device).permute(2, 0, 1).float() / 255.0
+        """The resized, normalised image [3, H', W'] on the device (mmcv's bilinear resize of the uint8 pixels)."""
+        rows, cols = resized_shape(image.height, image.width, self.geometry)
+        pixels = torch.from_numpy(np.array(image.convert("RGB"))).to(self.device).permute(2, 0, 1)  # [3, H, W]
+        resized = F.interpolate(pixels[None].float(), size=(rows, cols), mode="bilinear", align_corners=False)[0]
+        tensor = resized.round().clamp(0, 255) / 255.0  # uint8, as cv2 keeps it
         return (tensor - self.mean) / self.std
 
     def segment(self, image: Image.Image) -> Segmentation:
         pixels = self.prepare(image)  # [3, H', W']
-        plan = plan_windows((image.height, image.width), tuple(pixels.shape[1:]), self.geometry)
-        windows: list[WindowScores] = []
+        canvas = tuple(pixels.shape[1:])
+        plan = plan_windows(canvas, self.geometry)
+        windows = []
         for start in range(0, len(plan), self.window_batch):
             chunk = plan[start : start + self.window_batch]
-            crops = [pixels[:, top : top + rows, left : left + cols] for top, left, rows, cols in _resized(chunk)]
-            batch = torch.stack(crops)  # [N, 3, h, w]
-            windows += self.scorer.windows(batch, [w.original for w in chunk], self.rule)
-        labels, scores = self.rule.decide(windows, image.height, image.width)
+            batch = torch.stack([pixels[:, top : top + rows, left : left + cols] for top, left, rows, cols in chunk])
+            windows += self.scorer.windows(batch, chunk, self.rule)  # batch [N, 3, h, w]
+        original = (image.height, image.width)
+        guide = None
+        if self.rule.pamr_steps:
+            guide = F.interpolate(pixels[None], size=original, mode="bilinear", align_corners=False)[0]
+        labels, scores = self.rule.decide(windows, canvas, original, guide)
         return Segmentation(labels.cpu().numpy(), scores.float().cpu().numpy())
-
-
-def _resized(windows: Sequence[Window]) -> list[tuple[int, int, int, int]]:
-    return [window.resized for window in windows]
 
 
 def describe_segments(segmentation: Segmentation, class_names: Sequence[str]) -> list[dict]:

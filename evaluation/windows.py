@@ -1,20 +1,16 @@
-"""Test-time geometry: an image becomes model windows, each with its footprint on the original image.
+"""Test-time geometry, as GroupViT's test pipeline (mmcv 0.x / mmseg 0.x) runs it: an image becomes windows
+of its resized copy.
 
-Geometry. The image (H, W) is resized keeping its aspect ratio so that its short side is `short_side`
-(448), unless that makes the long side exceed `max_long_side` (2048, GroupViT's cap), then each side
-is rounded to the nearest multiple of the patch size -> (H', W'). `whole` mode sends that resized image
-as one window; `slide` mode cuts it into crop x crop windows (448) every `stride` pixels (224), the last
-window of a row or column moved back inside the image (a side shorter than the crop is one window).
-
-Every window is mapped back onto the ORIGINAL pixels: original pixel j of a side belongs to window
-[a, b) of the resized side when its centre j + 0.5, scaled to the resized image, lies in [a, b). The
-windows' footprints tile the original image (overlapping in slide mode), and each window's scores
-are produced directly at its footprint's size (bilinear resizing from the token grid happens once).
-
-How window scores become labels is evaluation.labeling_rule.
+Resize (mmcv `imrescale`, `Resize(keep_ratio=True)` with img_scale (max_long_side, short_side)): scale =
+min(short_side / short side, max_long_side / long side), each side int(side * scale + 0.5), NOT rounded to
+the patch; the pixels resized bilinearly (cv2 INTER_LINEAR: half-pixel centres, no antialiasing), uint8.
+`whole` mode sends the resized image as one window; `slide` mode (mmseg `slide_inference`) cuts it into
+crop x crop windows, h_grids = max(H' - crop + stride - 1, 0) // stride + 1 of them down (likewise across),
+window i from min(i * stride + crop, H') - crop (not below 0). The windows' maps are fused on the resized
+image and resized once to the original size (evaluation.labeling_rule). A window whose side is not a
+multiple of the patch is seen as the method's own code sees it (evaluation.segmenter).
 """
 
-import math
 from dataclasses import dataclass
 
 from zeroseg.errors import require
@@ -39,46 +35,26 @@ class Geometry:
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
-@dataclass(frozen=True)
-class Window:
-    """A crop of the resized image (top, left, height, width) and its footprint on the original image."""
-
-    resized: tuple[int, int, int, int]
-    original: tuple[int, int, int, int]
-
-
-def resized_shape(height: int, width: int, geometry: Geometry, multiple: int) -> tuple[int, int]:
-    """(H', W'): keep-ratio resize to the short side (long side capped), sides rounded to `multiple`."""
+def resized_shape(height: int, width: int, geometry: Geometry) -> tuple[int, int]:
+    """(H', W'): mmcv's keep-ratio size, short side to `short_side`, long side capped at `max_long_side`."""
     scale = min(geometry.short_side / min(height, width), geometry.max_long_side / max(height, width))
-    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of crops along one side: every stride, the last one moved back inside."""
-    if length <= crop:
-        return [0]
-    count = math.ceil((length - crop) / stride) + 1
-    return sorted({min(index * stride, length - crop) for index in range(count)})
+    """mmseg's slide_inference offsets along one side: every stride, the last one moved back inside."""
+    grids = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(index * stride + crop, length) - crop, 0) for index in range(grids)]
 
 
-def plan_windows(original_hw: tuple[int, int], resized_hw: tuple[int, int], geometry: Geometry) -> list[Window]:
-    """The windows of one image, row-major; in whole mode the single window covers everything."""
-    height, width = original_hw
+def plan_windows(resized_hw: tuple[int, int], geometry: Geometry) -> list[tuple[int, int, int, int]]:
+    """The windows (top, left, height, width) of the resized image, row-major; whole mode: one, everything."""
     rows, cols = resized_hw
     if geometry.mode == "whole":
-        return [Window((0, 0, rows, cols), (0, 0, height, width))]
+        return [(0, 0, rows, cols)]
     crop_h, crop_w = min(geometry.crop_size, rows), min(geometry.crop_size, cols)
-    windows = []
-    for top in window_starts(rows, crop_h, geometry.stride):
-        for left in window_starts(cols, crop_w, geometry.stride):
-            y0, y1 = _to_original(top, height, rows), _to_original(top + crop_h, height, rows)
-            x0, x1 = _to_original(left, width, cols), _to_original(left + crop_w, width, cols)
-            if y1 > y0 and x1 > x0:
-                windows.append(Window((top, left, crop_h, crop_w), (y0, x0, y1 - y0, x1 - x0)))
-    return windows
-
-
-def _to_original(edge: int, original: int, resized: int) -> int:
-    """First original pixel whose centre, scaled to the resized side, is at or after `edge`:
-    ceil(edge * original / resized - 1/2), in integers."""
-    return -(-(2 * edge * original - resized) // (2 * resized))
+    return [
+        (top, left, crop_h, crop_w)
+        for top in window_starts(rows, geometry.crop_size, geometry.stride)
+        for left in window_starts(cols, geometry.crop_size, geometry.stride)
+    ]
