@@ -9,8 +9,8 @@ from PIL import Image
 
 from tests.conftest import TINY_TEACHER, eval_data_root, invoke
 from zeroseg.evaluation.cli import main as zs_eval
+from zeroseg.evaluation.loading import read_names_file
 from zeroseg.evaluation.methods import METHODS as TABLE
-from zeroseg.evaluation.methods import STUFF_BACKGROUND
 
 METHODS = ("sclip", "clearclip", "naclip")
 
@@ -56,7 +56,9 @@ def test_each_method_runs_through_the_evaluator_with_its_papers_settings(runs):
     assert voc["labeling"]["temperature"] == pytest.approx(65.0) and coco["labeling"]["temperature"] == pytest.approx(
         50
     )
-    assert voc["labeling"]["bg_threshold"] == 0.1 and voc["labeling"]["background_names"] == list(STUFF_BACKGROUND)
+    assert voc["labeling"]["bg_threshold"] == 0.1
+    assert voc["labeling"]["background_names"] == read_names_file("sclip_voc", 21)[0]
+    assert voc["labeling"]["area_threshold"] == 0.1 and coco["labeling"]["area_threshold"] is None
     assert voc["geometry"] | {"short_side": 336} == {
         "mode": "slide", "short_side": 336, "max_long_side": 2048, "crop_size": 224, "stride": 112,
     }  # fmt: skip

@@ -9,7 +9,6 @@ import torch
 
 from tests.conftest import TINY_TEACHER
 from zeroseg.evaluation.dense_clip import attend, dense_features, head_projections, tokens_before_last_block
-from zeroseg.evaluation.labeling_rule import LabelingRule, class_scores, combine_windows
 from zeroseg.pipeline.teacher import create_clip, resolve_identity
 
 
@@ -115,44 +114,3 @@ def test_naclip_is_key_key_attention_with_a_gaussian_neighbourhood_and_no_mlp(vi
         expected = to_joint_space(visual, mix(visual, weights, v))
         features, _ = dense_features(visual, images, "naclip", gaussian_std=std)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
-
-
-def test_a_background_class_competes_in_the_softmax_and_makes_pixels_background():
-    generator = torch.Generator().manual_seed(0)
-    patches, text, names = (torch.randn(n, 8, generator=generator) for n in (6, 3, 2))  # 6 patches, 3 classes
-    rule = LabelingRule(
-        text, math.log(50.0), 0.2, name="softmax", background_names=("sky", "wall"), background_text=names
-    )
-    foreground, background = rule.dense_scores(patches)
-    together = class_scores(patches, torch.cat([names, text]), math.log(50.0))  # [6, 2 + 3]
-    torch.testing.assert_close(foreground, together[:, 2:])
-    torch.testing.assert_close(background, together[:, :2].max(dim=-1).values)
-
-    box = (0, 0, 2, 3)  # a footprint of the token grid's own size: the bilinear resize is the identity
-    window = rule.dense_window(box, foreground.T.reshape(3, 2, 3), background.view(2, 3))
-    torch.testing.assert_close(window.threshold, background.view(2, 3).clamp(min=0.2))
-    labels, _ = combine_windows([window], 2, 3, num_fg=3)
-    best, best_class = foreground.max(dim=-1)
-    expected = torch.where((best < background) | (best < 0.2), 0, best_class + 1)
-    assert labels.flatten().tolist() == expected.tolist()
-
-
-def test_under_the_groupvit_rule_the_background_class_is_a_per_pixel_threshold_fused_over_windows():
-    generator = torch.Generator().manual_seed(1)
-    patches, text, names = (torch.randn(n, 8, generator=generator) for n in (6, 3, 2))  # 6 patches, 3 classes
-    rule = LabelingRule(text, math.log(50.0), 0.9, background_names=("sky", "wall"), background_text=names)
-    foreground, background = rule.dense_scores(patches)
-    maps, background_map = foreground.T.reshape(3, 2, 3), background.view(2, 3)  # [C_fg, h, w], [h, w]
-    left, right = (rule.dense_window((0, offset, 2, 3), maps, background_map) for offset in (0, 1))  # overlapping
-    cap = min(0.9, foreground.max().item())  # groupvit keeps the window's best patch
-    torch.testing.assert_close(left.threshold, background_map.clamp(min=cap))
-
-    scores, channel = torch.zeros(3, 2, 4), torch.zeros(2, 4)  # windows' class scores and 0/1 background, summed
-    for offset in (0, 1):
-        scores[:, :, offset : offset + 3] += maps
-        channel[:, offset : offset + 3] += (maps.max(dim=0).values < background_map.clamp(min=cap)).float()
-    count = torch.tensor([1.0, 2.0, 2.0, 1.0])
-    best, best_class = (scores / count).max(dim=0)
-    expected = torch.where(best <= channel / count, 0, best_class + 1)
-    labels, _ = rule.decide([left, right], 2, 4)
-    assert torch.equal(labels, expected) and 0 in expected and (expected > 0).any()

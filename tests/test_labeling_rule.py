@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.groupvit_reference import numpy_groupvit_labels
-from zeroseg.evaluation.labeling_rule import GroupWindowScores, LabelingRule, combine_windows, compose_assignments
+from zeroseg.evaluation.labeling_rule import LabelingRule, compose_assignments
 
 # A 2x2 token grid (row-major tokens t0 t1 / t2 t3) grouped into 3, then 2 groups.
 STAGE_ONE = torch.tensor([[[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]])  # [B=1, HW=4, G1=3]
@@ -45,13 +45,12 @@ CLASSES = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
 
 
 def group_labels(bg_threshold, logit_scale=None, keep_best_group=False) -> list[int]:
-    """The labels of GROUPS as the segmenter decides them: LabelingRule's scores and threshold, then
-    combine_windows over a one-window image of 1 x 3 pixels, pixel g owned by group g."""
+    """The labels of GROUPS as the segmenter decides them (softmax rule) over a one-window image of 1 x 3
+    pixels, pixel g owned by group g."""
     rule = LabelingRule(CLASSES, logit_scale, bg_threshold, keep_best_group, name="softmax")
-    scores = rule.scores(GROUPS)  # [G, C_fg]
     owner = torch.arange(len(GROUPS))[None]  # [1, G]
-    window = GroupWindowScores((0, 0, 1, len(GROUPS)), rule.threshold(scores), owner, scores)
-    labels, _ = combine_windows([window], 1, len(GROUPS), num_fg=len(CLASSES))
+    window = rule.group_window((0, 0, 1, len(GROUPS)), owner, GROUPS, GROUPS[0])
+    labels, _ = rule.decide([window], (1, len(GROUPS)), (1, len(GROUPS)))
     return labels[0].tolist()
 
 
@@ -84,9 +83,10 @@ def evaluator_labels(groups, image, text, logit_scale, bg_threshold, owner, name
     """The same window through LabelingRule: group_scores, group_window, decide (1 x P pixels)."""
     text = torch.as_tensor(text, dtype=torch.float32)
     rule = LabelingRule(text, logit_scale, bg_threshold, name=name)
-    scores = rule.group_scores(torch.as_tensor(groups, dtype=torch.float32)[None], torch.as_tensor(image)[None])
     owner = torch.as_tensor(owner)[None]  # [1, P]
-    labels, _ = rule.decide([rule.group_window((0, 0, 1, owner.shape[1]), owner, scores[0])], 1, owner.shape[1])
+    groups, image = torch.as_tensor(groups, dtype=torch.float32), torch.as_tensor(image, dtype=torch.float32)
+    window = rule.group_window((0, 0, 1, owner.shape[1]), owner, groups, image)
+    labels, _ = rule.decide([window], (1, owner.shape[1]), (1, owner.shape[1]))
     return labels[0].numpy()
 
 
@@ -137,36 +137,6 @@ def test_random_windows_match_the_numpy_transcription():
             groups.astype(np.float32), image.astype(np.float32), text, math.log(30.0), threshold, owner
         )
         assert got.tolist() == expected.tolist()
-
-
-def test_two_windows_fuse_the_background_channel_as_mmseg_does_not_the_thresholds():
-    # 1 x 4 image; window L covers columns 0-2, window R columns 1-3. Both windows' best group scores 0.9,
-    # so both background values are 0.35. Columns 1-2: L scores 0.34 (background channel 1), R 0.40 (0).
-    rule = LabelingRule(torch.eye(2), 0.0, 0.35)
-    left = rule.group_window((0, 0, 1, 3), torch.tensor([[0, 1, 1]]), torch.tensor([[0.9, 0.0], [0.34, 0.0]]))
-    right = rule.group_window((0, 1, 1, 3), torch.tensor([[0, 0, 1]]), torch.tensor([[0.40, 0.0], [0.0, 0.9]]))
-    assert left.threshold == right.threshold == 0.35
-    # mmseg: logits [bg, c1, c2] summed / count; columns 1-2: [0.5, 0.37, 0] -> background
-    window_logits = np.zeros((2, 3, 4))
-    window_logits[0, :, 0:3] = [[0, 1, 1], [0.9, 0.34, 0.34], [0, 0, 0]]
-    window_logits[1, :, 1:4] = [[0, 0, 0], [0.40, 0.40, 0], [0, 0, 0.9]]
-    count = np.array([1, 2, 2, 1])
-    mmseg = (window_logits.sum(axis=0) / count).argmax(axis=0)
-    assert mmseg.tolist() == [1, 0, 0, 2]
-    labels, scores = rule.decide([left, right], 1, 4)
-    assert labels.tolist() == [mmseg.tolist()]
-    torch.testing.assert_close(scores, torch.tensor([[0.9, 0.37, 0.37, 0.9]]))
-    averaged_thresholds, _ = combine_windows([left, right], 1, 4, num_fg=2)  # 0.37 >= 0.35: class 1
-    assert averaged_thresholds.tolist() == [[1, 1, 1, 2]]
-
-
-def test_background_wins_a_tie_and_no_threshold_means_no_background():
-    rule = LabelingRule(torch.eye(2), 0.0, 2.0)  # background value capped at the best score, 1.0
-    window = rule.group_window((0, 0, 1, 2), torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
-    assert rule.decide([window], 1, 2)[0].tolist() == [[1, 0]]
-    zero = rule.group_window((0, 0, 1, 1), torch.tensor([[0]]), torch.tensor([[0.0, 0.0]]))
-    assert LabelingRule(torch.eye(2), 0.0, 0.5).decide([zero], 1, 1)[0].tolist() == [[0]]  # [0, 0, 0]: index 0
-    assert LabelingRule(torch.eye(2), 0.0, None).decide([zero], 1, 1)[0].tolist() == [[1]]
 
 
 def test_rule_choices_are_checked_and_recorded():
