@@ -155,7 +155,9 @@ def evaluate(
     short_side: int | None = typer.Option(
         None, help=f"Short side of the resized image (default: the method's; zeroseg {ZEROSEG.short_side})."
     ),
-    max_long_side: int = MAX_LONG_SIDE,
+    max_long_side: int | None = typer.Option(
+        None, help=f"Cap on the resized long side (default: the method's; zeroseg {ZEROSEG.max_long_side})."
+    ),
     crop_size: int | None = typer.Option(
         None, help=f"Slide window side (default: the method's; zeroseg {ZEROSEG.crop_size})."
     ),

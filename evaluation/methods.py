@@ -9,14 +9,17 @@ in-projections of y (head_dim d, scale = d^-1/2) and Attn(A) = out_proj(heads of
   x' = x + Attn(I), out = x' + mlp(ln_2(x')).
 - sclip (Wang et al., 2024, correlative self-attention): A = softmax(q q^T * scale) + softmax(k k^T * scale);
   residual and MLP kept as in maskclip.
-- clearclip (Lan et al., ECCV 2024): A = softmax(q q^T * scale); no residual, no MLP: out = Attn(A).
+- clearclip (Lan et al., ECCV 2024): A = softmax(q q^T * scale); no residual, no MLP: out = Attn(A). The
+  default follows the paper's block (q q^T); its released configs/base_config.py sets model_type='vanilla',
+  A = softmax(q k^T * scale): the row clearclip-qk, all other settings ClearCLIP's.
 - naclip (Hajimiri et al., WACV 2025): A = softmax(k k^T * scale + G), G the Gaussian neighbourhood prior
   (dense_clip.gaussian_prior, std gaussian_std patches); no residual, no MLP: out = Attn(A).
 
 Settings, from each paper's public code (configs/cfg_*.py of SCLIP, ClearCLIP and NACLIP; all three follow
 SCLIP's mmseg protocol); zs-eval uses them as the method's defaults, every one is an option (--rule,
---temperature, --bg-threshold, --background-names, --templates, --mode, --short-side, --crop-size, --stride,
---gaussian-std). A setting that differs per benchmark is a PerDataset.
+--temperature, --bg-threshold, --background-names, --templates, --mode, --short-side, --max-long-side,
+--crop-size, --stride, --gaussian-std, --area-filter, --pamr). A setting that differs per benchmark is a
+PerDataset.
 - rule: the labeling rule (evaluation.labeling_rule). The training-free methods threshold every pixel
   alone, as their code does: `softmax`, without keep-best-group (the `groupvit` rule would always keep
   each window's best patch as foreground).
@@ -24,8 +27,13 @@ SCLIP's mmseg protocol); zs-eval uses them as the method's defaults, every one i
   None: the CLIP's own logit scale.
 - bg_threshold: a pixel whose best class probability is below it is background ("prob_thd"); None: the
   dataset's (the ZeroSeg paper's).
-- background_names: names whose text embeddings together make the background class (its probability is
-  the highest of theirs, as their name files `cls_<dataset>.txt` give it); empty = no background class.
+- names: the method's own name file (evaluation/names/<file>.txt, copied from its repository's
+  configs/cls_<dataset>.txt): line k holds class k's names separated by ', ' (a class scores the max over
+  its names), line 0 the background class's; None: GroupViT's names of evaluation.datasets and
+  background_names (names whose embeddings together make the background class; empty = none).
+- area_threshold: SCLIP's area_thd (VOC: 0.1); pamr_steps: NACLIP's PAMR (its main-results command
+  `test_all.sh reduced naclip 5 on` runs 10 steps on every benchmark); pad_windows: ClearCLIP's forward_slide
+  pads a window to the patch grid (evaluation.refinement, evaluation.segmenter).
 - geometry: short side of the resize ("Resize scale=(2048, S)"), whole image or slide crop / stride.
 On the benchmarks without background (voc20, context59, coco-stuff, cityscapes, ade20k) their configs set no
 threshold and their name files no background entry: every pixel takes a class (zs-eval applies neither), and
@@ -33,7 +41,8 @@ their settings are the segmentor's defaults but for the resize (SCLIP: 336, coco
 NACLIP: 336, cityscapes 560; ClearCLIP: 448), ClearCLIP's 224 crop on cityscapes and NACLIP's whole image on voc20.
 zeroseg: GroupViT's protocol (the groupvit rule, the CLIP's own logit scale, the dataset's paper threshold,
 one prompt, slide 448 / 224 at short side 448), on every benchmark (GroupViT has no configs for the five
-without background). MaskCLIP keeps that protocol but its own per-patch rule, softmax.
+without background). maskclip keeps that protocol's geometry and thresholds with the dense methods' softmax
+order; maskclip-own is MaskCLIP's own protocol (MASKCLIP_PROTOCOL_NOTE).
 """
 
 from collections.abc import Callable
@@ -87,6 +96,7 @@ class Method:
     short_side: int | PerDataset = 448
     crop_size: int | PerDataset = 448
     stride: int = 224
+    max_long_side: int | PerDataset = 2048
     gaussian_std: float | None = None  # patches: the neighbourhood prior's width (NACLIP)
     names: str | None | PerDataset = None  # file of evaluation/names (line k: class k's names); None: GroupViT's
     area_threshold: float | None | PerDataset = None  # SCLIP's area_thd (evaluation.refinement)
@@ -100,7 +110,8 @@ class Method:
         return replace(self, **{name: v.on(dataset) for name, v in values.items() if isinstance(v, PerDataset)})
 
     def geometry(self) -> dict:
-        return {"mode": self.mode, "short_side": self.short_side, "crop_size": self.crop_size, "stride": self.stride}
+        names = ("mode", "short_side", "max_long_side", "crop_size", "stride")
+        return {name: getattr(self, name) for name in names}
 
     def describe(self) -> str:
         """The settings in one line, as zs-eval --help lists them."""
@@ -110,7 +121,7 @@ class Method:
             "threshold " + _shown(self.bg_threshold, none="the dataset's"),
             f"background names {_shown(self.background_names)}",
             f"templates {self.templates}",
-            f"short side {_shown(self.short_side)}",
+            f"short side {_shown(self.short_side)} (long side at most {_shown(self.max_long_side)})",
             f"mode {_shown(self.mode)} (crop {_shown(self.crop_size)}, stride {self.stride})",
         ]
         if self.gaussian_std is not None:
@@ -163,6 +174,13 @@ def key_key_neighbourhood(q, k, prior):  # NACLIP
 # NACLIP's are SCLIP's, ClearCLIP's Context list is SCLIP's): line 0 names the background class.
 SCLIP_NAMES = PerDataset(None, voc="sclip_voc", context="sclip_context", coco="sclip_coco")
 CLEARCLIP_NAMES = PerDataset(None, voc="clearclip_voc", context="sclip_context", coco="clearclip_coco")
+# MaskCLIP's own protocol (configs/maskclip/maskclip_vit16_512x512_voc12aug_20.py and _520x520_pascal_context_59.py
+# with configs/_base_/models/maskclip_vit16.py): whole image, keep-ratio resize to img_scale (2048, 512) on VOC-20
+# and (520, 520) on Context-59, no background class, the argmax of the raw cosines.
+MASKCLIP_PROTOCOL_NOTE = (
+    "MaskCLIP (Zhou et al.) under its own protocol: whole image at 512 (context59: 520 x 520), raw cosine argmax,"
+    " no background; its benchmarks are voc20 and context59"
+)
 MASKCLIP_NOTE = (
     "MaskCLIP of Zhou et al., ECCV 2022 (Extract Free Dense Labels from CLIP); not the 'MaskCLIP' row of the"
     " ZeroSeg paper's Table 1, which is Dong et al.'s masked self-distillation"
@@ -177,6 +195,11 @@ METHODS = {
     "zeroseg": Method(),
     "maskclip": Method(
         LastBlock(None, True, "x + Attn(I), then + mlp(ln_2(.))"), rule="softmax", note=MASKCLIP_NOTE
+    ),
+    "maskclip-own": Method(
+        LastBlock(None, True, "x + Attn(I), then + mlp(ln_2(.))"), rule="softmax", bg_threshold=0.0, mode="whole",
+        short_side=PerDataset(512, context59=520), max_long_side=PerDataset(2048, context59=520),
+        note=MASKCLIP_PROTOCOL_NOTE,
     ),
     "sclip": Method(
         LastBlock(correlative, True, "x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.))"),
