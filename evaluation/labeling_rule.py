@@ -104,6 +104,10 @@ class GroupWindow:
     owner: torch.Tensor  # [h, w] int64 group index
     table: torch.Tensor  # [G, 1 + C_fg]: the background channel, then the class scores
 
+    @property
+    def device(self) -> torch.device:
+        return self.owner.device
+
     def channels(self, start: int, stop: int) -> torch.Tensor:
         return self.table[:, start:stop][self.owner].permute(2, 0, 1)  # [stop - start, h, w]
 
@@ -118,6 +122,10 @@ class DenseWindow:
     size: tuple[int, int]  # the size the patch maps are resized to (the window's, or its padded one)
     offset: tuple[int, int] = (0, 0)  # top, left of the window inside `size`
 
+    @property
+    def device(self) -> torch.device:
+        return self.patch_logits.device
+
     def channels(self, start: int, stop: int) -> torch.Tensor:
         resized = F.interpolate(self.patch_logits[None, start:stop], size=self.size, mode="bilinear")[0]
         (top, left), (_, _, rows, cols) = self.offset, self.box
@@ -129,7 +137,7 @@ def fused_channels(
 ) -> Callable[[int, int], torch.Tensor]:
     """mmseg's fusion: channels start..stop-1 of the windows summed on the resized image, divided by the
     number of windows covering each pixel, resized bilinearly to out_hw -> [stop - start, H, W]."""
-    device = windows[0].owner.device if isinstance(windows[0], GroupWindow) else windows[0].patch_logits.device
+    device = windows[0].device
     count = torch.zeros(canvas_hw, device=device)
     for window in windows:
         top, left, rows, cols = window.box
@@ -241,40 +249,45 @@ class LabelingRule:
         resized image canvas_hw, decided at the original size out_hw; guide [3, H, W]: the resized image
         brought back to the original size (PAMR's affinities)."""
         channels = fused_channels(windows, canvas_hw, out_hw)
+        device = windows[0].device
         if isinstance(windows[0], DenseWindow):
-            labels, scores = self._decide_dense(channels, out_hw, guide)
+            labels, scores = self._decide_dense(channels, out_hw, device, guide)
         else:
-            device = windows[0].owner.device
             background = channels(0, 1)[0]
             scores, index = best_channel(channels, 1, 1 + self.num_fg, out_hw, device)
             is_background = scores <= background if self.name == "groupvit" else scores < background
             labels = torch.where(is_background, 0, index + 1)
         return (labels if self.background else labels - 1), scores
 
-    def _decide_dense(self, channels, out_hw, guide) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decide_dense(self, fused, out_hw, device, guide) -> tuple[torch.Tensor, torch.Tensor]:
         """SCLIP's postprocess_result (module docstring), over query chunks: the running log-sum-exp of
         s * cosine gives the softmax's denominator, the running best query the best class."""
-        labels = self.queries()[1]
-        if self.pamr_steps:
-            resized = channels
-            channels = lambda start, stop: pamr(guide, resized(start, stop), self.pamr_steps)  # noqa: E731
+        labels = self.queries()[1].to(device)
+
+        def refined(start: int, stop: int) -> torch.Tensor:  # PAMR treats every channel alike
+            return pamr(guide, fused(start, stop), self.pamr_steps) if self.pamr_steps else fused(start, stop)
+
+        held = refined(0, len(labels)) if len(_chunks(len(labels), out_hw)) == 1 else None
+
+        def channels(start: int, stop: int) -> torch.Tensor:  # the usual case: fused (and refined) once, read thrice
+            return refined(start, stop) if held is None else held[start:stop]
+
         scale = _scale(self.logit_scale)
-        device = guide.device if guide is not None else self.text.device
         normaliser = torch.full(out_hw, -math.inf, device=device)
         for start, stop in _chunks(len(labels), out_hw):
             normaliser = torch.logaddexp(normaliser, torch.logsumexp(channels(start, stop) * scale, dim=0))
         best, query = best_channel(channels, 0, len(labels), out_hw, device)
-        label = labels.to(device)[query]
+        label = labels[query]
         if self.area_threshold is not None:
             kept = area_filter_kept(label, self.num_fg, self.area_threshold)  # [1 + C_fg] bool
             if not kept[label].all():
-                kept_query = kept.to(device)[labels.to(device)]  # [Q']
+                kept_query = kept[labels]  # [Q']
 
                 def kept_channels(start: int, stop: int) -> torch.Tensor:
                     return channels(start, stop).masked_fill(~kept_query[start:stop, None, None], -math.inf)
 
                 best, query = best_channel(kept_channels, 0, len(labels), out_hw, device)
-                label = labels.to(device)[query]
+                label = labels[query]
         probability = torch.exp(best * scale - normaliser)
         if self.bg_threshold is not None:
             label = torch.where(probability < self.bg_threshold, 0, label)
@@ -292,7 +305,7 @@ class LabelingRule:
             "bg_threshold": self.bg_threshold,
             "keep_best_group": self.keep_best_group or groupvit,
             "background_names": list(self.background_names),
-            "names_per_class": len(self.query_class) / max(1, self.num_fg),
+            "queries": len(self.queries()[1]),  # class and background names, synonyms included
             "area_threshold": self.area_threshold,
             "pamr_steps": self.pamr_steps,
             "background_class": self.background,

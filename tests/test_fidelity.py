@@ -13,10 +13,10 @@ from tests import published_reference as reference
 from tests.agreement_inputs import images, query_lists
 from tests.conftest import TINY_TEACHER
 from zeroseg.errors import UserError
-from zeroseg.evaluation.datasets import VOC_CLASS_NAMES
+from zeroseg.evaluation.datasets import DATASETS, VOC_CLASS_NAMES, SegmentationDataset
 from zeroseg.evaluation.dense_clip import resized_positional_embedding
 from zeroseg.evaluation.labeling_rule import DenseWindow, GroupWindow, LabelingRule, fused_channels
-from zeroseg.evaluation.loading import ModelOptions, read_names_file
+from zeroseg.evaluation.loading import LoadedModel, ModelOptions, read_names_file
 from zeroseg.evaluation.refinement import pamr
 from zeroseg.evaluation.segmenter import DenseClipScorer, WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.text import class_text_embeddings
@@ -111,6 +111,17 @@ def test_each_methods_name_files_with_synonyms():
     assert len(read_names_file("sclip_coco", 81)[1]) == 8 and len(read_names_file("sclip_context", 60)) == 60
     with pytest.raises(ValueError, match="has 21 lines"):
         read_names_file("sclip_voc", 20)
+
+
+def test_groupvits_config_thresholds_are_one_option_away():
+    def threshold(dataset: str, thresholds: str) -> float:
+        options = ModelOptions("zeroseg", checkpoint="run.pt", thresholds=thresholds)
+        loaded = LoadedModel(None, (), (), None, None, (), options, torch.device("cpu"), {})
+        spec = DATASETS[dataset]
+        return loaded.default_bg_threshold(SegmentationDataset(dataset, [], spec.class_names, spec.bg_threshold))
+
+    assert [threshold(name, "paper") for name in ("voc", "context", "coco")] == [0.95, 0.05, 0.35]
+    assert [threshold(name, "groupvit") for name in ("voc", "context", "coco")] == [0.95, 0.35, 0.95]
 
 
 def test_thresholds_and_rule_options_are_checked():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.groupvit_reference import numpy_groupvit_labels
-from zeroseg.evaluation.labeling_rule import LabelingRule, compose_assignments
+from zeroseg.evaluation.labeling_rule import NEVER, GroupWindow, LabelingRule, compose_assignments
 
 # A 2x2 token grid (row-major tokens t0 t1 / t2 t3) grouped into 3, then 2 groups.
 STAGE_ONE = torch.tensor([[[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]])  # [B=1, HW=4, G1=3]
@@ -154,8 +154,9 @@ def test_a_vocabulary_without_background_labels_every_pixel_with_its_class_index
     # Two groups over a 1x3 window: pixel 0 owned by group 0, pixels 1, 2 by group 1; three classes.
     group_scores = torch.tensor([[0.02, 0.97, 0.01], [0.30, 0.30, 0.40]])  # [G, C]
     rule = LabelingRule(torch.eye(3), 0.0, None, name=name, background=False)
-    window = GroupWindowScores((0, 0, 1, 3), rule.threshold(group_scores), torch.tensor([[0, 1, 1]]), group_scores)
-    labels, scores = rule.decide([window], 1, 3)
+    table = torch.cat([torch.full((2, 1), NEVER), group_scores], dim=1)  # no threshold: background never wins
+    window = GroupWindow((0, 0, 1, 3), torch.tensor([[0, 1, 1]]), table)
+    labels, scores = rule.decide([window], (1, 3), (1, 3))
     assert labels.tolist() == [[1, 2, 2]]  # class indices 0..C-1: no label is reserved for background
     torch.testing.assert_close(scores, torch.tensor([[0.97, 0.40, 0.40]]))
     assert rule.to_dict()["background_class"] is False
