@@ -10,7 +10,7 @@ zs-eval follows each method (tests/test_fidelity.py; the agreement numbers of is
   `open_clip/transformer.py`: the tower with the positional embedding resized by scale_factor (n + 0.1) / n0,
   forward_feature / forward_slide, PAMR (NACLIP's `pamr.py`, written as its shift kernels), postprocess_result.
 
-Run `python -m tests.published_reference` for the agreement of zs-eval with each reference (whole and slide).
+tests/agreement.py measures zs-eval's agreement with each reference (whole and slide).
 """
 
 import math

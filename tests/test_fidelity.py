@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tests import published_reference as reference
-from tests.agreement_inputs import images, query_lists
+from tests.agreement import images, query_lists
 from tests.conftest import TINY_TEACHER
 from zeroseg.errors import UserError
 from zeroseg.evaluation.datasets import DATASETS, VOC_CLASS_NAMES, SegmentationDataset
