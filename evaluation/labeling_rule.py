@@ -260,38 +260,23 @@ class LabelingRule:
         return (labels if self.background else labels - 1), scores
 
     def _decide_dense(self, fused, out_hw, device, guide) -> tuple[torch.Tensor, torch.Tensor]:
-        """SCLIP's postprocess_result (module docstring), over query chunks: the running log-sum-exp of
-        s * cosine gives the softmax's denominator, the running best query the best class."""
+        """SCLIP's postprocess_result (module docstring). The dense methods' vocabularies are small (a
+        benchmark's names), so every query's map is held at once [Q', H, W]."""
         labels = self.queries()[1].to(device)
-
-        def refined(start: int, stop: int) -> torch.Tensor:  # PAMR treats every channel alike
-            return pamr(guide, fused(start, stop), self.pamr_steps) if self.pamr_steps else fused(start, stop)
-
-        held = refined(0, len(labels)) if len(_chunks(len(labels), out_hw)) == 1 else None
-
-        def channels(start: int, stop: int) -> torch.Tensor:  # the usual case: fused (and refined) once, read thrice
-            return refined(start, stop) if held is None else held[start:stop]
-
-        scale = _scale(self.logit_scale)
-        normaliser = torch.full(out_hw, -math.inf, device=device)
-        for start, stop in _chunks(len(labels), out_hw):
-            normaliser = torch.logaddexp(normaliser, torch.logsumexp(channels(start, stop) * scale, dim=0))
-        best, query = best_channel(channels, 0, len(labels), out_hw, device)
+        logits = torch.cat([fused(start, stop) for start, stop in _chunks(len(labels), out_hw)])  # [Q', H, W]
+        if self.pamr_steps:
+            logits = pamr(guide, logits, self.pamr_steps)
+        probabilities = (logits * _scale(self.logit_scale)).softmax(dim=0)
+        best, query = probabilities.max(dim=0)  # a class's score is its best name's: argmax over names
         label = labels[query]
         if self.area_threshold is not None:
             kept = area_filter_kept(label, self.num_fg, self.area_threshold)  # [1 + C_fg] bool
             if not kept[label].all():
-                kept_query = kept[labels]  # [Q']
-
-                def kept_channels(start: int, stop: int) -> torch.Tensor:
-                    return channels(start, stop).masked_fill(~kept_query[start:stop, None, None], -math.inf)
-
-                best, query = best_channel(kept_channels, 0, len(labels), out_hw, device)
+                best, query = probabilities.masked_fill(~kept[labels][:, None, None], 0.0).max(dim=0)
                 label = labels[query]
-        probability = torch.exp(best * scale - normaliser)
         if self.bg_threshold is not None:
-            label = torch.where(probability < self.bg_threshold, 0, label)
-        return label, probability
+            label = torch.where(best < self.bg_threshold, 0, label)
+        return label, best
 
     def to_dict(self) -> dict:
         groupvit = self.name == "groupvit"

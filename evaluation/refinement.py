@@ -15,15 +15,18 @@ foreground pixels loses its scores (the pixels take their next best class).
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 PAMR_DILATIONS = (8, 16)
 
 
-def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """x [..., H, W] read at (row + dy, col + dx), clamped to the border (replicate padding)."""
-    rows = (torch.arange(x.shape[-2], device=x.device) + dy).clamp(0, x.shape[-2] - 1)
-    cols = (torch.arange(x.shape[-1], device=x.device) + dx).clamp(0, x.shape[-1] - 1)
-    return x[..., rows, :][..., cols]
+def _neighbour_views(x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """x [C, H, W] read at (row + dy, col + dx) for each offset, clamped to the border (replicate padding):
+    views of one padded copy."""
+    reach = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    padded = F.pad(x[None], [reach] * 4, mode="replicate")[0]  # [C, H + 2 reach, W + 2 reach]
+    rows, cols = x.shape[-2:]
+    return [padded[:, reach + dy : reach + dy + rows, reach + dx : reach + dx + cols] for dy, dx in offsets]
 
 
 def _offsets(dilations: Sequence[int], centre: bool) -> list[tuple[int, int]]:
@@ -34,15 +37,15 @@ def _offsets(dilations: Sequence[int], centre: bool) -> list[tuple[int, int]]:
 def pamr(image: torch.Tensor, masks: torch.Tensor, steps: int, dilations: Sequence[int] = PAMR_DILATIONS):
     """image [3, H, W], masks [C, H, W] -> the refined masks [C, H, W] (module docstring)."""
     image = image.float()
-    spread = torch.stack([_shifted(image, dy, dx) for dy, dx in _offsets(dilations, True)]).std(dim=0)  # [3, H, W]
+    spread = torch.stack(_neighbour_views(image, _offsets(dilations, True))).std(dim=0)  # [3, H, W]
     neighbours = _offsets(dilations, False)
     affinity = torch.stack(
-        [(-(image - _shifted(image, dy, dx)).abs() / (1e-8 + 0.1 * spread)).mean(dim=0) for dy, dx in neighbours]
+        [(-(image - view).abs() / (1e-8 + 0.1 * spread)).mean(dim=0) for view in _neighbour_views(image, neighbours)]
     ).softmax(dim=0)  # [P, H, W]
     for _ in range(steps):
         refined = torch.zeros_like(masks)
-        for weight, (dy, dx) in zip(affinity, neighbours):
-            refined += weight * _shifted(masks, dy, dx)
+        for weight, view in zip(affinity, _neighbour_views(masks, neighbours)):
+            refined += weight * view
         masks = refined
     return masks
 

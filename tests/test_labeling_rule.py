@@ -80,7 +80,7 @@ def test_logit_scale_scores_groups_by_softmax_probability():
 
 
 def evaluator_labels(groups, image, text, logit_scale, bg_threshold, owner, name="groupvit"):
-    """The same window through LabelingRule: group_scores, group_window, decide (1 x P pixels)."""
+    """The same window through LabelingRule: group_window, decide (1 x P pixels)."""
     text = torch.as_tensor(text, dtype=torch.float32)
     rule = LabelingRule(text, logit_scale, bg_threshold, name=name)
     owner = torch.as_tensor(owner)[None]  # [1, P]
