@@ -119,7 +119,7 @@ class Method:
             f"rule {self.rule}",
             "temperature " + _shown(self.temperature, none="the CLIP's logit scale"),
             "threshold " + _shown(self.bg_threshold, none="the dataset's"),
-            f"background names {_shown(self.background_names)}",
+            f"background names {_shown(self.background_names)}" if self.names is None else "",
             f"templates {self.templates}",
             f"short side {_shown(self.short_side)} (long side at most {_shown(self.max_long_side)})",
             f"mode {_shown(self.mode)} (crop {_shown(self.crop_size)}, stride {self.stride})",
@@ -127,12 +127,12 @@ class Method:
         if self.gaussian_std is not None:
             parts.append(f"Gaussian std {_shown(self.gaussian_std)} patches")
         if self.names is not None:
-            parts.append(f"names {_shown(self.names)}")
+            parts.append(f"names {_shown(self.names)} (line 0: the background class)")
         if self.area_threshold is not None:
             parts.append(f"area threshold {_shown(self.area_threshold)}")
         if self.pamr_steps:
             parts.append(f"PAMR {_shown(self.pamr_steps)} steps")
-        return "; ".join(parts)
+        return "; ".join(part for part in parts if part)
 
 
 def _shown(value: Any, none: str = "none") -> str:

@@ -126,10 +126,12 @@ def test_the_help_lists_every_method_of_the_table_with_its_settings():
         assert f" {name} {block} {method.describe()}" in text, name
     assert (
         "sclip x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.)) rule softmax; "
-        "temperature 65 (voc), 50 (context, coco), else 40; threshold 0.1; background names 'sky', 'wall', 'tree' "
-        "and 23 more (voc, coco), 'background' (context), else none; templates openai80; short side 448 "
-        "(coco-stuff), 560 (cityscapes), else 336; mode slide (crop 224, stride 112)"
+        "temperature 65 (voc), 50 (context, coco), else 40; threshold 0.1; templates openai80; short side 448 "
+        "(coco-stuff), 560 (cityscapes), else 336 (long side at most 2048); mode slide (crop 224, stride 112); names "
+        "sclip_voc (voc), sclip_context (context), sclip_coco (coco), else none (line 0: the background class); "
+        "area threshold 0.1 (voc), else none"
     ) in text
-    assert "threshold 0.5 (voc), 0.15 (context), 0.4 (coco), else 0; background names 'background';" in text
+    assert "threshold 0.5 (voc), 0.15 (context), 0.4 (coco), else 0; templates openai80;" in text
     assert "mode whole (voc, voc20), else slide (crop 224, stride 112); Gaussian std 5 patches" in text
-    assert "the paper's (0.95 voc, 0.05 context, 0.35 coco)" in text
+    assert "PAMR 10 steps" in text and "GroupViT's configs' 0.95 voc, 0.35 context, 0.95 coco" in text
+    assert "the paper's (0.95 voc, 0.05 context, 0.35 coco;" in text

@@ -133,20 +133,6 @@ def test_maskclip_baseline_and_slide_mode_run_through_the_same_evaluator(setup, 
     assert "top_k" not in report and "- mode: whole (" in report
 
 
-def test_softmax_rule_gives_the_numbers_of_the_release_before_the_groupvit_rule(setup, tmp_path):
-    """Confusion matrices zs-eval wrote before the groupvit rule existed (MaskCLIP on the tiny CLIP, whose
-    random weights are seeded; recorded in tests/fixtures/softmax-rule-release.json), bit for bit."""
-    recorded = json.loads((FIXTURES / "softmax-rule-release.json").read_text())["confusion_matrices"]
-    for mode in ("whole", "slide"):
-        out = invoke(
-            zs_eval, "voc", "coco", "--model", "maskclip", *setup["common"], "--rule", "softmax", "--mode", mode,
-            "--out", tmp_path / mode,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        for dataset in ("voc", "coco"):
-            assert results(tmp_path / mode, dataset)["confusion_matrix"] == recorded[f"{mode}/{dataset}"]
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
