@@ -192,11 +192,7 @@ def verify(
     if problems:
         typer.echo(f"store {store} is NOT consistent: {len(problems)} problems", err=True)
         raise typer.Exit(1)
-    unchecked = counts["unchecked_shards"]
-    note = f" ({unchecked} shards without a commit record: their chunk files are unchecked)" if unchecked else ""
-    typer.echo(
-        f"store {store} verified: {counts['ok']} ok rows, {counts['error']} errors, {counts['shards']} shards{note}"
-    )
+    typer.echo(f"store {store} verified: {counts['ok']} ok rows, {counts['error']} errors, {counts['shards']} shards")
     if counts.get("leftover_parts"):
         typer.echo(
             f"note: {counts['leftover_parts']} manifest parts are left by an interrupted zs-cache compact (zeroseg "

@@ -59,8 +59,7 @@ def compact(opts: CompactOptions, log: Callable[[str], None] = lambda line: None
             footers = dict(zip(parts, pool.map(store.part_footer, parts)))  # (records, rows) of each part
             records = {part: footer[0] for part, footer in footers.items()}
             rows = {part: footer[1] for part, footer in footers.items()}
-            mergeable = {part for part in parts if None not in records[part].values()}
-            for group in plan_groups(list(parts), rows, opts.rows_per_part, mergeable):
+            for group in plan_groups(list(parts), rows, opts.rows_per_part):
                 merged = {shard: record for part in group for shard, record in records[part].items()}
                 target = store.compacted_path(merged)
                 read = pool.map(store.read_part, group)  # each with its own record(s), which `merged` now holds
@@ -75,17 +74,16 @@ def compact(opts: CompactOptions, log: Callable[[str], None] = lambda line: None
         return CompactSummary(store.path, len(parts), len(store.part_files()), sum(rows.values()), leftovers)
 
 
-def plan_groups(parts: list[Path], rows: dict[Path, int], rows_per_part: int, mergeable: set[Path]) -> list[list[Path]]:
-    """Runs of consecutive `mergeable` parts (in shard order) of at most `rows_per_part` rows together, each of 2
-    parts or more (a part alone stays as it is); a part that is not mergeable ends a run."""
+def plan_groups(parts: list[Path], rows: dict[Path, int], rows_per_part: int) -> list[list[Path]]:
+    """Runs of consecutive parts (in shard order) of at most `rows_per_part` rows together, each of 2 parts or more
+    (a part alone stays as it is)."""
     groups, group, total = [], [], 0
     for part in parts:
-        if group and (part not in mergeable or total + rows[part] > rows_per_part):
+        if group and total + rows[part] > rows_per_part:
             groups.append(group)
             group, total = [], 0
-        if part in mergeable:
-            group.append(part)
-            total += rows[part]
+        group.append(part)
+        total += rows[part]
     groups.append(group)
     return [group for group in groups if len(group) > 1]
 

@@ -12,7 +12,7 @@ Geometry, for a crop size S:
 - view order: grid by grid in the order given, cells row-major; each cell is resized (bicubic,
   antialiased, clamped to 0..255) to the teacher's input size and normalised with its mean/std.
 
-Decode (the store's preprocessing `decode`, "full" when absent):
+Decode (the store's preprocessing `decode`):
 - full: the whole image is decoded, then cropped as above.
 - reduced: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size inside the decoder (pipeline.images.decode_reduced)
   as far as its short side stays >= S, so the crop is never upsampled; the same centre square (in the full

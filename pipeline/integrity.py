@@ -1,29 +1,25 @@
 """Damage detection in a feature store: per-shard commit records and checked chunk reads.
 
 Three layers make a damaged store loud wherever it is read:
-  chunks         new stores encode every chunk of `features` and `crops` as zstd followed by Zarr v3's
-                 `crc32c` codec, so a changed byte fails decoding (`read_rows` turns that into one line).
+  chunks         every chunk of `features` and `crops` is encoded as zstd followed by Zarr v3's `crc32c` codec,
+                 so a changed byte fails decoding (pipeline.store_reader turns that into one line).
   commit record  each manifest part carries, in its Parquet key-value metadata under RECORD_KEY, the
                  chunk files its shard wrote and the crc32c of each file's payload (all but the codec's 4-byte
                  trailer): {"features": {"c/3/0/0": "1a2b3c4d"}, ...}, so a chunk that decodes but is not the
                  one its shard wrote (swapped, stale, copied over) is found too.
                  A chunk of only fill values is never written and not listed. Zarr reads a missing chunk
-                 as fill values (zeros), so readers check the listed files exist (`missing_chunks`), and
-                 `verify` compares their checksums (`damaged_chunks`) without decoding them.
+                 as fill values (zeros), so readers check the listed files exist (`missing_chunks`,
+                 StoreReader.checked_read), and `verify` compares their checksums (`damaged_chunks`).
   parts          manifest parts are written with Parquet page checksums and read with verification.
   compacted      a part merged by `zs-cache compact` holds several shards' rows; instead of RECORD_KEY it
                  carries SHARDS_KEY, each of its shards' commit record: {"12": {"features": {...}}, ...}.
-
-Stores made before this (no crc32c codec, parts without a record) still open; `zs-cache inspect`
-says their chunks are unchecked, and readers fall back to "a chunk holding an ok row must exist".
 """
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 import google_crc32c
-import numpy as np
 import zarr
 from zarr.storage import LocalStore, WrapperStore
 
@@ -35,28 +31,10 @@ SHARDS_KEY = b"zeroseg.shards"  # a compacted part: shard -> its commit record
 SHARDS_CRC_KEY = b"zeroseg.shards.crc32c"
 
 
-# A chunk file is its payload followed by the crc32c codec's crc32c of that payload (4 bytes, little-endian), so
-# the crc32c of a whole intact file is this one constant, whatever the chunk holds. Records made before payload
-# checksums hold it for every chunk: for them, only "the file is intact" can be checked.
-INTACT_FILE_CRC32C = "48674bc7"
-
-
 def chunk_crc32c(data: bytes) -> str:
-    """What a commit record holds for a chunk file's bytes: the crc32c of its payload."""
+    """What a commit record holds for a chunk file's bytes: the crc32c of its payload (a chunk file is its payload
+    followed by the crc32c codec's 4-byte checksum of it, so the crc32c of a whole file tells nothing)."""
     return f"{google_crc32c.value(data[:-4]):08x}"
-
-
-def chunk_agrees(data: bytes, recorded: str) -> bool:
-    """The chunk file's bytes are the ones its commit record names (for an old record: the file is intact)."""
-    if recorded == INTACT_FILE_CRC32C:
-        return f"{google_crc32c.value(data):08x}" == INTACT_FILE_CRC32C
-    return chunk_crc32c(data) == recorded
-
-
-def decoded_chunk_agrees(payload_crc32c: str, recorded: str) -> bool:
-    """A chunk that Zarr decoded through a ChecksummingStore (which noted `payload_crc32c`) is the one its record
-    names; an old record names no content, and decoding has checked that the file is intact."""
-    return recorded == INTACT_FILE_CRC32C or payload_crc32c == recorded
 
 
 def chunk_key(array: zarr.Array, index: int) -> str:
@@ -88,10 +66,10 @@ def encode_shard_records(records: dict[int, dict]) -> dict[bytes, bytes]:
     return _encode(SHARDS_KEY, SHARDS_CRC_KEY, {str(shard): record for shard, record in records.items()})
 
 
-def decode_record(metadata: dict[bytes, bytes] | None, part: Path) -> dict[str, dict[str, str]] | None:
-    """The commit record of a part (None for parts written before records existed)."""
+def decode_record(metadata: dict[bytes, bytes] | None, part: Path) -> dict[str, dict[str, str]]:
+    """The commit record of a single part; UserError when it is missing or damaged."""
     if not metadata or RECORD_KEY not in metadata:
-        return None
+        raise UserError(f"manifest part '{part}' is damaged (it lacks the chunk record of a part)")
     record = _decode(metadata, RECORD_KEY, RECORD_CRC_KEY, part, "chunk record")
     if not _is_record(record):
         raise UserError(f"manifest part '{part}' is damaged (its chunk record is malformed)")
@@ -153,40 +131,9 @@ def damaged_chunks(store_path: Path, record: dict[str, dict[str, str]]) -> list[
             path = store_path / name / key
             if not path.is_file():
                 problems.append(f"chunk {name}/{key} is missing")
-            elif not chunk_agrees(path.read_bytes(), expected):
+            elif chunk_crc32c(path.read_bytes()) != expected:
                 problems.append(f"chunk {name}/{key} is damaged (crc32c differs from its commit record)")
     return problems
-
-
-def require_chunks(store_path: Path, name: str, array: zarr.Array, required: set[int], indices: Iterable[int]) -> None:
-    """UserError naming the chunk and its rows when a chunk of `indices` that must exist (in `required`) is
-    missing from store array `name`: Zarr would read it as fill values."""
-    chunk = array.chunks[0]
-    for index in sorted(set(indices) & required):
-        key = chunk_key(array, index)
-        if not (store_path / name / key).is_file():
-            raise UserError(
-                f"store '{store_path}': chunk {name}/{key} (rows {index * chunk}-{(index + 1) * chunk - 1}) is "
-                f"missing: run zs-cache verify, then zs-cache build --repair"
-            )
-
-
-def checked_read(
-    store_path: Path, name: str, array: zarr.Array, required: set[int], rows: np.ndarray, read: Callable[[], np.ndarray]
-) -> np.ndarray:
-    """read() of `rows` of store array `name`, after `require_chunks`; a chunk failing its checksum is one line
-    naming the rows."""
-    require_chunks(store_path, name, array, required, (int(row) // array.chunks[0] for row in rows))
-    try:
-        return read()
-    except ValueError as exc:
-        if "checksum" not in str(exc):
-            raise
-        first, last = int(np.min(rows)), int(np.max(rows))
-        raise UserError(
-            f"store '{store_path}': a chunk of {name} holding rows {first}-{last} is damaged (crc32c mismatch): "
-            f"run zs-cache verify, then zs-cache build --repair"
-        ) from None
 
 
 class ChecksummingStore(WrapperStore):

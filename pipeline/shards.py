@@ -186,17 +186,15 @@ def new_store_meta(
             decode_device=teacher.device_type if decode == "device" else None,
         ),
         grids=list(opts.grids),
-        views=[list(v) for v in view_layout(opts.grids)],
         embed_dim=teacher.embed_dim,
         shard_size=opts.shard_size or DEFAULT_SHARD_SIZE,
         chunk_size=opts.chunk_size,
         stored_crops=store_crops,
-        commit_records=True,
     )
 
 
 def store_decode(meta: StoreMeta | None, opts: BuildOptions) -> str:
-    """How the images of this build are decoded: as the store's (stores made before the setting decode "full"), or
+    """How the images of this build are decoded: as the store's, or
     --decode (default full) for a new store; a --decode that differs from the store's is refused."""
     if meta is None:
         return opts.decode or "full"

@@ -125,13 +125,13 @@ class FeatureStore:
         recorded = group.attrs["zeroseg"]
         version = recorded.get("format_version") if isinstance(recorded, dict) else None
         if version != FORMAT_VERSION:
-            raise UserError(f"'{path}' has store format {version}; this zeroseg reads format {FORMAT_VERSION}")
-        store = cls(path, group)
-        for array in arrays if store.meta.commit_records else ():  # chunks written since checksums end in a crc32c
+            raise UserError(f"store '{path}' has format {version}; this zeroseg reads format {FORMAT_VERSION}: "
+                            f"rebuild it with zs-cache build")  # fmt: skip
+        for array in arrays:  # every chunk ends in its crc32c: without the codec, zstd would read that trailer
             if not has_checksums(array):
-                raise UserError(f"'{store.path / array.path / 'zarr.json'}' lacks the crc32c codec of its chunks "
+                raise UserError(f"'{Path(path) / array.path / 'zarr.json'}' lacks the crc32c codec of its chunks "
                                 f"({DAMAGED})")
-        return store
+        return cls(path, group)
 
     @classmethod
     def create(cls, path: str | Path, meta: StoreMeta) -> "FeatureStore":
@@ -264,30 +264,25 @@ class FeatureStore:
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise damaged_part(path, exc) from None
 
-    def chunk_record(self, path: Path, footer: dict[bytes, bytes] | None = None) -> dict[str, dict[str, str]] | None:
-        """The commit record of single part `path` (pipeline.integrity), None for a part written before records
-        existed; footer: its key-value metadata when already read."""
-        record = decode_record(self._footer(path) if footer is None else footer, path)
-        if record is None and self.meta.commit_records:
-            raise UserError(f"manifest part '{path}' is damaged (it lacks the chunk record of this store's parts)")
-        return record
-
-    def part_records(self, path: Path) -> dict[int, dict[str, dict[str, str]] | None]:
+    def part_records(self, path: Path) -> dict[int, dict[str, dict[str, str]]]:
         """Shard -> commit record of each shard in part `path` (one for a single part, several for a compacted one)."""
         return self.part_footer(path)[0]
 
-    def part_footer(self, path: Path) -> tuple[dict[int, dict[str, dict[str, str]] | None], int]:
-        """(part_records of part `path`, its number of rows), from one read of its footer."""
-        metadata = self._metadata(path)
+    def part_footer(self, path: Path) -> tuple[dict[int, dict[str, dict[str, str]]], int]:
+        """(part_records of part `path`, its number of rows), from one read of its footer (pipeline.integrity)."""
+        try:
+            metadata = pq.read_metadata(path)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise damaged_part(path, exc) from None
         match = PART_NAME.fullmatch(path.name)
         if match is not None:
-            return {int(match.group(1)): self.chunk_record(path, metadata.metadata or {})}, metadata.num_rows
+            return {int(match.group(1)): decode_record(metadata.metadata, path)}, metadata.num_rows
         return decode_shard_records(metadata.metadata, path), metadata.num_rows
 
-    def records(self) -> dict[int, dict[str, dict[str, str]] | None]:
+    def records(self) -> dict[int, dict[str, dict[str, str]]]:
         """Committed shard -> its commit record, the parts' footers read by a thread pool."""
 
-        def read() -> dict[int, dict[str, dict[str, str]] | None]:
+        def read() -> dict[int, dict[str, dict[str, str]]]:
             with ThreadPoolExecutor(MANIFEST_READERS) as pool:
                 held = list(pool.map(self.part_records, self.part_files()))
             return {shard: record for records in held for shard, record in records.items()}
@@ -318,15 +313,6 @@ class FeatureStore:
         """Delete the temporary files of parts whose writer died before renaming them (a killed build or compact;
         zeroseg.io.remove_dead_partials, the rule for every folder zeroseg writes into)."""
         remove_dead_partials(self.path / MANIFEST_DIR, PART_FILE)
-
-    def _footer(self, path: Path) -> dict[bytes, bytes] | None:
-        return self._metadata(path).metadata
-
-    def _metadata(self, path: Path) -> pq.FileMetaData:
-        try:
-            return pq.read_metadata(path)
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise damaged_part(path, exc) from None
 
     def manifest(
         self,
@@ -362,24 +348,17 @@ class FeatureStore:
         names = dict(zip(table["row"].to_pylist(), name_list(table, np.arange(table.num_rows))))
         return [names[row] for row in rows.tolist()]
 
-    def required_chunks(self, ok_rows: np.ndarray) -> dict[str, set[int]]:
-        """Array -> indices of the chunks whose files must exist (Zarr would read a lost one as zeros): those in
-        the commit records; for shards committed before records existed, the features chunks of `ok_rows`."""
+    def required_chunks(self) -> dict[str, set[int]]:
+        """Array -> indices of the chunks whose files must exist (Zarr would read a lost one as zeros): those the
+        commit records list."""
         arrays = self.arrays()
         required: dict[str, set[int]] = {name: set() for name in arrays}
-        chunk, per_shard = self.meta.chunk_size, self.meta.shard_size // self.meta.chunk_size
-        legacy = set()
+        per_shard = self.meta.shard_size // self.meta.chunk_size
         for shard, record in self.records().items():
-            if record is None:
-                legacy.add(shard)
-                continue
             first = shard * per_shard
             for name, array in arrays.items():
                 files = record.get(name, {})
                 required[name].update(i for i in range(first, first + per_shard) if chunk_key(array, i) in files)
-        rows = np.asarray(ok_rows)
-        legacy_rows = rows[np.isin(rows // self.meta.shard_size, list(legacy))]
-        required[FEATURES].update(int(i) for i in np.unique(legacy_rows // chunk))
         return required
 
     # --- writing shards -------------------------------------------------------------------------

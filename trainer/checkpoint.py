@@ -184,7 +184,7 @@ def read_newest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def resume_payload(cfg: TrainConfig, store: dict[str, Any], resume: bool, log: Callable[[str], None]) -> dict | None:
     """The checkpoint to continue from (resume), after checking it fits this run's model, loss and store (`store`:
-    what a checkpoint records of it, trainer.data.StoreSamples.identity); None for a fresh run (whose run
+    what a checkpoint records of it, pipeline.store_reader.StoreReader.identity); None for a fresh run (whose run
     directory must then hold no checkpoint)."""
     if not resume:
         latest = latest_checkpoint(cfg.run.dir)

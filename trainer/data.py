@@ -1,6 +1,7 @@
 """Training batches from a feature store: the crops the teacher saw and its features, read chunk by chunk.
 
-StoreSamples  the usable (status ok) rows of a store, the images of a chunk's rows, and the store's identity
+The store is read through its one door, pipeline.store_reader.StoreReader (the usable rows, each chunk's
+features and crops or image records, with the integrity checks); this module is the torch side:
 check_store   refuse, with one line, a store that does not fit the model and loss configuration
 StoreBatches  map-style dataset: this process's device batch j -> Batch, in the order of trainer.sampling
 make_loader   a DataLoader over device batches [first, last): worker processes, pinned memory
@@ -12,9 +13,9 @@ crops of a store that keeps them, or else the chunk's image records from the man
 chunk once per window it serves (one Zarr read of the chunk's rows per array) however many of its batches draw
 from that chunk; trainer.sampling lays the batches out so that a worker serves whole runs of windows (each
 chunk decompressed about once per epoch by one worker of one process). A store made with --store-crops gives
-its own crops that way; otherwise pipeline.reader.CropReader decodes the source images with the build's decode
-and crop (the store's preprocessing `decode`, full or reduced); with decode "device" the workers only read and parse
-them (Batch.encoded) and DeviceBatches decodes and crops them on the training device (Batch.device_crops), a
+its own crops that way; otherwise the reader (StoreReader.source_crops) decodes the source images with the
+build's decode and crop (the store's preprocessing `decode`, full or reduced); with decode "device" the workers
+only read and parse them (Batch.encoded) and DeviceBatches decodes and crops them on the training device (Batch.device_crops), a
 batch ahead of the training step.
 """
 
@@ -23,27 +24,16 @@ import signal
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
-import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from zeroseg.errors import UserError
 from zeroseg.pipeline.crops import channel_stats, to_model_input
-from zeroseg.pipeline.device_decode import EncodedBatch, decode_crops
-from zeroseg.pipeline.duplicates import name_digests
-from zeroseg.pipeline.integrity import checked_read
-from zeroseg.pipeline.manifest import NAME_DIGEST, ImageRecord
-from zeroseg.pipeline.reader import CropReader
-from zeroseg.pipeline.store import CROPS, FEATURES, READ_ATTEMPTS, FeatureStore
-from zeroseg.pipeline.store_meta import StoreMeta
+from zeroseg.pipeline.store_reader import CROPS, FEATURES, EncodedBatch, StoreMeta, StoreReader, decode_crops
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import ModelConfig
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
@@ -68,108 +58,7 @@ class Batch(NamedTuple):
         return crops
 
 
-@dataclass
-class StoreSamples:
-    """The usable (status ok) rows of a store in row order: sample i is features row rows[i].
-
-    Only the rows stay in memory (8 bytes per sample). The image behind each row (source, key, sha256), needed
-    to decode the crops of a store that does not keep them, is read from the manifest a features chunk at a
-    time (`chunk_records`), by the process that reads the chunk."""
-
-    path: Path
-    meta: StoreMeta
-    rows: np.ndarray  # (N,) int64, ascending
-    required: dict[str, set[int]]  # array -> chunks whose files must exist (FeatureStore.required_chunks)
-    parts: dict[int, Path] | None  # shard -> manifest part holding it; None for a store that keeps its crops
-
-    @classmethod
-    def open(cls, path: str | Path) -> "StoreSamples":
-        store = FeatureStore.open(path)
-        stored = store.meta.stored_crops
-        columns = ["row", "status"] if stored else ["row", "source", "key", "status"]
-        table = store.manifest(columns, each=usable_rows)  # no image or row twice (names checked by digest)
-        if table.num_rows == 0:
-            raise UserError(f"store '{path}' has no usable images (no manifest row with status ok)")
-        rows = table["row"].to_numpy()
-        if np.any(rows[1:] <= rows[:-1]):  # parts come in shard order, so rows usually ascend already
-            rows = np.sort(rows)
-        required = store.required_chunks(rows)
-        if stored:
-            return cls(Path(path), store.meta, rows, required, None)
-        CropReader(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
-        return cls(Path(path), store.meta, rows, required, store.parts())
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def chunk_of(self) -> np.ndarray:
-        """(N,) the Zarr chunk holding each sample's features."""
-        return self.rows // self.meta.chunk_size
-
-    def chunk_records(self, store: FeatureStore, index: int) -> dict[str, np.ndarray]:
-        """The images of features chunk `index`'s samples: {"source", "key", "sha256"} -> (chunk_size,) object
-        arrays, entry i for row index * chunk_size + i (None where that row is no sample; sha256 None where none
-        was recorded). Read from the manifest part of the chunk's shard (listed again when a compact replaced
-        it); UserError when that part no longer holds exactly the samples this run started with."""
-        size = self.meta.chunk_size
-        rows = range(index * size, (index + 1) * size)
-        expected = self.rows[np.searchsorted(self.rows, rows.start) : np.searchsorted(self.rows, rows.stop)]
-        shard = rows.start // self.meta.shard_size
-        for attempt in range(1, READ_ATTEMPTS + 1):
-            part = self.parts.get(shard)
-            if part is None:
-                raise self.changed(f"shard {shard}: no manifest part", rows)
-            try:
-                table = store.read_part(part, ["row", "key", "source", "sha256", "status"], rows)
-                break
-            except UserError:
-                if attempt == READ_ATTEMPTS or part.exists():
-                    raise
-                self.parts = store.parts()  # a compact merged the part into another meanwhile
-        table = table.filter(pc.equal(table["status"], "ok"))
-        found = table["row"].to_numpy()
-        if not np.array_equal(np.sort(found), expected):
-            raise self.changed(f"manifest part '{part}'", rows)
-        hashes = pc.fill_null(table["sha256"], "0" * 64)
-        if not pc.all(pc.match_substring_regex(hashes, "^[0-9a-f]{64}$")).as_py():
-            raise UserError(f"manifest part '{part}': a sha256 there is not 64 hex digits; the store is damaged")
-        records = {name: np.full(size, None, dtype=object) for name in ("source", "key", "sha256")}
-        for name in records:
-            records[name][found - rows.start] = table[name].to_pylist()
-        return records
-
-    def changed(self, where: str, rows: range) -> UserError:
-        """The error of features rows `rows` whose manifest entries are no longer those this run started with."""
-        return UserError(
-            f"store '{self.path}': {where} no longer lists the images of features rows {rows.start}-{rows.stop - 1} "
-            f"this run started with (the store changed during training): restart, resuming from the last checkpoint"
-        )
-
-    def identity(self) -> dict:
-        """What a checkpoint records of the store it was trained on (plain values, as in the store's attribute)."""
-        return {
-            "path": str(self.path.resolve()),
-            "teacher": self.meta.teacher.to_dict(),
-            "rows": len(self),
-            "grids": list(self.meta.grids),
-            "crop_size": self.meta.preprocessing.crop_size,
-            "embed_dim": int(self.meta.embed_dim),
-            "preprocessing": self.meta.preprocessing.to_dict(),
-        }
-
-
-def usable_rows(part: pa.Table, path: Path) -> pa.Table:
-    """Manifest part `path`'s ok rows without their status; its source and key columns, when read, become the
-    64-bit digest of each image's name (pipeline.manifest.NAME_DIGEST), enough to refuse an image listed twice."""
-    part = part.filter(pc.equal(part["status"], "ok")).drop_columns(["status"])
-    if "key" not in part.column_names:
-        return part
-    digests = name_digests(part["source"], part["key"])
-    return part.drop_columns(["source", "key"]).append_column(NAME_DIGEST, pa.array(digests, pa.uint64()))
-
-
-def check_store(samples: StoreSamples, model: ModelConfig, loss: LossConfig, resize: bool) -> None:
+def check_store(samples: StoreReader, model: ModelConfig, loss: LossConfig, resize: bool) -> None:
     """UserError when the store's teacher dim, crop size or grids do not fit the configuration."""
     meta, path = samples.meta, samples.path
     teacher = meta.teacher.model
@@ -195,20 +84,16 @@ def check_store(samples: StoreSamples, model: ModelConfig, loss: LossConfig, res
 class StoreBatches(Dataset):
     """This process's device batches: item j is a Batch of `plan.batch` samples (see trainer.sampling).
 
-    The Zarr array and the image sources are opened lazily in each process that reads, so the dataset
-    can be handed to DataLoader workers under any start method.
+    The store's arrays and image sources are opened lazily in each process that reads (StoreReader.store), so the
+    dataset can be handed to DataLoader workers under any start method.
     """
 
-    def __init__(self, samples: StoreSamples, plan: BatchPlan, window: int, seed: int):
+    def __init__(self, samples: StoreReader, plan: BatchPlan, window: int, seed: int):
         self.samples = samples
         self.plan = plan
         self.order = SampleOrder(samples.chunk_of, window, seed)
-        self.reader = CropReader(samples.meta, samples.path)  # decodes the source images of a store without crops
-        self.arrays = (FEATURES, CROPS) if self.reader.reads_stored_crops else (FEATURES,)
         self.chunk_size = samples.meta.chunk_size
         self.cache_size = 2 * window * plan.accum  # a window and the next for each of the accum runs it reads
-        self._store: FeatureStore | None = None
-        self._arrays: dict[str, zarr.Array] = {}
         self._pid: int | None = None
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
@@ -226,40 +111,24 @@ class StoreBatches(Dataset):
         features = torch.from_numpy(out[FEATURES])
         if CROPS in out:
             return Batch(torch.from_numpy(out[CROPS]), features, torch.from_numpy(rows))
-        images = zip(out["source"].tolist(), out["key"].tolist(), rows.tolist(), out["sha256"].tolist())
-        records = [ImageRecord(source, key, row, sha256) for source, key, row, sha256 in images]
-        if self.reader.decodes_on_device:  # the training step decodes and crops them on its device
-            return Batch(None, features, torch.from_numpy(rows), self.reader.encoded(records))
-        return Batch(torch.from_numpy(self.reader.crops(records)), features, torch.from_numpy(rows))
+        crops = self.samples.source_crops(out)
+        if isinstance(crops, EncodedBatch):  # decode "device": the training step decodes and crops them there
+            return Batch(None, features, torch.from_numpy(rows), crops)
+        return Batch(torch.from_numpy(crops), features, torch.from_numpy(rows))
 
     def chunk(self, index: int) -> dict[str, np.ndarray]:
-        """Chunk `index` of the features (chunk_size, V, D) and of the stored crops (chunk_size, S, S, 3)
-        when read from the store, otherwise its samples' images (StoreSamples.chunk_records); from the cache
-        or one read each."""
+        """Chunk `index` as StoreReader.read_chunk gives it: the features (chunk_size, V, D) and the stored crops
+        (chunk_size, S, S, 3), or its samples' image records; from this process's cache or one read."""
         if self._pid != os.getpid():
-            self._store = FeatureStore.open(self.samples.path)
-            self._arrays = {name: self._store.group[name] for name in self.arrays}
             self._pid = os.getpid()
             self._chunks.clear()
         if index in self._chunks:
             self._chunks.move_to_end(index)
         else:
-            self._chunks[index] = self.read_chunk(index)
+            self._chunks[index] = self.samples.read_chunk(index)
             if len(self._chunks) > self.cache_size:
                 self._chunks.popitem(last=False)
         return self._chunks[index]
-
-    def read_chunk(self, index: int) -> dict[str, np.ndarray]:
-        """Chunk `index` of each read array, one Zarr read each through pipeline.integrity.checked_read: a chunk
-        file that must exist but is gone, or one failing its checksum, is a UserError naming it and its rows.
-        Without stored crops, the chunk's image records too."""
-        start = index * self.chunk_size
-        chunks = {} if self.reader.reads_stored_crops else self.samples.chunk_records(self._store, index)
-        for name, array in self._arrays.items():
-            rows = np.array([start, min(start + self.chunk_size, array.shape[0]) - 1])  # the chunk's first, last row
-            read = partial(array.__getitem__, slice(start, start + self.chunk_size))
-            chunks[name] = checked_read(self.samples.path, name, array, self.samples.required[name], rows, read)
-        return chunks
 
 
 def make_loader(dataset: StoreBatches, first: int, last: int, workers: int, prefetch: int, pin: bool) -> DataLoader:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from zeroseg import process_group
 from zeroseg.errors import UserError
 from zeroseg.io import remove_dead_partials, write_atomically
-from zeroseg.pipeline.device_decode import check_decode_device
+from zeroseg.pipeline.store_reader import StoreReader, check_decode_device
 from zeroseg.process_group import StopRequest
 from zeroseg.trainer.checkpoint import (
     CHECKPOINT_DIR,
@@ -50,7 +50,7 @@ from zeroseg.trainer.checkpoint import (
     save_checkpoint,
 )
 from zeroseg.trainer.config import TrainConfig, config_yaml
-from zeroseg.trainer.data import DeviceBatches, ModelInput, StoreBatches, StoreSamples, check_store, make_loader
+from zeroseg.trainer.data import DeviceBatches, ModelInput, StoreBatches, check_store, make_loader
 from zeroseg.trainer.losses import LOSS_TERMS, total_loss
 from zeroseg.trainer.metrics_log import MetricsLog
 from zeroseg.trainer.model import ZeroSeg
@@ -150,7 +150,7 @@ def run_dir_lock(run_dir: str | Path):
 def _train_locked(
     cfg: TrainConfig, resume: bool, stop_at: int | None, log: Callable[[str], None], progress: bool
 ) -> TrainResult:
-    samples = StoreSamples.open(cfg.data.store)
+    samples = StoreReader.open(cfg.data.store)
     check_store(samples, cfg.model, cfg.loss, cfg.data.resize)
     payload = resume_payload(cfg, samples.identity(), resume, log)
     trained_workers = payload["config"]["data"]["workers"] if payload is not None else cfg.data.workers
@@ -180,7 +180,7 @@ def _train_locked(
 class Trainer:
     """The state of one training invocation: model, DDP wrapper, optimizer, batches, schedule and logs."""
 
-    def __init__(self, cfg: TrainConfig, process: process_group.Process, samples: StoreSamples, payload: dict | None):
+    def __init__(self, cfg: TrainConfig, process: process_group.Process, samples: StoreReader, payload: dict | None):
         self.cfg, self.process, self.samples = cfg, process, samples
         self.device = process.device
         self.plan = BatchPlan.reading(
