@@ -12,9 +12,8 @@ from tqdm import tqdm
 
 from zeroseg.errors import UserError
 from zeroseg.io import human_size
-from zeroseg.pipeline.duplicates import name_digests, repeated_names, repeated_rows
 from zeroseg.pipeline.integrity import checksumming_array, chunk_key, damaged_chunks
-from zeroseg.pipeline.manifest import name_list
+from zeroseg.pipeline.manifest import name_digests, name_list, repeated_names, repeated_rows
 from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts
 from zeroseg.runtime import prefetch_map
 
@@ -118,7 +117,7 @@ def find_damage(store: FeatureStore, progress: bool = True) -> Damage:
 
     Part by part: the manifest's checks are array operations on one part at a time (parts of about
     VERIFY_AHEAD_ROWS rows together read ahead by threads), and what the whole manifest must agree on is kept
-    as 16 bytes per row (the ok rows, and a digest of each image's name: pipeline.duplicates). The features are
+    as 16 bytes per row (the ok rows, and a digest of each image's name: manifest.name_digests). The features are
     read a block of whole chunks at a time (at most VERIFY_BLOCK_BYTES decompressed), each chunk once. So time
     stays near one pass over the store and memory near 16 bytes per manifest row whatever the number of rows.
 

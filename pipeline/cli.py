@@ -135,7 +135,7 @@ def build(
         max_pixels=max_pixels, max_file_mb=max_file_mb, decode=decode,
     )
     if dry_run:
-        from zeroseg.pipeline.dry_run import dry_run as plan
+        from zeroseg.pipeline.build import dry_run as plan
 
         for line in plan(opts):
             typer.echo(line)

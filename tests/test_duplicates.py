@@ -3,7 +3,7 @@
 import numpy as np
 import pyarrow as pa
 
-from zeroseg.pipeline.duplicates import SLICE_ROWS, name_digests, repeated_names, repeated_rows, sharing_digests
+from zeroseg.pipeline.manifest import SLICE_ROWS, name_digests, repeated_names, repeated_rows, sharing_digests
 
 
 def test_equal_names_share_a_digest_and_distinct_ones_do_not():
