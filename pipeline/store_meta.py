@@ -116,7 +116,9 @@ class StoreMeta:
         """From the group attribute of store `store`; UserError naming the store when it fails its checksum or has
         an unknown or missing key."""
         where = f"store '{store}': attribute zeroseg"
-        if not isinstance(values, dict) or CHECKSUM_KEY not in values:
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: a {type(values).__name__}, not a JSON object ({DAMAGED})")
+        if CHECKSUM_KEY not in values:
             raise UserError(f"{where}: no key '{CHECKSUM_KEY}' ({DAMAGED})")
         values = dict(values)
         if values.pop(CHECKSUM_KEY) != canonical_sha256(values):

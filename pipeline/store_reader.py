@@ -48,7 +48,7 @@ class StoreReader:
         self.rows = rows  # (N,) int64, ascending
         self.required = required  # array -> chunks whose files must exist (FeatureStore.required_chunks)
         self._store, self._pid = store, os.getpid()
-        self._parts: dict[int, Path] | None = None  # shard -> manifest part holding it (listed on first use)
+        self.parts: dict[int, Path] | None = None  # shard -> manifest part holding it (listed on first use)
         self.images = SourceImages(store.meta)
 
     @classmethod
@@ -117,10 +117,10 @@ class StoreReader:
         store = self.store
 
         def read() -> tuple[Path, pa.Table]:
-            part = self._parts.get(shard)
+            part = self.parts.get(shard)
             if part is None or not part.is_file():  # a compact merged it into another since the parts were listed
-                self._parts = store.parts()
-                part = self._parts.get(shard)
+                self.parts = store.parts()
+                part = self.parts.get(shard)
             if part is None:
                 raise self.changed(f"shard {shard}: no manifest part", rows)
             return part, store.read_part(part, ["row", "key", "source", "sha256", "status"], rows)

@@ -120,10 +120,11 @@ def flip_byte(path: Path, position: int | None = None) -> None:
 
 def read_every_batch(store_path: Path) -> list:
     """Every training batch of a store, batches of 2 in one window of 2."""
-    from zeroseg.trainer.data import StoreBatches, StoreSamples
+    from zeroseg.pipeline.store_reader import StoreReader
+    from zeroseg.trainer.data import StoreBatches
     from zeroseg.trainer.sampling import BatchPlan
 
-    samples = StoreSamples.open(store_path)
+    samples = StoreReader.open(store_path)
     dataset = StoreBatches(samples, BatchPlan(batch=2, accum=1, world=1, rank=0), window=2, seed=0)
     return [dataset[j] for j in range(len(samples) // 2)]
 

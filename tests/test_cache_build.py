@@ -24,10 +24,10 @@ from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.manifest import MANIFEST_SCHEMA, image_records
 from zeroseg.pipeline.options import BuildOptions
-from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import plan_shards
 from zeroseg.pipeline.sources import pack_h5
 from zeroseg.pipeline.store import FeatureStore, builder_lock
+from zeroseg.pipeline.store_reader import SourceImages, StoreReader
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
 TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,
@@ -52,7 +52,7 @@ def test_store_layout_and_metadata(photos, tmp_path):
     meta = store.meta
     assert store.features.dtype == np.float16 and store.features.shape[1:] == (30, 32)
     assert store.features.chunks == (2, 30, 32)
-    assert meta.grids == [1, 2, 3, 4] and meta.views[1] == [2, 0, 0] and meta.normalized is False
+    assert meta.grids == [1, 2, 3, 4] and meta.views[1] == (2, 0, 0) and meta.normalized is False
     assert meta.teacher.to_dict() == {"model": "zs-tiny-clip", "pretrained": None, "weights_sha256": None,
                                       "quick_gelu": False, "config": json.loads(TINY_TEACHER.read_text())}
     assert meta.preprocessing.crop_size == 64 and meta.preprocessing.view_size == 32
@@ -87,7 +87,7 @@ def test_crop_invariant_every_view(photos, tmp_path):
     """The crop the trainer-side reader returns, sent through the teacher, gives features[row] back."""
     build(photos, tmp_path / "store")
     store = FeatureStore.open(tmp_path / "store")
-    reader = CropReader(store.meta)
+    reader = SourceImages(store.meta)
     teacher = Teacher(store.meta.teacher, torch.device("cpu"))
     for record in store.manifest().to_pylist()[:4]:
         crop = reader.crop(record["source"], record["key"])
@@ -243,7 +243,7 @@ def test_bad_inputs_become_error_rows_and_odd_images_are_converted(tmp_path):
     rotated = Image.open(PHOTOS[1]).size
     assert (table["rotated.jpg"]["width"], table["rotated.jpg"]["height"]) == rotated[::-1]
     assert (table["wide.png"]["width"], table["wide.png"]["height"]) == (3000, 4)
-    reader = CropReader(FeatureStore.open(tmp_path / "store").meta)
+    reader = SourceImages(FeatureStore.open(tmp_path / "store").meta)
     assert np.abs(reader.crop("bad", "deep.png").astype(int) - 156).max() <= 1  # 40000 / 257
     assert reader.crop("bad", "rgba.png")[0, 0].tolist() == [159, 163, 167]  # c * 100/255 + 255 * 155/255
     assert invoke(zs_cache, "verify", tmp_path / "store").returncode == 0
@@ -331,8 +331,9 @@ def test_reduced_decode_is_recorded_and_the_trainer_decodes_the_stored_pixels(ph
     store = FeatureStore.open(tmp_path / "store")
     assert store.meta.preprocessing.decode == "reduced"
     records = image_records(store.manifest())
-    decoded = CropReader(store.meta).crops(records)
-    np.testing.assert_array_equal(decoded, CropReader(store.meta, store.path).crops(records))
+    decoded = SourceImages(store.meta).crops(records)
+    stored = StoreReader.open(store.path).stored_crops(np.array([r.row for r in records]))
+    np.testing.assert_array_equal(decoded, stored)
     full = np.stack([crop_from_bytes((photos / r.key).read_bytes(), 32)[0] for r in records])
     assert 0 < np.abs(decoded.astype(int) - full).mean() < 5  # close to, but not, the full decode's pixels
     assert build(photos, tmp_path / "store", image_size=32).processed == 0  # no --decode: the store's
@@ -344,19 +345,6 @@ def test_reduced_decode_is_recorded_and_the_trainer_decodes_the_stored_pixels(ph
     ]
     unknown = invoke(zs_cache, "build", photos, "--store", tmp_path / "other", "--decode", "fast")
     assert unknown.returncode == 2 and "--decode must be one of full, reduced, device, got 'fast'" in unknown.stderr
-
-
-def test_a_store_without_a_decode_setting_decodes_in_full(photos, tmp_path):
-    build(photos, tmp_path / "store", store_crops=True, image_size=32)
-    group = json.loads((tmp_path / "store" / "zarr.json").read_text())
-    assert group["attributes"]["zeroseg"]["preprocessing"]["decode"] == "full"
-    del group["attributes"]["zeroseg"]["preprocessing"]["decode"]  # as stores made before the setting
-    (tmp_path / "store" / "zarr.json").write_text(json.dumps(group))
-    store = FeatureStore.open(tmp_path / "store")
-    assert store.meta.preprocessing.decode == "full"
-    records = image_records(store.manifest())
-    stored = CropReader(store.meta, store.path).crops(records)
-    np.testing.assert_array_equal(CropReader(store.meta).crops(records), stored)
 
 
 def test_local_weights_file_is_loaded_and_recorded(photos, tmp_path):
@@ -373,7 +361,7 @@ def test_local_weights_file_is_loaded_and_recorded(photos, tmp_path):
     assert store.meta.teacher.weights_sha256 == sha256_file(tmp_path / "tiny-weights.pt")
     assert store.meta.teacher.pretrained == str(tmp_path / "tiny-weights.pt")
     record = store.manifest().to_pylist()[0]
-    crop = CropReader(store.meta).crop(record["source"], record["key"])
+    crop = SourceImages(store.meta).crop(record["source"], record["key"])
     with torch.inference_mode():
         from zeroseg.pipeline.crops import grid_views
 
@@ -438,7 +426,7 @@ def test_verify_names_every_manifest_row_that_disagrees_with_the_array(photos, t
         "row 5 is claimed by 2 manifest rows",
         f"photos/{second[0]['key']} appears 2 times",
     ]
-    assert counts == {"ok": 9, "error": 0, "shards": 3, "unchecked_shards": 0}
+    assert counts == {"ok": 9, "error": 0, "shards": 3}
 
 
 def test_a_creation_killed_before_its_metadata_is_rebuilt_but_a_foreign_zarr_group_is_refused(photos, tmp_path):

@@ -33,10 +33,10 @@ from zeroseg.pipeline.dask_build import (
 )
 from zeroseg.pipeline.manifest import image_records
 from zeroseg.pipeline.options import BuildOptions
-from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.shards import EncodeSettings, Shard
 from zeroseg.pipeline.sources import TAR_INDEX_DIR, open_source, tar_members
 from zeroseg.pipeline.store import FeatureStore
+from zeroseg.pipeline.store_reader import SourceImages, StoreReader
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 
 TINY = dict(teacher=str(TINY_TEACHER), pretrained="none", device="cpu", shard_size=4, chunk_size=2,
@@ -133,14 +133,15 @@ def test_stored_crops_are_the_decoded_crops(cluster, photos, tmp_path):
     assert store.meta.stored_crops and store.crops.dtype == np.uint8
     assert store.crops.shape == (10, 64, 64, 3) and store.crops.chunks == (2, 64, 64, 3)
     records = image_records(store.manifest())
-    decoded = CropReader(store.meta).crops(records)
-    stored = CropReader(store.meta, store.path)
-    assert stored.reads_stored_crops and not CropReader(store.meta).reads_stored_crops
-    np.testing.assert_array_equal(stored.crops(records), decoded)
-    np.testing.assert_array_equal(stored.crops(records[::-1]), decoded[::-1])
+    decoded = SourceImages(store.meta).crops(records)
+    stored = StoreReader.open(store.path)
+    rows = np.array([r.row for r in records])
+    assert stored.reads_stored_crops
+    np.testing.assert_array_equal(stored.stored_crops(rows), decoded)
+    np.testing.assert_array_equal(stored.stored_crops(rows[::-1]), decoded[::-1])
     np.testing.assert_array_equal(store.crops[:][[r.row for r in records]], decoded)
     teacher = Teacher(store.meta.teacher, torch.device("cpu"))
-    again = teacher.encode_crops(torch.from_numpy(stored.crops(records[:4])), store.meta.grids).float()
+    again = teacher.encode_crops(torch.from_numpy(stored.stored_crops(rows[:4])), store.meta.grids).float()
     expected = torch.from_numpy(store.features[:][[r.row for r in records[:4]]]).float()
     torch.testing.assert_close(again, expected, atol=2e-3, rtol=2e-3)
 
@@ -176,8 +177,9 @@ def test_tar_shards_alone_and_combined_with_a_folder(cluster, photos, tmp_path):
     store = FeatureStore.open(tmp_path / "store")
     records = image_records(store.manifest())
     assert len(records) == 20 and set(store.meta.sources) == {"cc", "photos"}
-    decoded = CropReader(store.meta).crops(records)
-    np.testing.assert_array_equal(CropReader(store.meta, store.path).crops(records), decoded)
+    decoded = SourceImages(store.meta).crops(records)
+    stored = StoreReader.open(store.path).stored_crops(np.array([r.row for r in records]))
+    np.testing.assert_array_equal(stored, decoded)
     assert invoke(zs_cache, "verify", tmp_path / "store", "--no-progress").returncode == 0
 
 

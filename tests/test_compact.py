@@ -1,7 +1,6 @@
 """zs-cache compact: fewer, larger manifest parts that every reader reads as before, repairable shard by shard,
 and safe to kill at any of its changes to the store."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -138,23 +137,16 @@ def test_compact_is_refused_while_a_builder_holds_the_store_and_on_a_folder_that
     assert not (tmp_path / "nothing").exists()
 
 
-@pytest.mark.parametrize(("legacy", "left"), [
-    (1, ["shard-000000.parquet", "shard-000001.parquet", "shard-000002.parquet"]),
-    (2, ["shard-000002.parquet", "shards-000000-000001.parquet"]),
-])  # fmt: skip
-def test_parts_made_before_commit_records_stay_as_they_are_and_no_compacted_part_spans_one(store, legacy, left):
-    group_path = store / "zarr.json"  # a store made before commit records, its shard `legacy` committed then
-    group = json.loads(group_path.read_text())
-    del group["attributes"]["zeroseg"]["commit_records"]
-    group_path.write_text(json.dumps(group))
-    part = store / "manifest" / f"shard-{legacy:06d}.parquet"
+def test_a_part_without_its_commit_record_is_damaged_and_compact_refuses_it(store):
+    """One store format: every part carries a commit record; a part without one is damage, not an older part."""
+    part = store / "manifest" / "shard-000001.parquet"
     pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)
-    manifest = manifest_by_key(store)
-    compact(CompactOptions(store))
-    assert part_names(store) == left
-    assert manifest_by_key(store).equals(manifest)
+    line = f"manifest part '{part}' is damaged (it lacks the chunk record of a part)"
+    refused = invoke(zs_cache, "compact", store)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [f"error: {line}"]
+    assert len(part_names(store)) == 3
     verified = invoke(zs_cache, "verify", store, "--no-progress")
-    assert verified.returncode == 0 and "(1 shards without a commit record" in verified.stdout
+    assert verified.returncode == 1 and f"problem: {line}" in verified.stderr
 
 
 @pytest.mark.parametrize(("given", "told"), [

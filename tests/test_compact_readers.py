@@ -20,7 +20,7 @@ from zeroseg.pipeline import store as store_module
 from zeroseg.pipeline.build import pending_keys
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.trainer.data import StoreSamples
+from zeroseg.pipeline.store_reader import StoreReader
 
 CRASH = Path(__file__).parent / "compact_crash.py"
 MERGED = "shards-000000-000002.parquet"
@@ -31,7 +31,7 @@ def source_keys(store: Path) -> list[str]:
 
 
 def start_up(store: Path) -> tuple[list[int], dict]:
-    samples = StoreSamples.open(store)
+    samples = StoreReader.open(store)
     return samples.rows.tolist(), samples.required
 
 
@@ -112,9 +112,9 @@ def pristine_store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("plain"))
 
 
-def every_chunks_images(samples: StoreSamples, fs: FeatureStore) -> list[dict[str, list]]:
+def every_chunks_images(samples: StoreReader, fs: FeatureStore) -> list[dict[str, list]]:
     """(source, key, sha256) of the samples of each features chunk, as a loader worker reads them."""
-    chunks = [samples.chunk_records(fs, index) for index in range(len(samples) // samples.meta.chunk_size)]
+    chunks = [samples.chunk_records(index) for index in range(len(samples) // samples.meta.chunk_size)]
     return [{column: values.tolist() for column, values in chunk.items()} for chunk in chunks]
 
 
@@ -125,7 +125,7 @@ def test_the_trainer_reads_a_chunks_images_while_a_compact_replaces_the_parts_it
     shutil.copytree(pristine_store.parent, tmp_path / "copy")
     store = tmp_path / "copy" / "store"
     kill_at, compacts, left = RACES[name]
-    samples, fs = StoreSamples.open(store), FeatureStore.open(store)  # its parts: the three single ones
+    samples, fs = StoreReader.open(store), FeatureStore.open(store)  # its parts: the three single ones
     unraced = every_chunks_images(samples, fs)
     calls = race(monkeypatch, "read_part", store, kill_at, compacts)
     raced = every_chunks_images(samples, fs)  # the first read of the first chunk's part runs the compact(s)

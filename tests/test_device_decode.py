@@ -21,9 +21,9 @@ from zeroseg.pipeline.device_decode import DECODE_GROUP, EncodedBatch, centre_re
 from zeroseg.pipeline.images import ImageDecodeError, decode_image
 from zeroseg.pipeline.manifest import image_records
 from zeroseg.pipeline.options import BuildOptions
-from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.trainer.data import Batch, DeviceBatches, StoreBatches, StoreSamples, make_loader
+from zeroseg.pipeline.store_reader import StoreReader
+from zeroseg.trainer.data import Batch, DeviceBatches, StoreBatches, make_loader
 from zeroseg.trainer.sampling import BatchPlan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -172,7 +172,7 @@ def test_the_trainers_device_decode_gives_the_stored_crops_byte_for_byte(device_
     assert {r.key: r.row for r in image_records(stored.manifest())} == {k: r.row for k, r in records.items()}
     np.testing.assert_array_equal(stored.features[:], decoded.features[:])  # the teacher saw the same pixels
 
-    samples = StoreSamples.open(decoded_path)
+    samples = StoreReader.open(decoded_path)
     batches = StoreBatches(samples, BatchPlan(batch=4, accum=1, world=1, rank=0), window=2, seed=0)
     for j in range(3):
         batch = batches[j]
@@ -180,9 +180,11 @@ def test_the_trainers_device_decode_gives_the_stored_crops_byte_for_byte(device_
         crops = batch.device_crops(CPU, 32, decoded_path)
         np.testing.assert_array_equal(crops.numpy(), stored.crops[:][batch.rows.numpy()])
     ok = [r for r in records.values() if r.ok]
-    reader = CropReader(stored.meta, stored.path)  # a store with crops reads them, on any device
-    assert reader.reads_stored_crops and not reader.decodes_on_device
-    np.testing.assert_array_equal(reader.crops(ok), stored.crops[:][[r.row for r in ok]])
+    reader = StoreReader.open(stored.path)  # a store with crops reads them, on any device
+    rows = np.array([r.row for r in ok])
+    kept = StoreBatches(reader, BatchPlan(batch=4, accum=1, world=1, rank=0), window=2, seed=0)[0]
+    assert reader.reads_stored_crops and kept.encoded is None and kept.crops.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(reader.stored_crops(rows), stored.crops[:][rows])
 
 
 def test_squares_of_one_size_resized_together_give_the_pixels_of_one_resize_per_image():
@@ -205,7 +207,7 @@ def test_squares_of_one_size_resized_together_give_the_pixels_of_one_resize_per_
 
 def test_device_batches_are_the_loaders_batches_decoded_on_the_device_a_batch_ahead(device_stores):
     _, _, decoded_path = device_stores
-    samples = StoreSamples.open(decoded_path)
+    samples = StoreReader.open(decoded_path)
     dataset = StoreBatches(samples, BatchPlan(batch=4, accum=1, world=1, rank=0), window=2, seed=0)
     ahead = DeviceBatches(iter(make_loader(dataset, 0, 3, workers=1, prefetch=2, pin=False)), CPU, 32, decoded_path)
     try:

@@ -12,7 +12,6 @@ from tests.conftest import PHOTOS, TINY_TEACHER, invoke, png_bomb_header, run_cl
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.integrity import RECORD_KEY, encode_record
-from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.sources import (
     FolderSource,
     H5Source,
@@ -23,6 +22,7 @@ from zeroseg.pipeline.sources import (
     pack_h5,
 )
 from zeroseg.pipeline.store import FeatureStore
+from zeroseg.pipeline.store_reader import SourceImages
 
 TINY_BUILD = ("--teacher", TINY_TEACHER, "--pretrained", "none", "--device", "cpu", "--image-size", "32",
               "--shard-size", "4", "--chunk-size", "2", "--no-progress", "--max-error-fraction", "1")
@@ -63,7 +63,7 @@ def test_a_hostile_folder_builds_to_ordinary_and_error_rows(tmp_path):
         "image too large: 18000x18000 = 324000000 pixels, more than --max-pixels 100000000"
     )
     odd = rows["bad\\xff.jpg"]
-    crop = CropReader(store.meta).crop(odd["source"], odd["key"], odd["sha256"])  # the key finds its file again
+    crop = SourceImages(store.meta).crop(odd["source"], odd["key"], odd["sha256"])  # the key finds its file again
     np.testing.assert_array_equal(crop, crop_from_bytes(PHOTOS[2].read_bytes(), 32)[0])
     assert run_cli("zeroseg.pipeline.cli", "verify", tmp_path / "store", "--no-progress").returncode == 0
 

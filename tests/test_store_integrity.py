@@ -1,23 +1,24 @@
 """A damaged store is loud wherever it is read: chunk checksums, commit records, checked manifest parts, repair."""
 
 import json
+import re
 import shutil
 
 import google_crc32c
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from tests.conftest import TINY_TEACHER, flip_byte, invoke, read_every_batch, rebuild, train
 from zeroseg.errors import UserError
 from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
-from zeroseg.pipeline.integrity import INTACT_FILE_CRC32C, chunk_crc32c, encode_record
+from zeroseg.pipeline.integrity import chunk_crc32c, encode_record
 from zeroseg.pipeline.manifest import ImageRecord, image_records, manifest_rows
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.pipeline.store_meta import StoreMeta
-from zeroseg.trainer.data import StoreBatches, StoreSamples
+from zeroseg.pipeline.store_meta import StoreMeta, canonical_sha256
+from zeroseg.pipeline.store_reader import StoreReader
+from zeroseg.trainer.data import StoreBatches
 from zeroseg.trainer.sampling import BatchPlan
 
 
@@ -43,7 +44,9 @@ def test_new_stores_checksum_every_chunk_and_record_each_shards_chunks(store):
     assert all(len(crc) == 8 for crc in record["crops"].values())
     assert part.metadata.row_group(0).column(0).statistics is not None
     shown = invoke(zs_cache, "inspect", store)
-    assert "checksums  crc32c on every chunk of features and crops; 3 of 3 shards have a commit record" in shown.stdout
+    assert "checksums  crc32c on every chunk of features and crops; a commit record for each of the 3 shards" in (
+        shown.stdout
+    )
 
 
 def test_a_flipped_byte_in_a_features_chunk_fails_verify_training_and_is_repaired(store, tmp_path):
@@ -73,7 +76,7 @@ def test_verify_names_a_chunk_that_fails_decoding_though_its_commit_record_agree
     chunk = store / "features" / "c" / "1" / "0" / "0"
     flip_byte(chunk)
     part = store / "manifest" / "shard-000000.parquet"
-    record = FeatureStore.open(store).chunk_record(part)
+    record = FeatureStore.open(store).part_records(part)[0]
     record["features"]["c/1/0/0"] = chunk_crc32c(chunk.read_bytes())  # damaged before it was recorded: decoding tells
     pq.write_table(pq.read_table(part).replace_schema_metadata(encode_record(record)), part, write_page_checksum=True)
     damage = find_damage(FeatureStore.open(store), progress=False)
@@ -85,7 +88,7 @@ def test_verify_finds_chunks_that_decode_but_are_not_the_ones_their_shards_wrote
     """Two features chunks swapped (each intact, each decoding): only the commit records' payload crc32c tell."""
     first, second = store / "features" / "c" / "0" / "0" / "0", store / "features" / "c" / "2" / "0" / "0"
     whole = {f"{google_crc32c.value(path.read_bytes()):08x}" for path in (first, second)}
-    assert whole == {INTACT_FILE_CRC32C}  # a whole file's crc32c tells nothing
+    assert len(whole) == 1  # a whole file's crc32c is one constant for every intact file: it tells nothing
     first_bytes, second_bytes = first.read_bytes(), second.read_bytes()
     first.write_bytes(second_bytes)
     second.write_bytes(first_bytes)
@@ -97,23 +100,6 @@ def test_verify_finds_chunks_that_decode_but_are_not_the_ones_their_shards_wrote
     assert sorted(damage.shards) == [0, 1]
 
 
-def test_records_written_before_payload_checksums_still_verify_and_find_a_damaged_chunk(store):
-    """Older stores recorded the whole file's crc32c, the same constant for every intact chunk: such a store is
-    still clean, and a changed byte still fails that constant."""
-    for part in sorted((store / "manifest").glob("*.parquet")):
-        record = FeatureStore.open(store).chunk_record(part)
-        old = {name: dict.fromkeys(files, INTACT_FILE_CRC32C) for name, files in record.items()}
-        table = pq.read_table(part).replace_schema_metadata(encode_record(old))
-        pq.write_table(table, part, write_page_checksum=True)
-    assert find_damage(FeatureStore.open(store), progress=False).problems == []
-    flip_byte(store / "features" / "c" / "1" / "0" / "0")
-    flip_byte(store / "crops" / "c" / "3" / "0" / "0" / "0")
-    assert sorted(find_damage(FeatureStore.open(store), progress=False).problems) == [
-        "shard 0: chunk features/c/1/0/0 is damaged (crc32c differs from its commit record)",
-        "shard 1: chunk crops/c/3/0/0/0 is damaged (crc32c differs from its commit record)",
-    ]
-
-
 def test_a_missing_chunk_is_an_error_naming_it_never_zeros_and_a_rerun_points_to_repair(store):
     (store / "crops" / "c" / "4" / "0" / "0" / "0").unlink()
     (store / "features" / "c" / "2" / "0" / "0").unlink()
@@ -122,7 +108,7 @@ def test_a_missing_chunk_is_an_error_naming_it_never_zeros_and_a_rerun_points_to
     assert "shard 2: chunk crops/c/4/0/0/0 is missing" in verified.stderr
     with pytest.raises(UserError, match=r"chunk features/c/2/0/0 \(rows 4-5\) is missing"):
         read_every_batch(store)
-    samples = StoreSamples.open(store)
+    samples = StoreReader.open(store)
     with pytest.raises(UserError, match=r"chunk crops/c/4/0/0/0 \(rows 8-9\) is missing"):
         StoreBatches(samples, BatchPlan(2, 1, 1, 0), 2, 0).chunk(4)  # features and crops of rows 8-9
     rerun = invoke(zs_cache, "build", *build_args(store))
@@ -143,12 +129,12 @@ def test_stray_manifest_files_and_duplicate_rows_are_refused(store, tmp_path):
             result.stderr
         )
     with pytest.raises(UserError, match="is not a manifest part"):
-        StoreSamples.open(store)
+        StoreReader.open(store)
     (store / "manifest" / "shard-000001 (copy).parquet").rename(store / "manifest" / "shard-000007.parquet")
     with pytest.raises(UserError, match=r"appears 2 times in the manifest \(4 duplicated images\)"):
         FeatureStore.open(store).manifest()
     with pytest.raises(UserError, match=r"features row 4 is claimed by several manifest rows"):
-        StoreSamples.open(store)  # a store with crops: the trainer reads only the rows of its manifest
+        StoreReader.open(store)  # a store with crops: the trainer reads only the rows of its manifest
     repaired = invoke(zs_cache, "build", *build_args(store), "--repair")
     assert repaired.returncode == 2 and "cannot repair store" in repaired.stderr
 
@@ -157,14 +143,14 @@ def test_every_single_bit_flip_in_a_manifest_part_is_refused_or_harmless(store):
     part = store / "manifest" / "shard-000002.parquet"
     original = part.read_bytes()
     fs = FeatureStore.open(store)
-    expected, record = fs.read_part(part), fs.chunk_record(part)
+    expected, record = fs.read_part(part), fs.part_records(part)
     silent = []
     for position in range(len(original)):
         data = bytearray(original)
         data[position] ^= 1 << (position % 8)
         part.write_bytes(bytes(data))
         try:
-            same = fs.read_part(part).equals(expected) and fs.chunk_record(part) == record
+            same = fs.read_part(part).equals(expected) and fs.part_records(part) == record
         except UserError:
             continue
         if not same:
@@ -191,31 +177,39 @@ def test_verify_finds_a_damaged_page_of_a_column_it_does_not_check_and_repair_re
     assert invoke(zs_cache, "verify", store, "--no-progress").returncode == 0
 
 
-def test_stores_made_before_checksums_still_open_and_say_they_are_unchecked(store):
-    group_path = store / "zarr.json"
-    group = json.loads(group_path.read_text())
-    del group["attributes"]["zeroseg"]["commit_records"]
-    group_path.write_text(json.dumps(group))
-    for array in ("features", "crops"):
-        meta_path = store / array / "zarr.json"
-        metadata = json.loads(meta_path.read_text())
-        metadata["codecs"] = [c for c in metadata["codecs"] if c["name"] != "crc32c"]
-        meta_path.write_text(json.dumps(metadata))
-        for chunk in (store / array / "c").rglob("0"):
-            if chunk.is_file():
-                chunk.write_bytes(chunk.read_bytes()[:-4])  # the crc32c codec appends 4 bytes
-    for part in (store / "manifest").glob("*.parquet"):
-        pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)
-    shown = invoke(zs_cache, "inspect", store)
-    assert "chunks UNCHECKED (store made before chunk checksums" in shown.stdout
-    assert "0 of 3 shards have a commit record" in shown.stdout
-    verified = invoke(zs_cache, "verify", store, "--no-progress")
-    assert verified.returncode == 0 and "3 shards without a commit record" in verified.stdout
-    batches = read_every_batch(store)
-    assert all(torch.any(batch.features != 0) for batch in batches)
-    (store / "features" / "c" / "3" / "0" / "0").unlink()
-    with pytest.raises(UserError, match=r"chunk features/c/3/0/0 \(rows 6-7\) is missing"):
-        read_every_batch(store)
+def test_a_store_of_another_format_version_is_refused_in_one_line(store, tmp_path):
+    """One store format: a store of format 1 (made before chunk checksums, commit records and the metadata
+    checksum) is refused by every reader, saying which version it is and which this zeroseg reads."""
+    group = json.loads((store / "zarr.json").read_text())
+    group["attributes"]["zeroseg"]["format_version"] = 1
+    (store / "zarr.json").write_text(json.dumps(group))
+    line = f"store '{store}' has format 1; this zeroseg reads format 2: rebuild it with zs-cache build"
+    with pytest.raises(UserError, match=re.escape(line)):
+        StoreReader.open(store)
+    for result in (invoke(zs_cache, "inspect", store), invoke(zs_cache, "verify", store, "--no-progress"),
+                   train(store, tmp_path / "run", "--steps", "1")):  # fmt: skip
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {line}"]
+
+
+def test_an_edited_store_attribute_fails_its_checksum_in_every_reader(store, tmp_path):
+    """The attribute's sha256 covers its canonical JSON: a hand edit of `normalized` or of the mean, which would
+    silently change what the features mean, is one line from open, inspect, verify and zs-train."""
+    text = (store / "zarr.json").read_text()
+    for edit in (lambda a: a.update(normalized=True), lambda a: a["preprocessing"]["mean"].__setitem__(0, 0.5)):
+        group = json.loads(text)
+        edit(group["attributes"]["zeroseg"])
+        (store / "zarr.json").write_text(json.dumps(group, indent=2))
+        line = f"store '{store}': its metadata fails its checksum"
+        with pytest.raises(UserError, match=re.escape(line)):
+            FeatureStore.open(store)
+        for result in (invoke(zs_cache, "inspect", store), invoke(zs_cache, "verify", store, "--no-progress"),
+                       train(store, tmp_path / "run", "--steps", "1")):  # fmt: skip
+            assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+            assert result.stderr.startswith(f"error: {line}")
+    group = json.loads(text)
+    group["attributes"]["zeroseg"]["preprocessing"]["mean"] = [0.48145466, 0.4578275, 0.40821073]  # the same values
+    (store / "zarr.json").write_text(json.dumps(group, indent=4))  # another layout of the same JSON
+    assert FeatureStore.open(store).meta.preprocessing.mean[0] == 0.48145466
 
 
 def attribute(store_path) -> dict:
@@ -224,23 +218,24 @@ def attribute(store_path) -> dict:
 
 def test_the_store_attribute_keeps_its_json_layout_and_reads_back_unchanged(store):
     recorded = attribute(store)
-    assert list(recorded) == ["teacher", "preprocessing", "grids", "views", "embed_dim", "shard_size", "chunk_size",
-                              "normalized", "sources", "stored_crops", "commit_records", "format_version",
-                              "package_version"]  # fmt: skip
+    assert list(recorded) == ["teacher", "preprocessing", "grids", "embed_dim", "shard_size", "chunk_size",
+                              "normalized", "sources", "stored_crops", "format_version", "package_version",
+                              "sha256"]  # fmt: skip
+    assert recorded["sha256"] == canonical_sha256({key: value for key, value in recorded.items() if key != "sha256"})
     assert recorded["teacher"] == {"model": "zs-tiny-clip", "pretrained": None, "weights_sha256": None,
                                    "quick_gelu": False, "config": json.loads(TINY_TEACHER.read_text())}
     assert list(recorded["teacher"]) == ["model", "pretrained", "weights_sha256", "quick_gelu", "config"]
     preprocessing = {
         "crop": "centre square of side min(W, H), resized to crop_size (see pipeline.crops)",
-        "crop_size": 32, "decode": "full", "interpolation": "bicubic", "antialias": True,
+        "crop_size": 32, "decode": "full", "decode_device": None, "interpolation": "bicubic", "antialias": True,
         "cell_boundaries": "floor(k * crop_size / grid)", "view_size": 32,
         "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
     }  # fmt: skip
     assert json.dumps(recorded["preprocessing"]) == json.dumps(preprocessing)  # same keys, order and values
     assert recorded["sources"] == {"photos": {"kind": "folder", "path": recorded["sources"]["photos"]["path"],
                                               "column": None}}  # fmt: skip
-    assert recorded["grids"] == [1, 2, 3, 4] and recorded["views"][:2] == [[1, 0, 0], [2, 0, 0]]
     meta = FeatureStore.open(store).meta
+    assert recorded["grids"] == [1, 2, 3, 4] and meta.views[:2] == [(1, 0, 0), (2, 0, 0)] and meta.num_views == 30
     assert json.dumps(meta.to_attribute()) == json.dumps(recorded)
     assert StoreMeta.from_attribute(meta.to_attribute(), store) == meta
     before = (store / "zarr.json").read_bytes()
@@ -248,24 +243,14 @@ def test_the_store_attribute_keeps_its_json_layout_and_reads_back_unchanged(stor
     assert (store / "zarr.json").read_bytes() == before
 
 
-def test_stores_whose_attribute_predates_later_keys_still_open(store):
-    group = json.loads((store / "zarr.json").read_text())
-    recorded = group["attributes"]["zeroseg"]
-    for key in ("stored_crops", "commit_records"):
-        del recorded[key]
-    del recorded["teacher"]["config"], recorded["sources"]["photos"]["column"], recorded["preprocessing"]["decode"]
-    (store / "zarr.json").write_text(json.dumps(group))
-    meta = FeatureStore.open(store).meta
-    assert meta.teacher.config is None and meta.sources["photos"].column is None
-    assert meta.preprocessing.decode == "full"
-    assert meta.stored_crops is False and meta.commit_records is False
-
-
 @pytest.mark.parametrize(
     "damage, named",
     [
         (lambda a: a.update(colour="blue"), "attribute zeroseg: unknown key 'colour' (damaged, or written by another"),
         (lambda a: a.pop("embed_dim"), "attribute zeroseg: no key 'embed_dim'"),
+        (lambda a: a.pop("stored_crops"), "attribute zeroseg: no key 'stored_crops'"),
+        (lambda a: a["preprocessing"].pop("decode"), "attribute zeroseg.preprocessing: no key 'decode'"),
+        (lambda a: a["preprocessing"].pop("decode_device"), "attribute zeroseg.preprocessing: no key 'decode_device'"),
         (lambda a: a["teacher"].pop("model"), "attribute zeroseg.teacher: no key 'model'"),
         (lambda a: a["preprocessing"].update(gamma=2.2), "attribute zeroseg.preprocessing: unknown key 'gamma'"),
         (lambda a: a["preprocessing"].update(decode="fast"),
@@ -278,8 +263,11 @@ def test_stores_whose_attribute_predates_later_keys_still_open(store):
     ],
 )
 def test_a_damaged_store_attribute_is_one_line_naming_the_store(store, damage, named):
+    """As another zeroseg might write it: its checksum agrees, its keys do not."""
     group = json.loads((store / "zarr.json").read_text())
-    damage(group["attributes"]["zeroseg"])
+    recorded = group["attributes"]["zeroseg"]
+    damage(recorded)
+    recorded["sha256"] = canonical_sha256({key: value for key, value in recorded.items() if key != "sha256"})
     (store / "zarr.json").write_text(json.dumps(group))
     with pytest.raises(UserError) as refused:
         FeatureStore.open(store)
@@ -304,7 +292,7 @@ def test_image_records_are_the_manifest_rows(store):
 
 def test_verify_compares_each_decoded_chunk_with_its_commit_record_from_the_one_read(store):
     part = store / "manifest" / "shard-000000.parquet"
-    record = FeatureStore.open(store).chunk_record(part)
+    record = FeatureStore.open(store).part_records(part)[0]
     record["features"]["c/1/0/0"] = "00000000"  # the chunk decodes, but it is not the chunk the shard committed
     pq.write_table(pq.read_table(part).replace_schema_metadata(encode_record(record)), part, write_page_checksum=True)
     damage = find_damage(FeatureStore.open(store), progress=False)

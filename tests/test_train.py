@@ -285,7 +285,7 @@ def test_a_non_finite_step_is_never_applied_and_the_run_stops_at_the_next_read(s
     and every later one on the device, the run stops after step 8 without writing its checkpoint, and the
     model and optimizer are those of 5 good steps."""
     from zeroseg import process_group
-    from zeroseg.trainer.data import StoreSamples
+    from zeroseg.pipeline.store_reader import StoreReader
     from zeroseg.trainer.train import Trainer, TrainingDiverged
 
     straight = train(store, tmp_path / "straight", "--steps", "8", "--stop-at", "5")
@@ -295,7 +295,7 @@ def test_a_non_finite_step_is_never_applied_and_the_run_stops_at_the_next_read(s
         "run.dir": str(tmp_path / "run"), "schedule.steps": 8,
     })  # fmt: skip
     process = process_group.setup("cpu")
-    trainer = Trainer(cfg, process, StoreSamples.open(store), None)
+    trainer = Trainer(cfg, process, StoreReader.open(store), None)
     backward = iter(range(100))
     nan_in_step_6 = lambda grad: grad * math.nan if next(backward) == 5 else grad  # noqa: E731
     trainer.model.decoder_pred.weight.register_hook(nan_in_step_6)
@@ -360,7 +360,7 @@ def test_run_compile_makes_the_step_call_the_compiled_student_and_checkpoints_ke
     """run.compile wraps what the step calls in torch.compile (compiling it on the CPU takes minutes on this
     machine, so no step runs here); the checkpointed module is the plain one."""
     from zeroseg import process_group
-    from zeroseg.trainer.data import StoreSamples
+    from zeroseg.pipeline.store_reader import StoreReader
     from zeroseg.trainer.train import Trainer
 
     cfg = build_config({}, ["run.compile=true"], {
@@ -368,7 +368,7 @@ def test_run_compile_makes_the_step_call_the_compiled_student_and_checkpoints_ke
         "run.dir": str(tmp_path / "run"), "schedule.steps": 2, "schedule.warmup_steps": 1,
     })  # fmt: skip
     process = process_group.setup("cpu")
-    trainer = Trainer(cfg, process, StoreSamples.open(store), None)
+    trainer = Trainer(cfg, process, StoreReader.open(store), None)
     try:
         assert isinstance(trainer.student, torch._dynamo.eval_frame.OptimizedModule)
         assert trainer.student._orig_mod is trainer.ddp is trainer.model

@@ -17,9 +17,9 @@ from zeroseg.pipeline import store as store_module
 from zeroseg.pipeline.compact import compact
 from zeroseg.pipeline.manifest import ImageRecord, image_records
 from zeroseg.pipeline.options import CompactOptions
-from zeroseg.pipeline.reader import CropReader
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.trainer.data import ModelInput, StoreBatches, StoreSamples, check_store, make_loader
+from zeroseg.pipeline.store_reader import SourceImages, StoreReader
+from zeroseg.trainer.data import ModelInput, StoreBatches, check_store, make_loader
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model_config import model_preset
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
@@ -109,9 +109,9 @@ def test_plans_that_read_whole_runs_fit_an_epoch_into_a_block():
 
 
 def test_batches_hold_the_store_rows_and_the_crops_the_teacher_saw(store):
-    samples = StoreSamples.open(store)
+    samples = StoreReader.open(store)
     features = FeatureStore.open(store).features[:]
-    reader = CropReader(samples.meta)
+    reader = SourceImages(samples.meta)
     plan = BatchPlan(batch=4, accum=1, world=1, rank=0)
     dataset = StoreBatches(samples, plan, window=2, seed=0)
     seen = []
@@ -130,21 +130,21 @@ def test_batches_hold_the_store_rows_and_the_crops_the_teacher_saw(store):
 def test_batches_from_a_store_that_keeps_its_crops(store, tmp_path):
     kept = make_store(tmp_path, store_crops=True)
     plan = BatchPlan(batch=5, accum=1, world=1, rank=0)
-    decoded = StoreBatches(StoreSamples.open(store), plan, window=2, seed=0)
-    stored = StoreBatches(StoreSamples.open(kept), plan, window=2, seed=0)
-    assert stored.reader.reads_stored_crops and not decoded.reader.reads_stored_crops
+    decoded = StoreBatches(StoreReader.open(store), plan, window=2, seed=0)
+    stored = StoreBatches(StoreReader.open(kept), plan, window=2, seed=0)
+    assert stored.samples.reads_stored_crops and not decoded.samples.reads_stored_crops
     for j in range(2):
         a, b = decoded[j], stored[j]
         assert torch.equal(a.rows, b.rows) and torch.equal(a.features, b.features) and torch.equal(a.crops, b.crops)
 
 
 def test_a_chunks_image_records_are_read_from_its_shards_manifest_part(store):
-    samples = StoreSamples.open(store)
+    samples = StoreReader.open(store)
     assert samples.rows.tolist() == list(range(10)) and len(samples.parts) == 3  # only the rows are held
     fs = FeatureStore.open(store)
     manifest = {record.row: record for record in image_records(fs.manifest())}
     for index in range(5):  # chunks of 2 rows, shards of 4: parts 0, 0, 1, 1, 2
-        records = samples.chunk_records(fs, index)
+        records = samples.chunk_records(index)
         for offset in range(2):
             expected = manifest[2 * index + offset]
             found = (records["source"][offset], records["key"][offset], records["sha256"][offset])
@@ -158,19 +158,19 @@ def test_chunk_records_from_compacted_parts_read_only_the_row_groups_that_hold_t
     compact(CompactOptions(store, 8))
     fs = FeatureStore.open(store)
     assert [pq.ParquetFile(part).num_row_groups for part in fs.part_files()] == [3, 1]
-    samples = StoreSamples.open(store)
+    samples = StoreReader.open(store)
     assert {index: _records(store, index, samples) for index in range(5)} == before
     read = []
     original = pq.ParquetFile.read_row_groups
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, groups, **kw: read.append(groups) or
                         original(self, groups, **kw))  # fmt: skip
-    samples.chunk_records(fs, 1)  # rows 2-3: groups 0 (rows 0-2) and 1 (rows 3-5) of the first part
+    samples.chunk_records(1)  # rows 2-3: groups 0 (rows 0-2) and 1 (rows 3-5) of the first part
     assert read == [[0, 1]]
 
 
 def test_a_compact_while_training_is_followed_and_a_changed_part_refused(tmp_path):
     store = make_store(tmp_path)
-    samples, fs = StoreSamples.open(store), FeatureStore.open(store)
+    samples, fs = StoreReader.open(store), FeatureStore.open(store)
     before = _records(store, 3, samples)
     compact(CompactOptions(store, 8))  # the trainer's listing of parts is out of date
     assert _records(store, 3, samples) == before and len(set(samples.parts.values())) == 2
@@ -179,11 +179,11 @@ def test_a_compact_while_training_is_followed_and_a_changed_part_refused(tmp_pat
     pq.write_table(table.slice(0, 1), part)  # shard 2 loses its last image (row 9)
     with pytest.raises(UserError, match=r"shard-000002.parquet' no longer lists the images of features rows 8-9 "
                                         r"this run started with \(the store changed during training\)"):  # fmt: skip
-        samples.chunk_records(fs, 4)
+        samples.chunk_records(4)
     hashes = pa.array(["Z" * 64] * table.num_rows)
     pq.write_table(table.set_column(table.schema.get_field_index("sha256"), "sha256", hashes), part)
     with pytest.raises(UserError, match=r"shard-000002.parquet': a sha256 there is not 64 hex digits"):
-        samples.chunk_records(fs, 4)
+        samples.chunk_records(4)
 
 
 def test_start_up_refuses_an_image_listed_twice_from_the_digests_of_its_names(tmp_path):
@@ -193,12 +193,12 @@ def test_start_up_refuses_an_image_listed_twice_from_the_digests_of_its_names(tm
     pq.write_table(part.set_column(0, "row", moved), store / "manifest" / "shard-000007.parquet")
     first = part["key"][0].as_py()
     with pytest.raises(UserError, match=rf"image photos/{first} appears 2 times in the manifest \(4 duplicated"):
-        StoreSamples.open(store)
+        StoreReader.open(store)
 
 
-def _records(store, index: int, samples: StoreSamples | None = None) -> list[tuple]:
-    """(source, key, sha256) of chunk `index`'s samples, read by StoreSamples.chunk_records."""
-    records = (samples or StoreSamples.open(store)).chunk_records(FeatureStore.open(store), index)
+def _records(store, index: int, samples: StoreReader | None = None) -> list[tuple]:
+    """(source, key, sha256) of chunk `index`'s samples, read by StoreReader.chunk_records."""
+    records = (samples or StoreReader.open(store)).chunk_records(index)
     return list(zip(records["source"].tolist(), records["key"].tolist(), records["sha256"].tolist()))
 
 
@@ -209,14 +209,14 @@ def _keys(store, rows: np.ndarray) -> list[str]:
 
 def test_a_worker_reads_each_chunk_once_per_epoch(store, monkeypatch):
     reads = Counter()
-    original = StoreBatches.read_chunk
+    original = StoreReader.read_chunk
 
     def counting(self, index):
         reads[index] += 1
         return original(self, index)
 
-    monkeypatch.setattr(StoreBatches, "read_chunk", counting)
-    samples = StoreSamples.open(store)
+    monkeypatch.setattr(StoreReader, "read_chunk", counting)
+    samples = StoreReader.open(store)
     dataset = StoreBatches(samples, BatchPlan(batch=5, accum=1, world=1, rank=0), window=2, seed=3)
     dataset[0], dataset[1]  # one epoch: 10 samples in 5 chunks, windows of 2 chunks
     assert reads == dict.fromkeys(range(5), 1)
@@ -226,15 +226,15 @@ def test_a_worker_reads_each_chunk_once_per_epoch(store, monkeypatch):
 def test_each_chunk_is_read_about_once_per_epoch_by_one_worker_of_two_ranks(tmp_path, monkeypatch, workers):
     store = make_store(tmp_path, count=48, store_crops=True)  # 24 chunks of 2, windows of 2 chunks
     log = tmp_path / "reads"
-    original = StoreBatches.read_chunk
+    original = StoreReader.read_chunk
 
     def logged(self, index):  # runs in the loader workers: one line per Zarr read of a chunk
         with log.open("a") as out:
             out.write(f"{os.getpid()} {index}\n")
         return original(self, index)
 
-    monkeypatch.setattr(StoreBatches, "read_chunk", logged)
-    samples = StoreSamples.open(store)
+    monkeypatch.setattr(StoreReader, "read_chunk", logged)
+    samples = StoreReader.open(store)
 
     def epoch(plans: list[BatchPlan]) -> tuple[list[int], Counter, set]:
         """One epoch (12 steps of 2 ranks x 2) through real loaders: rows seen, reads per chunk, readers."""
@@ -260,7 +260,7 @@ def test_each_chunk_is_read_about_once_per_epoch_by_one_worker_of_two_ranks(tmp_
 
 
 def test_model_input_normalises_and_resizes_on_the_device(store):
-    meta = StoreSamples.open(store).meta
+    meta = StoreReader.open(store).meta
     crops = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
     images = ModelInput(meta, 32, torch.device("cpu"))(crops)
     expected = (1.0 - torch.tensor(meta.preprocessing.mean)) / torch.tensor(meta.preprocessing.std)
@@ -270,7 +270,7 @@ def test_model_input_normalises_and_resizes_on_the_device(store):
 
 
 def test_stores_that_do_not_fit_the_model_are_refused(store):
-    samples = StoreSamples.open(store)
+    samples = StoreReader.open(store)
     tiny = model_preset("tiny")
     check_store(samples, tiny, LossConfig(), resize=False)
     with pytest.raises(UserError, match=r"holds 32-dim features .* teacher_dim is 768"):
