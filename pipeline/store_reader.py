@@ -68,7 +68,7 @@ class StoreReader:
         reader = cls(store, rows, store.required_chunks())
         if not stored:
             SourceImages(store.meta).sources  # noqa: B018 -- here, not in a loader worker: a one-line error
-            reader._parts = store.parts()
+            reader.parts = store.parts()
         return reader
 
     def __getstate__(self) -> dict:
