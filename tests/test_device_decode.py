@@ -1,5 +1,6 @@
 """The store decode "device": decode_jpeg and a torch crop on the compute device, the same pixels in both stages."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -235,9 +236,9 @@ def test_a_rerun_with_another_decode_or_device_type_is_refused(device_stores, tm
     gpu, gpu_crops = tmp_path / "gpu", tmp_path / "gpu-crops"  # as stores cached on a GPU record it
     for source, copy in ((decoded_path, gpu), (stored_path, gpu_crops)):
         shutil.copytree(source, copy)
-        group = json.loads((copy / "zarr.json").read_text())
-        group["attributes"]["zeroseg"]["preprocessing"]["decode_device"] = "cuda"
-        (copy / "zarr.json").write_text(json.dumps(group))
+        store = FeatureStore.open(copy, writable=True)
+        store.meta.preprocessing = dataclasses.replace(store.meta.preprocessing, decode_device="cuda")
+        store.save_meta()
     (photos / "new.jpg").write_bytes(PHOTOS[7].read_bytes())
     try:
         rerun = invoke(zs_cache, "build", photos, "--store", gpu, "--teacher", TINY_TEACHER, "--pretrained", "none",

@@ -1,5 +1,6 @@
 """zs-train end to end on a tiny store of the real fixture photos: learning, exact resume, DDP, failures."""
 
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from tests.conftest import PHOTOS, REPO, TINY_RUN, invoke, make_store, train
+from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.checkpoint import list_checkpoints
 from zeroseg.trainer.cli import main
 from zeroseg.trainer.config import build_config
@@ -271,9 +273,9 @@ def test_resume_refuses_a_store_whose_teacher_changed(store, tmp_path):
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
     assert train(copy, tmp_path / "run", "--steps", "2", "--stop-at", "1").returncode == 0
-    group = json.loads((copy / "zarr.json").read_text())
-    group["attributes"]["zeroseg"]["teacher"]["quick_gelu"] = True
-    (copy / "zarr.json").write_text(json.dumps(group))
+    changed = FeatureStore.open(copy, writable=True)  # as a store rebuilt with another teacher records it
+    changed.meta.teacher = dataclasses.replace(changed.meta.teacher, quick_gelu=True)
+    changed.save_meta()
     resumed = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--no-progress")
     assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1
     assert "step-00000001.pt was trained on 10 images of a store with teacher zs-tiny-clip;" in resumed.stderr
