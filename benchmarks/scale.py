@@ -1,7 +1,7 @@
 """Per-row costs of the steps that touch every manifest row, on a synthetic store of N rows.
 
 The store has N manifest rows in parts of --shard-size rows (ImageNet-shaped keys `nXXXXXXXX/img_K.JPEG`,
-random sha256 hashes) and fp16 features of random values with --views x --dim per row (small by default:
+random sha256 hashes) and fp16 features of random values with the views of --grids x --dim per row (small by default:
 the steps measured here are about rows, not feature bytes), optionally a crops array. Each step runs in a
 fresh Python process, which reports its seconds and its peak resident memory above the same process
 after imports:
@@ -12,10 +12,10 @@ after imports:
   verify    zs-cache verify (pipeline.check.verify), on a second store of --verify-rows rows with real-sized
             features (30 views x 768 fp16, ViT-B/16's; verify reads every feature byte), its time per row
             extrapolated
-  startup   one trainer rank's start-up: StoreSamples.open and the dataset of its batches
+  startup   one trainer rank's start-up: StoreReader.open and the dataset of its batches
   epoch     one epoch's sample order (trainer.sampling.SampleOrder.epoch)
   records   what a loader worker reads per features chunk of a store without crops: the image records of
-            500 random chunks (StoreSamples.chunk_records); its us/row is per image read, the same at any N
+            500 random chunks (StoreReader.chunk_records); its us/row is per image read, the same at any N
 
 and prints seconds, microseconds per row, peak MiB and both extrapolated linearly to --extrapolate rows.
 With --compact ROWS the steps run again after `zs-cache compact --rows-per-part ROWS` (its time printed):
@@ -42,18 +42,19 @@ STEPS = ("manifest", "plan", "inspect", "verify", "startup", "epoch", "records")
 RECORD_CHUNKS = 500
 
 
-def synthesise(path: Path, rows: int, shard_size: int, chunk_size: int, views: int, dim: int, crops: bool) -> None:
+def synthesise(
+    path: Path, rows: int, shard_size: int, chunk_size: int, grids: list[int], dim: int, crops: bool
+) -> None:
     from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
     from zeroseg.pipeline.sources import SourceSpec
     from zeroseg.pipeline.store import FeatureStore
     from zeroseg.pipeline.store_meta import Preprocessing, StoreMeta
     from zeroseg.pipeline.teacher_identity import TeacherIdentity
 
-    grid = int(round(views**0.5))
     meta = StoreMeta(
         teacher=TeacherIdentity("synthetic", None, None, False),
         preprocessing=Preprocessing.of(16, 16, [0.5] * 3, [0.5] * 3),
-        grids=[grid], views=[[grid, r, c] for r in range(grid) for c in range(grid)][:views], embed_dim=dim,
+        grids=grids, embed_dim=dim,
         shard_size=shard_size, chunk_size=chunk_size, stored_crops=crops,
         sources={"synthetic": SourceSpec("folder", str(path))},
     )  # fmt: skip
@@ -63,7 +64,7 @@ def synthesise(path: Path, rows: int, shard_size: int, chunk_size: int, views: i
     store.reserve(shards - 1, rows - (shards - 1) * shard_size)
     for shard in range(shards):
         count = min(shard_size, rows - shard * shard_size)
-        features = rng.standard_normal((count, views, dim)).astype(np.float16)
+        features = rng.standard_normal((count, meta.num_views, dim)).astype(np.float16)
         pixels = rng.integers(0, 256, (count, 16, 16, 3), dtype=np.uint8) if crops else None
         record = store.write_shard(shard, features, pixels)
         first = shard * shard_size
@@ -82,12 +83,13 @@ def run_step(step: str, root: Path, rows: int) -> dict:
     from zeroseg.pipeline import check
     from zeroseg.pipeline.build import pending_keys
     from zeroseg.pipeline.store import FeatureStore
-    from zeroseg.trainer.data import StoreBatches, StoreSamples
+    from zeroseg.pipeline.store_reader import StoreReader
+    from zeroseg.trainer.data import StoreBatches
     from zeroseg.trainer.sampling import BatchPlan
 
     path = root / ("verify" if step == "verify" else "") / "store"
     keys = [key(i) for i in range(rows)] if step == "plan" else None
-    samples = StoreSamples.open(path) if step in ("epoch", "records") else None
+    samples = StoreReader.open(path) if step in ("epoch", "records") else None
     baseline = peak_rss()
     started = time.perf_counter()
     if step == "manifest":
@@ -104,14 +106,14 @@ def run_step(step: str, root: Path, rows: int) -> dict:
         return {"seconds": time.perf_counter() - started, "peak": max(0, peak_rss() - baseline),
                 "rows": store.features.shape[0]}  # fmt: skip
     elif step == "startup":
-        StoreBatches(StoreSamples.open(path), BatchPlan(256, 1, 8, 0), 16, 0)
+        StoreBatches(StoreReader.open(path), BatchPlan(256, 1, 8, 0), 16, 0)
     elif step == "epoch":
         StoreBatches(samples, BatchPlan(256, 1, 8, 0), 16, 0).order.epoch(0)
     else:
-        store, chunks = FeatureStore.open(path), np.unique(samples.chunk_of)
+        chunks = np.unique(samples.chunk_of)
         picked = np.random.default_rng(0).choice(chunks, min(RECORD_CHUNKS, len(chunks)), replace=False)
         for index in picked.tolist():
-            samples.chunk_records(store, index)
+            samples.chunk_records(index)
         images = int(np.isin(samples.chunk_of, picked).sum())
         return {"seconds": time.perf_counter() - started, "peak": max(0, peak_rss() - baseline), "images": images}
     seconds = time.perf_counter() - started
@@ -127,7 +129,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_280_000, help="manifest rows of the synthetic store")
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--views", type=int, default=1, help="views per row of the synthetic features")
+    parser.add_argument("--grids", type=lambda text: [int(g) for g in text.split(",")], default=[1],
+                        help="grids of the synthetic features' views, e.g. 1,2,3,4 (30 views)")
     parser.add_argument("--dim", type=int, default=8, help="feature dim of the synthetic features")
     parser.add_argument("--crops", action="store_true", help="the store keeps (16, 16, 3) crops")
     parser.add_argument("--extrapolate", type=int, default=12_000_000, help="rows to extrapolate to")
@@ -143,11 +146,11 @@ def main() -> None:
     root = Path(args.root or tempfile.mkdtemp(prefix="zs-scale-"))
     if not (root / "store").exists():
         started = time.perf_counter()
-        synthesise(root, args.rows, args.shard_size, args.chunk_size, args.views, args.dim, args.crops)
+        synthesise(root, args.rows, args.shard_size, args.chunk_size, args.grids, args.dim, args.crops)
         print(f"synthesised {args.rows} rows under {root} in {time.perf_counter() - started:.0f} s")
     if not (root / "verify" / "store").exists():
         verify_rows = min(args.rows, args.verify_rows)
-        synthesise(root / "verify", verify_rows, args.shard_size, args.chunk_size, 30, 768, args.crops)
+        synthesise(root / "verify", verify_rows, args.shard_size, args.chunk_size, [1, 2, 3, 4], 768, args.crops)
         print(f"synthesised {verify_rows} rows of 30 x 768 fp16 features for verify")
     print_steps(root, args.rows, args.extrapolate, args.repeat)
     if args.compact:

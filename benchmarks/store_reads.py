@@ -2,7 +2,7 @@
 real worker/rank order.
 
 Synthesises a store that keeps its crops (--rows rows of the fixture photos' centre crops at --crop-size,
-fp16 features of --views x --dim random values, chunks of --chunk-size images), then reads the steps of one
+fp16 features of the views of --grids x --dim random values, chunks of --chunk-size images), then reads the steps of one
 epoch of device batches of --batch-size the way --ranks training processes with --workers DataLoader workers
 each read them: reader (rank r, worker w) is a fresh trainer.data.StoreBatches (its own chunk cache, as in a
 worker process) reading the rank's device batches j with j % workers == w, in order. Three ways, in this one
@@ -32,14 +32,15 @@ from zeroseg.pipeline.manifest import ImageRecord
 from zeroseg.pipeline.sources import SourceSpec
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.store_meta import Preprocessing, StoreMeta
+from zeroseg.pipeline.store_reader import StoreReader
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
-from zeroseg.trainer.data import StoreBatches, StoreSamples
+from zeroseg.trainer.data import StoreBatches
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
-def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, views: int, dim: int) -> None:
+def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, grids: list[int], dim: int) -> None:
     from zeroseg.pipeline.manifest import manifest_rows
 
     photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
@@ -47,7 +48,7 @@ def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, views: in
     meta = StoreMeta(
         teacher=TeacherIdentity("synthetic", None, None, False),
         preprocessing=Preprocessing.of(crop_size, crop_size, [0.5] * 3, [0.5] * 3),
-        grids=[1], views=[[1, 0, 0]] * views, embed_dim=dim, shard_size=chunk_size * 16, chunk_size=chunk_size,
+        grids=grids, embed_dim=dim, shard_size=chunk_size * 16, chunk_size=chunk_size,
         stored_crops=True, sources={"synthetic": SourceSpec("folder", str(path))},
     )  # fmt: skip
     store = FeatureStore.create(path / "store", meta)
@@ -57,7 +58,7 @@ def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, views: in
     for shard in range(shards):
         first = shard * meta.shard_size
         count = min(meta.shard_size, rows - first)
-        features = rng.standard_normal((count, views, dim)).astype(np.float16)
+        features = rng.standard_normal((count, meta.num_views, dim)).astype(np.float16)
         record = store.write_shard(shard, features, crops[(first + np.arange(count)) % len(crops)])
         records = [ImageRecord("synthetic", f"{first + i:08d}", first + i, None, crop_size, crop_size)
                    for i in range(count)]  # fmt: skip
@@ -104,7 +105,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--views", type=int, default=30)
+    parser.add_argument("--grids", type=lambda text: [int(g) for g in text.split(",")], default=[1, 2, 3, 4],
+                        help="grids of the synthetic features' views (default 1,2,3,4: 30 views)")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--window", type=int, default=4, help="shuffle window (chunks)")
@@ -114,9 +116,9 @@ def main() -> None:
 
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        synthesise(Path(scratch), args.rows, args.crop_size, args.chunk_size, args.views, args.dim)
+        synthesise(Path(scratch), args.rows, args.crop_size, args.chunk_size, args.grids, args.dim)
         path = Path(scratch) / "store"
-        samples = StoreSamples.open(path)
+        samples = StoreReader.open(path)
         steps = len(samples) // (args.batch_size * args.ranks)  # one epoch of steps
         images = steps * args.batch_size * args.ranks
         for name, laid_out in (("plain", False), ("laid out", True)):
@@ -137,7 +139,8 @@ def main() -> None:
             store.features[start : start + args.chunk_size], store.crops[start : start + args.chunk_size]
         chunks = -(-images // args.chunk_size)
         results["chunks"] = chunks, images / (time.process_time() - cpu), images / (time.perf_counter() - wall)
-    print(f"{images} images ({chunks} chunks) of {args.crop_size} px with {args.views}x{args.dim} features, "
+    print(f"{images} images ({chunks} chunks) of {args.crop_size} px with {samples.meta.num_views}x{args.dim} "
+          f"features, "
           f"{args.ranks} ranks x {args.workers} workers, batch {args.batch_size}, window {args.window} x chunk "
           f"{args.chunk_size}")  # fmt: skip
     for name, (reads, per_cpu, per_wall) in results.items():

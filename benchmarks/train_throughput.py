@@ -32,8 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from zeroseg import process_group
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.options import BuildOptions
+from zeroseg.pipeline.store_reader import StoreReader
 from zeroseg.trainer.config import build_config
-from zeroseg.trainer.data import DeviceBatches, StoreBatches, StoreSamples, check_store, make_loader
+from zeroseg.trainer.data import DeviceBatches, StoreBatches, check_store, make_loader
 from zeroseg.trainer.train import Trainer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -87,7 +88,7 @@ def main() -> None:
         store = args.store or fixture_store(
             Path(scratch), args.images, args.image_size, args.store_crops, args.decode, args.device
         )
-        teacher_dim = StoreSamples.open(store).meta.embed_dim
+        teacher_dim = StoreReader.open(store).meta.embed_dim
         cfg = build_config(
             {},
             [*args.overrides, "optim.lr=1e-4", "schedule.warmup_steps=0"],
@@ -95,7 +96,7 @@ def main() -> None:
              "data.batch_size": args.batch_size, "data.workers": args.workers, "schedule.steps": 10**6,
              "model.teacher_dim": teacher_dim},
         )  # fmt: skip
-        samples = StoreSamples.open(store)
+        samples = StoreReader.open(store)
         check_store(samples, cfg.model, cfg.loss, cfg.data.resize)
         process = process_group.setup(cfg.run.device)
         trainer = Trainer(cfg, process, samples, payload=None)
