@@ -1,4 +1,4 @@
-"""Repeated names and rows found from digests (pipeline.duplicates): exact whatever the digests say."""
+"""Repeated names and rows found from digests (pipeline.manifest): exact whatever the digests say."""
 
 import numpy as np
 import pyarrow as pa
