@@ -213,7 +213,7 @@ def remove_damaged(store: FeatureStore, progress: bool, log: Callable[[str], Non
 def refuse_missing_chunks(store: FeatureStore) -> None:
     """A store whose commit records name chunk files that are gone is not "up to date": say how to repair it."""
     for shard, record in store.records().items():
-        lost = missing_chunks(store.path, record or {})
+        lost = missing_chunks(store.path, record)
         if lost:
             raise UserError(
                 f"store '{store.path}': shard {shard} lost chunk {lost[0]}"

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import zarr
 from tqdm import tqdm
+from zarr.storage import LocalStore, WrapperStore
 
 from zeroseg.errors import UserError
 from zeroseg.io import human_size
-from zeroseg.pipeline.integrity import checksumming_array, chunk_key, damaged_chunks
+from zeroseg.pipeline.integrity import chunk_crc32c, chunk_key
 from zeroseg.pipeline.manifest import name_digests, name_list, repeated_names, repeated_rows
 from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts
 from zeroseg.runtime import prefetch_map
@@ -342,3 +344,38 @@ def _check_values(rows: np.ndarray, values: np.ndarray, shard_size: int, damage:
         damage.add(f"row {row}: NaN or Inf in features", int(row) // shard_size)
     for row in rows[empty]:
         damage.add(f"row {row}: features never written (all zero)", int(row) // shard_size)
+
+
+def damaged_chunks(store_path: Path, record: dict[str, dict[str, str]]) -> list[str]:
+    """One problem line per recorded chunk file that is missing or is not the file its record names."""
+    problems = []
+    for name, files in record.items():
+        for key, expected in files.items():
+            path = store_path / name / key
+            if not path.is_file():
+                problems.append(f"chunk {name}/{key} is missing")
+            elif chunk_crc32c(path.read_bytes()) != expected:
+                problems.append(f"chunk {name}/{key} is damaged (crc32c differs from its commit record)")
+    return problems
+
+
+class ChecksummingStore(WrapperStore):
+    """A read-only local Zarr store that notes the payload crc32c of every whole file it hands to Zarr (`noted`:
+    key relative to the store -> `chunk_crc32c`), so that `verify` reads each chunk once to both decode it and
+    compare it with its commit record."""
+
+    def __init__(self, root: Path):
+        super().__init__(LocalStore(root, read_only=True))
+        self.noted: dict[str, str] = {}
+
+    async def get(self, key, prototype=None, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is not None and byte_range is None:
+            self.noted[key] = chunk_crc32c(value.to_bytes())
+        return value
+
+
+def checksumming_array(store_path: Path, name: str) -> tuple[zarr.Array, ChecksummingStore]:
+    """Store array `name` read through a ChecksummingStore, and that store."""
+    store = ChecksummingStore(store_path)
+    return zarr.open_array(store=store, path=name, mode="r"), store

@@ -1,4 +1,4 @@
-"""Damage detection in a feature store: per-shard commit records and checked chunk reads.
+"""Damage detection in a feature store: chunk checksums and per-shard commit records.
 
 Three layers make a damaged store loud wherever it is read:
   chunks         every chunk of `features` and `crops` is encoded as zstd followed by Zarr v3's `crc32c` codec,
@@ -9,7 +9,7 @@ Three layers make a damaged store loud wherever it is read:
                  one its shard wrote (swapped, stale, copied over) is found too.
                  A chunk of only fill values is never written and not listed. Zarr reads a missing chunk
                  as fill values (zeros), so readers check the listed files exist (`missing_chunks`,
-                 StoreReader.checked_read), and `verify` compares their checksums (`damaged_chunks`).
+                 StoreReader.checked_read), and `verify` compares their checksums (pipeline.check).
   parts          manifest parts are written with Parquet page checksums and read with verification.
   compacted      a part merged by `zs-cache compact` holds several shards' rows; instead of RECORD_KEY it
                  carries SHARDS_KEY, each of its shards' commit record: {"12": {"features": {...}}, ...}.
@@ -21,7 +21,6 @@ from pathlib import Path, PurePosixPath
 
 import google_crc32c
 import zarr
-from zarr.storage import LocalStore, WrapperStore
 
 from zeroseg.errors import UserError
 
@@ -121,38 +120,3 @@ def missing_chunks(store_path: Path, record: dict[str, dict[str, str]]) -> list[
     return [
         f"{name}/{key}" for name, files in record.items() for key in files if not (store_path / name / key).is_file()
     ]
-
-
-def damaged_chunks(store_path: Path, record: dict[str, dict[str, str]]) -> list[str]:
-    """One problem line per recorded chunk file that is missing or is not the file its record names."""
-    problems = []
-    for name, files in record.items():
-        for key, expected in files.items():
-            path = store_path / name / key
-            if not path.is_file():
-                problems.append(f"chunk {name}/{key} is missing")
-            elif chunk_crc32c(path.read_bytes()) != expected:
-                problems.append(f"chunk {name}/{key} is damaged (crc32c differs from its commit record)")
-    return problems
-
-
-class ChecksummingStore(WrapperStore):
-    """A read-only local Zarr store that notes the payload crc32c of every whole file it hands to Zarr (`noted`:
-    key relative to the store -> `chunk_crc32c`), so that `verify` reads each chunk once to both decode it and
-    compare it with its commit record."""
-
-    def __init__(self, root: Path):
-        super().__init__(LocalStore(root, read_only=True))
-        self.noted: dict[str, str] = {}
-
-    async def get(self, key, prototype=None, byte_range=None):
-        value = await self._store.get(key, prototype, byte_range)
-        if value is not None and byte_range is None:
-            self.noted[key] = chunk_crc32c(value.to_bytes())
-        return value
-
-
-def checksumming_array(store_path: Path, name: str) -> tuple[zarr.Array, ChecksummingStore]:
-    """Store array `name` read through a ChecksummingStore, and that store."""
-    store = ChecksummingStore(store_path)
-    return zarr.open_array(store=store, path=name, mode="r"), store
