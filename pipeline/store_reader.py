@@ -48,7 +48,8 @@ class StoreReader:
         self.rows = rows  # (N,) int64, ascending
         self.required = required  # array -> chunks whose files must exist (FeatureStore.required_chunks)
         self._store, self._pid = store, os.getpid()
-        self.parts: dict[int, Path] | None = None  # shard -> manifest part holding it (listed on first use)
+        # shard -> manifest part holding it: listed at open for a store without crops, again after a compact
+        self.parts: dict[int, Path] = {}
         self.images = SourceImages(store.meta)
 
     @classmethod
