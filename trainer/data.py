@@ -15,8 +15,8 @@ from that chunk; trainer.sampling lays the batches out so that a worker serves w
 chunk decompressed about once per epoch by one worker of one process). A store made with --store-crops gives
 its own crops that way; otherwise the reader (StoreReader.source_crops) decodes the source images with the
 build's decode and crop (the store's preprocessing `decode`, full or reduced); with decode "device" the workers
-only read and parse them (Batch.encoded) and DeviceBatches decodes and crops them on the training device (Batch.device_crops), a
-batch ahead of the training step.
+only read and parse them (Batch.encoded) and DeviceBatches decodes and crops them on the training device
+(Batch.device_crops), a batch ahead of the training step.
 """
 
 import os
