@@ -278,7 +278,10 @@ def _segment_dataset(loaded, dataset, threshold, process, saving, decode_threads
         write_run_record(saving[0], dataset.name, started, run)
     config = {
         **loaded.description,
-        "labeling": {**segmenter.rule.to_dict(), "thresholds": loaded.options.thresholds},
+        "labeling": {
+            **segmenter.rule.to_dict(), "thresholds": loaded.options.thresholds,
+            "names_file": METHODS[loaded.options.model].on(dataset.name).names,  # of evaluation/names; None: ours
+        },
         "geometry": vars(segmenter.geometry),
         "templates": list(loaded.templates),
         "normalisation": {"mean": list(loaded.mean), "std": list(loaded.std)},

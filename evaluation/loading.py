@@ -116,11 +116,12 @@ class LoadedModel:
         logit_scale = float(self.clip.logit_scale.item()) if temperature is None else math.log(temperature)
         names, query_class = list(class_names[1:] if background else class_names), None
         background_names = settings.background_names if background else ()
-        if settings.names is not None and background:
+        if settings.names is not None:
             lines = read_names_file(settings.names, len(class_names))
-            background_names = tuple(lines[0])
-            names = [name for line in lines[1:] for name in line]
-            query_class = tuple(index for index, line in enumerate(lines[1:], 1) for _ in line)
+            if background:
+                background_names, lines = tuple(lines[0]), lines[1:]
+            names = [name for line in lines for name in line]
+            query_class = tuple(index for index, line in enumerate(lines, 1) for _ in line)
         if options.background_names is not None and background:
             background_names = _background_names(options.background_names)
         rule = LabelingRule(
@@ -211,11 +212,13 @@ def _load_dense_clip(options: ModelOptions, templates: tuple[str, ...], device: 
 
 
 def read_names_file(stem: str, count: int) -> list[list[str]]:
-    """A names file of evaluation/names: line k holds class k's names, split on ', ' as SCLIP's get_cls_idx
-    does (line 0: the background class's) -> `count` lists of names."""
-    lines = (resources.files("zeroseg.evaluation") / "names" / f"{stem}.txt").read_text().splitlines()
+    """A names file of evaluation/names for a vocabulary of `count` classes (background included where the
+    benchmark has one: evaluation.methods' rule): line k holds class k's names, split on ', ' as SCLIP's
+    get_cls_idx does -> `count` lists of names; UserError naming the file when its line count differs."""
+    path = resources.files("zeroseg.evaluation") / "names" / f"{stem}.txt"
+    lines = path.read_text().splitlines()
     if len(lines) != count:
-        raise ValueError(f"names file {stem}.txt has {len(lines)} lines, the vocabulary {count} classes")
+        raise UserError(f"names file {path}: {len(lines)} lines, but the benchmark has {count} classes")
     return [line.split(", ") for line in lines]
 
 

@@ -28,9 +28,13 @@ PerDataset.
 - bg_threshold: a pixel whose best class probability is below it is background ("prob_thd"); None: the
   dataset's (the ZeroSeg paper's).
 - names: the method's own name file (evaluation/names/<file>.txt, copied from its repository's
-  configs/cls_<dataset>.txt): line k holds class k's names separated by ', ' (a class scores the max over
-  its names), line 0 the background class's; None: GroupViT's names of evaluation.datasets and
-  background_names (names whose embeddings together make the background class; empty = none).
+  configs/cls_<dataset>.txt): one line per class of the benchmark, in its class order, line k class k's
+  names separated by ', ' (a class scores the max over its names). On a benchmark with background (its
+  DatasetSpec has a threshold) line 0 is the background class's names and line k class k; on one without,
+  there is no background line: line 0 is the first class. So the line count is the benchmark's class count
+  (len(class_names)) either way; a file of another count is refused (one line naming it). None: the names of
+  evaluation.datasets and background_names (names whose embeddings together make the background class;
+  empty = none).
 - area_threshold: SCLIP's area_thd (VOC: 0.1); pamr_steps: NACLIP's PAMR (its main-results command
   `test_all.sh reduced naclip 5 on` runs 10 steps on every benchmark); pad_windows: ClearCLIP's forward_slide
   pads a window to the patch grid (evaluation.refinement, evaluation.segmenter).
@@ -127,7 +131,7 @@ class Method:
         if self.gaussian_std is not None:
             parts.append(f"Gaussian std {_shown(self.gaussian_std)} patches")
         if self.names is not None:
-            parts.append(f"names {_shown(self.names)} (line 0: the background class)")
+            parts.append(f"names {_shown(self.names)} (line 0: the background class where the benchmark has one)")
         if self.area_threshold is not None:
             parts.append(f"area threshold {_shown(self.area_threshold)}")
         if self.pamr_steps:
@@ -170,10 +174,15 @@ def key_key_neighbourhood(q, k, prior):  # NACLIP
     return _similarity(k, prior)
 
 
-# Each method's own name files (configs/cls_voc21.txt, cls_context60.txt, cls_coco_object.txt of its repository;
-# NACLIP's are SCLIP's, ClearCLIP's Context list is SCLIP's): line 0 names the background class.
-SCLIP_NAMES = PerDataset(None, voc="sclip_voc", context="sclip_context", coco="sclip_coco")
-CLEARCLIP_NAMES = PerDataset(None, voc="clearclip_voc", context="sclip_context", coco="clearclip_coco")
+# Each method's own name files (configs/cls_<file>.txt of its repository: voc21, context60, coco_object with a
+# background line 0; voc20, context59, coco_stuff, city_scapes, ade20k without). NACLIP's are SCLIP's, byte for
+# byte; ClearCLIP's are SCLIP's but for voc21, coco_object and voc20 (no synonyms for person and tvmonitor).
+_SHARED_NAMES = {
+    "context": "sclip_context", "context59": "sclip_context59", "coco-stuff": "sclip_coco_stuff",
+    "cityscapes": "sclip_cityscapes", "ade20k": "sclip_ade20k",
+}  # fmt: skip
+SCLIP_NAMES = PerDataset(None, voc="sclip_voc", voc20="sclip_voc20", coco="sclip_coco", **_SHARED_NAMES)
+CLEARCLIP_NAMES = PerDataset(None, voc="clearclip_voc", voc20="clearclip_voc20", coco="clearclip_coco", **_SHARED_NAMES)
 # MaskCLIP's own protocol (configs/maskclip/maskclip_vit16_512x512_voc12aug_20.py and _520x520_pascal_context_59.py
 # with configs/_base_/models/maskclip_vit16.py): whole image, keep-ratio resize to img_scale (2048, 512) on VOC-20
 # and (520, 520) on Context-59, no background class, the argmax of the raw cosines.

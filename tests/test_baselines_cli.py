@@ -58,6 +58,7 @@ def test_each_method_runs_through_the_evaluator_with_its_papers_settings(runs):
     )
     assert voc["labeling"]["bg_threshold"] == 0.1
     assert voc["labeling"]["background_names"] == read_names_file("sclip_voc", 21)[0]
+    assert voc["labeling"]["names_file"] == "sclip_voc" and coco["labeling"]["names_file"] == "sclip_coco"
     assert voc["labeling"]["area_threshold"] == 0.1 and coco["labeling"]["area_threshold"] is None
     assert voc["geometry"] | {"short_side": 336} == {
         "mode": "slide", "short_side": 336, "max_long_side": 2048, "crop_size": 224, "stride": 112,
@@ -128,7 +129,9 @@ def test_the_help_lists_every_method_of_the_table_with_its_settings():
         "sclip x + Attn(softmax(q q^T * scale) + softmax(k k^T * scale)), then + mlp(ln_2(.)) rule softmax; "
         "temperature 65 (voc), 50 (context, coco), else 40; threshold 0.1; templates openai80; short side 448 "
         "(coco-stuff), 560 (cityscapes), else 336 (long side at most 2048); mode slide (crop 224, stride 112); names "
-        "sclip_voc (voc), sclip_context (context), sclip_coco (coco), else none (line 0: the background class); "
+        "sclip_voc (voc), sclip_voc20 (voc20), sclip_coco (coco), sclip_context (context), sclip_context59 "
+        "(context59), sclip_coco_stuff (coco-stuff), sclip_cityscapes (cityscapes), sclip_ade20k (ade20k), else none "
+        "(line 0: the background class where the benchmark has one); "
         "area threshold 0.1 (voc), else none"
     ) in text
     assert "threshold 0.5 (voc), 0.15 (context), 0.4 (coco), else 0; templates openai80;" in text

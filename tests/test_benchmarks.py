@@ -208,6 +208,9 @@ def test_each_method_has_its_papers_settings_on_the_new_benchmarks():
     assert [clearclip.on(d).crop_size for d in NEW] == [448, 448, 448, 224, 448]
     assert {sclip.on(d).temperature for d in NEW} == {naclip.on(d).temperature for d in NEW} == {40.0}
     assert {clearclip.on(d).temperature for d in NEW} == {50.0}
+    shared = ["sclip_context59", "sclip_coco_stuff", "sclip_cityscapes", "sclip_ade20k"]  # the three papers' own
+    assert [sclip.on(d).names for d in NEW] == [naclip.on(d).names for d in NEW] == ["sclip_voc20", *shared]
+    assert [clearclip.on(d).names for d in NEW] == ["clearclip_voc20", *shared]
 
 
 @pytest.mark.slow
@@ -229,6 +232,10 @@ def test_a_checkpoint_and_the_training_free_methods_run_on_the_benchmarks_withou
             labeling = document["config"]["labeling"]
             assert labeling["background_class"] is False and labeling["bg_threshold"] is None
             assert labeling["background_names"] == []  # clearclip's 'background' too: these have none
+            assert labeling["names_file"] == METHODS[method].on(dataset).names  # maskclip: None, the benchmark's
+    sclip_voc20 = report(tmp_path / "sclip", "voc20")["config"]["labeling"]
+    assert sclip_voc20["names_file"] == "sclip_voc20" and sclip_voc20["queries"] == 30  # person 7 names, tv 5
+    assert report(tmp_path / "clearclip", "voc20")["config"]["labeling"]["queries"] == 20
     assert report(tmp_path / "clearclip", "cityscapes")["config"]["geometry"]["crop_size"] == 224
     assert report(tmp_path / "naclip", "voc20")["config"]["geometry"]["mode"] == "whole"
     for dataset in NEW:

@@ -3,6 +3,7 @@ fusion order, SCLIP's positional-embedding sampling, the dense methods' softmax 
 area filter, NACLIP's PAMR, the name files, and whole pipelines against tests/published_reference.py."""
 
 import math
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from zeroseg.evaluation.datasets import DATASETS, VOC_CLASS_NAMES, SegmentationD
 from zeroseg.evaluation.dense_clip import resized_positional_embedding
 from zeroseg.evaluation.labeling_rule import DenseWindow, GroupWindow, LabelingRule, fused_channels
 from zeroseg.evaluation.loading import LoadedModel, ModelOptions, read_names_file
+from zeroseg.evaluation.methods import METHODS, PerDataset
 from zeroseg.evaluation.refinement import pamr
 from zeroseg.evaluation.segmenter import DenseClipScorer, WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.text import class_text_embeddings
@@ -109,8 +111,50 @@ def test_each_methods_name_files_with_synonyms():
     assert len(voc[0]) == 26 and voc[4] == ["ship"] and len(voc[15]) == 7 and len(voc[20]) == 5
     assert read_names_file("clearclip_voc", 21)[0] == ["background"]
     assert len(read_names_file("sclip_coco", 81)[1]) == 8 and len(read_names_file("sclip_context", 60)) == 60
-    with pytest.raises(ValueError, match="has 21 lines"):
-        read_names_file("sclip_voc", 20)
+    voc20 = read_names_file("sclip_voc20", 20)  # no background line: line 0 is class 0
+    assert voc20[0] == ["aeroplane"] and len(voc20[14]) == 7 and len(voc20[19]) == 5
+    assert all(len(line) == 1 for line in read_names_file("clearclip_voc20", 20))
+
+
+def test_every_shipped_name_file_has_one_line_per_class_of_its_benchmark():
+    shipped = {path.name for path in (resources.files("zeroseg.evaluation") / "names").iterdir()}
+    used = set()
+    for method in METHODS.values():
+        for dataset, stem in method.names.by_dataset.items() if isinstance(method.names, PerDataset) else ():
+            spec = DATASETS[dataset]
+            lines = read_names_file(stem, len(spec.class_names))  # background line 0 where the benchmark has one
+            assert (lines[0][0] in ("sky", "background")) == spec.has_background, stem
+            used.add(f"{stem}.txt")
+    assert used == shipped
+
+
+def test_a_name_file_of_another_line_count_is_refused_in_one_line():
+    for stem, count in (("sclip_voc", 20), ("sclip_ade20k", 151)):  # a missing / an extra background line
+        with pytest.raises(UserError) as refused:
+            read_names_file(stem, count)
+        message = str(refused.value)
+        assert "names file " in message and f"{stem}.txt: " in message and "\n" not in message
+        assert f"lines, but the benchmark has {count} classes" in message
+
+
+def test_a_peer_scores_a_class_as_the_max_over_its_names_on_a_benchmark_without_background(tiny, tmp_path):
+    identity, clip, _ = tiny
+    options = ModelOptions("sclip", teacher=str(TINY_TEACHER), text_cache=str(tmp_path))
+    loaded = LoadedModel(DenseClipScorer(clip.visual, "sclip"), (0.5,) * 3, (0.25,) * 3, clip, identity,
+                         ("a photo of a {}.",), options, torch.device("cpu"), {})  # fmt: skip
+    rule = loaded.segmenter(DATASETS["voc20"].class_names, None, "voc20", background=False).rule
+    lines = read_names_file("sclip_voc20", 20)
+    assert rule.query_class == tuple(k for k, line in enumerate(lines, 1) for _ in line)
+    assert rule.background_names == () and len(rule.text) == 30  # 18 single names, person 7, tvmonitor 5
+    person = [query for query, k in enumerate(rule.query_class) if k == 15]  # voc20 class 14
+    cosines = torch.zeros(30, 1, 2)
+    cosines[person[3], 0, 0] = 0.5  # 'person in dress' alone wins pixel 0
+    cosines[person, 0, 1] = 0.5  # every name of person, and 'aeroplane' a little higher: the max over names
+    cosines[0, 0, 1] = 0.52  # picks aeroplane (a sum over person's 7 names would pick person)
+    labels, score = rule.decide([DenseWindow((0, 0, 1, 2), cosines, (1, 2))], (1, 2), (1, 2))
+    assert labels[0].tolist() == [14, 0]
+    # softmax of 40 * cosines (SCLIP's logit scale 40 on voc20) over the 30 names: e^20 / (29 + e^20)
+    assert math.isclose(score[0, 0].item(), math.exp(20) / (29 + math.exp(20)), rel_tol=1e-5)
 
 
 def test_groupvits_config_thresholds_are_one_option_away():
