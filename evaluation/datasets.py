@@ -97,7 +97,8 @@ CITYSCAPES_CLASS_NAMES = (
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )  # fmt: skip
 
-# ADE20K (SceneParsing, ADEChallengeData2016) 150 classes, label values 1..150 in order.
+# ADE20K (SceneParsing, ADEChallengeData2016) 150 classes, label values 1..150 in order: mmsegmentation's
+# ADE20KDataset classes (its 'bed ' without the stray trailing space).
 ADE20K_CLASS_NAMES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
     "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
