@@ -1,6 +1,7 @@
-"""Shared test fixtures and helpers: the tiny random-weight teacher, the real sample photos, stores, tiny
-training runs and an evaluation data root built from them."""
+"""Shared test fixtures and helpers: the tiny random-weight teacher, the generated sample scenes (VOC and COCO
+layouts, zeroseg.evaluation.samples), stores, tiny training runs and an evaluation data root built from them."""
 
+import atexit
 import contextlib
 import io
 import os
@@ -8,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,21 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_TEACHER = FIXTURES / "zs-tiny-clip.json"
-VOC_ROOT = FIXTURES / "VOCdevkit" / "VOC2012"
-COCO_ROOT = FIXTURES / "coco"
+
+
+def _sample_data() -> Path:
+    """The sample scenes, written once per test session into a folder removed at exit."""
+    from zeroseg.evaluation.samples import write_samples
+
+    root = Path(tempfile.mkdtemp(prefix="zeroseg-samples-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return write_samples(root)
+
+
+SAMPLES = _sample_data()  # a --data-root with VOCdevkit/ and coco/ (COCO-Object maps not yet prepared)
+VOC_ROOT = SAMPLES / "VOCdevkit" / "VOC2012"
+COCO_ROOT = SAMPLES / "coco"
+COCO_INSTANCES = COCO_ROOT / "annotations" / "instances_samples2017.json"
 PHOTOS = sorted(VOC_ROOT.glob("JPEGImages/*.jpg")) + sorted(COCO_ROOT.glob("*2017/*.jpg"))
 STORE_CHUNK = 2  # images per chunk of the stores make_store builds
 REPO = Path(__file__).parent.parent
@@ -44,7 +59,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def photos(tmp_path) -> Path:
-    """The 10 real fixture photos in an ImageNet-like layout: photos/<class>/<name>.jpg."""
+    """The 10 sample photos in an ImageNet-like layout: photos/<class>/<name>.jpg."""
     root = tmp_path / "photos"
     for path in PHOTOS:
         target = root / path.parent.name / path.name
@@ -85,7 +100,7 @@ def invoke(main, *args: str) -> CliResult:
 
 
 def make_store(root, count: int = len(PHOTOS), image_size: int = 32, store_crops: bool = False, decode: str = "full"):
-    """A store of the first `count` fixture photos (more than there are: copies under other names) with the tiny
+    """A store of the first `count` sample photos (more than there are: copies under other names) with the tiny
     teacher: chunks of 2, shards of 4."""
     from zeroseg.pipeline.build import run_build
     from zeroseg.pipeline.options import BuildOptions
@@ -167,16 +182,15 @@ def tiny_checkpoint(root: Path, count: int = 4) -> Path:
 
 
 def eval_data_root(root: Path) -> Path:
-    """root/data as zs-eval reads it: the VOC fixture, and COCO-Object label maps prepared (`zs-eval prepare coco`)
-    from the fixture instances JSON."""
+    """root/data as zs-eval reads it: the VOC samples, and COCO-Object label maps prepared (`zs-eval prepare coco`)
+    from the samples' instances JSON."""
     from zeroseg.evaluation.cli import main as zs_eval
 
     data = root / "data"
     (data / "coco").mkdir(parents=True)
-    (data / "VOCdevkit").symlink_to(FIXTURES / "VOCdevkit", target_is_directory=True)
+    (data / "VOCdevkit").symlink_to(SAMPLES / "VOCdevkit", target_is_directory=True)
     shutil.copytree(COCO_ROOT / "val2017", data / "coco" / "val2017")
-    instances = COCO_ROOT / "annotations" / "icevision_samples_annotations.json"
-    prepared = invoke(zs_eval, "prepare", "coco", "--instances", instances, "--data-root", data, "--no-progress")
+    prepared = invoke(zs_eval, "prepare", "coco", "--instances", COCO_INSTANCES, "--data-root", data, "--no-progress")
     assert prepared.returncode == 0, prepared.stderr
     assert "wrote 6 COCO-Object label maps" in prepared.stdout
     return data

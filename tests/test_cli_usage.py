@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, VOC_ROOT, invoke, run_cli
+from tests.conftest import SAMPLES, VOC_ROOT, invoke, run_cli
 from zeroseg.evaluation.cli import main as zs_eval
 
 CACHE, TRAIN, EVAL, SEGMENT = (
@@ -54,7 +54,7 @@ def test_usage_mistake_is_one_line_and_exit_code_2(module, args, words):
 
 def test_zs_eval_takes_one_name_per_option(tmp_path):
     """--out and --decode-threads; the spellings renamed before any release (--output, --workers) are unknown."""
-    common = ("voc", "--data-root", FIXTURES, "--predictions", VOC_ROOT / "SegmentationClass")
+    common = ("voc", "--data-root", SAMPLES, "--predictions", VOC_ROOT / "SegmentationClass")
     new = invoke(zs_eval, *common, "--out", tmp_path / "new", "--decode-threads", "1")
     assert new.returncode == 0, new.stderr
     assert (tmp_path / "new" / "voc.json").is_file()

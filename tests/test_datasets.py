@@ -7,23 +7,22 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tests.conftest import invoke
+from tests.conftest import COCO_INSTANCES as COCO_JSON
+from tests.conftest import SAMPLES, invoke
+from tests.conftest import VOC_ROOT as VOC
 from zeroseg.errors import UserError
 from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.coco_prepare import prepare_coco_object
 from zeroseg.evaluation.datasets import Sample, coco_stuff_lookup, open_dataset
 
-FIXTURES = Path(__file__).parent / "fixtures"
-VOC = FIXTURES / "VOCdevkit" / "VOC2012"
-COCO_JSON = FIXTURES / "coco" / "annotations" / "icevision_samples_annotations.json"
-# A few COCO category ids and their COCO-Object class index, read off the official category list.
+# The sample scenes' COCO category ids and their COCO-Object class index, read off the official category list.
 COCO_INDEX = {1: 1, 3: 3, 4: 4, 6: 6, 23: 22, 31: 27, 41: 37, 44: 40}
 # pycocotools' mask decoding predates numpy 2's copy keyword; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 def test_voc_val_split_loads_with_the_documented_counts():
-    dataset = open_dataset("voc", FIXTURES)
+    dataset = open_dataset("voc", SAMPLES)
     assert (dataset.num_classes, dataset.ignore_index, dataset.bg_threshold) == (21, 255, 0.95)
     assert dataset.class_names[11] == "table" and dataset.class_names[20] == "monitor"
     assert [sample.image_id for sample in dataset.samples] == ["2007_000033", "2007_000123"]
@@ -34,13 +33,13 @@ def test_voc_val_split_loads_with_the_documented_counts():
         if image_id == "2007_000033":
             values, counts = np.unique(labels, return_counts=True)
             counted = dict(zip(values.tolist(), counts.tolist(), strict=True))
-            assert counted == {0: 143868, 1: 30937, 255: 8195}
+            assert counted == {0: 500 * 366 - 36000 - 4300, 1: 300 * 120, 255: 310 * 130 - 300 * 120}
 
 
-def test_voc_train_split_has_two_classes_in_2007_000032():
-    dataset = open_dataset("voc", FIXTURES, split="train")
+def test_voc_train_split_has_two_classes_in_2007_000032():  # boxes of 240 x 80 and 40 x 100
+    dataset = open_dataset("voc", SAMPLES, split="train")
     labels = dataset.load_label([s.image_id for s in dataset.samples].index("2007_000032"))
-    assert (labels == 1).sum() == 4734 and (labels == 15).sum() == 866
+    assert (labels == 1).sum() == 19200 and (labels == 15).sum() == 4000
 
 
 def test_missing_dataset_is_a_one_line_user_error_naming_the_expected_path(tmp_path):
@@ -116,7 +115,7 @@ def test_coco_maps_cover_every_image_at_its_size(coco_maps):
     for info in instances["images"]:
         labels = np.asarray(Image.open(coco_maps / f"{Path(info['file_name']).stem}.png"))
         split = "train2017" if info["id"] == 89 else "val2017"
-        with Image.open(FIXTURES / "coco" / split / info["file_name"]) as image:
+        with Image.open(SAMPLES / "coco" / split / info["file_name"]) as image:
             assert labels.shape == (image.height, image.width)
         assert labels.max() <= 80
         if info["id"] == 89:
@@ -139,7 +138,8 @@ def test_coco_polygon_centres_and_empty_corners_hold_the_hand_checked_labels(coc
         checked += 1
     assert checked >= 15
     bus_scene = np.asarray(Image.open(coco_maps / "000000128372.png"))
-    assert bus_scene[237, 372] == COCO_INDEX[3]  # a small car in front of the bus stays visible
+    assert bus_scene[245, 380] == COCO_INDEX[3]  # a small car in front of the bus stays visible
+    assert bus_scene[150, 200] == COCO_INDEX[6]
     for info in instances["images"]:
         boxes = [a["bbox"] for a in instances["annotations"] if a["image_id"] == info["id"]]
         assert not any(_inside_box(2, 2, box) for box in boxes)
@@ -170,7 +170,7 @@ def test_prepare_rejects_a_file_that_is_not_instances_json(tmp_path):
 
 def _coco_root(tmp_path: Path) -> Path:
     (tmp_path / "coco").mkdir()
-    (tmp_path / "coco" / "val2017").symlink_to(FIXTURES / "coco" / "val2017")
+    (tmp_path / "coco" / "val2017").symlink_to(SAMPLES / "coco" / "val2017")
     return tmp_path
 
 
@@ -214,7 +214,7 @@ def test_a_benchmark_added_as_one_spec_is_evaluated_by_zs_eval(monkeypatch, tmp_
     spec = DatasetSpec("mini", "val", 0.5, VOC_CLASS_NAMES, find_samples, "  mini     the VOC fixture again.\n")
     monkeypatch.setitem(DATASETS, "mini", spec)
     labels = VOC / "SegmentationClass"
-    out = invoke(zs_eval, "mini", "--data-root", FIXTURES, "--predictions", labels, "--out", tmp_path, "--no-progress")
+    out = invoke(zs_eval, "mini", "--data-root", SAMPLES, "--predictions", labels, "--out", tmp_path, "--no-progress")
     assert out.returncode == 0, out.stderr
     document = json.loads((tmp_path / "mini.json").read_text())
     assert document["mIoU"] == 100.0 and len(document["per_class_iou"]) == 21

@@ -16,6 +16,7 @@ from PIL import Image
 from tests.conftest import (
     COCO_ROOT,
     FIXTURES,
+    SAMPLES,
     TINY_TEACHER,
     VOC_ROOT,
     eval_data_root,
@@ -45,7 +46,7 @@ def results(folder: Path, dataset: str) -> dict:
 
 def test_ground_truth_as_predictions_scores_100(tmp_path):
     labels = VOC_ROOT / "SegmentationClass"
-    out = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--out", tmp_path)
+    out = invoke(zs_eval, "voc", "--data-root", SAMPLES, "--predictions", labels, "--out", tmp_path)
     assert out.returncode == 0, out.stderr
     document = results(tmp_path, "voc")
     assert document["mIoU"] == 100.0 and document["pixel_accuracy"] == 100.0
@@ -192,11 +193,11 @@ def test_user_errors_are_one_line_and_exit_2(setup, tmp_path):
     missing = invoke(zs_eval, "voc", "--data-root", tmp_path, "--predictions", tmp_path)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert str(tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt") in missing.stderr
-    unknown = invoke(zs_eval, "kitti", "--data-root", FIXTURES, "--predictions", tmp_path)
+    unknown = invoke(zs_eval, "kitti", "--data-root", SAMPLES, "--predictions", tmp_path)
     assert unknown.returncode == 2 and "unknown dataset 'kitti'" in unknown.stderr
     no_checkpoint = invoke(zs_eval, "voc", "--checkpoint", tmp_path / "nope.pt", *setup["common"])
     assert no_checkpoint.returncode == 2 and "nope.pt" in no_checkpoint.stderr
-    no_coco_labels = invoke(zs_eval, "coco", "--data-root", FIXTURES, "--predictions", tmp_path)
+    no_coco_labels = invoke(zs_eval, "coco", "--data-root", SAMPLES, "--predictions", tmp_path)
     assert no_coco_labels.returncode == 2 and "coco_object" in no_coco_labels.stderr
     bad_vocabulary = invoke(zs_segment, tmp_path, "--checkpoint", setup["checkpoint"], "--vocabulary", "klingon")
     assert bad_vocabulary.returncode == 2 and "klingon" in bad_vocabulary.stderr
@@ -254,7 +255,7 @@ main()
 
 def test_a_kill_while_the_report_is_written_leaves_the_previous_report_whole(tmp_path):
     labels = VOC_ROOT / "SegmentationClass"
-    args = ["voc", "--data-root", FIXTURES, "--predictions", labels, "--out", tmp_path, "--no-progress"]
+    args = ["voc", "--data-root", SAMPLES, "--predictions", labels, "--out", tmp_path, "--no-progress"]
     assert invoke(zs_eval, *args).returncode == 0
     before = (tmp_path / "voc.json").read_text()
     killed = subprocess.run([sys.executable, "-c", KILLED_AT_REPORT, *map(str, args)], capture_output=True)

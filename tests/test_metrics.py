@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from tests.conftest import SAMPLES, VOC_ROOT
 from zeroseg.errors import UserError
 from zeroseg.evaluation.datasets import SegmentationDataset, open_dataset
 from zeroseg.evaluation.evaluate import score_saved_predictions
@@ -20,8 +21,7 @@ from zeroseg.evaluation.scores import (
 )
 from zeroseg.process_group import Process
 
-FIXTURES = Path(__file__).parent / "fixtures"
-VOC_LABELS = FIXTURES / "VOCdevkit" / "VOC2012" / "SegmentationClass"
+VOC_LABELS = VOC_ROOT / "SegmentationClass"
 
 # 5 classes; class 3 is only predicted, class 4 is in neither; one pixel is ignored (255).
 TRUTH = np.array([[0, 0, 1], [1, 255, 2]], dtype=np.uint8)
@@ -111,7 +111,7 @@ def score_predictions(dataset: SegmentationDataset, predictions: Path) -> dict:
 
 
 def test_ground_truth_scored_as_predictions_is_perfect(tmp_path):
-    results = score_predictions(open_dataset("voc", FIXTURES), _ground_truth_as_predictions(tmp_path))
+    results = score_predictions(open_dataset("voc", SAMPLES), _ground_truth_as_predictions(tmp_path))
     assert results["mIoU"] == 100.0
     assert results["pixel_accuracy"] == 100.0
     assert sorted(name for name, iou in results["per_class_iou"].items() if iou is not None) == [
@@ -135,21 +135,21 @@ def test_a_wrong_region_scores_the_hand_counted_value(tmp_path):
     moved = int((truth_033[top:bottom, left:right] == 1).sum())  # aeroplane pixels now called background
     aeroplane = int((truth_033 == 1).sum())
     background = int((truth_033 == 0).sum() + (truth_123 == 0).sum())
-    assert aeroplane == 30937 and 0 < moved < aeroplane
+    assert aeroplane == 300 * 120 and moved == 59 * 149  # rows 100..158, columns 100..248 of the 300 x 120 box
     expected_iou = {
         "background": 100 * background / (background + moved),
         "aeroplane": 100 * (aeroplane - moved) / aeroplane,
         "train": 100.0,
     }
 
-    results = score_predictions(open_dataset("voc", FIXTURES), predictions)
+    results = score_predictions(open_dataset("voc", SAMPLES), predictions)
     scored = {name: iou for name, iou in results["per_class_iou"].items() if iou is not None}
     assert scored == pytest.approx(expected_iou, rel=1e-12)
     assert results["mIoU"] == pytest.approx(sum(expected_iou.values()) / 3, rel=1e-12)
 
 
 def test_missing_and_mis_sized_predictions_are_user_errors(tmp_path):
-    dataset = open_dataset("voc", FIXTURES)
+    dataset = open_dataset("voc", SAMPLES)
     predictions = _ground_truth_as_predictions(tmp_path)
     (predictions / "2007_000033.png").unlink()
     with pytest.raises(UserError, match="2007_000033.png missing"):

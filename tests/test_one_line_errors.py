@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from tests.conftest import FIXTURES, PHOTOS, TINY_TEACHER, VOC_ROOT, invoke, make_store, tmpfs, train
+from tests.conftest import PHOTOS, SAMPLES, TINY_TEACHER, VOC_ROOT, invoke, make_store, tmpfs, train
 from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.segment_cli import main as zs_segment
 from zeroseg.evaluation.text import _read_cache
@@ -60,28 +60,28 @@ def test_impossible_model_values_are_refused(store, tmp_path, setting):
 
 def test_eval_checks_its_threshold_and_output_before_evaluating(tmp_path):
     labels = VOC_ROOT / "SegmentationClass"
-    nan = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--bg-threshold", "nan",
+    nan = invoke(zs_eval, "voc", "--data-root", SAMPLES, "--predictions", labels, "--bg-threshold", "nan",
                  "--out", tmp_path / "out")
     assert one_line(nan) == "error: --bg-threshold must be a finite number, got nan"
     with tmpfs(tmp_path / "ro", "size=1m,ro") as readonly:
-        refused = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--out", readonly)
+        refused = invoke(zs_eval, "voc", "--data-root", SAMPLES, "--predictions", labels, "--out", readonly)
         assert one_line(refused) == f"error: --out '{readonly}' is not writable: Read-only file system"
 
 
 def test_eval_and_segment_options_are_checked_before_any_file_is_read_or_written(tmp_path):
     """ModelOptions checks every model, labeling and geometry flag when zs-eval / zs-segment make it."""
     labels = VOC_ROOT / "SegmentationClass"
-    both = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--predictions", labels, "--checkpoint", "run")
+    both = invoke(zs_eval, "voc", "--data-root", SAMPLES, "--predictions", labels, "--checkpoint", "run")
     assert one_line(both) == "error: --predictions scores saved label maps; it takes no --checkpoint"
-    no_teacher = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--model", "sclip")
+    no_teacher = invoke(zs_eval, "voc", "--data-root", SAMPLES, "--model", "sclip")
     assert one_line(no_teacher).startswith("error: --model sclip needs --teacher")
-    no_names = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--model", "sclip", "--teacher", TINY_TEACHER,
+    no_names = invoke(zs_eval, "voc", "--data-root", SAMPLES, "--model", "sclip", "--teacher", TINY_TEACHER,
                       "--background-names", " , ")
     assert one_line(no_names) == "error: --background-names needs comma-separated names, or 'none'"
     zoom = invoke(zs_segment, PHOTOS[0], "--checkpoint", tmp_path / "absent.pt", "--classes", "cat,dog",
                   "--mode", "zoom", "--out", tmp_path / "out")
     assert one_line(zoom) == "error: --mode 'zoom' is not one of whole, slide"
-    batch = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--checkpoint", tmp_path / "absent.pt",
+    batch = invoke(zs_eval, "voc", "--data-root", SAMPLES, "--checkpoint", tmp_path / "absent.pt",
                    "--window-batch", "0", "--out", tmp_path / "out")
     assert one_line(batch) == "error: --window-batch must be positive, got 0"
     assert not (tmp_path / "out").exists()

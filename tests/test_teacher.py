@@ -13,7 +13,7 @@ import pytest
 import torch
 from open_clip.factory import _find_checkpoint_in_dir
 
-from tests.conftest import FIXTURES, TINY_TEACHER, invoke, run_cli
+from tests.conftest import FIXTURES, SAMPLES, TINY_TEACHER, invoke, run_cli
 from zeroseg.errors import UserError
 from zeroseg.evaluation.cli import main as zs_eval
 from zeroseg.evaluation.loading import ModelOptions, _text_teacher
@@ -216,7 +216,7 @@ def test_timm_tower_through_cache_train_and_eval_from_the_recorded_config(photos
     recorded = torch.load(checkpoint, map_location="cpu", weights_only=False)["store"]["teacher"]
     assert recorded == meta.teacher.to_dict()
 
-    evaluated = invoke(zs_eval, "voc", "--data-root", FIXTURES, "--checkpoint", checkpoint, "--text-cache",
+    evaluated = invoke(zs_eval, "voc", "--data-root", SAMPLES, "--checkpoint", checkpoint, "--text-cache",
                        tmp_path / "text", "--out", tmp_path / "res", "--short-side", "64", "--crop-size", "64",
                        "--stride", "32", "--no-progress")  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
