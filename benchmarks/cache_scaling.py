@@ -18,18 +18,18 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
+from zeroseg.evaluation.samples import sample_photos
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.dask_build import TASKS_PER_WORKER, TeacherSpec, describe_teacher_on_worker
 from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.teacher import resolve_identity
 
-PHOTOS_ROOT = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 TEACHER = "ViT-B-32"
 
 
 def make_images(root: Path, count: int) -> Path:
-    """`count` images cycled from the fixture photos (VOC and COCO samples), each under its own name."""
-    photos = sorted(PHOTOS_ROOT.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(PHOTOS_ROOT.glob("coco/*/*.jpg"))
+    """`count` images cycled from the sample photos (VOC and COCO samples), each under its own name."""
+    photos = sample_photos(tempfile.mkdtemp(prefix="zeroseg-samples-"))
     folder = root / "images"
     folder.mkdir()
     for i in range(count):

@@ -1,6 +1,6 @@
 """Stage-one throughput: bare teacher forward vs end-to-end `zs-cache build`, in one run.
 
-Both sides use the same teacher, device, batch size and images (the fixture photos, copied until
+Both sides use the same teacher, device, batch size and images (the sample photos, copied until
 there are --images of them). The bare side times only the tower over the 30 pre-made views of
 each image; the end-to-end side runs the whole build (read, decode, crop, views, tower, compress,
 commit). Prints both rates, their ratio (target >= 0.90) and the difference of their per-image times: the
@@ -23,18 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zeroseg.evaluation.samples import sample_photos
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 from zeroseg.runtime import resolve_device
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 GRIDS = [1, 2, 3, 4]
 
 
 def sample_folder(root: Path, count: int) -> Path:
-    photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
+    photos = sample_photos(tempfile.mkdtemp(prefix="zeroseg-samples-"))
     folder = root / "images"
     for i in range(count):
         target = folder / f"{i // 100:03d}" / f"{i:06d}.jpg"

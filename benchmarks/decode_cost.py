@@ -1,6 +1,6 @@
 """CPU cost of turning image bytes into a centre crop: `--decode full`, `reduced` and `device`, in one run.
 
-Three sets of JPEGs: the real fixture photos at their own size (~500 x 375 to 640 x 480), and the same photos
+Three sets of JPEGs: the generated sample photos at their own size (~500 x 375 to 640 x 480), and the same photos
 upscaled (bicubic) and re-encoded at quality 90 to a long side of 1,600 px (~1600 x 1200) and 3,000 px
 (~3000 x 2000), the sizes of CC12M and phone photos. For each set, pipeline.crops.crop_from_bytes at --crop-size:
 
@@ -36,11 +36,11 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from zeroseg.evaluation.samples import sample_photos
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.device_decode import EncodedBatch, decode_crops, parse_image
 from zeroseg.pipeline.images import decode_image, decode_reduced
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 LONG_SIDES = (None, 1600, 3000)  # None: the photos as they are
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     torch.set_num_threads(1)
     device = torch.device(args.device)
 
-    photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
+    photos = sample_photos(tempfile.mkdtemp(prefix="zeroseg-samples-"))
     size = args.crop_size
     crops = {
         "full": lambda data: crop_from_bytes(data, size),

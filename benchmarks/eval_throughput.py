@@ -1,7 +1,7 @@
 """Evaluation throughput: images/s of zs-eval's segmenter and the share of time spent waiting for data.
 
 Runs `evaluation.evaluate.segment_split` (the zs-eval loop: decode threads ahead of the model, resize to
-the short side, whole or slide inference, pixel decision, confusion matrix) over the VOC fixture photos,
+the short side, whole or slide inference, pixel decision, confusion matrix) over the VOC sample photos,
 repeated until there are --images of them, with a randomly initialised student of the given preset
 (default: the paper's ViT-B/16) and random unit text embeddings for the 20 VOC classes (the text side
 runs once per dataset, outside the loop). Prints the end-to-end rate, the model-only rate, the share of
@@ -13,14 +13,15 @@ wall time the loop waited for a decoded image, and the decode cost of one image 
 
 import argparse
 import math
+import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from zeroseg.evaluation.datasets import VOC_CLASS_NAMES, open_dataset
 from zeroseg.evaluation.evaluate import segment_split
 from zeroseg.evaluation.labeling_rule import LabelingRule
+from zeroseg.evaluation.samples import write_samples
 from zeroseg.evaluation.segmenter import WindowSegmenter, ZeroSegScorer
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.process_group import Process
@@ -28,7 +29,6 @@ from zeroseg.runtime import resolve_device
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_config import model_preset
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    dataset = open_dataset("voc", FIXTURES, split="trainval")
+    dataset = open_dataset("voc", write_samples(tempfile.mkdtemp(prefix="zeroseg-samples-")), split="trainval")
     dataset.samples = [dataset.samples[i % len(dataset.samples)] for i in range(args.images)]
     torch.manual_seed(0)
     model = ZeroSeg(model_preset(args.preset)).to(device).eval()

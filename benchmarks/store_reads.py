@@ -1,7 +1,7 @@
 """Stored-crop reads in the trainer: chunk decompressions per epoch and images per CPU-second (= per core) in the
 real worker/rank order.
 
-Synthesises a store that keeps its crops (--rows rows of the fixture photos' centre crops at --crop-size,
+Synthesises a store that keeps its crops (--rows rows of the sample photos' centre crops at --crop-size,
 fp16 features of the views of --grids x --dim random values, chunks of --chunk-size images), then reads the steps of one
 epoch of device batches of --batch-size the way --ranks training processes with --workers DataLoader workers
 each read them: reader (rank r, worker w) is a fresh trainer.data.StoreBatches (its own chunk cache, as in a
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zeroseg.evaluation.samples import sample_photos
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.manifest import ImageRecord
 from zeroseg.pipeline.sources import SourceSpec
@@ -37,13 +38,11 @@ from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.data import StoreBatches
 from zeroseg.trainer.sampling import BatchPlan, SampleOrder
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
-
 
 def synthesise(path: Path, rows: int, crop_size: int, chunk_size: int, grids: list[int], dim: int) -> None:
     from zeroseg.pipeline.manifest import manifest_rows
 
-    photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
+    photos = sample_photos(tempfile.mkdtemp(prefix="zeroseg-samples-"))
     crops = np.stack([crop_from_bytes(p.read_bytes(), crop_size)[0] for p in photos])  # (P, S, S, 3)
     meta = StoreMeta(
         teacher=TeacherIdentity("synthetic", None, None, False),

@@ -9,7 +9,7 @@ images/s and their ratio (target >= 0.90), the fraction of the store side's time
 the model's FLOP per training image (FlopCounterMode, forward + backward) and, on CUDA, the peak memory and
 the MFU against the GPU's dense bf16 peak (when its name is in PEAK_FLOPS).
 
-Without --store it builds one from the fixture photos (copied until there are --images of them) with the
+Without --store it builds one from the sample photos (copied until there are --images of them) with the
 tiny random-weight teacher, at --image-size, decoded as --decode says (`device`: built on --device, so that
 the training steps decode and crop each batch's JPEGs on the device, the loader workers only reading them).
 The student's teacher_dim is the store's (32 for the tiny teacher), so any --preset trains on it.
@@ -30,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from zeroseg import process_group
+from zeroseg.evaluation.samples import sample_photos
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.options import BuildOptions
 from zeroseg.pipeline.store_reader import StoreReader
@@ -37,18 +38,17 @@ from zeroseg.trainer.config import build_config
 from zeroseg.trainer.data import DeviceBatches, StoreBatches, check_store, make_loader
 from zeroseg.trainer.train import Trainer
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s by device name
 
 
 def fixture_store(root: Path, count: int, image_size: int, store_crops: bool, decode: str, device: str) -> Path:
-    photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
+    photos = sample_photos(tempfile.mkdtemp(prefix="zeroseg-samples-"))
     folder = root / "images"
     folder.mkdir()
     for i in range(count):
         shutil.copy(photos[i % len(photos)], folder / f"{i:06d}.jpg")
     opts = BuildOptions(
-        source=str(folder), store=str(root / "store"), teacher=str(FIXTURES / "zs-tiny-clip.json"),
+        source=str(folder), store=str(root / "store"), teacher="zs-tiny-clip",
         pretrained="none", device=device if decode == "device" else "cpu", batch_size=32, chunk_size=16,
         shard_size=64, image_size=image_size, progress=False, store_crops=store_crops, decode=decode,
     )  # fmt: skip
@@ -69,7 +69,7 @@ def timed_steps(trainer: Trainer, first_step: int, steps: int) -> tuple[float, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", help="feature store (default: build one from the fixture photos)")
+    parser.add_argument("--store", help="feature store (default: build one from the sample photos)")
     parser.add_argument("--images", type=int, default=160, help="images of the built store")
     parser.add_argument("--image-size", type=int, default=32, help="crop size of the built store")
     parser.add_argument("--store-crops", action="store_true", help="the built store keeps its crops (no JPEG decode)")

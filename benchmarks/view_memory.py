@@ -2,7 +2,7 @@
 
 pipeline.crops.grid_views(..., dtype) writes each view into the bfloat16 output as it is made; before, the
 Teacher built all views in float32 and cast the batch to bfloat16 (both copies alive at once). Each side is
-measured on the same --batch-size of (--crop-size)^2 uint8 crops (the fixture photos) with grids 1-4 at
+measured on the same --batch-size of (--crop-size)^2 uint8 crops (the sample photos) with grids 1-4 at
 --view-size: the peak memory above what was allocated before (CUDA: torch.cuda.max_memory_allocated; CPU:
 the process's peak resident set, each side in a fresh process) and the seconds per batch.
 
@@ -15,16 +15,16 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from zeroseg.evaluation.samples import sample_photos
 from zeroseg.pipeline.crops import crop_from_bytes, grid_views
 from zeroseg.runtime import resolve_device
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 GRIDS = [1, 2, 3, 4]
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 SIDES = {
@@ -35,7 +35,7 @@ MIB = 2**20
 
 
 def batch_of_crops(batch: int, crop_size: int, device: torch.device) -> torch.Tensor:
-    photos = sorted(FIXTURES.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(FIXTURES.glob("coco/*/*.jpg"))
+    photos = sample_photos(tempfile.mkdtemp(prefix="zeroseg-samples-"))
     crops = [crop_from_bytes(photos[i % len(photos)].read_bytes(), crop_size)[0] for i in range(batch)]
     return torch.from_numpy(np.stack(crops)).to(device)  # (B, S, S, 3) uint8
 

@@ -125,6 +125,14 @@ def write_samples(root: str | Path) -> Path:
     return root
 
 
+def sample_photos(root: str | Path) -> list[Path]:
+    """The 10 photos of write_samples(root) (written here when root holds none): the VOC ones, then COCO's."""
+    root = Path(root)
+    if not (root / "VOCdevkit").is_dir():
+        write_samples(root)
+    return sorted(root.glob("VOCdevkit/VOC2012/JPEGImages/*.jpg")) + sorted(root.glob("coco/*/*.jpg"))
+
+
 def _write_voc_scene(base: Path, scene: VocScene) -> None:
     width, height = scene.size
     classes = np.zeros((height, width), dtype=np.uint8)  # [H, W]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from zeroseg.evaluation.samples import sample_photos, write_samples
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -25,8 +27,6 @@ TINY_TEACHER = FIXTURES / "zs-tiny-clip.json"
 
 def _sample_data() -> Path:
     """The sample scenes, written once per test session into a folder removed at exit."""
-    from zeroseg.evaluation.samples import write_samples
-
     root = Path(tempfile.mkdtemp(prefix="zeroseg-samples-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return write_samples(root)
@@ -36,7 +36,7 @@ SAMPLES = _sample_data()  # a --data-root with VOCdevkit/ and coco/ (COCO-Object
 VOC_ROOT = SAMPLES / "VOCdevkit" / "VOC2012"
 COCO_ROOT = SAMPLES / "coco"
 COCO_INSTANCES = COCO_ROOT / "annotations" / "instances_samples2017.json"
-PHOTOS = sorted(VOC_ROOT.glob("JPEGImages/*.jpg")) + sorted(COCO_ROOT.glob("*2017/*.jpg"))
+PHOTOS = sample_photos(SAMPLES)
 STORE_CHUNK = 2  # images per chunk of the stores make_store builds
 REPO = Path(__file__).parent.parent
 TINY_RUN = (

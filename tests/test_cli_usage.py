@@ -81,3 +81,14 @@ def test_no_error_message_or_help_text_points_at_a_source_file():
                 strings = [part.value for part in ast.walk(text) if isinstance(part, ast.Constant)]
                 found += [f"{path.name}: {s}" for s in strings if isinstance(s, str) and SOURCE_FILE.search(s)]
     assert found == []
+
+
+@pytest.mark.parametrize("command", [["zeroseg"], [CACHE], [TRAIN], [EVAL], [SEGMENT], ["zeroseg", "eval"]],
+                         ids=" ".join)
+def test_every_command_tells_its_version(command):
+    from zeroseg import __version__
+
+    result = run_cli(*command, "--version", timeout=60)
+    assert result.returncode == 0, result.stderr
+    name = {CACHE: "zs-cache", TRAIN: "zs-train", EVAL: "zs-eval", SEGMENT: "zs-segment"}.get(command[-1], "zs-eval")
+    assert result.stdout == f"{'zeroseg' if command == ['zeroseg'] else name} {__version__}\n"

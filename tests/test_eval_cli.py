@@ -15,7 +15,6 @@ from PIL import Image
 
 from tests.conftest import (
     COCO_ROOT,
-    FIXTURES,
     SAMPLES,
     TINY_TEACHER,
     VOC_ROOT,

@@ -116,10 +116,16 @@ def usage_line(exc: Exception) -> str:
 
 def run_cli(typer_app: typer.Typer) -> None:
     """Run a Typer app: UserError and every command-line usage mistake become one line on stderr and exit code 2;
-    other click errors print their message with their own exit code. typer 0.29 raises the exceptions of the
-    click it bundles (typer._click), not the installed click's."""
+    other click errors print their message with their own exit code; `--version` as the only argument prints the
+    command's name and zeroseg's version. typer 0.29 raises the exceptions of the click it bundles (typer._click),
+    not the installed click's."""
     from typer._click.exceptions import ClickException
 
+    if sys.argv[1:] == ["--version"]:
+        from zeroseg import __version__
+
+        typer.echo(f"{getattr(typer_app, 'keywords', {}).get('prog_name', 'zeroseg')} {__version__}")
+        sys.exit(0)
     try:
         result = typer_app(standalone_mode=False)
     except UserError as exc:
