@@ -30,7 +30,8 @@ def parse_grids(text: str) -> list[int]:
 def build(
     source: str = typer.Argument(
         ..., help="Folder of images (recursive; key = relative path), folder of webdataset .tar shards "
-        "(img2dataset), an HDF5 file made by pack-h5, or a list file (one path per line, or Parquet with --column)."
+        "(img2dataset), an HDF5 file made by pack-h5, one image file, or a list file (one path per line, or Parquet "
+        "with --column)."
     ),
     store: str = typer.Option(..., "--store", help="Store directory; created, resumed or appended to."),
     grids: str = typer.Option(

@@ -1,5 +1,5 @@
-r"""Where images come from: a folder tree, webdataset tar shards, an HDF5 file of encoded images, or a
-list of paths.
+r"""Where images come from: a folder tree, webdataset tar shards, an HDF5 file of encoded images, a list of
+paths, or one image file (key: its name).
 
 Every source lists its images as string keys in a deterministic order and reads a key's encoded
 bytes; decoding happens later (pipeline.images), so a broken file is a per-image error, never a
@@ -52,8 +52,8 @@ H5_EXTENSIONS = frozenset({".h5", ".hdf5", ".hdf"})
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # "folder", "tar", "hdf5" or "list"
-    path: str  # absolute path of the folder, folder of tar shards, HDF5 file or list file
+    kind: str  # "folder", "tar", "hdf5", "list" or "file"
+    path: str  # absolute path of the folder, folder of tar shards, HDF5 file, list file or image file
     column: str | None = None  # Parquet list files: the column holding the paths
 
     def to_dict(self) -> dict:
@@ -87,7 +87,9 @@ def unescape_path(base: Path, key: str) -> Path:
 
 def read_regular_file(path: Path, max_bytes: int | None = None) -> bytes:
     """The bytes of a regular file, refusing FIFOs, devices and sockets (never blocking on them) and files of
-    more than max_bytes, with an OSError whose strerror says why."""
+    more than max_bytes, with an OSError whose strerror says why (a listed path holding a NUL byte included)."""
+    if "\0" in str(path):
+        raise OSError(errno.EINVAL, "the path holds a NUL byte")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
@@ -301,22 +303,40 @@ class ListSource:
             )
 
 
-Source = FolderSource | TarShardSource | H5Source | ListSource
-_SOURCE_TYPES = {"folder": FolderSource, "tar": TarShardSource, "hdf5": H5Source, "list": ListSource}
+class FileSource:
+    """One image file given as the source: one key, the file's name."""
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+        self.duplicates: dict[str, str] = {}
+
+    def keys(self) -> list[str]:
+        return [escape_name(Path(self.spec.path).name)]
+
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        return read_regular_file(Path(self.spec.path), max_bytes)
+
+
+Source = FolderSource | TarShardSource | H5Source | ListSource | FileSource
+_SOURCE_TYPES = {"folder": FolderSource, "tar": TarShardSource, "hdf5": H5Source, "list": ListSource,
+                 "file": FileSource}  # fmt: skip
 
 
 def open_source(path: str | Path, column: str | None = None) -> Source:
-    """A source from a path given on the command line: folder, folder of tar shards, HDF5 file, or list file."""
+    """A source from a path given on the command line: folder, folder of tar shards, HDF5 file, image file (by its
+    extension) or list file."""
     resolved = Path(path).expanduser().resolve()
     if resolved.is_dir():
         kind = "tar" if any(p.is_file() for p in resolved.glob("*.tar")) else "folder"
         return _SOURCE_TYPES[kind](SourceSpec(kind, str(resolved)))
     if not resolved.is_file():
-        raise UserError(f"source '{path}' does not exist (expected a folder, an HDF5 file or a list file)")
+        raise UserError(f"source '{path}' does not exist (expected a folder, an HDF5 file, an image or a list file)")
     if resolved.suffix.lower() in H5_EXTENSIONS:
         if not h5py.is_hdf5(resolved):
             raise UserError(f"source '{path}' is not an HDF5 file")
         return H5Source(SourceSpec("hdf5", str(resolved)))
+    if resolved.suffix.lower() in IMAGE_EXTENSIONS:
+        return FileSource(SourceSpec("file", str(resolved)))
     return ListSource(SourceSpec("list", str(resolved), column))
 
 

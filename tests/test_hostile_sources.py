@@ -13,6 +13,7 @@ from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.integrity import RECORD_KEY, encode_record
 from zeroseg.pipeline.sources import (
+    FileSource,
     FolderSource,
     H5Source,
     ListSource,
@@ -87,11 +88,11 @@ def test_every_kind_of_source_reports_the_duplicates_it_skipped(photos, tmp_path
     with tarfile.open(tmp_path / "tars" / "00000.tar", "w") as archive:
         archive.add(PHOTOS[1], "000000000.jpg")
     kinds = {photos: FolderSource, tmp_path / "photos.h5": H5Source, tmp_path / "list.txt": ListSource,
-             tmp_path / "tars": TarShardSource}  # fmt: skip
+             tmp_path / "tars": TarShardSource, PHOTOS[2]: FileSource}  # fmt: skip
     for path, kind in kinds.items():
         source = open_source(path)
         assert type(source) is kind
-        assert len(source.keys()) == (1 if kind in (ListSource, TarShardSource) else len(PHOTOS))
+        assert len(source.keys()) == (1 if kind in (ListSource, TarShardSource, FileSource) else len(PHOTOS))
         assert source.duplicates == {}
 
 
@@ -143,3 +144,16 @@ def test_a_commit_record_naming_a_file_outside_the_store_is_refused(crops_store,
     assert verified.returncode == 1 and f"problem: {refusal}" in verified.stderr.splitlines()
     trained = train(crops_store, tmp_path / "run", "--steps", "1")
     assert trained.returncode == 2 and trained.stderr.strip() == f"error: {refusal}"
+
+
+def test_one_image_file_is_a_source_of_one_image_and_a_nul_in_a_list_is_an_error_row(tmp_path):
+    (tmp_path / "one.jpg").write_bytes(PHOTOS[0].read_bytes())
+    single = invoke(zs_cache, "build", tmp_path / "one.jpg", "--store", tmp_path / "single", *TINY_BUILD)
+    assert single.returncode == 0, single.stderr
+    (row,) = FeatureStore.open(tmp_path / "single").manifest().to_pylist()
+    assert row["key"] == "one.jpg" and row["error"] is None
+    (tmp_path / "list.txt").write_bytes(b"one.jpg\nbad\0name.jpg\n")
+    listed = invoke(zs_cache, "build", tmp_path / "list.txt", "--store", tmp_path / "listed", *TINY_BUILD)
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["key"]: row["error"] for row in FeatureStore.open(tmp_path / "listed").manifest().to_pylist()}
+    assert rows["one.jpg"] is None and "the path holds a NUL byte" in rows["bad\0name.jpg"]
