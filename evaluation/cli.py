@@ -216,6 +216,11 @@ def evaluate(
         predictions=str(predictions) if predictions else None,
     )  # fmt: skip
     out_dir = out or _default_output(options)
+    protocol = {  # the settings given that change the numbers: they name the run's TensorBoard tags
+        "split": split, "rule": rule, "top_k": None if top_k == TOP_K.default else top_k, "templates": templates,
+        **geometry, "max_long_side": None if max_long_side == MAX_LONG_SIDE.default else max_long_side,
+        "bg_threshold": bg_threshold, "temperature": temperature, "keep_best_group": keep_best_group or None,
+    }  # fmt: skip
     for folder, option in ((out_dir, "--out"), (save_predictions, "--save-predictions"), (save_vis, "--save-vis")):
         if folder is not None:
             check_writable_folder(folder, option)
@@ -246,7 +251,7 @@ def evaluate(
                 typer.echo(format_results(document, markdown=False))
                 typer.echo(f"results: {json_path} (and .md)")
                 if loaded is not None and options.model == "zeroseg":
-                    _log_to_run(checkpoint, document, loaded.description.get("step"))
+                    _log_to_run(checkpoint, document, loaded.description.get("step"), protocol)
     finally:
         del loaded
         gc.collect()
@@ -254,12 +259,14 @@ def evaluate(
 
 
 def check_writable_folder(folder: Path, option: str) -> None:
-    """UserError now, before any work, when results could not be written into `folder` (made if missing)."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{option} '{folder}' is a file, not a folder")
+    """UserError now, before any work, when results could not be written into `folder`, or, while it does not
+    exist, into the nearest folder above it (where the writers make it). Nothing is made here, so a run that
+    fails leaves no empty folder behind."""
+    nearest = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    if not nearest.is_dir():
+        raise UserError(f"{option} '{folder}': '{nearest}' is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".zs-write-check-", dir=folder)
+        handle, probe = tempfile.mkstemp(prefix=".zs-write-check-", dir=nearest)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
@@ -289,16 +296,20 @@ def _segment_dataset(loaded, dataset, threshold, process, saving, decode_threads
     return confusion, config
 
 
-def _log_to_run(checkpoint: str, document: dict, step: int | None) -> None:
-    """Scores of a checkpoint of a run folder go into the run's TensorBoard events at the checkpoint's step."""
+def _log_to_run(checkpoint: str, document: dict, step: int | None, protocol: dict) -> None:
+    """Scores of a checkpoint of a run folder go into the run's TensorBoard events at the checkpoint's step, tagged
+    eval/<dataset>/<score> under the default protocol, else eval/<dataset>/<setting=value,...>/<score> (the given
+    settings that change the numbers), so evaluations under other settings never share a curve."""
     from zeroseg.trainer.checkpoint import run_dir_of
     from zeroseg.trainer.metrics_log import log_scalars
 
     run_dir = run_dir_of(checkpoint)
-    scores = {key: document[key] for key in ("mIoU", "pixel_accuracy") if document[key] is not None}
+    scores = {key: document[key] for key in ("mIoU", "mAcc", "pixel_accuracy") if document[key] is not None}
     if run_dir is None or step is None or not scores:
         return
-    tags = {f"eval/{document['dataset']}/{key}": value for key, value in scores.items()}
+    settings = ",".join(f"{name}={value}" for name, value in protocol.items() if value is not None)
+    prefix = f"eval/{document['dataset']}/" + (f"{settings}/" if settings else "")
+    tags = {f"{prefix}{key}": value for key, value in scores.items()}
     if log_scalars(run_dir, tags, step):
         typer.echo(f"logged {', '.join(tags)} at step {step} to {run_dir}/tensorboard")
 
@@ -314,11 +325,11 @@ def _default_output(options) -> Path:
 
 def _summary_line(document: dict) -> str:
     absent = len(document["absent_classes"])
-    miou = "n/a" if document["mIoU"] is None else f"{document['mIoU']:.2f}"
-    accuracy = "n/a" if document["pixel_accuracy"] is None else f"{document['pixel_accuracy']:.2f}"
+    miou, macc, accuracy = ("n/a" if document[key] is None else f"{document[key]:.2f}"
+                            for key in ("mIoU", "mAcc", "pixel_accuracy"))  # fmt: skip
     return (
         f"{document['dataset']} {document['split']} ({document['num_images']} images): mIoU {miou} over "
-        f"{document['classes_in_mean']} classes ({absent} absent, left out), pixel accuracy {accuracy}"
+        f"{document['classes_in_mean']} classes ({absent} absent, left out), mAcc {macc}, pixel accuracy {accuracy}"
     )
 
 
@@ -399,11 +410,14 @@ def compare(
     reports: list[Path] = typer.Argument(
         ..., metavar="REPORT", help="zs-eval results JSONs (<dataset>.json).", show_default=False
     ),
-    out: Path = typer.Option(Path("zs-eval-compare"), help="Write OUT.md (the table) and OUT.png (a bar chart)."),
+    out: Path = typer.Option(
+        Path("zs-eval-compare"), help="Folder to write compare.md (the table) and compare.png (a bar chart) into."
+    ),
 ) -> None:
     """One mIoU table from REPORT... (methods as rows, datasets as columns), printed, as Markdown and PNG."""
     from zeroseg.evaluation.compare import comparison_table, format_table, write_comparison
 
+    check_writable_folder(out, "--out")
     methods, datasets, cells = comparison_table(reports)
     typer.echo(format_table(methods, datasets, cells, markdown=False))
     markdown_path, png_path = write_comparison(methods, datasets, cells, out)

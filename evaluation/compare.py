@@ -70,14 +70,14 @@ def format_table(methods: list[str], datasets: list[str], cells: dict, markdown:
 
 
 def write_comparison(methods: list[str], datasets: list[str], cells: dict, out: Path) -> tuple[Path, Path]:
-    """<out>.md (the table) and <out>.png (bars per dataset, one per method), each written atomically."""
+    """<out>/compare.md (the table) and <out>/compare.png (bars per dataset, one per method), each written
+    atomically; the folder is made when missing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markdown_path, png_path = out.with_name(out.name + ".md"), out.with_name(out.name + ".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    markdown_path, png_path = out / "compare.md", out / "compare.png"
     write_atomically(markdown_path, "# mIoU (%)\n\n" + format_table(methods, datasets, cells, markdown=True) + "\n")
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(datasets) * max(1, len(methods)) + 2), 4.5))
     width = 0.8 / max(1, len(methods))

@@ -178,7 +178,8 @@ def write_results(document: dict, out_dir: Path) -> tuple[Path, Path]:
 
 def provenance(config: dict) -> list[str]:
     """Markdown bullets saying what produced the scores: model, checkpoint and step, teacher, the labeling rule
-    with its thresholds, and the geometry's mode (every labeling and geometry field the config holds)."""
+    with its thresholds, the geometry's mode (every labeling and geometry field the config holds), and the
+    zeroseg version and date."""
     lines = [f"- model: {config.get('model')}"]
     if "checkpoint" in config:
         lines.append(f"- checkpoint: `{config['checkpoint']}`, step {config.get('step')}")
@@ -198,6 +199,8 @@ def provenance(config: dict) -> list[str]:
     if geometry:
         mode = geometry.pop("mode", None)
         lines.append(f"- mode: {mode} (" + ", ".join(f"{key} {value}" for key, value in geometry.items()) + ")")
+    if "package_version" in config:
+        lines.append(f"- zeroseg {config['package_version']}, finished {config.get('finished')}")
     return lines
 
 

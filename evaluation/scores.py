@@ -62,15 +62,20 @@ def per_class_iou(matrix) -> np.ndarray:
 
 def segmentation_results(matrix, class_names: Sequence[str]) -> dict:
     """Scores in percent. mIoU averages the classes present in ground truth or prediction; the others
-    are listed in 'absent_classes' and have IoU None. A class only predicted counts with IoU 0."""
+    are listed in 'absent_classes' and have IoU None. A class only predicted counts with IoU 0. mAcc averages
+    the per-class accuracy (correct pixels / ground-truth pixels) over the classes in ground truth, as mmseg's
+    IoUMetric does."""
     counts = torch.as_tensor(matrix).cpu().numpy()
     if len(class_names) != len(counts):
         raise ValueError(f"{len(class_names)} class names for a {len(counts)}-class confusion matrix")
     iou = per_class_iou(counts)
     present = ~np.isnan(iou)
     total = int(counts.sum())
+    in_truth = counts.sum(axis=1) > 0
+    accuracy = np.diag(counts)[in_truth] / counts.sum(axis=1)[in_truth]  # [classes in ground truth]
     return {
         "mIoU": float(100 * iou[present].mean()) if present.any() else None,
+        "mAcc": float(100 * accuracy.mean()) if in_truth.any() else None,
         "pixel_accuracy": float(100 * np.trace(counts) / total) if total else None,
         "num_pixels": total,
         "num_classes": len(class_names),
@@ -88,6 +93,7 @@ def format_results(results: dict, markdown: bool = True) -> str:
     rows = [(name, _percent(value)) for name, value in results["per_class_iou"].items()]
     rows += [
         (f"mIoU ({results['classes_in_mean']} classes)", _percent(results["mIoU"])),
+        ("mAcc", _percent(results["mAcc"])),
         ("pixel accuracy", _percent(results["pixel_accuracy"])),
     ]
     if markdown:

@@ -104,12 +104,15 @@ def test_compare_prints_one_table_of_methods_by_datasets_and_writes_markdown_and
     assert rows[0].split() == ["sclip", *name.split(), f"{miou['sclip']['voc']:.2f}", "-"]
     assert rows[1].split() == ["clearclip", *name.split(), "-", f"{miou['clearclip']['coco']:.2f}"]
     assert rows[2].split() == ["naclip", *name.split(), f"{miou['naclip']['voc']:.2f}", f"{miou['naclip']['coco']:.2f}"]
-    markdown = (tmp_path / "table.md").read_text().splitlines()
+    markdown = (tmp_path / "table" / "compare.md").read_text().splitlines()
     assert markdown[2:4] == ["| method | voc | coco |", "|---|---:|---:|"]
     assert markdown[4] == f"| sclip {name} | {miou['sclip']['voc']:.2f} | - |"
-    with Image.open(tmp_path / "table.png") as picture:
+    with Image.open(tmp_path / "table" / "compare.png") as picture:
         assert picture.format == "PNG" and picture.width > 100
 
+    (tmp_path / "file").write_text("")
+    on_a_file = invoke(zs_eval, "compare", *reports, "--out", tmp_path / "file")
+    assert on_a_file.returncode == 2 and "is a file, not a folder" in on_a_file.stderr
     twice = invoke(zs_eval, "compare", reports[0], reports[0])
     assert twice.returncode == 2 and f"two reports of sclip {name} on voc" in twice.stderr
     (tmp_path / "other.json").write_text('{"hello": 1}')

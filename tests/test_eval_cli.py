@@ -48,7 +48,7 @@ def test_ground_truth_as_predictions_scores_100(tmp_path):
     out = invoke(zs_eval, "voc", "--data-root", SAMPLES, "--predictions", labels, "--out", tmp_path)
     assert out.returncode == 0, out.stderr
     document = results(tmp_path, "voc")
-    assert document["mIoU"] == 100.0 and document["pixel_accuracy"] == 100.0
+    assert document["mIoU"] == 100.0 and document["pixel_accuracy"] == 100.0 and document["mAcc"] == 100.0
     assert len(document["per_class_iou"]) == 21 and np.shape(document["confusion_matrix"]) == (21, 21)
     assert document["classes_in_mean"] == 3 and "bicycle" in document["absent_classes"]
     assert (tmp_path / "voc.md").read_text().startswith("# voc val: mIoU 100.00")
@@ -83,9 +83,13 @@ def test_zeroseg_checkpoint_on_voc_and_coco_and_its_saved_predictions_score_the_
 
     events = EventAccumulator(str(setup["root"] / "run" / "tensorboard"))
     events.Reload()
-    (logged,) = events.Scalars("eval/coco/mIoU")
+    settings = "short_side=64,crop_size=64,stride=32"  # SMALL: not the default protocol, so it names the tags
+    (logged,) = events.Scalars(f"eval/coco/{settings}/mIoU")
     assert logged.step == 2 and logged.value == pytest.approx(coco["mIoU"])
-    assert "eval/voc/pixel_accuracy" in events.Tags()["scalars"]
+    assert {f"eval/voc/{settings}/pixel_accuracy", f"eval/voc/{settings}/mAcc"} <= set(events.Tags()["scalars"])
+    assert "eval/coco/mIoU" not in events.Tags()["scalars"]
+    assert f"mAcc {voc['mAcc']:.2f}, pixel accuracy" in out.stdout
+    assert "\n- zeroseg " in report and f", finished {voc['config']['finished']}" in report
 
     rescored = invoke(
         zs_eval, "voc", "coco", "--data-root", setup["data"], "--predictions", tmp_path / "pred",
@@ -194,8 +198,13 @@ def test_user_errors_are_one_line_and_exit_2(setup, tmp_path):
     assert str(tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt") in missing.stderr
     unknown = invoke(zs_eval, "kitti", "--data-root", SAMPLES, "--predictions", tmp_path)
     assert unknown.returncode == 2 and "unknown dataset 'kitti'" in unknown.stderr
-    no_checkpoint = invoke(zs_eval, "voc", "--checkpoint", tmp_path / "nope.pt", *setup["common"])
+    no_checkpoint = invoke(zs_eval, "voc", "--checkpoint", tmp_path / "nope.pt", *setup["common"],
+                           "--out", tmp_path / "results" / "never")  # fmt: skip
     assert no_checkpoint.returncode == 2 and "nope.pt" in no_checkpoint.stderr
+    no_segments = invoke(zs_segment, tmp_path, "--checkpoint", tmp_path / "nope.pt", "--classes", "cat",
+                         "--out", tmp_path / "segments")  # fmt: skip
+    assert no_segments.returncode == 2 and "nope.pt" in no_segments.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "segments").exists()  # failed: no empty folder
     no_coco_labels = invoke(zs_eval, "coco", "--data-root", SAMPLES, "--predictions", tmp_path)
     assert no_coco_labels.returncode == 2 and "coco_object" in no_coco_labels.stderr
     bad_vocabulary = invoke(zs_segment, tmp_path, "--checkpoint", setup["checkpoint"], "--vocabulary", "klingon")

@@ -160,3 +160,11 @@ def test_missing_and_mis_sized_predictions_are_user_errors(tmp_path):
     Image.fromarray(np.full((366, 500), 21, dtype=np.uint8)).save(predictions / "2007_000033.png")
     with pytest.raises(UserError, match="class index 21"):
         score_predictions(dataset, predictions)
+
+
+def test_macc_averages_the_accuracy_of_the_classes_in_ground_truth():
+    counts = torch.tensor([[3, 1, 0], [2, 2, 0], [0, 0, 0]])  # class 2 neither in ground truth nor predicted
+    results = segmentation_results(counts, ["a", "b", "c"])
+    assert results["mAcc"] == pytest.approx(100 * (3 / 4 + 2 / 4) / 2)
+    assert results["mIoU"] == pytest.approx(100 * (3 / 6 + 2 / 5) / 2)
+    assert results["pixel_accuracy"] == pytest.approx(100 * 5 / 8)
