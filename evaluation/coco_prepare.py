@@ -20,6 +20,7 @@ from tqdm import tqdm
 from zeroseg.errors import UserError, first_line
 from zeroseg.evaluation.datasets import COCO_CATEGORY_TO_INDEX
 from zeroseg.evaluation.drawing import label_image, save_png
+from zeroseg.runtime import bar_disabled
 
 
 def prepare_coco_object(instances_json: str | Path, out_dir: str | Path, progress: bool = True) -> int:
@@ -28,7 +29,7 @@ def prepare_coco_object(instances_json: str | Path, out_dir: str | Path, progres
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = 0
-    for image_id in tqdm(sorted(coco.imgs), desc="COCO-Object label maps", disable=not progress):
+    for image_id in tqdm(sorted(coco.imgs), desc="COCO-Object label maps", disable=bar_disabled(progress)):
         info = coco.imgs[image_id]
         target = out_dir / f"{Path(info['file_name']).stem}.png"
         if target.exists():

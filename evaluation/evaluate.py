@@ -25,7 +25,7 @@ from zeroseg.evaluation.scores import ConfusionMatrix, format_results, segmentat
 from zeroseg.evaluation.segmenter import WindowSegmenter
 from zeroseg.io import remove_dead_partials, write_atomically
 from zeroseg.process_group import Process
-from zeroseg.runtime import prefetch_map
+from zeroseg.runtime import bar_disabled, prefetch_map
 
 RUN_RECORD = "zs-eval-run.json"
 CLOCK_SLACK_S = 2.0  # file-system timestamps vs time.time(), and ranks that start a moment apart
@@ -50,7 +50,7 @@ def segment_split(
     indices = process.shard(range(len(dataset)))
     items = prefetch_map(dataset.__getitem__, indices, workers, ahead=2 * max(1, workers))
     label = dataset.name if process.world_size == 1 else f"{dataset.name} (rank 0 of {process.world_size})"
-    bar = tqdm(total=len(indices), desc=label, disable=not (progress and process.is_main))
+    bar = tqdm(total=len(indices), desc=label, disable=bar_disabled(progress and process.is_main))
     for _ in indices:
         waited = time.perf_counter()
         image_id, image, labels = next(items)
@@ -85,7 +85,7 @@ def score_saved_predictions(
         warn(note)
     confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=process.device)
     indices = process.shard(range(len(dataset)))
-    for index in tqdm(indices, desc=f"scoring {dataset.name}", disable=not (progress and process.is_main)):
+    for index in tqdm(indices, desc=f"scoring {dataset.name}", disable=bar_disabled(progress and process.is_main)):
         labels = dataset.load_label(index)  # [H, W]
         try:
             confusion.update(labels, read_prediction(paths[index], labels.shape))

@@ -199,20 +199,27 @@ def _column_major_runs(mask: np.ndarray) -> list[int]:
 
 
 def _background(size: tuple[int, int], seed: int) -> np.ndarray:
-    """[H, W, 3] uint8: a sky-to-ground gradient with seeded noise."""
+    """[H, W, 3] uint8: a sky-to-ground gradient with blotches and grain."""
     width, height = size
     t = np.linspace(0, 1, height)[:, None, None]  # [H, 1, 1]
     sky, ground = np.array([150, 190, 235]), np.array([110, 100, 80])
     gradient = (1 - t) * sky + t * ground  # [H, 1, 3]
-    noise = np.random.default_rng(seed).normal(0, 6, (height, width, 3))
-    return np.clip(gradient + noise, 0, 255).astype(np.uint8)
+    return np.clip(gradient + _texture(size, seed, 40), 0, 255).astype(np.uint8)
 
 
 def _paint(photo: np.ndarray, mask: np.ndarray, label: int, seed: int) -> None:
-    """Paint the mask's pixels of photo [H, W, 3] in the label's palette colour, with stripes and noise."""
+    """Paint the mask's pixels of photo [H, W, 3] in the label's palette colour, with stripes, blotches and grain."""
     height, width = mask.shape
     colour = palette(256)[label % 256].astype(np.float64) * 0.6 + 50
     stripes = 20 * np.sin(np.arange(width) / (3 + label % 5))[None, :, None]  # [1, W, 1]
-    noise = np.random.default_rng(seed).normal(0, 8, (height, width, 3))
-    painted = np.clip(colour + stripes + noise, 0, 255).astype(np.uint8)
+    painted = np.clip(colour + stripes + _texture((width, height), seed, 30), 0, 255).astype(np.uint8)
     photo[mask] = painted[mask]
+
+
+def _texture(size: tuple[int, int], seed: int, strength: float) -> np.ndarray:
+    """[H, W, 3] float: seeded colour blotches (a coarse random grid, bicubically enlarged) plus fine grain."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(0, strength, (12, 16, 3)).astype(np.float32)
+    blotches = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize(size, Image.BICUBIC)) for c in range(3)], -1)
+    return blotches + rng.normal(0, 6, (height, width, 3))

@@ -21,7 +21,7 @@ from zeroseg.evaluation.cli import (
 )
 from zeroseg.evaluation.datasets import DATASET_NAMES, DATASETS
 from zeroseg.pipeline.sources import IMAGE_EXTENSIONS
-from zeroseg.runtime import DEVICE_HELP, run_cli
+from zeroseg.runtime import DEVICE_HELP, bar_disabled, run_cli
 
 IMAGENET_VOCABULARY_NAMES = ("imagenet", "imagenet1k")
 
@@ -101,7 +101,7 @@ def segment(
     settings = {**loaded.description, "labeling": segmenter.rule.to_dict(), "geometry": vars(segmenter.geometry)}
     write_atomically(out / "zs-segment.json", json.dumps({**settings, "class_names": list(class_names)}, indent=1))
     failed = 0
-    for path, name in tqdm(inputs, desc="segmenting", disable=not progress):
+    for path, name in tqdm(inputs, desc="segmenting", disable=bar_disabled(progress)):
         try:
             image = decode_image(path.read_bytes(), max_pixels)
         except (OSError, ImageDecodeError) as exc:

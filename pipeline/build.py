@@ -49,7 +49,7 @@ from zeroseg.pipeline.store import FeatureStore, builder_lock
 from zeroseg.pipeline.store_meta import StoreMeta
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
-from zeroseg.runtime import prefetch_map, resolve_device
+from zeroseg.runtime import bar_disabled, prefetch_map, resolve_device
 
 
 @dataclass
@@ -237,7 +237,7 @@ def _encode_here(
         ahead=4 * opts.batch_size,
     )
     total = sum(len(shard.keys) for shard in shards)
-    bar = tqdm(total=total, unit="img", desc="zs-cache", disable=not opts.progress, smoothing=0.1)
+    bar = tqdm(total=total, unit="img", desc="zs-cache", disable=bar_disabled(opts.progress), smoothing=0.1)
     with ThreadPoolExecutor(1) as writer:
         previous: Future | None = None
         for shard in shards:

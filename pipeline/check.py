@@ -17,7 +17,7 @@ from zeroseg.io import human_size
 from zeroseg.pipeline.integrity import chunk_crc32c, chunk_key
 from zeroseg.pipeline.manifest import name_digests, name_list, repeated_names, repeated_rows
 from zeroseg.pipeline.store import FEATURES, MANIFEST_READERS, FeatureStore, committed_parts
-from zeroseg.runtime import prefetch_map
+from zeroseg.runtime import bar_disabled, prefetch_map
 
 
 def disk_size(path: Path) -> int:
@@ -311,7 +311,7 @@ def _check_features(
                 changed.add(index)
         noted.noted.clear()
 
-    for start in tqdm(np.unique(ok_rows // block) * block, desc="verify", unit="block", disable=not progress):
+    for start in tqdm(np.unique(ok_rows // block) * block, desc="verify", unit="block", disable=bar_disabled(progress)):
         lo, hi = np.searchsorted(ok_rows, [start, start + block])
         wanted = ok_rows[lo:hi]
         try:

@@ -64,7 +64,7 @@ from zeroseg.pipeline.sources import Source, SourceSpec, source_from_spec
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.pipeline.teacher import Teacher, TeacherFormat
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
-from zeroseg.runtime import prefetch_map, resolve_device
+from zeroseg.runtime import bar_disabled, prefetch_map, resolve_device
 
 RETRIES = 2
 TASKS_PER_WORKER = 2  # Dask threads per local worker: one shard on the teacher while the previous one writes
@@ -362,7 +362,7 @@ def _run_shards(
     """Submit one task per shard and commit each shard as its task completes, recording it in `encoded`
     (which thus holds the committed shards when the cluster goes away)."""
     topic = f"zs-cache-progress-{uuid.uuid4().hex}"
-    bar = tqdm(total=sum(len(s.keys) for s in shards), unit="img", desc="zs-cache", disable=not show_progress,
+    bar = tqdm(total=sum(len(s.keys) for s in shards), unit="img", desc="zs-cache", disable=bar_disabled(show_progress),
                smoothing=0.1)
     progress = ClusterProgress(bar)
     client.subscribe_topic(topic, progress.on_event)

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from zeroseg.errors import DAMAGED, UserError, recorded_fields
 from zeroseg.io import atomic_path, write_atomically
+from zeroseg.runtime import bar_disabled
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -362,6 +363,6 @@ def pack_h5(folder: str | Path, out: str | Path, progress: bool = True) -> int:
     with atomic_path(out) as partial, h5py.File(partial, "w") as handle:
         handle.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
         images = handle.create_dataset("images", shape=(len(keys),), dtype=h5py.vlen_dtype(np.uint8))
-        for i, key in enumerate(tqdm(keys, desc="packing", unit="img", disable=not progress)):
+        for i, key in enumerate(tqdm(keys, desc="packing", unit="img", disable=bar_disabled(progress))):
             images[i] = np.frombuffer(source.read(key), dtype=np.uint8)
     return len(keys)

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -157,3 +159,14 @@ def test_one_image_file_is_a_source_of_one_image_and_a_nul_in_a_list_is_an_error
     assert listed.returncode == 0, listed.stderr
     rows = {row["key"]: row["error"] for row in FeatureStore.open(tmp_path / "listed").manifest().to_pylist()}
     assert rows["one.jpg"] is None and "the path holds a NUL byte" in rows["bad\0name.jpg"]
+
+
+def test_progress_bars_stay_out_of_output_that_is_not_a_terminal(tmp_path):
+    (tmp_path / "one.jpg").write_bytes(PHOTOS[0].read_bytes())
+    args = [a for a in TINY_BUILD if a != "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    done = subprocess.run([sys.executable, "-m", "zeroseg.pipeline.cli", "build", str(tmp_path / "one.jpg"), "--store",
+                           str(tmp_path / "store"), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "zs-cache:" not in done.stderr and "img/s" not in done.stderr  # stderr is a pipe: no bar

@@ -40,6 +40,7 @@ from zeroseg.errors import UserError
 from zeroseg.io import remove_dead_partials, write_atomically
 from zeroseg.pipeline.store_reader import StoreReader, check_decode_device
 from zeroseg.process_group import StopRequest
+from zeroseg.runtime import bar_disabled
 from zeroseg.trainer.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -247,7 +248,8 @@ class Trainer:
             pin=self.device.type == "cuda",
         )
         self.batches = DeviceBatches(iter(loader), self.device, self.crop_size, self.samples.path)
-        bar = tqdm(total=end, initial=self.start_step, unit="step", desc="zs-train", disable=not (main and progress))
+        bar = tqdm(total=end, initial=self.start_step, unit="step", desc="zs-train",
+                   disable=bar_disabled(main and progress))
         interval = Interval(time.perf_counter(), self.device)
         stop_every = STOP_EVERY if self.process.distributed else 1  # a single process checks a flag on the host
         stop_signal = None

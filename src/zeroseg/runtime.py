@@ -27,6 +27,12 @@ DEVICE_HELP = (
 )
 
 
+def bar_disabled(wanted: bool) -> bool | None:
+    """tqdm's `disable` for a progress bar: off when not wanted (--no-progress), and None (tqdm: off unless its
+    stream, stderr, is a terminal) when wanted, so logs and pipes get no bar lines."""
+    return None if wanted else True
+
+
 def gpu_job_request() -> str | None:
     """The job-spec variable (e.g. SLURM_GPUS_ON_NODE=4) saying this process was given GPUs, if any."""
     for name in GPU_JOB_VARIABLES:
