@@ -28,8 +28,8 @@ from zeroseg.pipeline.options import DEFAULT_MAX_PIXELS
 from zeroseg.runtime import DEVICE_HELP, run_cli
 
 CHECKPOINT_HELP = (
-    "A checkpoint (.pt) written by zs-train, a run folder (its latest checkpoint) or a folder written by "
-    "zs-train export."
+    "A checkpoint (.pt) written by zs-train, a run folder (its latest checkpoint), a folder written by "
+    "zs-train export, or hf-hub:ORG/REPO (such a folder on the Hugging Face Hub; HF_HUB_OFFLINE=1: from the cache)."
 )
 QUICK_GELU = typer.Option(
     None, "--quick-gelu/--no-quick-gelu", help="Force the CLIP's activation (default: recorded / automatic)."
@@ -315,8 +315,12 @@ def _log_to_run(checkpoint: str, document: dict, step: int | None, protocol: dic
 
 
 def _default_output(options) -> Path:
+    from zeroseg.evaluation.loading import HUB_PREFIX
+
     if options.predictions is not None:
         return Path("zs-eval-results") / "predictions"
+    if options.model == "zeroseg" and options.checkpoint and options.checkpoint.startswith(HUB_PREFIX):
+        return Path("zs-eval-results") / options.checkpoint.removeprefix(HUB_PREFIX).replace("/", "--")
     if options.model == "zeroseg" and options.checkpoint:
         checkpoint = Path(options.checkpoint)
         return checkpoint.parent / f"{checkpoint.stem}-eval"

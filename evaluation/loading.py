@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from zeroseg.errors import UserError, require
+from zeroseg.errors import UserError, first_line, require
 from zeroseg.evaluation.datasets import GROUPVIT_THRESHOLDS, THRESHOLD_SETS
 from zeroseg.evaluation.labeling_rule import RULES, LabelingRule
 from zeroseg.evaluation.methods import METHODS, TRAINING_FREE
@@ -19,6 +19,8 @@ from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.teacher import create_clip, register_config, resolve_identity
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
+
+HUB_PREFIX = "hf-hub:"  # --checkpoint hf-hub:ORG/REPO: an export on the Hugging Face Hub
 
 
 @dataclass
@@ -166,6 +168,19 @@ def read_templates(choice: str) -> tuple[str, ...]:
     return templates
 
 
+def hub_export_folder(checkpoint: str) -> str:
+    """--checkpoint hf-hub:ORG/REPO: the folder of that export (`zs-train export`) in the Hugging Face cache,
+    fetched when missing (HF_HUB_OFFLINE=1: the cache only, HF_HUB_CACHE: where it lies); any other value as given."""
+    if not checkpoint.startswith(HUB_PREFIX):
+        return checkpoint
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(checkpoint.removeprefix(HUB_PREFIX))
+    except (OSError, ValueError) as exc:  # not cached offline, unknown repo, no network, a malformed repo id
+        raise UserError(f"--checkpoint {checkpoint}: {first_line(exc)}") from None
+
+
 def load_eval_model(options: ModelOptions, device: torch.device) -> LoadedModel:
     templates = read_templates(options.templates or METHODS[options.model].templates)
     if options.model in TRAINING_FREE:
@@ -176,7 +191,7 @@ def load_eval_model(options: ModelOptions, device: torch.device) -> LoadedModel:
 def _load_zeroseg(options: ModelOptions, templates: tuple[str, ...], device: torch.device) -> LoadedModel:
     from zeroseg.trainer.export import load_trained_model
 
-    model, meta = load_trained_model(options.checkpoint, device)
+    model, meta = load_trained_model(hub_export_folder(options.checkpoint), device)
     recorded = TeacherIdentity.from_dict(meta["store"]["teacher"], f"checkpoint '{meta['path']}': store.teacher")
     identity = _text_teacher(recorded, options)
     clip = create_clip(identity, device)

@@ -2,7 +2,7 @@
 
     from zeroseg.evaluation.pretrained import Segmenter
 
-    segmenter = Segmenter.from_pretrained("export-dir", device="auto")   # or a checkpoint .pt / run folder
+    segmenter = Segmenter.from_pretrained("export-dir", device="auto")   # or a .pt, a run folder, "org/repo" (Hub)
     result = segmenter(image, classes=["cat", "dog", "grass"])           # every pixel gets one of the classes
     result = segmenter(image, classes=["cat", "dog"], background=0.5)    # below score 0.5: background
     result.labels        # [H, W] int64 at the image's size: 0 background, k = classes[k - 1]
@@ -13,6 +13,7 @@ The labeling rule is zs-segment's and zs-eval's (evaluation.segmenter.LabelingRu
 `classes` are all foreground, and label 0 occurs only when a `background` threshold is given.
 """
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zeroseg.evaluation.loading import LoadedModel, ModelOptions, load_eval_model
+from zeroseg.evaluation.loading import HUB_PREFIX, LoadedModel, ModelOptions, load_eval_model
 from zeroseg.evaluation.segmenter import WindowSegmenter, describe_segments
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.images import decode_image
@@ -59,14 +60,17 @@ class Segmenter:
         rule: str | None = None,
         top_k: int = 5,
     ) -> "Segmenter":
-        """path: a folder written by `zs-train export`, a checkpoint .pt or a run folder (its latest checkpoint).
+        """path: a folder written by `zs-train export`, a checkpoint .pt, a run folder (its latest checkpoint), or
+        an export on the Hugging Face Hub, "ORG/REPO" (when no such local path exists) or "hf-hub:ORG/REPO", read
+        from the Hub cache (HF_HUB_OFFLINE=1: offline).
         teacher / pretrained override the CLIP recorded for the text side (needed when its weights file is not
         on this machine); text_cache: the text-embedding cache folder (default ~/.cache/zeroseg/text);
         geometry: evaluation.windows.Geometry (default: whole image, short side 448); rule, top_k: the labeling
         rule (evaluation.labeling_rule.RULES: groupvit, GroupViT's with its top-k image prior, the default, or
         softmax)."""
+        on_hub = not Path(path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
         options = ModelOptions(
-            "zeroseg", str(path), teacher, pretrained, templates=templates,
+            "zeroseg", f"{HUB_PREFIX}{path}" if on_hub else str(path), teacher, pretrained, templates=templates,
             text_cache=str(text_cache) if text_cache else None, geometry=vars(geometry or Geometry()),
             keep_best_group=keep_best_group, rule=rule, top_k=top_k,
         )  # fmt: skip

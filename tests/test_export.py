@@ -180,7 +180,7 @@ def test_an_export_removes_what_a_killed_export_left_in_its_folder(trained, tmp_
     assert exported.returncode == 0, exported.stderr
     assert not any(path.exists() for path in killed)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
-        "config.json", "model.safetensors", "teacher", "teacher/zs-tiny-clip.json"
+        "README.md", "config.json", "model.safetensors", "teacher", "teacher/zs-tiny-clip.json"
     ]
 
 
@@ -192,7 +192,8 @@ def test_every_exported_file_follows_the_umask(trained, tmp_path):
         os.umask(previous)
     assert exported.returncode == 0, exported.stderr
     modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "shared").rglob("*")}
-    assert modes == {"shared/config.json": 0o644, "shared/model.safetensors": 0o644, "shared/teacher": 0o755,
+    assert modes == {"shared/README.md": 0o644, "shared/config.json": 0o644, "shared/model.safetensors": 0o644,
+                     "shared/teacher": 0o755,
                      "shared/teacher/zs-tiny-clip.json": 0o644}
 
 
@@ -205,3 +206,76 @@ def test_a_disk_that_fills_during_an_export_is_one_line(trained, tmp_path):
             f"Error while serializing: I/O error: No space left on device (os error 28)"
         )
         assert not [path.name for path in (small / "exported").iterdir() if path.name.endswith(".partial")]
+
+
+def test_every_export_has_a_model_card_and_timm_fields(trained):
+    document = json.loads((trained["export"] / "config.json").read_text())
+    card = (trained["export"] / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: zeroseg\n") and "ZeroSeg (Chen et al., ICCV 2023)" in card
+    assert "**Teacher**: zs-tiny-clip (random weights)." in card and "**Steps**: 2 optimizer steps" in card
+    assert 'Segmenter.from_pretrained("ORG/REPO")' in card and str(trained["root"]) not in card
+    model_args, cfg = document["model_args"], document["pretrained_cfg"]
+    assert (model_args["img_size"], model_args["patch_size"], model_args["class_token"]) == (32, 8, False)
+    assert cfg["input_size"] == [3, 32, 32] and cfg["mean"] == document["preprocessing"]["mean"]
+    timm.create_model(document["architecture"], pretrained=False, **model_args)  # timm builds it from the fields
+
+
+@pytest.mark.parametrize("size", [(48, 64), (64, 96)])
+def test_the_readme_timm_recipe_gives_the_encoders_features_at_other_sizes(trained, size):
+    """The recipe of the README: the training grid's sin-cos table, resized by timm's resample_abs_pos_embed
+    (bicubic, no antialias) to the input's grid; a sin-cos table of the new grid would differ."""
+    from timm.layers import resample_abs_pos_embed
+
+    from zeroseg.trainer.vit import sincos_pos_embed_2d
+
+    student, _ = load_export(trained["export"])
+    document = json.loads((trained["export"] / "config.json").read_text())
+    vit = timm.create_model(document["architecture"], pretrained=False, **{**document["model_args"], "img_size": size})
+    encoder = {k: v for k, v in student.state_dict().items() if k.split(".")[0] in ("patch_embed", "blocks", "norm")}
+    vit.load_state_dict(encoder, strict=True)
+    vit.eval()
+    patch, dim = document["model_args"]["patch_size"], document["model_args"]["embed_dim"]
+    trained_grid = [document["model_args"]["img_size"] // patch] * 2
+    grid = [size[0] // patch, size[1] // patch]
+    table = resample_abs_pos_embed(sincos_pos_embed_2d(dim, trained_grid)[None], new_size=grid,
+                                   old_size=trained_grid, num_prefix_tokens=0, interpolation="bicubic", antialias=False)
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = student.forward_encoder(images, mask_ratio=0.0)[0]  # (B, L, D)
+        got = vit.norm(vit.blocks(vit.patch_embed(images) + table))
+        sincos_of_the_new_grid = vit.norm(vit.blocks(vit.patch_embed(images) + sincos_pos_embed_2d(dim, grid)[None]))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(sincos_of_the_new_grid, want, atol=1e-3)
+
+
+def test_an_export_on_the_hub_loads_offline_from_the_cache(trained, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from tests.test_teacher import hub_cache_entry
+
+    hub_cache_entry(tmp_path / "hub", "zs-test/tiny-zeroseg", trained["export"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # the cache only: no network
+    kwargs = {"device": "cpu", "text_cache": tmp_path / "text", "geometry": GEOMETRY}
+    from_hub = Segmenter.from_pretrained("zs-test/tiny-zeroseg", **kwargs)
+    local = Segmenter.from_pretrained(trained["export"], **kwargs)
+    assert "models--zs-test--tiny-zeroseg" in from_hub.loaded.description["checkpoint"]
+    assert np.array_equal(from_hub(PHOTOS[0], classes=["cat", "dog"]).labels,
+                          local(PHOTOS[0], classes=["cat", "dog"]).labels)  # fmt: skip
+    segmented = invoke(zs_segment, PHOTOS[0], "--checkpoint", "hf-hub:zs-test/tiny-zeroseg", "--classes", "cat,dog",
+                       "--out", tmp_path / "out", "--short-side", "64", "--device", "cpu", "--no-progress",
+                       "--text-cache", tmp_path / "text")  # fmt: skip
+    assert segmented.returncode == 0, segmented.stderr
+    missing = invoke(zs_segment, PHOTOS[0], "--checkpoint", "hf-hub:zs-test/absent", "--classes", "cat",
+                     "--out", tmp_path / "none")  # fmt: skip
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --checkpoint hf-hub:zs-test/absent: ")
+    assert missing.stderr.count("\n") == 1
+
+
+def test_push_to_hub_exports_first_and_says_in_one_line_why_it_cannot_upload_offline(trained, tmp_path):
+    """Offline (HF_HUB_OFFLINE=1, as in every test) huggingface_hub refuses the upload before any network call:
+    the test reaches the upload call boundary, not the Hub."""
+    pushed = invoke(zs_train, "export", trained["run"], "--out", tmp_path / "out", "--push-to-hub", "zs-test/x")
+    assert pushed.returncode == 2 and pushed.stderr.startswith("error: --push-to-hub zs-test/x: ")
+    assert pushed.stderr.count("\n") == 1 and f"(the export is in {tmp_path / 'out'})" in pushed.stderr
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"model.safetensors", "config.json", "README.md"}

@@ -11,11 +11,12 @@
 import os
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import typer
 
-from zeroseg.errors import require
+from zeroseg.errors import UserError, first_line, require
 from zeroseg.runtime import DEVICE_HELP, run_cli
 
 app = typer.Typer(
@@ -144,13 +145,30 @@ def plot(
 @app.command("export")
 def export(
     source: str = typer.Argument(..., help="Checkpoint (.pt) or run folder (its latest checkpoint)."),
-    out: str = typer.Option(..., "--out", help="Folder to write model.safetensors and config.json to."),
+    out: str = typer.Option(..., "--out", help="Folder to write model.safetensors, config.json and README.md to."),
+    push_to_hub: str | None = typer.Option(
+        None, "--push-to-hub", metavar="ORG/REPO",
+        help="Then upload the folder to this Hugging Face Hub model repo (made if missing; your HF token).",
+    ),
 ) -> None:
-    """Export the trained model: DIR/model.safetensors (weights) and DIR/config.json (model config, teacher,
-    preprocessing; no absolute paths). zs-eval/zs-segment --checkpoint DIR and Segmenter.from_pretrained load it."""
+    """Export the trained model: DIR/model.safetensors (weights), DIR/config.json (model config, teacher,
+    preprocessing, timm's fields; no absolute paths) and DIR/README.md (model card). zs-eval/zs-segment
+    --checkpoint DIR (or hf-hub:ORG/REPO once pushed) and Segmenter.from_pretrained load it."""
     from zeroseg.trainer.export import export_model
 
-    typer.echo(f"exported {source} to {export_model(source, out)}")
+    folder = export_model(source, out)
+    typer.echo(f"exported {source} to {folder}")
+    if push_to_hub is not None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        try:
+            api.create_repo(push_to_hub, exist_ok=True)
+            commit = api.upload_folder(folder_path=str(folder), repo_id=push_to_hub,
+                                       commit_message=f"zeroseg export of {Path(source).name}")  # fmt: skip
+        except (OSError, ValueError) as exc:  # offline, no token, no network, a malformed repo id
+            raise UserError(f"--push-to-hub {push_to_hub}: {first_line(exc)} (the export is in {folder})") from None
+        typer.echo(f"pushed {folder} to {commit.commit_url}")
 
 
 def main() -> None:

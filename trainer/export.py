@@ -1,6 +1,7 @@
 """A trained model, loaded from wherever it lies (`load_trained_model`: a checkpoint, a run folder, an export
-folder), and the export that lets it leave zeroseg: `zs-train export` writes DIR/model.safetensors and
-DIR/config.json.
+folder), and the export that lets it leave zeroseg: `zs-train export` writes DIR/model.safetensors,
+DIR/config.json and DIR/README.md (the model card, trainer.model_card) — the files the Hugging Face Hub serves, so
+an export pushed there (`--push-to-hub REPO`) loads by `Segmenter.from_pretrained("ORG/REPO")`.
 
 model.safetensors holds the weights only: the state dict of ZeroSeg (trainer.model), float tensors as trained.
 config.json holds no absolute path:
@@ -14,7 +15,11 @@ config.json holds no absolute path:
                     model-config JSON rather than a built-in open_clip name (the content the checkpoint recorded)
     preprocessing   the input normalisation (mean, std) and image_size of training
     step            optimizer steps of the checkpoint exported; source: that checkpoint's file name
-    files           sha256 of every other file of the export (model.safetensors, the teacher config copy)
+    architecture,   what timm needs to build the encoder: a timm model name, and the arguments that make it this
+    model_args,     encoder (VisionTransformer: sizes, no class token, no learned positions, no head), and timm's
+    pretrained_cfg  input_size, mean/std, interpolation (the weights file also holds the decoder and grouping
+                    head, so load the encoder keys as below rather than with timm.create_model(pretrained=True))
+    files           sha256 of the files it loads (model.safetensors, the teacher config copy; not the model card)
     checksum        sha256 of this document's canonical JSON, itself left out (`document_digest`)
 
 A flipped bit in a weight or an edited pixel mean, which would load without a word, makes the export "damaged"
@@ -24,7 +29,11 @@ Encoder key layout. The keys `patch_embed.proj.*`, `blocks.<i>.{norm1,attn.qkv,a
 and `norm.*` are a plain pre-norm ViT without class token: they load with strict=True into
 `timm.models.vision_transformer.VisionTransformer(patch_size=p, embed_dim=D, depth=L, num_heads=H,
 class_token=False, pos_embed="none", global_pool="", num_classes=0)`. The positional embedding is the fixed
-2-D sin-cos of trainer.vit.sincos_pos_embed_2d (not a weight): add it to timm's patch_embed output. The other keys
+2-D sin-cos of trainer.vit.sincos_pos_embed_2d over the training grid (image_size / patch_size square; not a
+weight); at any other input size zeroseg resizes that table bicubically (trainer.vit.interpolate_pos_embed:
+align_corners=False, no antialias), which is timm's `resample_abs_pos_embed(table, new_size, old_size,
+num_prefix_tokens=0, interpolation="bicubic", antialias=False)`, never a sin-cos table of the new grid. Add it
+to timm's patch_embed output. The other keys
 are the reconstruction decoder (decoder_*, mask_token), the grouping head (seg_embed, grouping_stages,
 segment_blocks, seg_norm) and the projections into the teacher's space (segment_proj, global_*).
 """
@@ -43,6 +52,7 @@ from zeroseg.io import atomic_path, inside, remove_dead_partials, sha256_file, w
 from zeroseg.pipeline.teacher_identity import TeacherIdentity, canonical_json
 from zeroseg.trainer.checkpoint import read_checkpoint, read_newest_checkpoint
 from zeroseg.trainer.model import ZeroSeg
+from zeroseg.trainer.model_card import CARD_FILE, model_card
 from zeroseg.trainer.model_config import ModelConfig
 
 EXPORT_FORMAT = "zeroseg-export-1"
@@ -101,6 +111,7 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
         "preprocessing": {**meta["store"]["preprocessing"], "image_size": model.cfg.image_size},
         "step": meta["step"],
         "source": Path(meta["path"]).name,
+        **timm_fields(model.cfg, meta["store"]["preprocessing"]),
     }
     state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
     try:
@@ -112,12 +123,29 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
     document["files"] = {name: sha256_file(out / name) for name in files}
     document["checksum"] = document_digest(document)
     write_atomically(out / CONFIG_FILE, json.dumps(document, indent=1) + "\n")
+    write_atomically(out / CARD_FILE, model_card(document, meta))
     return out
 
 
 def document_digest(document: dict[str, Any]) -> str:
     """sha256 of config.json's content (canonical JSON, its "checksum" left out): an edited mean is damage."""
     return hashlib.sha256(canonical_json({k: v for k, v in document.items() if k != "checksum"}).encode()).hexdigest()
+
+
+def timm_fields(cfg: ModelConfig, preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """config.json's architecture, model_args and pretrained_cfg: timm.create_model(architecture, **model_args)
+    builds a VisionTransformer that takes the encoder keys with strict=True."""
+    model_args = {
+        "img_size": cfg.image_size, "patch_size": cfg.patch_size, "in_chans": cfg.in_chans, "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth, "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio, "class_token": False,
+        "pos_embed": "none", "global_pool": "", "num_classes": 0,
+    }  # fmt: skip
+    pretrained_cfg = {
+        "input_size": [cfg.in_chans, cfg.image_size, cfg.image_size], "interpolation": "bicubic", "crop_pct": 1.0,
+        "mean": list(preprocessing["mean"]), "std": list(preprocessing["std"]), "num_classes": 0,
+        "first_conv": "patch_embed.proj",
+    }  # fmt: skip
+    return {"architecture": "vit_base_patch16_224", "model_args": model_args, "pretrained_cfg": pretrained_cfg}
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[ZeroSeg, dict[str, Any]]:
