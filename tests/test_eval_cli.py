@@ -201,7 +201,7 @@ def test_user_errors_are_one_line_and_exit_2(setup, tmp_path):
     no_checkpoint = invoke(zs_eval, "voc", "--checkpoint", tmp_path / "nope.pt", *setup["common"],
                            "--out", tmp_path / "results" / "never")  # fmt: skip
     assert no_checkpoint.returncode == 2 and "nope.pt" in no_checkpoint.stderr
-    no_segments = invoke(zs_segment, tmp_path, "--checkpoint", tmp_path / "nope.pt", "--classes", "cat",
+    no_segments = invoke(zs_segment, VOC_ROOT / "JPEGImages", "--checkpoint", tmp_path / "nope.pt", "--classes", "cat",
                          "--out", tmp_path / "segments")  # fmt: skip
     assert no_segments.returncode == 2 and "nope.pt" in no_segments.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "segments").exists()  # failed: no empty folder
