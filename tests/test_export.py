@@ -49,7 +49,7 @@ def _strings(value):
 def test_export_holds_weights_and_a_config_without_absolute_paths(trained):
     export = trained["export"]
     files = sorted(str(p.relative_to(export)) for p in export.rglob("*") if p.is_file())
-    assert files == ["config.json", "model.safetensors", "teacher/zs-tiny-clip.json"]
+    assert files == ["README.md", "config.json", "model.safetensors", "teacher/zs-tiny-clip.json"]
     document = json.loads((export / "config.json").read_text())
     assert document["format"] == "zeroseg-export-1" and document["step"] == 2
     assert document["teacher"]["config"] == "teacher/zs-tiny-clip.json" and document["teacher"]["pretrained"] is None
