@@ -41,8 +41,10 @@ STAND_INS = [
     ("CKPT", "runs/zs/checkpoints/step-00000002.pt"),
     ("other_method/voc", str(SAMPLES / "VOCdevkit" / "VOC2012" / "SegmentationClass")),
 ]
-# Lines a 2-core test machine cannot run: the paper's ViT-B training, 8 Dask workers, a remote scheduler
-NOT_RUN = ("run --config zeroseg-imagenet", "--workers 8", "--scheduler", "--resume", "--config tiny-cpu")
+# Lines a 2-core test machine cannot run (the paper's ViT-B training, 8 Dask workers, a remote scheduler), and the
+# benchmarks the sample scenes do not hold (Cityscapes, COCO-Stuff, ADE20K: tests/test_benchmarks.py has their layouts)
+NOT_RUN = ("run --config zeroseg-imagenet", "--workers 8", "--scheduler", "--resume", "--config tiny-cpu",
+           "prepare cityscapes", "prepare coco-stuff", "cityscapes ade20k")
 
 
 @pytest.mark.slow
