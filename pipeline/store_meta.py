@@ -5,14 +5,13 @@ canonical JSON of the rest (keys sorted, no spaces), so that an edited or damage
 is refused where the store is opened instead of silently changing what its features mean.
 """
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from zeroseg import __version__
 from zeroseg.errors import DAMAGED, UserError, recorded_fields
+from zeroseg.io import canonical_sha256
 from zeroseg.pipeline.crops import view_layout
 from zeroseg.pipeline.images import DECODES
 from zeroseg.pipeline.sources import SourceSpec
@@ -134,11 +133,6 @@ class StoreMeta:
             "preprocessing": Preprocessing.from_dict(values["preprocessing"], f"{where}.preprocessing"),
             "sources": {name: SourceSpec.from_dict(spec, f"{where}.sources.{name}") for name, spec in sources.items()},
         })  # fmt: skip
-
-
-def canonical_sha256(values: dict) -> str:
-    """The SHA-256 of the canonical JSON of `values` (keys sorted, no spaces)."""
-    return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def every_field(cls: type, values, where: str) -> dict:

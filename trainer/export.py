@@ -38,7 +38,6 @@ are the reconstruction decoder (decoder_*, mask_token), the grouping head (seg_e
 segment_blocks, seg_norm) and the projections into the teacher's space (segment_proj, global_*).
 """
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -48,8 +47,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from zeroseg.errors import DAMAGED, UserError, first_line
-from zeroseg.io import atomic_path, inside, remove_dead_partials, sha256_file, write_atomically
-from zeroseg.pipeline.teacher_identity import TeacherIdentity, canonical_json
+from zeroseg.io import atomic_path, canonical_sha256, inside, remove_dead_partials, sha256_file, write_atomically
+from zeroseg.pipeline.teacher_identity import TeacherIdentity
 from zeroseg.trainer.checkpoint import read_checkpoint, read_newest_checkpoint
 from zeroseg.trainer.model import ZeroSeg
 from zeroseg.trainer.model_card import CARD_FILE, model_card
@@ -129,7 +128,7 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
 
 def document_digest(document: dict[str, Any]) -> str:
     """sha256 of config.json's content (canonical JSON, its "checksum" left out): an edited mean is damage."""
-    return hashlib.sha256(canonical_json({k: v for k, v in document.items() if k != "checksum"}).encode()).hexdigest()
+    return canonical_sha256({k: v for k, v in document.items() if k != "checksum"})
 
 
 def timm_fields(cfg: ModelConfig, preprocessing: dict[str, Any]) -> dict[str, Any]:

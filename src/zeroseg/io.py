@@ -4,6 +4,7 @@ one), with the mode the umask gives, and the temporary files of killed writers r
 a recorded folder holds resolved inside it; file digests; and byte counts as people read them."""
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -106,6 +107,12 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def canonical_sha256(values: dict) -> str:
+    """The SHA-256 of the canonical JSON of `values` (keys sorted, no spaces): what a store's metadata and an
+    export's config.json carry to tell a hand edit from the content they were written with."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def human_size(count: int) -> str:
