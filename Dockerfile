@@ -1,6 +1,6 @@
-# The zeroseg image: CUDA PyTorch with zeroseg installed, and the repository's configs/ and workflows/
-# at /opt/zeroseg (the Kubernetes CronJob in workflows/k8s runs /opt/zeroseg/workflows/nightly.py), run as
-# the non-root user zeroseg (uid 1000, which the CronJob's securityContext names).
+# The zeroseg image: CUDA PyTorch with zeroseg installed (its configs and the nightly runner inside the package;
+# the Kubernetes CronJob in workflows/k8s runs `python -m zeroseg nightly`), run as the non-root user zeroseg
+# (uid 1000, which the CronJob's securityContext names).
 #
 #   docker build -t registry.example.com/zeroseg:0.1.0 .      # tag = the version in pyproject.toml
 #   docker run --gpus all --shm-size 16g -v /data:/data registry.example.com/zeroseg:0.1.0 \
@@ -18,15 +18,16 @@ RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))
         > requirements.txt \
     && pip install -r requirements.txt && rm requirements.txt
 
-# The package: every folder pyproject.toml maps to a package (configs/ is zeroseg.configs), then the install.
+# The package: every folder pyproject.toml maps to a package (configs/ is zeroseg.configs, workflows/
+# zeroseg.workflows), then the install.
 COPY README.md ./
 COPY src ./src
 COPY pipeline ./pipeline
 COPY trainer ./trainer
 COPY evaluation ./evaluation
 COPY configs ./configs
+COPY workflows ./workflows
 RUN pip install --no-deps . && python -m zeroseg --help >/dev/null
 
-COPY workflows ./workflows
 USER zeroseg
 CMD ["python", "-m", "zeroseg", "--help"]

@@ -1,4 +1,5 @@
-"""Run workflows/nightly.py with a crash injected into one step: `python tests/nightly_crash.py STEP --config ...`.
+"""Run the nightly runner (zeroseg.workflows.nightly) with a crash injected into one step:
+`python tests/nightly_crash.py STEP --config ...`.
 
 cache, train, eval: the stage command is started as usual and SIGKILLed once the runner's own `durable()`
 check sees that it has committed something (or it ended); report: the runner dies after writing the
@@ -10,15 +11,14 @@ step starts: a moment between stages at which a test signals it.
 """
 
 import os
-import runpy
 import signal
 import sys
 import time
-from pathlib import Path
+
+from zeroseg.workflows import nightly
 
 CRASH_EXIT = 86
 HOLD_S = 120
-NIGHTLY = Path(__file__).resolve().parents[1] / "workflows" / "nightly.py"
 
 
 def crash(step: str) -> None:
@@ -27,10 +27,8 @@ def crash(step: str) -> None:
 
 
 def main() -> None:
-    step, sys.argv = sys.argv[1], [str(NIGHTLY), *sys.argv[2:]]
-    nightly = runpy.run_path(str(NIGHTLY), run_name="nightly")
-    night_class, write_atomically = nightly["Night"], nightly["write_atomically"]
-    run_stage = night_class.run_stage
+    step, sys.argv = sys.argv[1], [sys.argv[0], *sys.argv[2:]]
+    run_stage, write_atomically = nightly.Night.run_stage, nightly.write_atomically
 
     def crashing_run_stage(night, name, command, durable):
         if step == f"hold-before-{name}":
@@ -51,9 +49,9 @@ def main() -> None:
             crash(step)
         write_atomically(path, text)
 
-    night_class.run_stage = crashing_run_stage
-    nightly["main"].__globals__["write_atomically"] = crashing_write
-    nightly["main"]()
+    nightly.Night.run_stage = crashing_run_stage
+    nightly.write_atomically = crashing_write
+    nightly.main()
 
 
 if __name__ == "__main__":

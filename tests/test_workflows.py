@@ -23,9 +23,11 @@ from PIL import Image
 from tests.conftest import PHOTOS, TINY_TEACHER, VOC_ROOT
 from zeroseg.pipeline.check import verify
 from zeroseg.pipeline.store import FeatureStore
+from zeroseg.trainer.config import read_config_file
+from zeroseg.workflows import JOB_SPECS
 
 REPO = Path(__file__).resolve().parents[1]
-NIGHTLY = REPO / "workflows" / "nightly.py"
+NIGHTLY = ["-m", "zeroseg", "nightly"]  # the runner as installed
 NIGHTLY_CRASH = REPO / "tests" / "nightly_crash.py"  # the runner with a crash injected into one step
 IMAGE_ROOT = Path("/opt/zeroseg")  # where the Dockerfile puts the repository
 SHELL_SCRIPTS = sorted((REPO / "workflows").rglob("*.sbatch")) + [REPO / "demo.sh", REPO / ".ci" / "run"]
@@ -59,7 +61,7 @@ def nightly(tmp_path):
 
 
 def run_nightly(config_path, crash: str | None = None) -> subprocess.CompletedProcess:
-    runner = [str(NIGHTLY_CRASH), crash] if crash else [str(NIGHTLY)]
+    runner = [str(NIGHTLY_CRASH), crash] if crash else NIGHTLY
     return subprocess.run([sys.executable, *runner, "--config", str(config_path)], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -194,7 +196,7 @@ def trainer_pids(config: dict) -> list[str]:
 def test_a_killed_runner_stops_its_stage_and_no_night_starts_while_the_stage_lives(nightly):
     config_path, config = nightly
     long_training(config_path, config)
-    runner = subprocess.Popen([sys.executable, str(NIGHTLY), "--config", str(config_path)], stdout=subprocess.PIPE,
+    runner = subprocess.Popen([sys.executable, *NIGHTLY, "--config", str(config_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     trainer = wait_for_training(config, runner)
     os.kill(trainer, signal.SIGSTOP)  # holds the stage alive while the runner dies and the next night starts
@@ -260,14 +262,40 @@ def cronjob_spec() -> dict:
     return yaml.safe_load((REPO / "workflows" / "k8s" / "nightly-cronjob.yaml").read_text())
 
 
-def test_yaml_specs_parse():
+def test_yaml_specs_parse_and_name_a_shipped_config():
     cronjob = cronjob_spec()
     assert cronjob["kind"] == "CronJob" and cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     example = yaml.safe_load((REPO / "workflows" / "nightly.example.yaml").read_text())
     assert {"work_dir", "store", "sources", "train", "eval"} <= set(example)
-    assert Path(example["train"]["args"][1]).relative_to(IMAGE_ROOT).as_posix() == "configs/zeroseg-imagenet.yaml"
+    assert example["train"]["args"] == ["--config", "zeroseg-imagenet"]
+    assert read_config_file("zeroseg-imagenet")["model"]  # the name resolves to the shipped config
     for config in (REPO / "configs").glob("*.yaml"):
         assert isinstance(yaml.safe_load(config.read_text()), dict)
+
+
+def test_jobs_writes_every_shipped_spec_into_a_folder_and_never_over_a_file(tmp_path):
+    shipped = {path.relative_to(REPO / "workflows").as_posix() for path in (REPO / "workflows").rglob("*")
+               if path.suffix in (".sbatch", ".yaml")}
+    assert set(JOB_SPECS) == shipped
+    done = subprocess.run([sys.executable, "-m", "zeroseg", "jobs", str(tmp_path / "jobs")], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in JOB_SPECS:
+        assert (tmp_path / "jobs" / name).read_bytes() == (REPO / "workflows" / name).read_bytes()
+    (tmp_path / "jobs" / "slurm" / "train.sbatch").write_text("# edited\n")
+    again = subprocess.run([sys.executable, "-m", "zeroseg", "jobs", str(tmp_path / "jobs")], capture_output=True,
+                           text=True)
+    assert again.returncode == 2 and again.stderr.startswith(f"error: {tmp_path / 'jobs' / JOB_SPECS[0]} exists")
+    assert (tmp_path / "jobs" / "slurm" / "train.sbatch").read_text() == "# edited\n"
+
+
+def test_the_runner_refuses_a_bad_config_in_one_line(tmp_path):
+    for text, expected in (("work_dir: [", "cannot read the nightly config"), ("- a list", "not a nightly config"),
+                           ("work_dir: /x", "missing key(s) sources, store, train, eval")):
+        (tmp_path / "nightly.yaml").write_text(text)
+        done = subprocess.run([sys.executable, *NIGHTLY, "--config", str(tmp_path / "nightly.yaml")],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and expected in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_sigterm_to_the_runner_reaches_zs_train_which_checkpoints_before_the_runner_exits(nightly):
@@ -275,7 +303,7 @@ def test_sigterm_to_the_runner_reaches_zs_train_which_checkpoints_before_the_run
     config["train"]["steps_per_night"] = 5000
     config["train"]["args"] += ["--set", "run.checkpoint_every=100000", "--set", "run.log_every=1"]
     config_path.write_text(yaml.safe_dump(config))
-    runner = subprocess.Popen([sys.executable, str(NIGHTLY), "--config", str(config_path)], stdout=subprocess.PIPE,
+    runner = subprocess.Popen([sys.executable, *NIGHTLY, "--config", str(config_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = Path(config["train"]["run_dir"]) / "metrics.jsonl"
     deadline = time.time() + 300
@@ -314,9 +342,7 @@ def test_cronjob_runs_the_image_the_dockerfile_builds():
     copied = {line.split()[1] for line in dockerfile if line.startswith("COPY ")}
     assert {"configs", "workflows", "pipeline", "trainer", "evaluation", "src"} <= copied
     assert all((REPO / path).exists() for path in copied)
-    script = Path(container["command"][1])
-    assert container["command"][0] == "python" and script.is_absolute()
-    assert (REPO / script.relative_to(IMAGE_ROOT)).is_file() and script.relative_to(IMAGE_ROOT).parts[0] in copied
+    assert container["command"][:4] == ["python", "-m", "zeroseg", "nightly"]  # the installed runner
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert container["image"].rsplit(":", 1)[1] == version
     resources = container["resources"]

@@ -1,6 +1,6 @@
 """The zeroseg nightly runner: cache new images, train on, evaluate the newest checkpoint, report.
 
-    python workflows/nightly.py --config workflows/nightly.example.yaml
+    python -m zeroseg nightly --config nightly.yaml     (python -m zeroseg jobs writes an example to start from)
 
 Steps, in order, each idempotent (a rerun after a crash at any point continues; a rerun with nothing
 new does no work and says so):
@@ -33,7 +33,8 @@ stage, which stops cleanly (zs-train checkpoints first), and ends the night once
 stages it ends the night at once. A runner killed outright (SIGKILL) stops its stage too: the stage gets
 SIGTERM when its parent dies (Linux's parent-death signal).
 
-Config (YAML): see workflows/nightly.example.yaml. Stage commands run in this Python's environment.
+Config (YAML): see nightly.example.yaml (`python -m zeroseg jobs OUT` writes it into OUT). Stage commands run in
+this Python's environment.
 """
 
 import argparse
@@ -49,9 +50,11 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
+from zeroseg import __version__
 from zeroseg.errors import first_line
 from zeroseg.io import write_atomically
 from zeroseg.pipeline.store import FeatureStore
@@ -63,11 +66,27 @@ TAIL_LINES = 20  # of a failed stage's output, in the night's record
 
 
 def load_config(path: str) -> dict:
-    config = yaml.safe_load(Path(path).read_text())
+    """The nightly YAML; a config that cannot be read, or lacks a key, ends the runner in one line (exit 2)."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        usage_error(f"cannot read the nightly config {path}: {first_line(exc)}")
+    if not isinstance(config, dict):
+        usage_error(f"{path}: not a nightly config (a YAML mapping of work_dir, store, sources, train, eval)")
     missing = [key for key in ("work_dir", "sources", "store", "train", "eval") if key not in config]
     if missing:
-        sys.exit(f"error: {path}: missing key(s) {', '.join(missing)}")
+        usage_error(f"{path}: missing key(s) {', '.join(missing)}")
     return config
+
+
+def usage_error(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Arguments(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, as every zeroseg command
+        usage_error(f"{message} (see python -m zeroseg nightly --help)")
 
 
 def stage(module: str, *args) -> list[str]:
@@ -323,8 +342,10 @@ def exit_on_signal(number: int, frame) -> None:
 def main() -> None:
     for number in STOP_SIGNALS:  # until the night takes them over (Python as PID 1 would ignore them)
         signal.signal(number, exit_on_signal)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="nightly YAML (see workflows/nightly.example.yaml)")
+    parser = Arguments(prog="python -m zeroseg nightly", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True,
+                        help="nightly YAML (`python -m zeroseg jobs OUT` writes OUT/nightly.example.yaml)")
+    parser.add_argument("--version", action="version", version=f"zeroseg {__version__}")
     config_path = parser.parse_args().config
     config = load_config(config_path)
     say(f"==== zeroseg nightly, pid {os.getpid()}, config {config_path} ====")

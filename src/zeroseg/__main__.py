@@ -1,4 +1,5 @@
-"""`python -m zeroseg COMMAND ...`: the four commands behind one entry (cache, train, eval, segment), and the demo."""
+"""`python -m zeroseg COMMAND ...`: the four commands behind one entry (cache, train, eval, segment), the nightly
+runner, the job specs and the demo."""
 
 import importlib
 import sys
@@ -9,9 +10,12 @@ COMMANDS = {
     "train": "zeroseg.trainer.cli",
     "eval": "zeroseg.evaluation.cli",
     "segment": "zeroseg.evaluation.segment_cli",
+    "nightly": "zeroseg.workflows.nightly",
 }
 USAGE = (
     "usage: python -m zeroseg {cache,train,eval,segment} ...  (= zs-cache, zs-train, zs-eval, zs-segment)\n"
+    "       python -m zeroseg nightly --config NIGHTLY.yaml   the nightly runner (cache, train, eval, report)\n"
+    "       python -m zeroseg jobs [OUT]   write the Slurm, Kubernetes and nightly job specs (OUT: ./jobs)\n"
     "       python -m zeroseg demo [OUT]   every stage on generated sample scenes, on the CPU (OUT: ./demo-out)\n"
     "       python -m zeroseg --version"
 )
@@ -30,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"zeroseg {__version__}")
         sys.exit(0)
-    if argv[0] == "demo":
-        _demo(argv[1:])
+    if argv[0] in ("demo", "jobs"):
+        _folder_command(argv[0], argv[1:])
     command = argv[0].removeprefix("zs-")
     if command not in COMMANDS:
         print(f"error: unknown command '{argv[0]}'; {USAGE}", file=sys.stderr)
@@ -40,16 +44,25 @@ def main(argv: list[str] | None = None) -> None:
     importlib.import_module(COMMANDS[command]).main()
 
 
-def _demo(args: list[str]) -> None:
-    from zeroseg.demo import run_demo
+def _folder_command(command: str, args: list[str]) -> None:
+    """demo [OUT] or jobs [OUT]."""
     from zeroseg.errors import UserError
     from zeroseg.runtime import user_message
 
+    usage = next(line.strip() for line in USAGE.splitlines() if f"zeroseg {command} " in line)
     if len(args) > 1 or any(arg.startswith("-") for arg in args):
-        print(f"error: demo takes one folder at most; {USAGE.splitlines()[1].strip()}", file=sys.stderr)
+        print(f"error: {command} takes one folder at most; {usage}", file=sys.stderr)
         sys.exit(2)
     try:
-        run_demo(Path(args[0] if args else "demo-out"))
+        if command == "demo":
+            from zeroseg.demo import run_demo
+
+            run_demo(Path(args[0] if args else "demo-out"))
+        else:
+            from zeroseg.workflows import write_job_specs
+
+            for path in write_job_specs(Path(args[0] if args else "jobs")):
+                print(path)
     except UserError as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         sys.exit(2)
