@@ -57,6 +57,35 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built from this checkout."""
+    root = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root),
+                    str(REPO)], check=True, capture_output=True)  # fmt: skip
+    [built] = root.glob("zeroseg-*.whl")
+    return built
+
+
+@pytest.fixture(scope="session")
+def wheel_bin(wheel, tmp_path_factory) -> Path:
+    """The bin folder of a fresh venv holding zeroseg from the wheel, as `pip install` gives a user: console
+    scripts, package data, nothing of the repository. Its dependencies are this environment's (its site-packages
+    is appended by a .pth line, whose own .pth files, this checkout's editable install among them, Python does not
+    run), so no package index is needed."""
+    root = tmp_path_factory.mktemp("wheel-venv")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    [site] = venv.glob("lib/python*/site-packages")
+    (site / "zz-dependencies.pth").write_text(next(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                    "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True)  # fmt: skip
+    found = subprocess.run([venv / "bin" / "python", "-c", "import zeroseg; print(zeroseg.__file__)"], cwd=root,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert Path(found.stdout.strip()).is_relative_to(site), found.stdout
+    return venv / "bin"
+
+
 @pytest.fixture
 def photos(tmp_path) -> Path:
     """The 10 sample photos in an ImageNet-like layout: photos/<class>/<name>.jpg."""
