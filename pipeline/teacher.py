@@ -16,7 +16,7 @@ import torch
 from open_clip.pretrained import download_pretrained_from_hf, get_pretrained_cfg
 
 from zeroseg.errors import UserError, first_line
-from zeroseg.io import sha256_file
+from zeroseg.io import canonical_json, sha256_file
 from zeroseg.pipeline.crops import grid_views
 from zeroseg.pipeline.teacher_identity import (
     CONFIG,
@@ -24,7 +24,6 @@ from zeroseg.pipeline.teacher_identity import (
     LOCAL_DIR,
     OPEN_CLIP,
     TeacherIdentity,
-    canonical_json,
     parse_teacher_name,
 )
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 from zeroseg.configs import TEACHER_SUFFIXES, shipped_config
 from zeroseg.errors import DAMAGED, UserError, recorded_fields
+from zeroseg.io import canonical_json
 
 HF_HUB = "hf-hub"  # hf-hub:ORG/REPO: open_clip_config.json and weights in the Hugging Face cache
 LOCAL_DIR = "local-dir"  # local-dir:FOLDER: open_clip_config.json and a weights file in FOLDER
@@ -75,6 +76,3 @@ class TeacherIdentity:
         weights = self.pretrained or "none (random weights)"
         return f"{self.model} pretrained={weights} quick_gelu={self.quick_gelu}"
 
-
-def canonical_json(config: dict) -> str:
-    return json.dumps(config, sort_keys=True, separators=(",", ":"))

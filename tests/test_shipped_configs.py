@@ -9,7 +9,8 @@ import yaml
 from tests.conftest import TINY_TEACHER, invoke
 from zeroseg.configs import TEACHER_SUFFIXES, TRAIN_SUFFIXES, shipped_config, shipped_names
 from zeroseg.errors import UserError
-from zeroseg.pipeline.teacher import canonical_json, resolve_identity
+from zeroseg.io import canonical_json
+from zeroseg.pipeline.teacher import resolve_identity
 from zeroseg.trainer.cli import main as zs_train
 from zeroseg.trainer.config import build_config, read_config_file
 

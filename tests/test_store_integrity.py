@@ -11,12 +11,13 @@ import pytest
 
 from tests.conftest import TINY_TEACHER, flip_byte, invoke, read_every_batch, rebuild, train
 from zeroseg.errors import UserError
+from zeroseg.io import canonical_sha256
 from zeroseg.pipeline.check import find_damage
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.integrity import chunk_crc32c, encode_record
 from zeroseg.pipeline.manifest import ImageRecord, image_records, manifest_rows
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.pipeline.store_meta import StoreMeta, canonical_sha256
+from zeroseg.pipeline.store_meta import StoreMeta
 from zeroseg.pipeline.store_reader import StoreReader
 from zeroseg.trainer.data import StoreBatches
 from zeroseg.trainer.sampling import BatchPlan

@@ -109,10 +109,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def canonical_json(values: dict) -> str:
+    """`values` as JSON with sorted keys and no spaces: the same text for the same content, whatever the order."""
+    return json.dumps(values, sort_keys=True, separators=(",", ":"))
+
+
 def canonical_sha256(values: dict) -> str:
-    """The SHA-256 of the canonical JSON of `values` (keys sorted, no spaces): what a store's metadata and an
-    export's config.json carry to tell a hand edit from the content they were written with."""
-    return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """The SHA-256 of canonical_json(values): what a store's metadata and an export's config.json carry to tell a
+    hand edit from the content they were written with."""
+    return hashlib.sha256(canonical_json(values).encode()).hexdigest()
 
 
 def human_size(count: int) -> str:
