@@ -79,6 +79,19 @@ def test_resume_continues_exactly(store, tmp_path):
     assert strip == [{k: v for k, v in line.items() if k not in timing} for line in metrics(tmp_path / "resumed")]
 
 
+def test_a_resume_with_another_loader_worker_count_says_its_batches_are_laid_out_anew(store, tmp_path):
+    """The read order follows data.workers (trainer.sampling): a resume with another count goes on to the end and
+    says it is a continuation, not an exact replay."""
+    first = train(store, tmp_path / "run", "--steps", "4", "--stop-at", "2")
+    assert first.returncode == 0, first.stderr
+    second = invoke(main, "run", "--run-dir", tmp_path / "run", "--resume", "--workers", "2", "--no-progress")
+    assert second.returncode == 0, second.stderr
+    said = second.stdout + second.stderr
+    assert "data.workers was 0, now 2: the batches are laid out for the new number of loader workers" in said
+    assert "trained steps 2..4 of 4" in second.stdout
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "step-00000004.pt"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
