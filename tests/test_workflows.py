@@ -124,36 +124,31 @@ def test_nightly_runs_then_does_nothing_then_caches_exactly_the_new_images(night
     assert set(FeatureStore.open(config["store"]).meta.sources) == {"nightly-photos"}
 
 
-def test_a_crash_in_each_step_is_recovered_by_the_next_run(nightly):
+def test_a_crash_in_each_step_is_recovered_by_the_next_run_on_every_image_cached_so_far(nightly):
+    """A crash in each step, in turn; after the training crash 2 images come: the killed night's target covered 8,
+    so the next night trains a new stretch on all 10; then every step resumes and a quiet night does nothing."""
     path, config = nightly
     for step in ("cache", "train", "eval", "report"):
         crashed = run_nightly(path, crash=step)
         assert crashed.returncode == 86 and f"injected crash in {step}" in crashed.stdout, crashed.stderr
+        if step == "train":
+            for source in PHOTOS[8:10]:
+                shutil.copy(source, Path(config["sources"][0]["path"]) / source.name)
+        if step == "eval":
+            [(start, target)] = re.findall(r"train: step (\d+) -> (\d+) on 10 images", crashed.stdout)
+            assert 1 <= int(start) and int(target) == int(start) + config["train"]["steps_per_night"]
     final = run_nightly(path)
     assert final.returncode == 0, final.stdout + final.stderr
     problems, counts = verify(FeatureStore.open(config["store"]), progress=False)
-    assert problems == [] and counts["ok"] == 8
+    assert problems == [] and counts["ok"] == 10
     [report] = reports(config)
-    assert json.loads(report.read_text())["checkpoint"] == "step-00000002"
-    assert "nightly: nothing new, no work done (exit 0)" in run_nightly(path).stdout.splitlines()[-1]
-    records = night_records(config)
-    assert len(records) == 6 and all("no end recorded (still running, or killed)" in r for r in records[:4])
-
-
-def test_a_night_after_a_killed_one_trains_on_every_image_cached_so_far(nightly):
-    """The killed night's target covered 8 images; 2 came since: the next night trains a stretch on all 10."""
-    path, config = nightly
-    killed = run_nightly(path, crash="train")
-    assert killed.returncode == 86, killed.stdout + killed.stderr
-    for source in PHOTOS[8:10]:
-        shutil.copy(source, Path(config["sources"][0]["path"]) / source.name)
-    recovery = run_nightly(path)
-    assert recovery.returncode == 0, recovery.stdout + recovery.stderr
-    [(start, target)] = re.findall(r"train: step (\d+) -> (\d+) on 10 images", recovery.stdout)
-    assert 1 <= int(start) and int(target) == int(start) + config["train"]["steps_per_night"]
+    assert json.loads(report.read_text())["checkpoint"] == f"step-{int(target):08d}"
     assert json.loads((Path(config["work_dir"]) / "state.json").read_text())["trained_rows"] == 10
     quiet = run_nightly(path)
-    assert "train: up to date" in quiet.stdout and "nothing new, no work done (exit 0)" in quiet.stdout
+    assert "train: up to date" in quiet.stdout
+    assert "nightly: nothing new, no work done (exit 0)" in quiet.stdout.splitlines()[-1]
+    records = night_records(config)
+    assert len(records) == 6 and all("no end recorded (still running, or killed)" in r for r in records[:4])
 
 
 def test_a_failed_night_leaves_a_record_of_what_failed_and_how_to_see_why(nightly):
