@@ -109,7 +109,7 @@ class GroupWindow:
         return self.owner.device
 
     def channels(self, start: int, stop: int) -> torch.Tensor:
-        return self.table[:, start:stop][self.owner].permute(2, 0, 1)  # [stop - start, h, w]
+        return self.table[:, start:stop].T.contiguous()[:, self.owner]  # [stop - start, h, w], contiguous
 
 
 @dataclass
@@ -144,11 +144,15 @@ def fused_channels(
         count[top : top + rows, left : left + cols] += 1
 
     def channels(start: int, stop: int) -> torch.Tensor:
-        total = torch.zeros(stop - start, *canvas_hw, device=device)  # [chunk, H', W']
-        for window in windows:
-            top, left, rows, cols = window.box
-            total[:, top : top + rows, left : left + cols] += window.channels(start, stop)
-        return F.interpolate((total / count)[None], size=out_hw, mode="bilinear", align_corners=False)[0]
+        if len(windows) == 1 and windows[0].box == (0, 0, *canvas_hw):  # one window (whole mode) is the mean
+            mean = windows[0].channels(start, stop)
+        else:
+            total = torch.zeros(stop - start, *canvas_hw, device=device)  # [chunk, H', W']
+            for window in windows:
+                top, left, rows, cols = window.box
+                total[:, top : top + rows, left : left + cols] += window.channels(start, stop)
+            mean = total / count
+        return F.interpolate(mean[None], size=out_hw, mode="bilinear", align_corners=False)[0]
 
     return channels
 
