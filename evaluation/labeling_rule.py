@@ -109,7 +109,8 @@ class GroupWindow:
         return self.owner.device
 
     def channels(self, start: int, stop: int) -> torch.Tensor:
-        return self.table[:, start:stop].T.contiguous()[:, self.owner]  # [stop - start, h, w], contiguous
+        rows = self.table[:, start:stop].T.contiguous()  # [stop - start, G]
+        return rows.index_select(1, self.owner.flatten()).view(-1, *self.owner.shape)  # [stop - start, h, w]
 
 
 @dataclass
