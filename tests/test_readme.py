@@ -1,11 +1,11 @@
-"""The README's commands, run as written (the tiny teacher stands in for CLIP): each test takes its command out of
-README.md, so an edit that breaks one fails here."""
+"""The README's commands, run as written (the tiny teacher stands in for CLIP) by zeroseg installed from a wheel into a
+fresh venv (conftest.wheel_bin), in a folder that is not the repository: each test takes its command out of README.md,
+so an edit that breaks one fails here."""
 
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +48,7 @@ NOT_RUN = ("run --config zeroseg-imagenet", "--workers 8", "--scheduler", "--res
 
 
 @pytest.mark.slow
-def test_the_readme_commands_run_as_written_on_the_sample_scenes(tmp_path):
+def test_the_readme_commands_run_as_written_on_the_sample_scenes(wheel_bin, tmp_path):
     """Each README command of the three stages, in order, with only STAND_INS replaced (the tiny run that stands
     for runs/zs is trained first; the small CPU run has its own test below; NOT_RUN are left out)."""
     (tmp_path / "photos").mkdir()
@@ -65,7 +65,7 @@ def test_the_readme_commands_run_as_written_on_the_sample_scenes(tmp_path):
             command = command.replace(written, stand_in)
         if command.startswith("zs-cache build") and "--teacher" not in command:  # the default teacher: ViT-L-14
             command += " --teacher zs-tiny-clip --pretrained none"
-        done = shell(command, tmp_path)  # no --no-progress: bars stay off as stderr is not a terminal
+        done = shell(command, tmp_path, wheel_bin)  # no --no-progress: bars stay off as stderr is not a terminal
         assert done.returncode == 0, f"{command}: {done.stderr[-2000:]}"
         ran.append(command.split(" --")[0])
     assert len(ran) == 17, ran
@@ -78,18 +78,18 @@ def readme_command(comment: str) -> str:
     return line.split("#")[0].strip()
 
 
-def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The command in bash with this environment's console scripts first on PATH."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+def shell(command: str, cwd: Path, bin_dir: Path) -> subprocess.CompletedProcess:
+    """The command in bash with the console scripts of bin_dir first on PATH."""
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
-def test_the_small_cpu_run_trains_as_written(tmp_path):
+def test_the_small_cpu_run_trains_as_written(wheel_bin, tmp_path):
     command = readme_command("small CPU run")
     assert command == "zs-train run --config tiny-cpu --store S --run-dir R"
     make_store(tmp_path / "built", image_size=64).rename(tmp_path / "S")  # 64px crops, as the demo's store
-    done = shell(command, tmp_path)
+    done = shell(command, tmp_path, wheel_bin)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "R" / "checkpoints" / "step-00000200.pt").is_file()
 
