@@ -28,6 +28,7 @@ that cannot see them stops the build with a one-line error naming the worker.
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -69,6 +70,7 @@ from zeroseg.runtime import bar_disabled, prefetch_map, resolve_device
 RETRIES = 2
 TASKS_PER_WORKER = 2  # Dask threads per local worker: one shard on the teacher while the previous one writes
 WORKERS_TIMEOUT_S = 120
+REPORT_EVERY_S = 0.25  # how often a task sends its shard's running image count to the client's bar
 
 
 @dataclass(frozen=True)
@@ -186,13 +188,16 @@ def _encode_shard_on_worker(job: ShardJob) -> tuple[list[ImageRecord], dict]:
     _require_path(job.store, "store")
     source = worker_source(job.source)
     teacher = worker_teacher(job.teacher)
-    worker, done = get_worker(), [0]
+    worker, done, sent_at = get_worker(), 0, -math.inf
     check_decode_device(job.settings.decode_device, teacher.device.type, job.store, f"worker {worker.address} runs on")
     store = FeatureStore.open(job.store, writable=True)
 
-    def report(images: int) -> None:
-        done[0] += images
-        worker.log_event(job.progress_topic, (job.shard.id, done[0]))
+    def report() -> None:  # per image, but one scheduler event per REPORT_EVERY_S at most, and one at the end
+        nonlocal done, sent_at
+        done += 1
+        if done == len(job.shard.keys) or time.monotonic() - sent_at >= REPORT_EVERY_S:
+            worker.log_event(job.progress_topic, (job.shard.id, done))
+            sent_at = time.monotonic()
 
     settings = job.settings
     decode = partial(
@@ -295,7 +300,8 @@ def require_visible(client: Client, paths: dict[str, str]) -> None:
 
 
 class ClusterProgress:
-    """One bar over all workers: tasks report (shard, images done so far); a retried shard restarts at 0."""
+    """One bar over all workers: tasks report (shard, images taken so far) per REPORT_EVERY_S and at their end; a
+    retried shard restarts at 0."""
 
     def __init__(self, bar: tqdm):
         self.bar = bar

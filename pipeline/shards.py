@@ -118,12 +118,13 @@ def encode_shard(
     decoded: Iterator[Decoded],
     teacher: Teacher,
     settings: EncodeSettings,
-    on_image: Callable[[int], None] = lambda n: None,
+    on_image: Callable[[], None] = lambda: None,
 ) -> tuple[np.ndarray, np.ndarray | None, list[ImageRecord]]:
     """Features (n, V, D) float16, crops (n, S, S, 3) uint8 (None unless stored) and image records of one
     shard whose rows start at first_row, taking its n images from `decoded`. Rows of failed images stay zero.
     Decode "device": the batch's crops are decoded on the teacher's device; an image its decoder rejects is an
-    error record."""
+    error record. on_image() is called for each image as it is taken from `decoded` (decoded, or an error row),
+    so that a progress bar moves per image even when one batch takes the teacher minutes."""
     count, size = len(shard.keys), settings.image_size
     features = np.zeros((count, len(view_layout(settings.grids)), teacher.embed_dim), dtype=np.float16)
     crops = np.zeros((count, size, size, 3), dtype=np.uint8) if settings.store_crops else None
@@ -147,7 +148,6 @@ def encode_shard(
             if crops is not None:
                 crops[indices] = pixels.cpu().numpy()
             features[indices] = teacher.encode_crops(pixels, settings.grids).numpy()  # (b, V, D)
-        on_image(len(batch))
         batch.clear()
 
     for index in range(count):
@@ -155,12 +155,11 @@ def encode_shard(
         row = first_row + index if item.error is None else None
         record = ImageRecord(settings.source_name, item.key, row, item.sha256, item.width, item.height, item.error)
         records.append(record)
+        on_image()
         if item.error is None:
             batch.append((index, item))
             if len(batch) == settings.batch_size:
                 flush()
-        else:
-            on_image(1)
     if batch:
         flush()
     return features, crops, records

@@ -105,6 +105,18 @@ def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.Complet
     )
 
 
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal: the only stream a zs-cache bar draws on (runtime.bar_disabled)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def final_bar_line(text: str) -> str:
+    """The last state a tqdm bar drew (it redraws the line after each carriage return)."""
+    return text.rstrip().split("\r")[-1]
+
+
 @dataclass
 class CliResult:
     returncode: int

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from tests.conftest import PHOTOS, TINY_TEACHER, dead_pid, invoke, run_cli
+from tests.conftest import PHOTOS, TINY_TEACHER, Terminal, dead_pid, final_bar_line, invoke, run_cli
 from zeroseg.errors import UserError
 from zeroseg.io import human_size
 from zeroseg.pipeline.build import run_build
@@ -24,8 +25,8 @@ from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.manifest import MANIFEST_SCHEMA, image_records
 from zeroseg.pipeline.options import BuildOptions
-from zeroseg.pipeline.shards import plan_shards
-from zeroseg.pipeline.sources import pack_h5
+from zeroseg.pipeline.shards import EncodeSettings, Shard, decode_item, encode_shard, plan_shards
+from zeroseg.pipeline.sources import open_source, pack_h5
 from zeroseg.pipeline.store import FeatureStore, builder_lock
 from zeroseg.pipeline.store_reader import SourceImages, StoreReader
 from zeroseg.pipeline.teacher import Teacher, resolve_identity
@@ -116,6 +117,22 @@ def test_rerun_does_nothing_and_new_images_are_appended(photos, tmp_path):
     after = by_key(store_path)
     assert len(after) == 11 and all(np.array_equal(before[k], after[k]) for k in before if k in after)
     np.testing.assert_array_equal(after["new/copy.jpg"], after[f"{PHOTOS[0].parent.name}/{PHOTOS[0].name}"])
+
+
+def test_the_bar_moves_one_image_at_a_time_and_reaches_the_total(photos, tmp_path, monkeypatch):
+    source = open_source(photos)
+    keys = source.keys()
+    teacher = Teacher(resolve_identity(str(TINY_TEACHER), "none"), torch.device("cpu"))
+    drawn = io.StringIO()
+    bar = tqdm(total=len(keys), file=drawn, mininterval=0, miniters=1, disable=False)  # draws every update
+    encode_shard(Shard(0, keys), 0, (decode_item(source, key, 64) for key in keys), teacher,
+                 EncodeSettings((1, 2), 3, 64, "photos", False), bar.update)
+    bar.close()
+    shown = [int(n) for n in re.findall(r"(\d+)/10 ", drawn.getvalue())]
+    assert list(dict.fromkeys(shown)) == list(range(11))  # 0, 1, 2, ..., 10: not 0, 3, 6, 9, 10 (batches of 3)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    build(photos, tmp_path / "store", progress=True)
+    assert final_bar_line(sys.stderr.getvalue()).startswith("zs-cache: 100%") and " 10/10 " in sys.stderr.getvalue()
 
 
 def test_plan_reuses_free_shard_ids_in_order():

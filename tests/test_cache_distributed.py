@@ -16,13 +16,15 @@ import psutil
 import pytest
 import torch
 from distributed import Client, LocalCluster
+from tqdm import tqdm
 
-from tests.conftest import PHOTOS, TINY_TEACHER, invoke, run_cli
+from tests.conftest import PHOTOS, TINY_TEACHER, Terminal, final_bar_line, invoke, run_cli
 from zeroseg.errors import UserError
 from zeroseg.pipeline.build import run_build
 from zeroseg.pipeline.cli import main as zs_cache
 from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.dask_build import (
+    ClusterProgress,
     ShardJob,
     TeacherSpec,
     WorkerUserError,
@@ -96,6 +98,24 @@ def test_two_workers_match_single_process(cluster, photos, tmp_path):
     assert two.meta.teacher == one.meta.teacher and two.meta.preprocessing == one.meta.preprocessing
     assert invoke(zs_cache, "verify", tmp_path / "two", "--no-progress").returncode == 0
     assert build(photos, tmp_path / "two", scheduler=cluster.scheduler.address).processed == 0
+
+
+def test_the_cluster_bar_reaches_the_total_from_the_workers_running_counts(cluster, photos, tmp_path, monkeypatch):
+    topics = set(cluster.get_events())
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    build(photos, tmp_path / "store", scheduler=cluster.scheduler.address, progress=True)
+    assert final_bar_line(sys.stderr.getvalue()).startswith("zs-cache: 100%") and " 10/10 " in sys.stderr.getvalue()
+    (topic,) = {t for t in set(cluster.get_events()) - topics if t.startswith("zs-cache-progress-")}  # this build's
+    events = cluster.get_events(topic)
+    counts = {}
+    for _, (shard, count) in events:
+        assert count > counts.get(shard, 0)  # a running count of the shard's images
+        counts[shard] = count
+    assert counts == {0: 4, 1: 4, 2: 2}  # each shard's last report is its end
+    replayed = ClusterProgress(tqdm(total=10, disable=False, file=io.StringIO()))
+    for event in events:
+        replayed.on_event(event)
+    assert replayed.bar.n == 10  # the events alone bring the bar to the total, without the commits
 
 
 def test_scheduler_file_names_the_cluster(cluster, photos, tmp_path):
