@@ -1,7 +1,8 @@
 """The feature store: a Zarr array of grid-view features plus a Parquet manifest, shard by shard.
 
 Layout of a store directory (readable with plain zarr and pyarrow):
-  zarr.json              Zarr group; attribute "zeroseg" holds the metadata (pipeline.store_meta.StoreMeta)
+  zarr.json              Zarr group; attribute "zeroseg" holds the metadata (pipeline.store_meta.StoreMeta); the
+                         arrays' metadata consolidated (for other readers: `consolidate`)
   features/              Zarr array (N, V, D) float16, dimensions (image, view, dim), chunks of `chunk_size`
                          whole images, zstd + crc32c
   crops/                 only in stores made with --store-crops: Zarr array (N, S, S, 3) uint8, dimensions
@@ -29,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -42,6 +44,7 @@ import pyarrow.parquet as pq
 import zarr
 from filelock import FileLock, Timeout
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.errors import ZarrUserWarning
 
 from zeroseg.errors import DAMAGED, UserError, first_line
 from zeroseg.io import atomic_path, remove_dead_partials
@@ -168,7 +171,9 @@ class FeatureStore:
             )
         group.attrs["zeroseg"] = meta.to_attribute()
         (Path(path) / MANIFEST_DIR).mkdir(exist_ok=True)
-        return cls(path, group)
+        store = cls(path, group)
+        store.consolidate()
+        return store
 
     @property
     def features(self) -> zarr.Array:
@@ -180,6 +185,17 @@ class FeatureStore:
 
     def save_meta(self) -> None:
         self.group.attrs["zeroseg"] = self.meta.to_attribute()
+        self.consolidate()  # writing the attribute wrote the root zarr.json without the arrays' metadata
+
+    def consolidate(self) -> None:
+        """Copy the arrays' metadata into the root zarr.json (zarr's consolidated metadata), so that a reader opening
+        the group by default (xarray.open_zarr, zarr.open_group) does not list the folder and warn that manifest/ and
+        .lock are not Zarr. Done after every change of the arrays' shapes or of the attribute, before any shard is
+        committed in new rows: a consolidated shape is never larger than its array, and holds every committed row.
+        Our own opens ignore it (use_consolidated=False)."""
+        with warnings.catch_warnings():  # its own listing's warnings, and that v3 has no consolidation in its spec
+            warnings.simplefilter("ignore", ZarrUserWarning)
+            zarr.consolidate_metadata(str(self.path))
 
     # --- manifest -------------------------------------------------------------------------------
 
@@ -372,6 +388,7 @@ class FeatureStore:
         for array in (self.features, self.crops) if self.meta.stored_crops else (self.features,):
             if array.shape[0] < needed:
                 array.resize((needed, *array.shape[1:]))
+        self.consolidate()  # also when a build killed before consolidating had already grown them
 
     def arrays(self) -> dict[str, zarr.Array]:
         """The chunked arrays a shard writes: features, and crops in stores that keep them."""
