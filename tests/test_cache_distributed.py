@@ -300,8 +300,11 @@ def test_ctrl_c_stops_the_cluster_quietly_and_a_rerun_resumes(tmp_path):
     command = [sys.executable, "-m", "zeroseg.pipeline.cli", "build", str(photos), "--store", str(store), "--teacher",
                str(TINY_TEACHER), "--pretrained", "none", "--device", "cpu", "--image-size", "32", "--shard-size", "4",
                "--chunk-size", "2", "--no-progress", "--workers", "2"]
+    # Its own process group, as a terminal's job, and SIGINT handled as at a terminal: a test run started as a
+    # background job ignores SIGINT, and so would the build it starts (it would finish and exit 0).
     build_process = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=True)  # its own process group, as a terminal's job
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any((store / "manifest").glob("shard-*.parquet")):
         time.sleep(0.01)
