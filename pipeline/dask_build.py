@@ -263,6 +263,25 @@ def dask_client(opts: BuildOptions, log: Callable[[str], None]) -> Iterator[tupl
             raise
 
 
+def _is_lost_cancel(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return isinstance(error, NameError) and "sync.<locals>.cancel" in record.getMessage()
+
+
+@contextmanager
+def _quiet_lost_cancel() -> Iterator[None]:
+    """distributed's sync() (2026.8) answers a Ctrl-C by cancelling the call it waits for; when the Ctrl-C lands before
+    that call started, its cancel fails (NameError: `future` unset) and tornado logs the traceback. The Ctrl-C itself
+    goes on (the KeyboardInterrupt is raised): that one log record is left out, so the user sees 'interrupted' only."""
+    logger, quiet = logging.getLogger("tornado.application"), logging.Filter()
+    quiet.filter = lambda record: not _is_lost_cancel(record)
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def scheduler_address(path: str, timeout_s: float = WORKERS_TIMEOUT_S) -> str:
     """The address in the JSON file a Dask scheduler writes at start (waiting up to timeout_s for it)."""
     deadline = time.monotonic() + timeout_s
@@ -337,7 +356,7 @@ def build_on_cluster(
     store_path = str(Path(opts.store).resolve())
     encoded = Encoded()
     try:
-        with dask_client(opts, log) as (client, setup):
+        with _quiet_lost_cancel(), dask_client(opts, log) as (client, setup):
             require_visible(client, {"source": source.spec.path, "store": store_path})
             teacher = TeacherSpec(identity, setup.device, setup.torch_threads, opts.compile)
             description = raise_user_error(client.submit(describe_teacher_on_worker, teacher, pure=False).result())
