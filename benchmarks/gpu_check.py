@@ -18,15 +18,18 @@ with its exit code and last error line), the student first and the teacher last:
 
 One set of argument lists (`runs`) takes its sizes from SIZES: the default ("gpu") fits one H100 in under 8
 minutes (random weights: no download); --tiny shrinks the sizes to the tiny test teacher and student on the CPU
-(about two minutes; what the test suite runs; the compiled teacher is skipped there, as the teacher compiles
-only on CUDA). The stores the student parts build hold the tiny teacher's 32-dim features; the student's
-teacher_dim follows the store.
+(what the test suite runs; the compiled teacher is skipped there, as the teacher compiles only on CUDA; each
+part runs in a child forked from this process, which imports each script once, instead of a fresh interpreter).
+The stores the student parts build hold the tiny teacher's 32-dim features; the student's teacher_dim follows
+the store.
 
     python benchmarks/gpu_check.py            # one or two GPUs
     python benchmarks/gpu_check.py --tiny     # CPU smoke run
 """
 
 import argparse
+import functools
+import importlib
 import os
 import re
 import shutil
@@ -35,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -139,6 +144,53 @@ def ddp_step(preset: str, device: str, image_size: int) -> subprocess.CompletedP
         return result
 
 
+def script_main(script: str, arguments: list[str]) -> Callable[[], int | None]:
+    """The script's main() on `arguments`, the script imported here (its imports done once for every run of it)."""
+    module = importlib.import_module(Path(script).stem)
+
+    def run() -> int | None:
+        sys.argv = [module.__file__, *arguments]
+        return module.main()
+
+    return run
+
+
+def echoed(step: Callable[[], subprocess.CompletedProcess]) -> int:
+    """step()'s output printed, its exit code returned."""
+    result = step()
+    print(result.stdout, end="")
+    print(result.stderr, end="", file=sys.stderr)
+    return result.returncode
+
+
+def forked(part: Callable[[], int | None]) -> subprocess.CompletedProcess:
+    """part() in a child forked from this process: its exit code and output, as a fresh interpreter would give
+    them without its seconds of imports. CPU only (a child cannot use CUDA once its parent has touched it), and
+    this process only imports: a lock that one of its threads held at the fork would stay locked in the child."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            code = 1
+            try:
+                code = part() or 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess([], code, out.read(), err.read())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a smoke run)")
@@ -152,7 +204,10 @@ def main() -> int:
             continue
         if script == "ddp_step":
             options = dict(zip(arguments[::2], arguments[1::2]))
-            result = ddp_step(options["--preset"], options["--device"], int(options["--image-size"]))
+            step = functools.partial(ddp_step, options["--preset"], options["--device"], int(options["--image-size"]))
+            result = forked(functools.partial(echoed, step)) if args.tiny else step()
+        elif args.tiny:
+            result = forked(script_main(script, arguments))
         else:
             result = subprocess.run([sys.executable, str(HERE / script), *arguments], capture_output=True, text=True)
         if isinstance(result, str):
