@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zeroseg.pipeline.images import decode_image, decode_reduced
+from zeroseg.pipeline.store_meta import view_layout
 
 
 def centre_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -65,11 +66,6 @@ def crop_from_bytes(
 def cell_boundaries(size: int, grid: int) -> list[int]:
     """Integer cell edges of a grid x grid split of `size` pixels: floor(k * size / grid)."""
     return [k * size // grid for k in range(grid + 1)]
-
-
-def view_layout(grids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(grid, row, col) of every view, in stored order."""
-    return [(g, r, c) for g in grids for r in range(g) for c in range(g)]
 
 
 def to_model_input(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from zeroseg.errors import UserError
-from zeroseg.pipeline.crops import crop_from_bytes, view_layout
+from zeroseg.pipeline.crops import crop_from_bytes
 from zeroseg.pipeline.device_decode import EncodedBatch, ParsedImage, check_decode_device, decode_crops, parse_image
 from zeroseg.pipeline.images import ImageDecodeError
 from zeroseg.pipeline.manifest import ImageRecord, manifest_rows
 from zeroseg.pipeline.options import DEFAULT_SHARD_SIZE, BuildOptions
 from zeroseg.pipeline.sources import Source, tar_of
 from zeroseg.pipeline.store import FeatureStore
-from zeroseg.pipeline.store_meta import Preprocessing, StoreMeta
+from zeroseg.pipeline.store_meta import Preprocessing, StoreMeta, view_layout
 from zeroseg.pipeline.teacher import Teacher, TeacherFormat
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from zeroseg import __version__
 from zeroseg.errors import DAMAGED, UserError, recorded_fields
 from zeroseg.io import canonical_sha256
-from zeroseg.pipeline.crops import view_layout
 from zeroseg.pipeline.images import DECODES
 from zeroseg.pipeline.sources import SourceSpec
 from zeroseg.pipeline.teacher_identity import TeacherIdentity
@@ -22,6 +21,11 @@ CHECKSUM_KEY = "sha256"
 
 CROP_RULE = "centre square of side min(W, H), resized to crop_size (see pipeline.crops)"
 CELL_RULE = "floor(k * crop_size / grid)"
+
+
+def view_layout(grids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(grid, row, col) of every view, in stored order."""
+    return [(g, r, c) for g in grids for r in range(g) for c in range(g)]
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import PHOTOS
-from zeroseg.pipeline.crops import cell_boundaries, centre_crop, crop_from_bytes, grid_views, view_layout
+from zeroseg.pipeline.crops import cell_boundaries, centre_crop, crop_from_bytes, grid_views
 from zeroseg.pipeline.images import decode_image
+from zeroseg.pipeline.store_meta import view_layout
 
 
 def test_cell_boundaries_are_exact_integers():

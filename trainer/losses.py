@@ -135,7 +135,7 @@ def total_loss(
     """The weighted sum of the three losses for one batch.
 
     images: (B, C, H, W), the model's input. teacher_features: (B, V, D) raw teacher embeddings of the
-    V stored views; layout: (grid, row, col) of each stored view (`pipeline.crops.view_layout`).
+    V stored views; layout: (grid, row, col) of each stored view (`pipeline.store_meta.view_layout`).
     Returns {"recon", "distill", "match", "total"}; a term with nothing to compute (no masked patch,
     no local grid) is 0.
     """
