@@ -84,7 +84,7 @@ class StoreMeta:
 
     teacher: TeacherIdentity
     preprocessing: Preprocessing
-    grids: list[int]  # the stored views are those of pipeline.crops.view_layout(grids)
+    grids: list[int]  # the stored views are those of view_layout(grids)
     embed_dim: int
     shard_size: int
     chunk_size: int

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from zeroseg.pipeline.crops import view_layout
+from zeroseg.pipeline.store_meta import view_layout
 from zeroseg.trainer.losses import LossConfig, distillation_loss, reconstruction_loss, segment_matching_loss, total_loss
 from zeroseg.trainer.model import ZeroSegOutput
 from zeroseg.trainer.model_config import model_preset

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroseg.errors import UserError
-from zeroseg.pipeline.crops import view_layout
+from zeroseg.pipeline.store_meta import view_layout
 from zeroseg.trainer.grouping import (
     CrossAttentionBlock,
     GroupingBlock,
