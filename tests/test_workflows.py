@@ -25,6 +25,7 @@ from zeroseg.pipeline.check import verify
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.config import read_config_file
 from zeroseg.workflows import JOB_SPECS
+from zeroseg.workflows.nightly import load_config as load_nightly_config
 
 REPO = Path(__file__).resolve().parents[1]
 NIGHTLY = ["-m", "zeroseg", "nightly"]  # the runner as installed
@@ -284,13 +285,14 @@ def test_jobs_writes_every_shipped_spec_into_a_folder_and_never_over_a_file(tmp_
     assert (tmp_path / "jobs" / "slurm" / "train.sbatch").read_text() == "# edited\n"
 
 
-def test_the_runner_refuses_a_bad_config_in_one_line(tmp_path):
+def test_the_runner_refuses_a_bad_config_in_one_line(tmp_path, capsys):
     for text, expected in (("work_dir: [", "cannot read the nightly config"), ("- a list", "not a nightly config"),
                            ("work_dir: /x", "missing key(s) sources, store, train, eval")):
         (tmp_path / "nightly.yaml").write_text(text)
-        done = subprocess.run([sys.executable, *NIGHTLY, "--config", str(tmp_path / "nightly.yaml")],
-                              capture_output=True, text=True)
-        assert done.returncode == 2 and expected in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+        with pytest.raises(SystemExit) as stopped:
+            load_nightly_config(str(tmp_path / "nightly.yaml"))
+        stderr = capsys.readouterr().err
+        assert stopped.value.code == 2 and expected in stderr and len(stderr.splitlines()) == 1, stderr
 
 
 def test_sigterm_to_the_runner_reaches_zs_train_which_checkpoints_before_the_runner_exits(nightly):
