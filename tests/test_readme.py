@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,10 @@ def test_the_readme_commands_run_as_written_on_the_sample_scenes(wheel_bin, tmp_
             command = command.replace(written, stand_in)
         if command.startswith("zs-cache build") and "--teacher" not in command:  # the default teacher: ViT-L-14
             command += " --teacher zs-tiny-clip --pretrained none"
+        started = time.monotonic()
         done = shell(command, tmp_path, wheel_bin)  # no --no-progress: bars stay off as stderr is not a terminal
         assert done.returncode == 0, f"{command}: {done.stderr[-2000:]}"
+        print(f"{time.monotonic() - started:6.1f} s  exit 0  {command}")  # the listing `pytest -s` shows
         ran.append(command.split(" --")[0])
     assert len(ran) == 17, ran
     assert (tmp_path / "compare" / "compare.md").is_file() and (tmp_path / "seg-in1k").is_dir()
