@@ -28,15 +28,16 @@ from zeroseg.workflows import JOB_SPECS
 from zeroseg.workflows.nightly import load_config as load_nightly_config
 
 REPO = Path(__file__).resolve().parents[1]
-NIGHTLY = ["-m", "zeroseg", "nightly"]  # the runner as installed
+NIGHTLY = ["-m", "zeroseg", "nightly"]  # the runner as the README starts it
 NIGHTLY_CRASH = REPO / "tests" / "nightly_crash.py"  # the runner with a crash injected into one step
 IMAGE_ROOT = Path("/opt/zeroseg")  # where the Dockerfile puts the repository
 SHELL_SCRIPTS = sorted((REPO / "workflows").rglob("*.sbatch")) + [REPO / "demo.sh", REPO / ".ci" / "run"]
 
 
 @pytest.fixture
-def nightly(tmp_path):
-    """A nightly config over a folder of 8 fixture photos, tiny teacher and model, VOC fixture eval."""
+def nightly(tmp_path, wheel_bin):
+    """A nightly config over a folder of 8 sample photos, tiny teacher and model, VOC sample eval; its path, and the
+    Python of zeroseg installed from the wheel, which runs the runner and the stages it starts."""
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     for path in PHOTOS[:8]:
@@ -58,12 +59,12 @@ def nightly(tmp_path):
     }
     path = tmp_path / "nightly.yaml"
     path.write_text(yaml.safe_dump(config))
-    return path, config
+    return path, config, wheel_bin / "python"
 
 
-def run_nightly(config_path, crash: str | None = None) -> subprocess.CompletedProcess:
+def run_nightly(python: Path, config_path, crash: str | None = None) -> subprocess.CompletedProcess:
     runner = [str(NIGHTLY_CRASH), crash] if crash else NIGHTLY
-    return subprocess.run([sys.executable, *runner, "--config", str(config_path)], capture_output=True,
+    return subprocess.run([str(python), *runner, "--config", str(config_path)], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -88,11 +89,12 @@ def drawn_pixels(png: Path, box: tuple[int, int, int, int]) -> int:
 
 
 def test_nightly_runs_then_does_nothing_then_caches_exactly_the_new_images(nightly):
-    path, config = nightly
-    first = run_nightly(path)
+    path, config, python = nightly
+    first = run_nightly(python, path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "cache: 8 new images" in first.stdout and "train: step 0 -> 2 on 8 images" in first.stdout
     assert "nightly: done (exit 0)" in first.stdout
+    assert f"cache: {python} -m zeroseg.pipeline.cli build" in first.stdout  # the stages of the wheel's venv
     lines = first.stdout.splitlines()
     assert all(TIMESTAMP.match(line) for line in lines), first.stdout
     assert "==== zeroseg nightly, pid" in lines[0]
@@ -108,7 +110,7 @@ def test_nightly_runs_then_does_nothing_then_caches_exactly_the_new_images(night
     assert "- cache: 8 new images" in record and "- train: step 0 -> 2 on 8 images" in record
     assert f"- report: {report.with_suffix('.md')}" in record and "What failed" not in record
 
-    second = run_nightly(path)
+    second = run_nightly(python, path)
     assert second.returncode == 0, second.stderr
     assert "cache: no new images" in second.stdout and "train: up to date at step 2" in second.stdout
     assert "nightly: nothing new, no work done (exit 0)" in second.stdout and len(reports(config)) == 1
@@ -116,7 +118,7 @@ def test_nightly_runs_then_does_nothing_then_caches_exactly_the_new_images(night
 
     for source in PHOTOS[8:10]:
         shutil.copy(source, Path(config["sources"][0]["path"]) / source.name)
-    third = run_nightly(path)
+    third = run_nightly(python, path)
     assert third.returncode == 0, third.stderr
     assert "cache: 2 new images" in third.stdout and "train: step 2 -> 4 on 10 images" in third.stdout
     latest = json.loads(reports(config)[-1].read_text())
@@ -128,9 +130,9 @@ def test_nightly_runs_then_does_nothing_then_caches_exactly_the_new_images(night
 def test_a_crash_in_each_step_is_recovered_by_the_next_run_on_every_image_cached_so_far(nightly):
     """A crash in each step, in turn; after the training crash 2 images come: the killed night's target covered 8,
     so the next night trains a new stretch on all 10; then every step resumes and a quiet night does nothing."""
-    path, config = nightly
+    path, config, python = nightly
     for step in ("cache", "train", "eval", "report"):
-        crashed = run_nightly(path, crash=step)
+        crashed = run_nightly(python, path, crash=step)
         assert crashed.returncode == 86 and f"injected crash in {step}" in crashed.stdout, crashed.stderr
         if step == "train":
             for source in PHOTOS[8:10]:
@@ -138,14 +140,14 @@ def test_a_crash_in_each_step_is_recovered_by_the_next_run_on_every_image_cached
         if step == "eval":
             [(start, target)] = re.findall(r"train: step (\d+) -> (\d+) on 10 images", crashed.stdout)
             assert 1 <= int(start) and int(target) == int(start) + config["train"]["steps_per_night"]
-    final = run_nightly(path)
+    final = run_nightly(python, path)
     assert final.returncode == 0, final.stdout + final.stderr
     problems, counts = verify(FeatureStore.open(config["store"]), progress=False)
     assert problems == [] and counts["ok"] == 10
     [report] = reports(config)
     assert json.loads(report.read_text())["checkpoint"] == f"step-{int(target):08d}"
     assert json.loads((Path(config["work_dir"]) / "state.json").read_text())["trained_rows"] == 10
-    quiet = run_nightly(path)
+    quiet = run_nightly(python, path)
     assert "train: up to date" in quiet.stdout
     assert "nightly: nothing new, no work done (exit 0)" in quiet.stdout.splitlines()[-1]
     records = night_records(config)
@@ -153,10 +155,10 @@ def test_a_crash_in_each_step_is_recovered_by_the_next_run_on_every_image_cached
 
 
 def test_a_failed_night_leaves_a_record_of_what_failed_and_how_to_see_why(nightly):
-    path, config = nightly
+    path, config, python = nightly
     config["eval"]["data_root"] = str(Path(config["work_dir"]).parent / "no-such-eval-data")
     path.write_text(yaml.safe_dump(config))
-    failed = run_nightly(path)
+    failed = run_nightly(python, path)
     assert failed.returncode == 1 and "nightly: failed in eval, which exited 2 (exit 1)" in failed.stdout, failed.stdout
     [record] = night_records(config)
     assert record.splitlines()[0].endswith(": failed in eval, which exited 2 (exit 1)")
@@ -190,15 +192,15 @@ def trainer_pids(config: dict) -> list[str]:
 
 
 def test_a_killed_runner_stops_its_stage_and_no_night_starts_while_the_stage_lives(nightly):
-    config_path, config = nightly
+    config_path, config, python = nightly
     long_training(config_path, config)
-    runner = subprocess.Popen([sys.executable, *NIGHTLY, "--config", str(config_path)], stdout=subprocess.PIPE,
+    runner = subprocess.Popen([str(python), *NIGHTLY, "--config", str(config_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     trainer = wait_for_training(config, runner)
     os.kill(trainer, signal.SIGSTOP)  # holds the stage alive while the runner dies and the next night starts
     runner.kill()
     runner.communicate(timeout=60)
-    next_night = run_nightly(config_path)
+    next_night = run_nightly(python, config_path)
     assert next_night.returncode == 0 and "nightly: already running" in next_night.stdout, next_night.stdout
     os.kill(trainer, signal.SIGCONT)  # the parent-death SIGTERM it got waits for this
     deadline = time.time() + 120
@@ -215,8 +217,8 @@ def test_a_killed_runner_stops_its_stage_and_no_night_starts_while_the_stage_liv
 
 def test_sigterm_to_the_runner_as_pid_1_between_stages_ends_the_night(nightly):
     """As in a container: the runner is PID 1 of its own PID namespace, where unhandled signals are ignored."""
-    config_path, config = nightly
-    command = ["unshare", "--pid", "--fork", "--kill-child", sys.executable, str(NIGHTLY_CRASH),
+    config_path, config, python = nightly
+    command = ["unshare", "--pid", "--fork", "--kill-child", str(python), str(NIGHTLY_CRASH),
                "hold-before-train", "--config", str(config_path)]
     if subprocess.run([*command[:4], "true"], capture_output=True).returncode:
         pytest.skip("unshare --pid needs root or user namespaces")
@@ -237,10 +239,10 @@ def test_sigterm_to_the_runner_as_pid_1_between_stages_ends_the_night(nightly):
 
 
 def test_a_second_runner_exits_0_while_the_lock_is_held(nightly):
-    path, config = nightly
+    path, config, python = nightly
     Path(config["work_dir"]).mkdir()
     with FileLock(str(Path(config["work_dir"]) / "nightly.lock")):
-        second = run_nightly(path)
+        second = run_nightly(python, path)
     assert second.returncode == 0
     assert "nightly: already running" in second.stdout
     assert not Path(config["store"]).exists()
@@ -296,11 +298,11 @@ def test_the_runner_refuses_a_bad_config_in_one_line(tmp_path, capsys):
 
 
 def test_sigterm_to_the_runner_reaches_zs_train_which_checkpoints_before_the_runner_exits(nightly):
-    config_path, config = nightly
+    config_path, config, python = nightly
     config["train"]["steps_per_night"] = 5000
     config["train"]["args"] += ["--set", "run.checkpoint_every=100000", "--set", "run.log_every=1"]
     config_path.write_text(yaml.safe_dump(config))
-    runner = subprocess.Popen([sys.executable, *NIGHTLY, "--config", str(config_path)], stdout=subprocess.PIPE,
+    runner = subprocess.Popen([str(python), *NIGHTLY, "--config", str(config_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = Path(config["train"]["run_dir"]) / "metrics.jsonl"
     deadline = time.time() + 300
