@@ -219,7 +219,8 @@ def evaluate(
     protocol = {  # the settings given that change the numbers: they name the run's TensorBoard tags
         "split": split, "rule": rule, "top_k": None if top_k == TOP_K.default else top_k, "templates": templates,
         **geometry, "max_long_side": None if max_long_side == MAX_LONG_SIDE.default else max_long_side,
-        "bg_threshold": bg_threshold, "temperature": temperature, "keep_best_group": keep_best_group or None,
+        "bg_threshold": bg_threshold, "thresholds": None if thresholds == "paper" else thresholds,
+        "temperature": temperature, "keep_best_group": keep_best_group or None,
     }  # fmt: skip
     for folder, option in ((out_dir, "--out"), (save_predictions, "--save-predictions"), (save_vis, "--save-vis")):
         if folder is not None:

@@ -18,9 +18,9 @@ from zeroseg.evaluation.segmenter import DenseClipScorer, Scorer, WindowSegmente
 from zeroseg.evaluation.text import TEMPLATE_SETS, class_text_embeddings
 from zeroseg.evaluation.windows import Geometry
 from zeroseg.pipeline.teacher import create_clip, register_config, resolve_identity
-from zeroseg.pipeline.teacher_identity import TeacherIdentity
+from zeroseg.pipeline.teacher_identity import HF_HUB, TeacherIdentity
 
-HUB_PREFIX = "hf-hub:"  # --checkpoint hf-hub:ORG/REPO: an export on the Hugging Face Hub
+HUB_PREFIX = f"{HF_HUB}:"  # --checkpoint hf-hub:ORG/REPO: an export on the Hugging Face Hub
 
 
 @dataclass

@@ -152,9 +152,10 @@ def _shown(value: Any, none: str = "none") -> str:
     return none if value is None else str(value)
 
 
-def _similarity(t, prior=None):
-    """softmax(t t^T * scale (+ prior)) over the last axis: t [B, heads, N, d] -> [B, heads, N, N]."""
-    logits = (t @ t.transpose(-1, -2)) * t.shape[-1] ** -0.5
+def _similarity(a, b=None, prior=None):
+    """softmax(a b^T * scale (+ prior)) over the last axis, b = a unless given: a, b [B, heads, N, d] ->
+    [B, heads, N, N]."""
+    logits = (a @ (a if b is None else b).transpose(-1, -2)) * a.shape[-1] ** -0.5
     return (logits if prior is None else logits + prior).softmax(-1)
 
 
@@ -167,11 +168,11 @@ def query_query(q, k, prior):  # ClearCLIP
 
 
 def query_key(q, k, prior):  # ClearCLIP's released configs/base_config.py (model_type='vanilla')
-    return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
+    return _similarity(q, k)
 
 
 def key_key_neighbourhood(q, k, prior):  # NACLIP
-    return _similarity(k, prior)
+    return _similarity(k, prior=prior)
 
 
 # Each method's own name files (configs/cls_<file>.txt of its repository: voc21, context60, coco_object with a

@@ -81,7 +81,7 @@ class DenseClipScorer:
     def windows(self, batch: torch.Tensor, boxes: Sequence[tuple], rule: LabelingRule) -> list[DenseWindow]:
         rows, cols = batch.shape[-2:]
         top, left, bottom, right = _even_padding(rows, cols, self.patch_size) if self.pad_windows else (0, 0, 0, 0)
-        padded = F.pad(batch, (left, right, top, bottom))  # [N, 3, h + top + bottom, w + left + right]
+        padded = F.pad(batch, (left, right, top, bottom)) if self.pad_windows else batch  # [N, 3, h + t + b, w + l + r]
         features, grid = dense_features(self.visual, padded, self.method, self.gaussian_std)
         logits = rule.dense_logits(features)  # [N, h*w, Q]
         maps = logits.transpose(1, 2).reshape(len(batch), -1, *grid)  # [N, Q, h_tokens, w_tokens]

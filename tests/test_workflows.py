@@ -25,7 +25,7 @@ from zeroseg.pipeline.check import verify
 from zeroseg.pipeline.store import FeatureStore
 from zeroseg.trainer.config import read_config_file
 from zeroseg.workflows import JOB_SPECS
-from zeroseg.workflows.nightly import load_config as load_nightly_config
+from zeroseg.workflows.nightly import main as run_the_runner
 
 REPO = Path(__file__).resolve().parents[1]
 NIGHTLY = ["-m", "zeroseg", "nightly"]  # the runner as the README starts it
@@ -287,12 +287,13 @@ def test_jobs_writes_every_shipped_spec_into_a_folder_and_never_over_a_file(tmp_
     assert (tmp_path / "jobs" / "slurm" / "train.sbatch").read_text() == "# edited\n"
 
 
-def test_the_runner_refuses_a_bad_config_in_one_line(tmp_path, capsys):
+def test_the_runner_refuses_a_bad_config_in_one_line(tmp_path, capsys, monkeypatch):
     for text, expected in (("work_dir: [", "cannot read the nightly config"), ("- a list", "not a nightly config"),
                            ("work_dir: /x", "missing key(s) sources, store, train, eval")):
         (tmp_path / "nightly.yaml").write_text(text)
+        monkeypatch.setattr(sys, "argv", ["nightly", "--config", str(tmp_path / "nightly.yaml")])
         with pytest.raises(SystemExit) as stopped:
-            load_nightly_config(str(tmp_path / "nightly.yaml"))
+            run_the_runner()
         stderr = capsys.readouterr().err
         assert stopped.value.code == 2 and expected in stderr and len(stderr.splitlines()) == 1, stderr
 

@@ -2,13 +2,23 @@
 shipped with the package (Slurm scripts, the Kubernetes CronJob, the nightly config example), which
 `python -m zeroseg jobs OUT` writes into a folder to edit and submit."""
 
+from collections.abc import Iterator
 from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from zeroseg.errors import UserError
 
-JOB_SPECS = ("nightly.example.yaml", "slurm/cache.sbatch", "slurm/train.sbatch", "slurm/eval.sbatch",
-             "k8s/nightly-cronjob.yaml")  # fmt: skip
+
+def _specs_in(folder: Traversable, prefix: str = "") -> Iterator[str]:
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            yield from _specs_in(entry, f"{prefix}{entry.name}/")
+        elif entry.name.endswith((".sbatch", ".yaml")):
+            yield prefix + entry.name
+
+
+JOB_SPECS = tuple(sorted(_specs_in(files(__name__))))  # the package data: nightly.example.yaml, slurm/, k8s/
 
 
 def write_job_specs(out: Path) -> list[Path]:

@@ -55,9 +55,10 @@ from typing import NoReturn
 import yaml
 
 from zeroseg import __version__
-from zeroseg.errors import first_line
+from zeroseg.errors import UserError, first_line, require
 from zeroseg.io import write_atomically
 from zeroseg.pipeline.store import FeatureStore
+from zeroseg.runtime import user_message
 from zeroseg.trainer.checkpoint import checkpoint_step, latest_checkpoint
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -66,27 +67,31 @@ TAIL_LINES = 20  # of a failed stage's output, in the night's record
 
 
 def load_config(path: str) -> dict:
-    """The nightly YAML; a config that cannot be read, or lacks a key, ends the runner in one line (exit 2)."""
+    """The nightly YAML; a config that cannot be read, or lacks a key, is a UserError."""
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        usage_error(f"cannot read the nightly config {path}: {first_line(exc)}")
-    if not isinstance(config, dict):
-        usage_error(f"{path}: not a nightly config (a YAML mapping of work_dir, store, sources, train, eval)")
+        raise UserError(f"cannot read the nightly config {path}: {first_line(exc)}") from None
+    require(isinstance(config, dict),
+            f"{path}: not a nightly config (a YAML mapping of work_dir, store, sources, train, eval)")  # fmt: skip
     missing = [key for key in ("work_dir", "sources", "store", "train", "eval") if key not in config]
-    if missing:
-        usage_error(f"{path}: missing key(s) {', '.join(missing)}")
+    require(not missing, f"{path}: missing key(s) {', '.join(missing)}")
     return config
 
 
-def usage_error(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 class Arguments(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2, as every zeroseg command
-        usage_error(f"{message} (see python -m zeroseg nightly --help)")
+    def error(self, message: str) -> NoReturn:  # a usage mistake is a UserError, as in every zeroseg command
+        raise UserError(f"{message} (see python -m zeroseg nightly --help)")
+
+
+def parse_arguments() -> tuple[str, dict]:
+    """The config's path and content."""
+    parser = Arguments(prog="python -m zeroseg nightly", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True,
+                        help="nightly YAML (`python -m zeroseg jobs OUT` writes OUT/nightly.example.yaml)")
+    parser.add_argument("--version", action="version", version=f"zeroseg {__version__}")
+    config_path = parser.parse_args().config
+    return config_path, load_config(config_path)
 
 
 def stage(module: str, *args) -> list[str]:
@@ -340,14 +345,14 @@ def exit_on_signal(number: int, frame) -> None:
 
 
 def main() -> None:
+    """The runner; a usage mistake or a bad config is one line on stderr, exit 2."""
     for number in STOP_SIGNALS:  # until the night takes them over (Python as PID 1 would ignore them)
         signal.signal(number, exit_on_signal)
-    parser = Arguments(prog="python -m zeroseg nightly", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True,
-                        help="nightly YAML (`python -m zeroseg jobs OUT` writes OUT/nightly.example.yaml)")
-    parser.add_argument("--version", action="version", version=f"zeroseg {__version__}")
-    config_path = parser.parse_args().config
-    config = load_config(config_path)
+    try:
+        config_path, config = parse_arguments()
+    except UserError as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
+        sys.exit(2)
     say(f"==== zeroseg nightly, pid {os.getpid()}, config {config_path} ====")
     work_dir = Path(config["work_dir"])
     work_dir.mkdir(parents=True, exist_ok=True)
