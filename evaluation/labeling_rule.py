@@ -227,21 +227,27 @@ class LabelingRule:
 
     def group_window(self, box: tuple, owner: torch.Tensor, groups: torch.Tensor, image: torch.Tensor) -> GroupWindow:
         """owner [h, w] group per window pixel; groups [G, D] segment tokens, image [D] image embedding."""
+        return GroupWindow(box, owner, self.group_tables(groups[None], image[None])[0])
+
+    def group_tables(self, groups: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """groups [N, G, D] segment tokens and image [N, D] embeddings of N windows -> [N, G, 1 + C_fg]: each
+        group's background channel, then its class scores; one pass for a batch of windows, no host sync."""
         text = self.text.to(groups.device)
         if self.name == "softmax":
-            scores = class_scores(groups, text, self.logit_scale)  # A [G, C_fg]
-            threshold = NEVER if self.bg_threshold is None else self.bg_threshold
+            scores = class_scores(groups, text, self.logit_scale)  # A [N, G, C_fg]
+            threshold = torch.full_like(scores[:, :1, :1], NEVER if self.bg_threshold is None else self.bg_threshold)
             if self.keep_best_group and self.bg_threshold is not None:
-                threshold = min(threshold, scores.max().item())
-            background = torch.full_like(scores[:, :1], threshold)  # [G, 1]
+                threshold = threshold.minimum(scores.amax(dim=(1, 2), keepdim=True))  # [N, 1, 1]
+            background = threshold.expand_as(scores[..., :1])  # [N, G, 1]
         else:
-            scores = image_prior_scores(groups[None], image[None], text, self.logit_scale, self.top_k)[0]  # P
+            scores = image_prior_scores(groups, image, text, self.logit_scale, self.top_k)  # P [N, G, C_fg]
             if self.bg_threshold is None:
-                background = torch.full_like(scores[:, :1], NEVER)
+                background = torch.full_like(scores[..., :1], NEVER)
             else:
-                cut = min(self.bg_threshold, scores.max().item())
-                background = (scores.max(dim=-1, keepdim=True).values < cut).float()  # [G, 1] 0/1
-        return GroupWindow(box, owner, torch.cat([background, scores], dim=1))
+                best = scores.amax(dim=-1, keepdim=True)  # [N, G, 1]
+                cut = best.amax(dim=1, keepdim=True).clamp(max=self.bg_threshold)  # [N, 1, 1]: min(threshold, best P)
+                background = (best < cut).float()  # [N, G, 1] 0/1
+        return torch.cat([background, scores], dim=-1)
 
     def decide(
         self,

@@ -54,12 +54,10 @@ class ZeroSegScorer:
         on_cuda = batch.device.type == "cuda"
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.bf16 and on_cuda):
             out = self.model(seen, mask_ratio=0.0)
-        result = []
-        for index, box in enumerate(boxes):
-            soft_maps = [stage_map[index : index + 1].float() for stage_map in out.soft_assignments]
-            owner = compose_assignments(soft_maps, out.grid_size, (rows, cols))[0].argmax(dim=0)  # [h, w]
-            result.append(rule.group_window(box, owner, out.g[index].float(), out.z[index].float()))
-        return result
+        soft_maps = [stage_map.float() for stage_map in out.soft_assignments]
+        owners = compose_assignments(soft_maps, out.grid_size, (rows, cols)).argmax(dim=1)  # [N, h, w]
+        tables = rule.group_tables(out.g.float(), out.z.float())  # [N, G, 1 + C_fg]
+        return [GroupWindow(box, owners[index], tables[index]) for index, box in enumerate(boxes)]
 
 
 class DenseClipScorer:
